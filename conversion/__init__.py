@@ -1,0 +1,1 @@
+"""Conversions of pretrained checkpoints into hf-arch variants."""

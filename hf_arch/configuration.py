@@ -1,0 +1,196 @@
+"""The backbone's configuration: one decoder whose per-layer mixers come from the config.
+
+Every variant is a subclass with its own ``model_type`` (prefix ``hfa_``) and defaults. The fields here are the
+Llama-family ones (so a Llama/Mistral/Qwen2/Qwen3 config maps onto them field by field) plus the options of the
+mixers the backbone knows. Each mixer reads only its own slice (``attn_output_gate*`` for the output gate, …).
+"""
+
+from __future__ import annotations
+
+try:  # transformers >= 5 renamed the base class; keep the old name working for remote-code users.
+    from transformers import PreTrainedConfig
+except ImportError:  # pragma: no cover
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+# Token-mixer layer types this backbone builds (transformers' own names, so DynamicCache(config=...) understands them).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Channel-mixer layer types.
+SUPPORTED_MLP_LAYER_TYPES = ("dense",)
+OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
+OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
+OUTPUT_GATE_INITS = ("normal", "zeros")
+
+
+class HfArchConfig(PreTrainedConfig):
+    r"""Configuration of the hf-arch decoder backbone.
+
+    Args (beyond the usual Llama fields):
+        attention_output_bias: bias on ``o_proj`` (Llama ties it to ``attention_bias``; Qwen2 has qkv bias only).
+        qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
+        layer_types: one token-mixer type per layer (``full_attention`` | ``sliding_attention``).
+        mlp_layer_types: one channel-mixer type per layer (``dense``).
+        sliding_window: window size for ``sliding_attention`` layers.
+        attn_output_gate: ``None`` (no gate), ``"headwise"`` (one scalar per head) or ``"elementwise"`` (one per
+            channel): the query-dependent gate ``o = s·act(x W_g) ⊙ SDPA(q, k, v)`` applied before ``o_proj``
+            (position G1 of Qiu et al.). ``x`` is the layer's normed input.
+        attn_output_gate_bias: bias on the gate projection.
+        attn_output_gate_rank: low-rank gate projection ``x → r → gate`` (``None`` for full rank).
+        attn_output_gate_activation: ``"sigmoid"``.
+        attn_output_gate_scale: ``s`` above. ``2.0`` with a zero-initialised projection makes the gate exactly 1
+            (``2·σ(0)``), which is what conversions use to keep the source model's function.
+        attn_output_gate_init: ``"normal"`` (from scratch, ``initializer_range``) or ``"zeros"`` (identity-like).
+        attn_output_gate_bias_init: initial value of the gate bias.
+        attn_output_gate_lr_scale: learning-rate multiplier the recipes apply to gate parameters (retrofitted gates
+            barely move at the base LR, as the Gated Attention authors report).
+    """
+
+    model_type = "hfa_base"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 10_000.0
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        intermediate_size: int = 2048,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        tie_word_embeddings: bool = False,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_output_bias: bool | None = None,
+        attention_dropout: float = 0.0,
+        mlp_bias: bool = False,
+        qk_norm: bool = False,
+        layer_types: list[str] | None = None,
+        mlp_layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
+        attn_output_gate: str | None = None,
+        attn_output_gate_bias: bool = False,
+        attn_output_gate_rank: int | None = None,
+        attn_output_gate_activation: str = "sigmoid",
+        attn_output_gate_scale: float = 1.0,
+        attn_output_gate_init: str = "normal",
+        attn_output_gate_bias_init: float = 0.0,
+        attn_output_gate_lr_scale: float = 1.0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else _default_head_dim(hidden_size, num_attention_heads)
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_parameters = rope_parameters
+        self.attention_bias = attention_bias
+        self.attention_output_bias = attention_bias if attention_output_bias is None else attention_output_bias
+        self.attention_dropout = attention_dropout
+        self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
+        self.sliding_window = sliding_window
+        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
+        self.mlp_layer_types = list(mlp_layer_types) if mlp_layer_types is not None else ["dense"] * num_hidden_layers
+        self.attn_output_gate = attn_output_gate
+        self.attn_output_gate_bias = attn_output_gate_bias
+        self.attn_output_gate_rank = attn_output_gate_rank
+        self.attn_output_gate_activation = attn_output_gate_activation
+        self.attn_output_gate_scale = attn_output_gate_scale
+        self.attn_output_gate_init = attn_output_gate_init
+        self.attn_output_gate_bias_init = attn_output_gate_bias_init
+        self.attn_output_gate_lr_scale = attn_output_gate_lr_scale
+        kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_hf_arch()
+
+    def validate_hf_arch(self) -> None:
+        """Reject values out of range or inconsistent, naming the field."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"{type(self).__name__}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            )
+        if not 0.0 <= float(self.attention_dropout) < 1.0:
+            raise ValueError(f"{type(self).__name__}.attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"{type(self).__name__}.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _check_per_layer(self, "layer_types", SUPPORTED_LAYER_TYPES)
+        _check_per_layer(self, "mlp_layer_types", SUPPORTED_MLP_LAYER_TYPES)
+        if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
+            raise ValueError(
+                f"{type(self).__name__}: layer_types contains 'sliding_attention' but sliding_window is "
+                f"{self.sliding_window!r}; set a positive window size"
+            )
+        self._validate_output_gate()
+
+    def _validate_output_gate(self) -> None:
+        cls = type(self).__name__
+        if self.attn_output_gate not in (None, *OUTPUT_GATE_GRANULARITIES):
+            raise ValueError(
+                f"{cls}.attn_output_gate must be None or one of {OUTPUT_GATE_GRANULARITIES}, got {self.attn_output_gate!r}"
+            )
+        if self.attn_output_gate_activation not in OUTPUT_GATE_ACTIVATIONS:
+            raise ValueError(
+                f"{cls}.attn_output_gate_activation must be one of {OUTPUT_GATE_ACTIVATIONS}, "
+                f"got {self.attn_output_gate_activation!r}"
+            )
+        if self.attn_output_gate_init not in OUTPUT_GATE_INITS:
+            raise ValueError(
+                f"{cls}.attn_output_gate_init must be one of {OUTPUT_GATE_INITS}, got {self.attn_output_gate_init!r}"
+            )
+        rank = self.attn_output_gate_rank
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+            raise ValueError(f"{cls}.attn_output_gate_rank must be a positive integer or None, got {rank!r}")
+        if not self.attn_output_gate_scale > 0:
+            raise ValueError(f"{cls}.attn_output_gate_scale must be > 0, got {self.attn_output_gate_scale!r}")
+        if not self.attn_output_gate_lr_scale > 0:
+            raise ValueError(f"{cls}.attn_output_gate_lr_scale must be > 0, got {self.attn_output_gate_lr_scale!r}")
+
+
+def _default_head_dim(hidden_size: int, num_attention_heads: int) -> int:
+    if not isinstance(num_attention_heads, int) or num_attention_heads <= 0:
+        raise ValueError(f"num_attention_heads must be a positive integer, got {num_attention_heads!r}")
+    if hidden_size % num_attention_heads != 0:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}); "
+            "pass head_dim explicitly if the heads are not meant to tile the hidden size"
+        )
+    return hidden_size // num_attention_heads
+
+
+def _check_per_layer(config: HfArchConfig, field: str, allowed: tuple[str, ...]) -> None:
+    values = getattr(config, field)
+    if len(values) != config.num_hidden_layers:
+        raise ValueError(
+            f"{type(config).__name__}.{field} has {len(values)} entries but num_hidden_layers is "
+            f"{config.num_hidden_layers}"
+        )
+    unknown = sorted({v for v in values if v not in allowed})
+    if unknown:
+        raise ValueError(f"{type(config).__name__}.{field} has unsupported entries {unknown}; supported: {allowed}")

@@ -1,0 +1,52 @@
+"""Query-dependent output gate on attention (Qiu et al., "Gated Attention for LLMs", position G1).
+
+``o = scale · σ(x W_g + b) ⊙ attn``, computed from the layer's normed input ``x`` and applied per head (headwise:
+one scalar per head) or per channel (elementwise) before ``o_proj``. With ``scale = 2`` and ``W_g = 0, b = 0`` the
+gate is exactly 1, so inserting it into a pretrained model keeps the model's function.
+"""
+
+import torch
+from torch import nn
+from transformers import initialization as init  # flag-aware: never overwrites weights loaded from a checkpoint
+
+
+class AttentionOutputGate(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.granularity = config.attn_output_gate
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = float(config.attn_output_gate_scale)
+        out_features = self.num_heads if self.granularity == "headwise" else self.num_heads * self.head_dim
+        rank = config.attn_output_gate_rank
+        bias = config.attn_output_gate_bias
+        if rank is None:
+            self.proj = nn.Linear(config.hidden_size, out_features, bias=bias)
+        else:  # low rank caps the parameter count of elementwise gates
+            self.proj = nn.Sequential(
+                nn.Linear(config.hidden_size, rank, bias=False), nn.Linear(rank, out_features, bias=bias)
+            )
+
+    def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Gate values in (0, scale): [B, T, H] (headwise) or [B, T, H·D] (elementwise)."""
+        return self.scale * torch.sigmoid(self.proj(hidden_states))
+
+    def forward(self, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        """hidden_states: [B, T, hidden]; attn_output: [B, T, H·D] → gated [B, T, H·D]."""
+        gate = self.scores(hidden_states).to(attn_output.dtype)
+        if self.granularity == "headwise":
+            shape = attn_output.shape
+            return (attn_output.view(*shape[:-1], self.num_heads, self.head_dim) * gate.unsqueeze(-1)).view(shape)
+        return attn_output * gate
+
+    def reset_parameters(self, mode: str, std: float, bias_init: float) -> None:
+        """``zeros``: identity-like (needs scale 2 to be exactly 1); ``normal``: from-scratch training."""
+        linears = [self.proj] if isinstance(self.proj, nn.Linear) else list(self.proj)
+        for i, linear in enumerate(linears):
+            last = i == len(linears) - 1
+            if mode == "zeros" and last:  # a zero last factor makes the low-rank product zero too
+                init.zeros_(linear.weight)
+            else:
+                init.normal_(linear.weight, mean=0.0, std=std)
+            if linear.bias is not None:
+                init.constant_(linear.bias, bias_init)

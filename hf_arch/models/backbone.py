@@ -1,0 +1,255 @@
+"""The one backbone every variant shares.
+
+embeddings → N × (norm → token mixer → residual → norm → channel mixer → residual) → norm → head.
+Which mixer a layer gets comes from ``config.layer_types`` / ``config.mlp_layer_types``; a variant is a config
+subclass plus thin subclasses of the classes below that only set ``config_class``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from ..configuration import HfArchConfig
+from ..layers.attention import HfArchAttention
+from ..layers.mlp import HfArchMLP
+from ..layers.norm import HfArchRMSNorm
+from ..layers.output_gate import AttentionOutputGate
+from ..layers.rope import HfArchRotaryEmbedding
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
+    layer_type = config.layer_types[layer_idx]
+    if layer_type in ATTENTION_LAYER_TYPES:
+        return HfArchAttention(config, layer_idx)
+    raise ValueError(f"layer_types[{layer_idx}] = {layer_type!r} has no token mixer in this backbone")
+
+
+def build_channel_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
+    mlp_type = config.mlp_layer_types[layer_idx]
+    if mlp_type == "dense":
+        return HfArchMLP(config)
+    raise ValueError(f"mlp_layer_types[{layer_idx}] = {mlp_type!r} has no channel mixer in this backbone")
+
+
+class HfArchDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: HfArchConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Llama's attribute names, so checkpoints of the Llama family map onto ours key for key.
+        self.self_attn = build_token_mixer(config, layer_idx)
+        self.post_attention_layernorm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = build_channel_mixer(config, layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        mixed, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + mixed
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, attn_weights
+
+
+class HfArchPreTrainedModel(PreTrainedModel):
+    config_class = HfArchConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfArchDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, AttentionOutputGate):
+            module.reset_parameters(
+                self.config.attn_output_gate_init,
+                std=self.config.initializer_range,
+                bias_init=self.config.attn_output_gate_bias_init,
+            )
+
+
+class HfArchModel(HfArchPreTrainedModel):
+    def __init__(self, config: HfArchConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(HfArchDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HfArchRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """One mask per attention layer type, built by transformers for the active attention backend."""
+        if isinstance(attention_mask, dict):  # already prepared (e.g. by generate)
+            return attention_mask
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        masks = {}
+        if "full_attention" in self.config.layer_types:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states, all_attentions = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states, attn_weights = layer(
+                hidden_states,
+                attention_mask=masks.get(layer.layer_type),
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    model_class = HfArchModel
+
+    def __init__(self, config: HfArchConfig) -> None:
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPreTrainedModel):
+    """Last-token classification head over the backbone (built through AutoModel, so registration must come first)."""

@@ -1,0 +1,58 @@
+"""The variant registry: one entry per architecture variant, registered with the transformers Auto classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Everything the CLI, conversions, recipes and model cards need to know about one variant."""
+
+    name: str  # short name used on the command line: `--to gated_attention`
+    config_class: type
+    model_class: type
+    causal_lm_class: type
+    sequence_classification_class: type
+    summary: str  # one line for `hf-arch variants`
+    paper: str
+    # LoRA targets that cover the variant's projections (peft's defaults silently skip non-Llama names).
+    lora_target_modules: tuple[str, ...]
+    # Parameters a conversion adds (regexes on parameter names): what "train only the new parameters" trains.
+    new_parameter_patterns: tuple[str, ...] = field(default_factory=tuple)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def model_type(self) -> str:
+        return self.config_class.model_type
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Add a variant and register it with AutoConfig / AutoModel / AutoModelForCausalLM / …SequenceClassification."""
+    VARIANTS[variant.name] = variant
+    AutoConfig.register(variant.model_type, variant.config_class, exist_ok=True)
+    AutoModel.register(variant.config_class, variant.model_class, exist_ok=True)
+    AutoModelForCausalLM.register(variant.config_class, variant.causal_lm_class, exist_ok=True)
+    AutoModelForSequenceClassification.register(
+        variant.config_class, variant.sequence_classification_class, exist_ok=True
+    )
+    return variant
+
+
+def get_variant(name_or_model_type: str) -> Variant:
+    """Look a variant up by short name (``gated_attention``) or model_type (``hfa_gated_attention``)."""
+    for variant in VARIANTS.values():
+        if name_or_model_type in (variant.name, variant.model_type):
+            return variant
+    known = ", ".join(sorted(VARIANTS)) or "(none registered)"
+    raise KeyError(f"Unknown variant {name_or_model_type!r}; known variants: {known}")
+
+
+def variant_of(model_or_config) -> Variant:
+    config = getattr(model_or_config, "config", model_or_config)
+    return get_variant(config.model_type)

@@ -1,0 +1,1 @@
+"""Recipes: training, evaluation and benchmarks."""
