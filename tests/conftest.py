@@ -1,0 +1,64 @@
+"""Shared fixtures: Hub switched off, a temporary HF_HOME, the shared assets, tiny models."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before transformers / huggingface_hub / datasets are imported by any test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hfarch-hfhome-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("HF_ARCH_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
+
+
+def require_asset(relative: str) -> Path:
+    """Path to a shared asset; fails under CI=true when missing, skips with the reason otherwise."""
+    path = ASSETS / relative
+    if not path.exists():
+        message = f"shared asset {path} is missing (set HF_ARCH_ASSETS to the folder holding models/ and data/)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    return require_asset("")
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    return require_asset("models/stories260K")
+
+
+@pytest.fixture
+def tiny_gated_config():
+    import hf_arch
+
+    return hf_arch.GatedAttentionConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture
+def tiny_gated_model(tiny_gated_config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_gated_config).eval()
