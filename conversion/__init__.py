@@ -1,1 +1,22 @@
-"""Conversions of pretrained checkpoints into hf-arch variants."""
+"""Retrofit plans: turn Llama-family checkpoints into hf-arch variants.
+
+A source adapter per family maps the config (``sources.py``); a conversion kind swaps or adds modules and
+initialises the new parameters (``gate_insertion.py``); ``api.convert`` loads, verifies and writes atomically.
+"""
+
+from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
+from .gate_insertion import GateInsertionOptions, insert_gates
+from .sources import SOURCE_ADAPTERS, adapter_for
+
+__all__ = [
+    "CONVERSIONS",
+    "RECORD_FILE",
+    "SOURCE_ADAPTERS",
+    "ConversionResult",
+    "GateInsertionOptions",
+    "adapter_for",
+    "convert",
+    "convert_model",
+    "insert_gates",
+    "max_abs_logit_diff",
+]

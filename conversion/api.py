@@ -1,0 +1,148 @@
+"""``convert(src, out, to=...)``: load a source checkpoint, apply a conversion kind, verify, write atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint_io import atomic_output_dir, check_local_checkpoint
+from .gate_insertion import GateInsertionOptions, insert_gates
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "hf_arch_conversion.json"
+
+# Conversion kinds by target variant: (options class, function(source_model, options) -> target model).
+CONVERSIONS = {
+    "gated_attention": (GateInsertionOptions, insert_gates),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    record: dict = field(default_factory=dict)
+
+    @property
+    def max_abs_logit_diff(self) -> float | None:
+        return self.record.get("max_abs_logit_diff")
+
+
+def conversion_options(to: str, **options):
+    if to not in CONVERSIONS:
+        raise ValueError(f"Unknown conversion target {to!r}; available: {', '.join(sorted(CONVERSIONS))}")
+    options_class, _ = CONVERSIONS[to]
+    known = set(options_class.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for --to {to}; valid options: {sorted(known)}")
+    return options_class(**options)
+
+
+def convert_model(source_model, to: str = "gated_attention", **options):
+    """In-memory conversion of an already loaded source model."""
+    _, convert_fn = CONVERSIONS[to] if to in CONVERSIONS else (None, None)
+    opts = conversion_options(to, **options)
+    return convert_fn(source_model, opts)
+
+
+@torch.no_grad()
+def max_abs_logit_diff(source_model, target_model, input_ids: torch.Tensor) -> float:
+    """max |Δlogit| between two models on the same tokens (computed in fp32)."""
+    a = source_model.float()(input_ids).logits
+    b = target_model.float()(input_ids).logits
+    return (a - b).abs().max().item()
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    to: str = "gated_attention",
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    verify: bool = True,
+    verify_tokens: int = 64,
+    remote_code: bool = True,
+    trust_remote_code: bool = False,
+    **options,
+) -> ConversionResult:
+    """Convert checkpoint ``src`` (local dir or Hub id) into variant ``to`` and write it to ``out``.
+
+    The output holds config, safetensors weights, tokenizer, generation config, the flat remote-code files and
+    ``hf_arch_conversion.json`` (source, options, versions, max |Δlogit| against the source in fp32).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import hf_arch  # noqa: F401  (registration)
+
+    opts = conversion_options(to, **options)
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the (slow) load
+        raise FileExistsError(f"Output {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    src_path = Path(src)
+    if src_path.exists() or str(src).startswith((".", "/", "~")):
+        check_local_checkpoint(src_path)
+    try:
+        source_config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{src} is neither a local checkpoint directory nor a reachable Hub repo: {error}") from error
+    from .sources import adapter_for
+
+    adapter_for(source_config)  # unsupported architecture → clear error before loading weights
+    save_dtype = DTYPES[dtype] if dtype != "auto" else (getattr(source_config, "dtype", None) or torch.float32)
+    if isinstance(save_dtype, str):
+        save_dtype = DTYPES.get(save_dtype, torch.float32)
+
+    logger.info("Loading %s", src)
+    try:
+        source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise ValueError(f"Could not load the weights of {src}: {error}") from error
+    source.eval()
+    _, convert_fn = CONVERSIONS[to]
+    target = convert_fn(source, opts)
+
+    diff = None
+    if verify:
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, source_config.vocab_size, (2, verify_tokens), generator=generator)
+        diff = max_abs_logit_diff(source, target, tokens)
+        logger.info("max |Δlogit| after conversion (fp32): %.3g", diff)
+    del source
+
+    record = {
+        "source": str(src),
+        "source_model_type": source_config.model_type,
+        "source_architecture": (source_config.architectures or [None])[0],
+        "variant": to,
+        "model_type": target.config.model_type,
+        "options": opts.as_dict(),
+        "dtype": str(save_dtype).replace("torch.", ""),
+        "max_abs_logit_diff": diff,
+        "verify_tokens": verify_tokens if verify else 0,
+        "new_parameters": hf_arch.new_parameter_names(target),
+        "versions": {"hf_arch": hf_arch.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        target.to(save_dtype).save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        except (OSError, ValueError) as error:
+            logger.warning("No tokenizer saved: could not load one from %s (%s)", src, error)
+        if remote_code:
+            from hf_arch.remote_code import export_remote_code
+
+            export_remote_code(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return ConversionResult(output_dir=out, record=record)

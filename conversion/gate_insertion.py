@@ -1,0 +1,89 @@
+"""Gate insertion: a Llama-family model → ``hfa_gated_attention`` with every source weight copied.
+
+The new output gates start at exactly 1 (``2·σ(0)`` with a zero projection and zero bias), so the converted model
+computes the same function as its source; training then moves the gates away from identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..layers.output_gate import AttentionOutputGate
+from ..models.gated_attention import GatedAttentionConfig, GatedAttentionForCausalLM
+from ..peft_utils import new_parameter_names
+from .sources import adapter_for
+
+GATE_INITS = ("identity", "normal")
+
+
+@dataclass
+class GateInsertionOptions:
+    granularity: str = "elementwise"  # headwise | elementwise
+    gate_bias: bool = False
+    gate_rank: int | None = None
+    gate_init: str = "identity"  # identity: exactly 1 at init; normal: random σ-gate as when training from scratch
+    gate_lr_scale: float = 1.0
+
+    def config_overrides(self) -> dict:
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
+        identity = self.gate_init == "identity"
+        return {
+            "attn_output_gate": self.granularity,
+            "attn_output_gate_bias": self.gate_bias,
+            "attn_output_gate_rank": self.gate_rank,
+            "attn_output_gate_scale": 2.0 if identity else 1.0,
+            "attn_output_gate_init": "zeros" if identity else "normal",
+            "attn_output_gate_bias_init": 0.0,
+            "attn_output_gate_lr_scale": self.gate_lr_scale,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def gated_attention_config_from(source_config, options: GateInsertionOptions) -> GatedAttentionConfig:
+    kwargs = adapter_for(source_config).backbone_kwargs(source_config)
+    return GatedAttentionConfig(**kwargs, **options.config_overrides())
+
+
+@torch.no_grad()
+def insert_gates(source_model, options: GateInsertionOptions | None = None) -> GatedAttentionForCausalLM:
+    """Build the gated model from an in-memory source model (same dtype), copying and checking every weight."""
+    options = options or GateInsertionOptions()
+    config = gated_attention_config_from(source_model.config, options)
+    config._attn_implementation = source_model.config._attn_implementation
+    dtype = next(source_model.parameters()).dtype
+    target = GatedAttentionForCausalLM(config).to(dtype)
+    source_state = source_model.state_dict()
+    added = set(new_parameter_names(target))
+    target_state = target.state_dict()
+
+    unexpected = sorted(set(source_state) - set(target_state))
+    missing = sorted(set(target_state) - set(source_state) - added)
+    if unexpected or missing:
+        raise ValueError(
+            "Source and target parameters do not line up: "
+            f"source-only {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+            f"target-only {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        )
+    for name, tensor in source_state.items():
+        if target_state[name].shape != tensor.shape:
+            raise ValueError(f"Shape mismatch for {name}: source {tuple(tensor.shape)}, target {tuple(target_state[name].shape)}")
+        target_state[name].copy_(tensor)
+    for module in target.modules():  # explicit: never rely on load-time init for the new parameters
+        if isinstance(module, AttentionOutputGate):
+            module.reset_parameters(config.attn_output_gate_init, config.initializer_range, config.attn_output_gate_bias_init)
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    _check_copied(source_state, target.state_dict())
+    target.generation_config = source_model.generation_config
+    return target.eval()
+
+
+def _check_copied(source_state: dict, target_state: dict) -> None:
+    for name, tensor in source_state.items():
+        if not torch.equal(target_state[name], tensor):
+            raise RuntimeError(f"Weight {name} was not copied exactly")

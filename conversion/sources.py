@@ -1,0 +1,93 @@
+"""Source adapters: map a Llama-family checkpoint's config onto the backbone's fields.
+
+The target config is always derived from the source config (never from our defaults), so every size, RoPE setting,
+bias and window of the source survives. Weights need no renaming: the backbone keeps Llama's parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+# Fields copied verbatim from every Llama-family config.
+_COMMON_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "attention_dropout",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+@dataclass(frozen=True)
+class SourceAdapter:
+    model_type: str
+    description: str
+    extra_fields: Callable[[object], dict]
+
+    def backbone_kwargs(self, config) -> dict:
+        kwargs = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
+        kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope = getattr(config, "rope_parameters", None)
+        if rope:
+            kwargs["rope_parameters"] = dict(rope)
+        kwargs.update(self.extra_fields(config))
+        return kwargs
+
+
+def _llama(config) -> dict:
+    bias = bool(getattr(config, "attention_bias", False))
+    return {"attention_bias": bias, "attention_output_bias": bias, "mlp_bias": bool(getattr(config, "mlp_bias", False))}
+
+
+def _mistral(config) -> dict:
+    window = getattr(config, "sliding_window", None)
+    layer = "sliding_attention" if window else "full_attention"  # Mistral windows every layer when set
+    return {"layer_types": [layer] * config.num_hidden_layers, "sliding_window": window}
+
+
+def _layer_types_with_window(config) -> dict:
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
+    return {"layer_types": layer_types, "sliding_window": window}
+
+
+def _qwen2(config) -> dict:
+    # Qwen2 hard-codes bias on q/k/v and none on o_proj.
+    return {"attention_bias": True, "attention_output_bias": False, **_layer_types_with_window(config)}
+
+
+def _qwen3(config) -> dict:
+    bias = bool(getattr(config, "attention_bias", False))
+    return {"attention_bias": bias, "attention_output_bias": bias, "qk_norm": True, **_layer_types_with_window(config)}
+
+
+SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
+    a.model_type: a
+    for a in (
+        SourceAdapter("llama", "Llama 1/2/3, SmolLM, TinyLlama, …", _llama),
+        SourceAdapter("mistral", "Mistral (optional sliding window on every layer)", _mistral),
+        SourceAdapter("qwen2", "Qwen2 / Qwen2.5 (qkv bias, optional sliding layers)", _qwen2),
+        SourceAdapter("qwen3", "Qwen3 dense (q/k RMSNorm)", _qwen3),
+    )
+}
+
+
+def adapter_for(config) -> SourceAdapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type in SOURCE_ADAPTERS:
+        return SOURCE_ADAPTERS[model_type]
+    raise ValueError(
+        f"Unsupported source architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+        f"supported source model types: {', '.join(sorted(SOURCE_ADAPTERS))}"
+    )
