@@ -114,6 +114,8 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_output_gate_init = attn_output_gate_init
         self.attn_output_gate_bias_init = attn_output_gate_bias_init
         self.attn_output_gate_lr_scale = attn_output_gate_lr_scale
+        # Ours first: transformers' own validators would report the same problems less specifically.
+        self.validate_hf_arch()
         kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
         super().__init__(
             pad_token_id=pad_token_id,
@@ -122,7 +124,6 @@ class HfArchConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_hf_arch()
 
     def validate_hf_arch(self) -> None:
         """Reject values out of range or inconsistent, naming the field."""
