@@ -26,6 +26,10 @@ class AttentionOutputGate(nn.Module):
             self.proj = nn.Sequential(
                 nn.Linear(config.hidden_size, rank, bias=False), nn.Linear(rank, out_features, bias=bias)
             )
+        # Tag the projections: transformers initialises leaf modules, never this parameter-less container.
+        linears = self._linears()
+        for linear in linears:
+            linear.output_gate_last = linear is linears[-1]
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Gate values in (0, scale): [B, T, H] (headwise) or [B, T, H·D] (elementwise)."""
@@ -41,12 +45,17 @@ class AttentionOutputGate(nn.Module):
 
     def reset_parameters(self, mode: str, std: float, bias_init: float) -> None:
         """``zeros``: identity-like (needs scale 2 to be exactly 1); ``normal``: from-scratch training."""
-        linears = [self.proj] if isinstance(self.proj, nn.Linear) else list(self.proj)
-        for i, linear in enumerate(linears):
-            last = i == len(linears) - 1
-            if mode == "zeros" and last:  # a zero last factor makes the low-rank product zero too
-                init.zeros_(linear.weight)
-            else:
-                init.normal_(linear.weight, mean=0.0, std=std)
-            if linear.bias is not None:
-                init.constant_(linear.bias, bias_init)
+        for linear in self._linears():
+            self.init_linear(linear, mode, std, bias_init)
+
+    def _linears(self) -> list[nn.Linear]:
+        return [self.proj] if isinstance(self.proj, nn.Linear) else list(self.proj)
+
+    @staticmethod
+    def init_linear(linear: nn.Linear, mode: str, std: float, bias_init: float) -> None:
+        if mode == "zeros" and linear.output_gate_last:  # a zero last factor makes a low-rank product zero too
+            init.zeros_(linear.weight)
+        else:
+            init.normal_(linear.weight, mean=0.0, std=std)
+        if linear.bias is not None:
+            init.constant_(linear.bias, bias_init)

@@ -85,8 +85,9 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, AttentionOutputGate):
-            module.reset_parameters(
+        if isinstance(module, nn.Linear) and hasattr(module, "output_gate_last"):
+            AttentionOutputGate.init_linear(
+                module,
                 self.config.attn_output_gate_init,
                 std=self.config.initializer_range,
                 bias_init=self.config.attn_output_gate_bias_init,

@@ -182,3 +182,16 @@ def test_diagnostics_identity_gates_and_sink_reference(tiny_gated_config):
     probs = model(ids, output_attentions=True).attentions
     expected = sum(p[0, :, 1:, 0].mean().item() for p in probs) / len(probs)
     assert diag["sink_share"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_loading_never_reinitialises_trained_gates(tiny_gated_config, tmp_path):
+    tiny_gated_config.attn_output_gate_init = "zeros"
+    tiny_gated_config.attn_output_gate_scale = 2.0
+    model = AutoModelForCausalLM.from_config(tiny_gated_config)
+    gate = model.model.layers[0].self_attn.output_gate.proj.weight
+    assert gate.abs().max() == 0  # identity init from the config
+    with torch.no_grad():
+        gate.normal_()  # pretend training moved it
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[0].self_attn.output_gate.proj.weight, gate)
