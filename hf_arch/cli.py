@@ -1,0 +1,228 @@
+"""The ``hf-arch`` command: convert, train, eval, bench, card, push, variants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_variants(args) -> int:
+    from .registry import VARIANTS
+
+    rows = [(v.name, v.model_type, v.summary) for v in VARIANTS.values()]
+    if args.json:
+        print(json.dumps([{"name": n, "model_type": t, "summary": s} for n, t, s in rows], indent=2))
+        return 0
+    width = max(len(n) for n, _, _ in rows)
+    type_width = max(len(t) for _, t, _ in rows)
+    for name, model_type, summary in rows:
+        print(f"{name:<{width}}  {model_type:<{type_width}}  {summary}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from hf_arch.conversion import convert
+
+    options = {}
+    if args.to == "gated_attention":
+        options = dict(
+            granularity=args.granularity,
+            gate_bias=args.gate_bias,
+            gate_rank=args.gate_rank,
+            gate_init=args.gate_init,
+            gate_lr_scale=args.gate_lr_scale,
+        )
+    result = convert(
+        args.src,
+        args.out,
+        to=args.to,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+        remote_code=not args.no_remote_code,
+        trust_remote_code=args.trust_remote_code,
+        **options,
+    )
+    if args.json:
+        print(json.dumps(result.record, indent=2))
+    else:
+        print(f"wrote {result.output_dir}")
+        if result.max_abs_logit_diff is not None:
+            print(f"max |Δlogit| vs source (fp32): {result.max_abs_logit_diff:.3g}")
+    return 0
+
+
+def _parse_overrides(values: list[str]) -> list[str]:
+    for value in values:
+        if "=" not in value:
+            raise SystemExit(f"hf-arch train: override {value!r} is not of the form key=value")
+    return values
+
+
+def _cmd_train(args) -> int:
+    from hf_arch.recipes.runner import run_recipe
+
+    summary = run_recipe(args.recipe, _parse_overrides(args.overrides), resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from hf_arch.recipes import evaluation
+
+    if args.lm_eval:
+        results = evaluation.run_lm_eval(
+            args.model, args.lm_eval.split(","), include_path=args.include_path, limit=args.limit
+        )
+        print(json.dumps(results, indent=2, default=str))
+        return 0
+    if not args.ppl_file and not args.tasks:
+        raise SystemExit("hf-arch eval: give --ppl-file and/or --tasks (or --lm-eval TASKS)")
+    model, tokenizer = evaluation.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    results = evaluation.evaluate(
+        model,
+        tokenizer,
+        ppl_file=args.ppl_file,
+        tasks=args.tasks or (),
+        limit=args.limit,
+        ppl_max_tokens=args.ppl_max_tokens,
+        context_length=args.context_length,
+        stride=args.stride,
+        batch_size=args.batch_size,
+    )
+    if args.output:
+        _write_json(Path(args.output), results)
+    print(json.dumps(results, indent=2) if args.json else evaluation.format_table(results))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from hf_arch.recipes.benchmark import benchmark_model, format_benchmark
+
+    results = benchmark_model(
+        args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        decode_tokens=args.decode_tokens,
+        implementations=args.attn_implementations.split(","),
+        repeats=args.repeats,
+    )
+    print(json.dumps(results, indent=2) if args.json else format_benchmark(results))
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from hf_arch.model_cards.card import write_model_card
+
+    path = write_model_card(args.model_dir, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from hf_arch.hub import push_to_hub
+
+    url = push_to_hub(args.model_dir, args.repo_id, token=args.token, private=args.private)
+    print(url)
+    return 0
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-arch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("variants", help="list the registered architecture variants")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_variants)
+
+    p = sub.add_parser("convert", help="convert a Llama-family checkpoint into a variant")
+    p.add_argument("src", help="local checkpoint dir or Hub id (Llama, Mistral, Qwen2, Qwen3, SmolLM)")
+    p.add_argument("out", help="output dir (refused if it exists, unless --overwrite)")
+    p.add_argument("--to", default="gated_attention", help="target variant (see `hf-arch variants`)")
+    p.add_argument("--granularity", choices=["headwise", "elementwise"], default="elementwise")
+    p.add_argument("--gate-bias", action="store_true", help="give the gate projection a bias")
+    p.add_argument("--gate-rank", type=int, default=None, help="low-rank gate projection")
+    p.add_argument("--gate-init", choices=["identity", "normal"], default="identity",
+                   help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
+    p.add_argument("--gate-lr-scale", type=float, default=1.0, help="LR multiplier recipes apply to the gates")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="skip the logit comparison against the source")
+    p.add_argument("--no-remote-code", action="store_true", help="do not write trust_remote_code files + auto_map")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the SOURCE to run its own code")
+    p.add_argument("--json", action="store_true", help="print the conversion record as JSON")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="run a YAML recipe with Trainer")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing final model in output_dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot multiple choice")
+    p.add_argument("model")
+    p.add_argument("--ppl-file", help="text file for sliding-window perplexity")
+    p.add_argument("--ppl-max-tokens", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--tasks", nargs="*", help="multiple-choice jsonl files (PIQA / ARC-Easy / WinoGrande formats)")
+    p.add_argument("--limit", type=int, default=None, help="items per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
+    p.add_argument("--include-path", help="lm-eval --include_path for local task YAMLs")
+    p.add_argument("--output", help="also write the results JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model")
+    p.add_argument("model")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--attn-implementations", default="eager,sdpa")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("card", help="write README.md (model card) into a model dir")
+    p.add_argument("model_dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser("push", help="upload a model dir (weights, config, tokenizer, card) to the Hub")
+    p.add_argument("model_dir")
+    p.add_argument("repo_id")
+    p.add_argument("--token", default=None)
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import hf_arch  # noqa: F401  (registers the variants)
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, RuntimeError, ImportError) as error:
+        if args.verbose:
+            raise
+        print(f"hf-arch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
