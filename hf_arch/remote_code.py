@@ -40,7 +40,9 @@ _MODELING_STEM = MODELING_FILENAME[: -len(".py")]
 # The module table. Dependency order: a module comes after every module it imports from.
 # VARIANT AUTHORS: add the modules your variant introduces here (config helpers to CONFIG_MODULES, layers /
 # mixers / model code to MODELING_MODULES). The variant module itself (``variant.config_class.__module__`` and
-# ``variant.causal_lm_class.__module__``) is appended automatically; do not list it.
+# ``variant.causal_lm_class.__module__``) is appended automatically; do not list it. From that module only the config
+# classes go to the configuration file (everything else goes to the modeling file), so keep helpers that a config
+# class needs in a module listed in CONFIG_MODULES.
 # ------------------------------------------------------------------------------------------------------------------
 CONFIG_MODULES: list[str] = [
     f"{PACKAGE}.configuration",

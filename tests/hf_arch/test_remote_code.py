@@ -1,0 +1,337 @@
+"""Exported checkpoints load with trust_remote_code=True where hf_arch is not importable, and match bit for bit."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_arch
+from hf_arch import remote_code
+from hf_arch.remote_code import (
+    CONFIG_FILENAME,
+    MODELING_FILENAME,
+    RemoteCodeError,
+    build_remote_code_sources,
+    export_remote_code,
+)
+
+PACKAGE_DIR = Path(hf_arch.__file__).resolve().parent
+INPUT_IDS = [[5, 17, 99, 3, 42, 8, 120, 64, 7, 33, 2, 91]]
+NEW_TOKENS = 6
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+CONFIGS = {
+    "headwise_tied": dict(TINY, attn_output_gate="headwise", tie_word_embeddings=True),
+    "elementwise_lowrank_qknorm_bias_sliding": dict(
+        TINY,
+        attn_output_gate="elementwise",
+        attn_output_gate_rank=8,
+        attn_output_gate_bias=True,
+        attn_output_gate_bias_init=0.5,
+        qk_norm=True,
+        attention_bias=True,
+        layer_types=["full_attention", "sliding_attention"],
+        sliding_window=4,
+    ),
+}
+
+# Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
+SUBPROCESS_SCRIPT = textwrap.dedent(
+    r"""
+    import json, sys
+
+    # 1) The PYTHONPATH shadow package raises on import. 2) The editable install's meta-path finder (appended after
+    # PathFinder by a .pth file) is removed and a blocker goes first, so nothing can bring the real package back.
+    class _Block:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name == "hf_arch" or name.startswith("hf_arch."):
+                raise ImportError("hf_arch hidden (meta path)")
+            return None
+
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") or "").lower()
+    ]
+    sys.meta_path.insert(0, _Block)
+    try:
+        import hf_arch  # noqa: F401
+    except ImportError as err:
+        hidden = str(err)
+    else:
+        raise SystemExit("hf_arch is importable in the subprocess: " + repr(hf_arch))
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir, input_ids, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    ids = torch.tensor(input_ids)
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+    leaked = sorted(m for m in sys.modules if m == "hf_arch" or m.startswith("hf_arch."))
+    print("RESULT:" + json.dumps({
+        "hidden": hidden,
+        "leaked": leaked,
+        "config_module": type(config).__module__,
+        "config_class": type(config).__name__,
+        "model_module": type(model).__module__,
+        "model_class": type(model).__name__,
+        "inner_module": type(model.model).__module__,
+        "logits": logits.tolist(),
+        "tokens": tokens.tolist(),
+    }))
+    """
+)
+
+
+def _hidden_env(tmp_path: Path) -> dict[str, str]:
+    shadow = tmp_path / "shadow"
+    (shadow / "hf_arch").mkdir(parents=True, exist_ok=True)
+    (shadow / "hf_arch" / "__init__.py").write_text('raise ImportError("hf_arch hidden")\n')
+    env = dict(os.environ)
+    env.pop("HF_MODULES_CACHE", None)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONPATH=os.pathsep.join([str(shadow), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    return env
+
+
+def _run_hidden(tmp_path: Path, model_dir: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_SCRIPT, str(model_dir), json.dumps(INPUT_IDS), str(NEW_TOKENS)],
+        cwd=tmp_path,
+        env=_hidden_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"subprocess failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
+    assert lines, f"no RESULT line:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    return json.loads(lines[-1][len("RESULT:") :])
+
+
+def _save_tiny(tmp_path: Path, config_kwargs: dict) -> tuple[torch.nn.Module, Path]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_arch.GatedAttentionConfig(**config_kwargs)).eval()
+    model_dir = tmp_path / "exported_gated"
+    model.save_pretrained(model_dir)
+    return model, model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_remote_code_matches_installed_package(tmp_path, name):
+    model, model_dir = _save_tiny(tmp_path, CONFIGS[name])
+    written = export_remote_code(model_dir)
+    assert [p.name for p in written] == [CONFIG_FILENAME, MODELING_FILENAME, "config.json"]
+
+    result = _run_hidden(tmp_path, model_dir)
+
+    assert "hf_arch hidden" in result["hidden"]
+    assert result["leaked"] == []
+    for key in ("config_module", "model_module", "inner_module"):
+        assert result[key].startswith("transformers_modules."), result
+    assert result["config_module"].endswith("." + CONFIG_FILENAME[:-3])
+    assert result["model_module"].endswith("." + MODELING_FILENAME[:-3])
+    assert (result["config_class"], result["model_class"]) == ("GatedAttentionConfig", "GatedAttentionForCausalLM")
+
+    ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+        expected_tokens = model.generate(
+            ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+    remote_logits = torch.tensor(result["logits"], dtype=expected_logits.dtype)
+    assert remote_logits.shape == expected_logits.shape
+    assert (remote_logits - expected_logits).abs().max().item() <= 1e-5
+    assert result["tokens"] == expected_tokens.tolist()
+    assert len(result["tokens"][0]) == len(INPUT_IDS[0]) + NEW_TOKENS
+
+
+def test_installed_package_still_wins_without_trust_remote_code(tmp_path, tiny_gated_model):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "m"
+    tiny_gated_model.save_pretrained(model_dir)
+    export_remote_code(model_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert type(reloaded) is hf_arch.GatedAttentionForCausalLM
+    ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tiny_gated_model(ids).logits, rtol=0, atol=0)
+
+
+def test_export_rewrites_config_keeping_keys(tmp_path, tiny_gated_model):
+    model_dir = tmp_path / "m"
+    tiny_gated_model.save_pretrained(model_dir)
+    config_path = model_dir / "config.json"
+    before = json.loads(config_path.read_text())
+    before["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    config_path.write_text(json.dumps(before, indent=2))
+
+    export_remote_code(model_dir)
+    first = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    export_remote_code(model_dir)  # idempotent
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == first
+    assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+    after = json.loads(config_path.read_text())
+    assert {k: v for k, v in after.items() if k != "auto_map"} == {k: v for k, v in before.items() if k != "auto_map"}
+    assert after["auto_map"] == {
+        "AutoTokenizer": ["tokenization_x.XTokenizer", None],
+        "AutoConfig": "configuration_hf_arch.GatedAttentionConfig",
+        "AutoModel": "modeling_hf_arch.GatedAttentionModel",
+        "AutoModelForCausalLM": "modeling_hf_arch.GatedAttentionForCausalLM",
+    }
+    sources = build_remote_code_sources("gated_attention")
+    assert first[CONFIG_FILENAME].decode() == sources[CONFIG_FILENAME]
+    assert first[MODELING_FILENAME].decode() == sources[MODELING_FILENAME]
+
+
+@pytest.mark.parametrize("key", ["gated_attention", "hfa_gated_attention"])
+def test_generated_sources_are_self_contained(key):
+    sources = build_remote_code_sources(key)
+    assert set(sources) == {CONFIG_FILENAME, MODELING_FILENAME}
+    for filename, text in sources.items():
+        assert not re.search(r"\bhf_arch\b", text), filename
+        tree = ast.parse(text)
+        compile(tree, filename, "exec")
+        # __future__ first (after the docstring), once; no import statement duplicated.
+        first = tree.body[1]
+        assert isinstance(first, ast.ImportFrom) and first.module == "__future__"
+        assert sum(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in ast.walk(tree)) == 1
+        top_imports = [ast.dump(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert len(top_imports) == len(set(top_imports)), filename
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert filename == MODELING_FILENAME and (node.level, node.module) == (1, "configuration_hf_arch")
+                else:
+                    assert node.module.split(".")[0] in {"__future__", "torch", "transformers"}, ast.unparse(node)
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in {"torch", "transformers"} for a in node.names), ast.unparse(node)
+        defined = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+        assert not any("SequenceClassification" in name for name in defined)
+        assert "SequenceClassification" not in text
+        assert "register" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    config_defs = {n.name for n in ast.parse(sources[CONFIG_FILENAME]).body if isinstance(n, ast.ClassDef)}
+    assert config_defs == {"HfArchConfig", "GatedAttentionConfig"}
+    modeling_defs = {n.name for n in ast.parse(sources[MODELING_FILENAME]).body if isinstance(n, ast.ClassDef)}
+    assert {"HfArchRMSNorm", "AttentionOutputGate", "HfArchAttention", "HfArchModel", "GatedAttentionModel",
+            "GatedAttentionForCausalLM"} <= modeling_defs
+    assert not modeling_defs & config_defs
+    assert "from .configuration_hf_arch import GatedAttentionConfig, HfArchConfig" in sources[MODELING_FILENAME]
+
+
+def test_generated_sources_execute_as_a_package(tmp_path, monkeypatch):
+    """Import the two files as a package of their own (what transformers does) and build a model from them."""
+    import importlib
+
+    package = tmp_path / "flat_pkg_for_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for filename, text in build_remote_code_sources("gated_attention").items():
+        (package / filename).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        modeling = importlib.import_module("flat_pkg_for_test.modeling_hf_arch")
+        configuration = importlib.import_module("flat_pkg_for_test.configuration_hf_arch")
+        config = configuration.GatedAttentionConfig(**CONFIGS["elementwise_lowrank_qknorm_bias_sliding"])
+        torch.manual_seed(0)
+        flat = modeling.GatedAttentionForCausalLM(config).eval()
+        torch.manual_seed(0)
+        ours = hf_arch.GatedAttentionForCausalLM(
+            hf_arch.GatedAttentionConfig(**CONFIGS["elementwise_lowrank_qknorm_bias_sliding"])
+        ).eval()
+        assert flat.state_dict().keys() == ours.state_dict().keys()
+        flat.load_state_dict(ours.state_dict())
+        ids = torch.tensor(INPUT_IDS)
+        with torch.no_grad():
+            torch.testing.assert_close(flat(ids).logits, ours(ids).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attn_output_gate"):
+            configuration.GatedAttentionConfig(attn_output_gate=None)
+    finally:
+        for name in [m for m in sys.modules if m.startswith("flat_pkg_for_test")]:
+            del sys.modules[name]
+
+
+def test_generator_rejects_package_references():
+    with pytest.raises(RemoteCodeError, match="hf_arch"):
+        remote_code._check_generated("x.py", "def f():\n    import hf_arch.layers\n", set())
+    with pytest.raises(RemoteCodeError, match="relative import"):
+        remote_code._check_generated("x.py", "def f():\n    from .layers import norm\n", set())
+    with pytest.raises(RemoteCodeError, match="relative import"):
+        remote_code._check_generated("x.py", '"""\nfrom .layers import norm\n"""\n', set())
+
+
+def test_generator_names_a_module_missing_from_the_table(monkeypatch):
+    # Drop the norm layer from the table: attention.py imports HfArchRMSNorm, which is now defined nowhere.
+    table = [m for m in remote_code.MODELING_MODULES if not m.endswith(".norm")]
+    monkeypatch.setattr(remote_code, "MODELING_MODULES", table)
+    with pytest.raises(RemoteCodeError, match=r"HfArchRMSNorm.*MODELING_MODULES"):
+        build_remote_code_sources("gated_attention")
+
+
+def test_unknown_variant():
+    with pytest.raises(KeyError, match="nope"):
+        build_remote_code_sources("nope")
+
+
+def test_export_errors(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        export_remote_code(missing)
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=re.escape(str(a_file))):
+        export_remote_code(a_file)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        export_remote_code(empty)
+
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        export_remote_code(bad_json)
+
+    for model_type in ("llama", None, "gated_attention"):  # a foreign type, none, our short name (not a model_type)
+        other = tmp_path / f"other_{model_type}"
+        other.mkdir()
+        payload = {"hidden_size": 8} if model_type is None else {"model_type": model_type}
+        (other / "config.json").write_text(json.dumps(payload))
+        with pytest.raises(ValueError, match=re.escape(repr(model_type))) as info:
+            export_remote_code(other)
+        assert str(other / "config.json") in str(info.value)
+        assert "hfa_gated_attention" in str(info.value)
+        assert sorted(p.name for p in other.iterdir()) == ["config.json"], "nothing written on error"
