@@ -48,6 +48,17 @@ class HfArchConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 10_000.0
 
+    # transformers turns every config subclass into a dataclass whose generated __eq__ compares only the base
+    # class's declared fields; our fields live in __dict__, so compare that (as PreTrainedConfig itself does).
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PreTrainedConfig) and self.__dict__ == other.__dict__
+
+    __hash__ = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__eq__ = HfArchConfig.__eq__
+
     def __init__(
         self,
         vocab_size: int = 32000,

@@ -195,3 +195,9 @@ def test_loading_never_reinitialises_trained_gates(tiny_gated_config, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.layers[0].self_attn.output_gate.proj.weight, gate)
+
+
+def test_config_equality_sees_variant_fields():
+    a = hf_arch.GatedAttentionConfig(attn_output_gate_rank=8)
+    assert a == hf_arch.GatedAttentionConfig(attn_output_gate_rank=8)
+    assert a != hf_arch.GatedAttentionConfig(attn_output_gate_rank=None)
