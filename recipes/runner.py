@@ -1,0 +1,389 @@
+"""``hf-arch train RECIPE.yaml [key=value ...] [--resume]``: run a training recipe with 🤗 Trainer.
+
+Layout of ``output_dir``::
+
+    checkpoint-N/            Trainer checkpoints (every training.save_steps, at most save_total_limit)
+    final/                   the trained model + tokenizer (a full model; LoRA adapters merged unless
+                             lora.merge_on_save is false), hf_arch_training.json, loss.png (if matplotlib)
+                             and a copy of the source model's hf_arch_conversion.json
+    .final.partial/          final/ while it is being written (renamed when complete)
+
+Modes (``training.mode``): ``full`` trains everything, ``lora`` trains a peft LoRA adapter on the variant's
+projections, ``new_params`` trains only the parameters the variant adds to a Llama-family source
+(``hf_arch.new_parameter_names``). Parameters whose name contains ``output_gate`` get
+``learning_rate × config.attn_output_gate_lr_scale``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import PadCollator, build_datasets
+from .schema import Recipe, load_recipe
+
+GATE_PATTERN = "output_gate"
+FINAL_DIR = "final"
+PARTIAL_DIR = ".final.partial"
+TRAINING_JSON = "hf_arch_training.json"
+CONVERSION_JSON = "hf_arch_conversion.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class OutputDirExistsError(FileExistsError):
+    """output_dir already holds a final model or checkpoints and neither overwrite nor resume was asked for."""
+
+
+class NanLossCallback(TrainerCallback):
+    """Stops the run with :class:`TrainingDivergedError` when a logged training loss is NaN/inf."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDivergedError(
+                f"loss became {'NaN' if math.isnan(float(loss)) else 'inf'} at step {state.global_step}; lower the "
+                f"learning rate (training.learning_rate={self.learning_rate:g}), keep training.max_grad_norm > 0, "
+                "add warmup_steps, or check the data / the model's weights for NaNs"
+            )
+
+
+def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float, gate_lr_scale: float,
+                       decay_names: Iterable[str] | None = None) -> list[dict]:
+    """Optimizer groups: output-gate parameters at ``learning_rate × gate_lr_scale``; weight decay only on
+    ``decay_names`` (default: parameters with ≥ 2 dims). Frozen parameters are left out; empty groups dropped."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = set(decay_names) if decay_names is not None else {n for n, p in named if p.ndim >= 2}
+    groups = []
+    for is_gate in (False, True):
+        for use_decay in (True, False):
+            params = [p for n, p in named if (GATE_PATTERN in n) == is_gate and (n in decay) == use_decay]
+            if params:
+                groups.append({
+                    "params": params,
+                    "lr": learning_rate * (gate_lr_scale if is_gate else 1.0),
+                    "weight_decay": weight_decay if use_decay else 0.0,
+                    "name": f"{'output_gate' if is_gate else 'base'}{'' if use_decay else '_no_decay'}",
+                })
+    if not groups:
+        raise ValueError("no trainable parameters: nothing for the optimizer to update")
+    return groups
+
+
+class RecipeTrainer(Trainer):
+    """Trainer whose optimizer scales the output-gate learning rate."""
+
+    def __init__(self, *args, gate_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_lr_scale = gate_lr_scale
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = build_param_groups(
+                opt_model, self.args.learning_rate, self.args.weight_decay, self.gate_lr_scale,
+                decay_names=self.get_decay_parameter_names(opt_model),
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+# --------------------------------------------------------------------------------------------------- model + modes
+
+
+def _is_hf_arch(model) -> bool:
+    from ..registry import VARIANTS
+
+    return any(v.model_type == model.config.model_type for v in VARIANTS.values())
+
+
+def apply_mode(model, recipe: Recipe):
+    """Freeze / wrap ``model`` for ``training.mode``; returns the model to train (a PeftModel in lora mode)."""
+    mode = recipe.training.mode
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if mode == "new_params":
+        from ..peft_utils import new_parameter_names
+
+        names = set(new_parameter_names(model)) if _is_hf_arch(model) else set()
+        if not names:
+            raise ValueError(
+                f"training.mode new_params: model {recipe.model} ({model.config.model_type}) has no new parameters "
+                "to train (it is not an hf_arch variant with added parameters, e.g. a plain Llama); convert it first "
+                "(hf-arch convert --to gated_attention) or use mode full / lora"
+            )
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from ..peft_utils import lora_target_modules
+
+        targets = recipe.lora.target_modules
+        if targets is None and _is_hf_arch(model):
+            targets = lora_target_modules(model)
+        config = LoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:
+            raise ValueError(f"lora: could not apply LoRA to {recipe.model}: {err} (set lora.target_modules)") from err
+    raise ValueError(f"unknown training.mode {mode!r}")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------- output dir
+
+
+def _has_checkpoints(out: Path) -> bool:
+    return out.is_dir() and get_last_checkpoint(str(out)) is not None
+
+
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> str | None:
+    """Checks (all ranks) and cleanup (main rank); returns the checkpoint to resume from."""
+    final = out / FINAL_DIR
+    if resume:
+        if not _has_checkpoints(out):
+            raise FileNotFoundError(
+                f"--resume: no checkpoint-N folder in {out} to resume from (checkpoints are written every "
+                "training.save_steps steps); run without --resume to start fresh"
+            )
+        return get_last_checkpoint(str(out))
+    if final.exists() or _has_checkpoints(out):
+        if not overwrite:
+            what = "a final model (final/)" if final.exists() else "checkpoints"
+            raise OutputDirExistsError(
+                f"output_dir {out} already holds {what}; pass --resume to continue from the last checkpoint, "
+                "--overwrite to replace it, or choose another output_dir"
+            )
+        if is_main:
+            for child in out.iterdir():
+                if child.name in (FINAL_DIR, PARTIAL_DIR) or (child.is_dir() and child.name.startswith("checkpoint-")):
+                    shutil.rmtree(child)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- main entry
+
+
+def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[str] = (), resume: bool = False,
+               overwrite: bool = False, callbacks: Iterable[TrainerCallback] = ()) -> dict:
+    """Run a training recipe; returns a summary dict (see module docstring for what is written)."""
+    from .. import __version__ as hf_arch_version  # noqa: F401  (importing hf_arch registers the variants)
+
+    recipe = load_recipe(recipe, list(overrides))
+    t = recipe.training
+    out = Path(recipe.output_dir)
+    model_dir = Path(recipe.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{recipe.source}: model {model_dir} is not a checkpoint dir (no config.json)")
+
+    args = _training_arguments(recipe, out)
+    is_main = args.process_index == 0
+    resume_from = _prepare_output_dir(out, resume, overwrite, is_main)
+    args.distributed_state.wait_for_everyone()
+
+    transformers.set_seed(t.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token_id is None:  # stories260K: no pad token, use unk (0)
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    with args.main_process_first(desc="building the datasets"):
+        train_ds, eval_ds = build_datasets(recipe.data, tokenizer)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    gate_lr_scale = float(getattr(model.config, "attn_output_gate_lr_scale", 1.0) or 1.0)
+    model = apply_mode(model, recipe)
+    if t.gradient_checkpointing and t.mode != "full" and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+
+    trainer = RecipeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[NanLossCallback(t.learning_rate), *callbacks],
+        gate_lr_scale=gate_lr_scale,
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - started
+    eval_loss = None
+    if eval_ds is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and "step" in h]
+    summary = {
+        "output_dir": str(out),
+        "final_dir": str(out / FINAL_DIR),
+        "steps": trainer.state.global_step,
+        "loss_start": curve[0][1] if curve else None,
+        "loss_end": curve[-1][1] if curve else None,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "mode": t.mode,
+        "resumed_from": resume_from,
+        "train_seconds": round(train_seconds, 2),
+        "train_blocks": len(train_ds),
+        "world_size": args.world_size,
+        "loss_curve": curve,
+    }
+
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tokenizer, recipe, summary, model_dir, out)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
+    t = recipe.training
+    evaluate_during = bool(recipe.data.eval_file and t.eval_steps)
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach NanLossCallback, not be filtered out
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=t.bf16,
+        eval_strategy="steps" if evaluate_during else "no",
+        eval_steps=t.eval_steps if evaluate_during else None,
+        max_grad_norm=t.max_grad_norm,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _save_final(trainer: Trainer, tokenizer, recipe: Recipe, summary: dict, model_dir: Path, out: Path) -> None:
+    """Write final/ atomically: everything goes to .final.partial/, renamed when complete."""
+    partial, final = out / PARTIAL_DIR, out / FINAL_DIR
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter_only = False
+    if recipe.training.mode == "lora":
+        if recipe.lora.merge_on_save:
+            model = model.merge_and_unload()
+        else:
+            adapter_only = True
+    model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    conversion = model_dir / CONVERSION_JSON
+    if conversion.is_file():
+        shutil.copy2(conversion, partial / CONVERSION_JSON)
+    record = {
+        "recipe": recipe.to_dict(),
+        "recipe_file": recipe.source,
+        "summary": {k: v for k, v in summary.items() if k != "loss_curve"},
+        "adapter_only": adapter_only,
+        "log_history": trainer.state.log_history,
+        "loss_curve": [{"step": s, "loss": v} for s, v in summary["loss_curve"]],
+        "data_files": {"train_file": recipe.data.train_file, "eval_file": recipe.data.eval_file},
+        "versions": _versions(),
+    }
+    (partial / TRAINING_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    _plot_loss(summary["loss_curve"], partial / "loss.png")
+    if final.exists():
+        old = out / ".final.old"
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old)
+    else:
+        partial.rename(final)
+
+
+def _versions() -> dict:
+    import accelerate
+    import datasets
+
+    from .. import __version__
+
+    versions = {"hf_arch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "datasets": datasets.__version__, "accelerate": accelerate.__version__}
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        versions["peft"] = None
+    return versions
+
+
+def _plot_loss(curve: list, path: Path) -> bool:
+    """Save a loss plot when matplotlib is importable; skip silently otherwise."""
+    if not curve:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

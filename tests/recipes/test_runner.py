@@ -1,0 +1,400 @@
+"""hf-arch train backend: recipe schema, data packing, the three training modes, NaN guard, resume, output dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hf_arch.recipes.data import DataError, PadCollator, build_datasets, load_documents, tokenize_and_pack
+from hf_arch.recipes.runner import (
+    NanLossCallback,
+    OutputDirExistsError,
+    TrainingDivergedError,
+    build_param_groups,
+    run_recipe,
+)
+from hf_arch.recipes.schema import DataConfig, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "recipes" / "configs"
+GATE_LR_SCALE = 4.0
+SENTENCE = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+
+
+# ------------------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories260k):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories260k)
+
+
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory, stories260k, tokenizer):
+    """A tiny gated-attention checkpoint (from config, zero-init headwise gates) with the stories260K tokenizer."""
+    import hf_arch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_arch.GatedAttentionConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, attn_output_gate="headwise", attn_output_gate_scale=2.0,
+        attn_output_gate_init="zeros", attn_output_gate_lr_scale=GATE_LR_SCALE,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gated")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "hf_arch_conversion.json").write_text(json.dumps({"source": "from_config (test)"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stories_file(tmp_path_factory, assets):
+    """The first ~24 KB of TinyStories (whole stories, separated by <|endoftext|> lines)."""
+    text = (assets / "data" / "tinystories_2mib.txt").read_text(encoding="utf-8")[:24_000]
+    path = tmp_path_factory.mktemp("data") / "stories.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def make_recipe(tmp_path: Path, model: Path, train_file: Path, **sections) -> Path:
+    recipe = {
+        "model": str(model),
+        "output_dir": str(tmp_path / "out"),
+        "data": {"train_file": str(train_file), "document_separator": "<|endoftext|>", "block_size": 64},
+        "training": {"mode": "full", "max_steps": 3, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+                     "logging_steps": 1, "save_steps": 100},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def state_dict(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# -------------------------------------------------------------------------------------------------------------- schema
+
+
+def test_schema_defaults_overrides_and_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_ARCH_ASSETS", raising=False)
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: ./m\noutput_dir: ./o\ndata:\n  train_file: ${HF_ARCH_ASSETS}/data/x.txt\n"
+        "training:\n  mode: lora\n  learning_rate: 1e-4\n"
+    )
+    recipe = load_recipe(path, ["training.max_steps=5", "lora.r=4", "lora.target_modules=[q_proj, v_proj]",
+                                "data.eval_file=null", "training.bf16=true"])
+    assert recipe.training.max_steps == 5 and recipe.lora.r == 4 and recipe.training.bf16 is True
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.training.learning_rate == pytest.approx(1e-4)  # YAML reads "1e-4" as a string: accepted
+    assert recipe.training.mode == "lora" and recipe.data.block_size == 256 and recipe.data.packing is True
+    assert recipe.model == str(tmp_path / "m") and recipe.output_dir == str(tmp_path / "o")
+    assert recipe.data.train_file == str((tmp_path / "../shared/assets/data/x.txt").resolve())
+    monkeypatch.setenv("HF_ARCH_ASSETS", "/elsewhere")
+    assert load_recipe(path).data.train_file == "/elsewhere/data/x.txt"
+    # a Recipe object can be re-overridden
+    assert load_recipe(recipe, ["training.max_steps=7"]).training.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "body, overrides, match",
+    [
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\ntraining: {max_stepz: 3}\n", [], "training.max_stepz"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\nfoo: 1\n", [], "'foo'"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.nope=1"], "training.nope"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.max_steps=abc"], "training.max_steps"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.mode=partial"], "training.mode"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt, packing: 3}\n", [], "data.packing"),
+        ("model: m\ndata: {train_file: x.txt}\n", [], "output_dir"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["data.block_size=0"], "data.block_size"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.max_steps"], "key=value"),
+    ],
+)
+def test_schema_errors_name_key_and_file(tmp_path, body, overrides, match):
+    path = tmp_path / "bad_recipe.yaml"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=match) as info:
+        load_recipe(path, overrides)
+    assert "bad_recipe.yaml" in str(info.value)
+
+
+def test_shipped_configs_load(monkeypatch):
+    monkeypatch.chdir(REPO)
+    main = load_recipe(CONFIGS / "gated_attention_tinystories.yaml", ["model=/some/converted"])
+    assert main.training.mode == "new_params" and main.data.block_size == 256
+    assert main.model == "/some/converted"
+    assert Path(main.data.train_file).name == "tinystories_2mib.txt"
+    lora = load_recipe(CONFIGS / "lora_example.yaml")
+    assert lora.training.mode == "lora" and lora.lora.merge_on_save
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+
+
+def test_packing_blocks_labels_bos(tmp_path, tokenizer):
+    docs = [f"Story number {i}. " + SENTENCE * (1 + i % 3) for i in range(12)]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n<|endoftext|>\n".join(docs) + "\n")
+    cfg = DataConfig(train_file=str(path), document_separator="<|endoftext|>", block_size=16)
+    loaded = load_documents(path, cfg)
+    assert loaded["text"] == docs
+    packed = tokenize_and_pack(loaded, tokenizer, cfg)
+    stream = [t for d in docs for t in [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"]]
+    assert len(packed) == len(stream) // 16
+    assert all(len(ids) == 16 for ids in packed["input_ids"])
+    assert packed["input_ids"] == packed["labels"]
+    assert [t for ids in packed["input_ids"] for t in ids] == stream[: len(packed) * 16]
+    assert packed[0]["input_ids"][0] == 1 and tokenizer.eos_token_id not in stream
+
+    # default split: blank-line separated paragraphs; no packing: one (truncated) example per document, BOS first
+    para = tmp_path / "paragraphs.txt"
+    para.write_text("First paragraph.\nstill first.\n\n\nSecond one.\n   \nThird.\n")
+    cfg2 = DataConfig(train_file=str(para), block_size=4, packing=False, add_eos=True)
+    examples = tokenize_and_pack(load_documents(para, cfg2), tokenizer, cfg2)
+    assert len(examples) == 3 and all(ids[0] == 1 and len(ids) <= 4 for ids in examples["input_ids"])
+    batch = PadCollator(0)([examples[0], {"input_ids": [1, 5], "labels": [1, 5]}])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["labels"][1, 2:].eq(-100).all() and batch["attention_mask"][1].tolist()[:2] == [1, 1]
+
+    # max_documents / max_train_samples
+    cfg3 = DataConfig(train_file=str(path), document_separator="<|endoftext|>", block_size=16, max_documents=2,
+                      max_train_samples=1)
+    train, evaluation = build_datasets(cfg3, tokenizer)
+    assert len(train) == 1 and evaluation is None
+
+
+def test_jsonl_text_field(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": SENTENCE, "id": i}) for i in range(8)) + "\n")
+    cfg = DataConfig(train_file=str(path), text_field="instruction", block_size=32)
+    train, _ = build_datasets(cfg, tokenizer)
+    assert len(train) > 0 and train.column_names == ["input_ids", "labels"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "blank", "no_field", "not_jsonl", "too_short"])
+def test_data_errors(tmp_path, tokenizer, case):
+    path = tmp_path / ("d.jsonl" if case in ("no_field", "not_jsonl") else "d.txt")
+    match = str(path.name)
+    if case == "empty":
+        path.write_text("")
+        match = "is empty"
+    elif case == "blank":
+        path.write_text("\n\n<|endoftext|>\n  \n")
+        match = "no non-empty documents"
+    elif case == "no_field":
+        path.write_text(json.dumps({"instruction": "hi"}) + "\n")
+        match = "no field 'text'"
+    elif case == "not_jsonl":
+        path.write_text("this is plain text\nnot json at all\n")
+        match = "could not be read as JSON lines"
+    elif case == "too_short":
+        path.write_text("Hi.\n")
+        match = "fewer than one block"
+    elif case == "missing":
+        match = "does not exist"
+    cfg = DataConfig(train_file=str(path), block_size=64, document_separator="<|endoftext|>")
+    with pytest.raises(DataError, match=match) as info:
+        build_datasets(cfg, tokenizer)
+    assert path.name in str(info.value) or case == "too_short"
+
+
+# ---------------------------------------------------------------------------------------------------------- optimizer
+
+
+def test_param_groups_scale_gate_lr(gated_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gated_dir)
+    groups = build_param_groups(model, 1e-3, 0.1, model.config.attn_output_gate_lr_scale)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["output_gate"]["lr"] == pytest.approx(1e-3 * GATE_LR_SCALE)
+    assert by_name["base"]["lr"] == pytest.approx(1e-3) and by_name["base_no_decay"]["weight_decay"] == 0.0
+    n_gate = sum(p.numel() for g in groups if g["name"].startswith("output_gate") for p in g["params"])
+    assert n_gate == sum(p.numel() for n, p in model.named_parameters() if "output_gate" in n)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_nan_callback_message():
+    class State:
+        global_step = 7
+
+    with pytest.raises(TrainingDivergedError, match="loss became NaN at step 7; lower the learning rate"):
+        NanLossCallback(1e6).on_log(None, State(), None, logs={"loss": float("nan")})
+    NanLossCallback(1e-3).on_log(None, State(), None, logs={"loss": 1.0})
+
+
+# -------------------------------------------------------------------------------------------------------------- modes
+
+
+@pytest.fixture(scope="module")
+def new_params_run(tmp_path_factory, gated_dir, stories_file):
+    tmp = tmp_path_factory.mktemp("new_params")
+    recipe = make_recipe(tmp, gated_dir, stories_file, training={"mode": "new_params", "max_steps": 3,
+                                                                 "learning_rate": 1e-2})
+    return recipe, run_recipe(recipe)
+
+
+def test_new_params_trains_only_output_gates(new_params_run, gated_dir):
+    _, summary = new_params_run
+    final = Path(summary["output_dir"]) / "final"
+    changed = changed_keys(state_dict(gated_dir), state_dict(final))
+    gate_keys = {k for k in state_dict(gated_dir) if "output_gate" in k}
+    assert gate_keys and changed == gate_keys
+    assert summary["mode"] == "new_params" and summary["steps"] == 3
+    assert summary["trainable_parameters"] == 2 * 8 * 64  # 2 layers × headwise gate (8 heads × hidden 64)
+    assert summary["total_parameters"] > summary["trainable_parameters"]
+
+
+def test_final_dir_contents(new_params_run):
+    _, summary = new_params_run
+    out = Path(summary["output_dir"])
+    final = out / "final"
+    assert not (out / ".final.partial").exists()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "hf_arch_training.json",
+                 "hf_arch_conversion.json"):
+        assert (final / name).is_file(), name
+    record = json.loads((final / "hf_arch_training.json").read_text())
+    assert record["recipe"]["training"]["mode"] == "new_params"
+    assert set(record["versions"]) >= {"torch", "transformers", "peft"}
+    assert record["data_files"]["train_file"].endswith("stories.txt")
+    assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3]
+    assert record["summary"]["loss_start"] == summary["loss_start"]
+
+
+def test_output_dir_refused_unless_overwrite(new_params_run):
+    recipe, _ = new_params_run
+    with pytest.raises(OutputDirExistsError, match="already holds a final model"):
+        run_recipe(recipe)
+
+
+def test_new_params_on_plain_llama_is_a_clear_error(tmp_path, stories260k, stories_file):
+    recipe = make_recipe(tmp_path, stories260k, stories_file, training={"mode": "new_params"})
+    with pytest.raises(ValueError, match="no new parameters"):
+        run_recipe(recipe)
+
+
+def test_full_mode_changes_every_tensor_and_scales_gate_lr(tmp_path, gated_dir, stories_file):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen.update({g["name"]: g["initial_lr"] if "initial_lr" in g else g["lr"] for g in optimizer.param_groups})
+
+    recipe = make_recipe(tmp_path, gated_dir, stories_file, training={"max_steps": 2})
+    summary = run_recipe(recipe, callbacks=[Spy()])
+    before, after = state_dict(gated_dir), state_dict(tmp_path / "out" / "final")
+    assert changed_keys(before, after) == set(before)
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert seen["output_gate"] == pytest.approx(GATE_LR_SCALE * seen["base"])
+
+
+def test_lora_merged_final_differs_and_reloads(tmp_path, gated_dir, stories_file):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(tmp_path, gated_dir, stories_file, training={"mode": "lora", "learning_rate": 1e-2},
+                         lora={"r": 4, "alpha": 8})
+    summary = run_recipe(recipe)
+    final = tmp_path / "out" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)  # a plain (merged) model, no adapter files needed
+    assert type(model).__name__ == "GatedAttentionForCausalLM"
+    assert not (final / "adapter_config.json").exists()
+    before, after = state_dict(gated_dir), state_dict(final)
+    changed = changed_keys(before, after)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "output_gate.proj")
+    assert changed and all(any(t in k for t in targets) for k in changed)
+    assert any("output_gate" in k for k in changed)  # the variant's targets include the gate projection
+    assert summary["trainable_parameters"] < summary["total_parameters"] / 2
+
+
+def test_loss_decreases_on_repeated_data(tmp_path, gated_dir):
+    data = tmp_path / "repeat.txt"
+    data.write_text("\n<|endoftext|>\n".join([SENTENCE] * 40) + "\n")
+    recipe = make_recipe(tmp_path, gated_dir, data, data={"block_size": 32},
+                         training={"max_steps": 20, "learning_rate": 3e-3, "logging_steps": 5})
+    summary = run_recipe(recipe)
+    assert summary["steps"] == 20
+    assert summary["loss_end"] < summary["loss_start"] - 1.5, summary["loss_curve"]
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, gated_dir, stories_file):
+    recipe = make_recipe(tmp_path, gated_dir, stories_file, training={"learning_rate": 1e6, "max_steps": 30})
+    with pytest.raises(TrainingDivergedError, match=r"loss became (NaN|inf) at step \d+; lower the learning rate"):
+        run_recipe(recipe)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_resume_continues_to_max_steps(tmp_path, gated_dir, stories_file):
+    recipe = make_recipe(tmp_path, gated_dir, stories_file, training={"max_steps": 2, "save_steps": 2})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_recipe(recipe, resume=True)
+    first = run_recipe(recipe)
+    assert first["steps"] == 2 and (tmp_path / "out" / "checkpoint-2").is_dir()
+    second = run_recipe(recipe, ["training.max_steps=4"], resume=True)
+    assert second["steps"] == 4 and second["resumed_from"].endswith("checkpoint-2")
+    assert [s for s, _ in second["loss_curve"]] == [1, 2, 3, 4]  # log history restored, steps 3-4 trained
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    record = json.loads((tmp_path / "out" / "final" / "hf_arch_training.json").read_text())
+    assert record["summary"]["steps"] == 4
+    # overwrite starts from scratch
+    third = run_recipe(recipe, overwrite=True)
+    assert third["steps"] == 2 and third["resumed_from"] is None
+    assert not (tmp_path / "out" / "checkpoint-4").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path, gated_dir, stories_file):
+    """Two gloo CPU processes via `accelerate launch`. `--cpu` alone runs a single process (accelerate's simple
+    launcher), so this uses torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU=true, which selects CPU + gloo."""
+    recipe = make_recipe(tmp_path, gated_dir, stories_file, training={"mode": "new_params", "max_steps": 3,
+                                                                      "learning_rate": 1e-2})
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from hf_arch.recipes.runner import run_recipe\n"
+        "s = run_recipe(sys.argv[1])\n"
+        "print('SUMMARY', os.environ.get('RANK'), json.dumps({k: s[k] for k in ('steps', 'world_size')}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(script), str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY")]
+    assert sorted(line.split()[1] for line in lines) == ["0", "1"], proc.stdout[-2000:]
+    assert all(json.loads(line.split(" ", 2)[2]) == {"steps": 3, "world_size": 2} for line in lines)
+    out = tmp_path / "out"
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "hf_arch_training.json").is_file()
+    assert not (out / ".final.partial").exists() and not (out / ".final.old").exists()
