@@ -284,6 +284,10 @@ def test_final_dir_contents(new_params_run):
     assert record["data_files"]["train_file"].endswith("stories.txt")
     assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3]
     assert record["summary"]["loss_start"] == summary["loss_start"]
+    # the fine-tuned model still loads without hf_arch: flat modeling files and auto_map are re-exported
+    assert (final / "modeling_hf_arch.py").is_file() and (final / "configuration_hf_arch.py").is_file()
+    assert "AutoModelForCausalLM" in json.loads((final / "config.json").read_text())["auto_map"]
+    assert (final / "loss.png").is_file()
 
 
 def test_output_dir_refused_unless_overwrite(new_params_run):
