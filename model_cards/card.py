@@ -144,7 +144,7 @@ def _context(model_dir: Path, repo_id: str | None) -> tuple[dict, dict]:
 
     diff = conversion.get("max_abs_logit_diff")
     variables = {
-        "title": repo_id or model_dir.resolve().name,
+        "title": repo_id or _display_name(model_dir),
         "repo_id": repo_id or "path/to/this/model",
         "model_type": model_type,
         "architecture": (config.get("architectures") or [None])[0],
@@ -214,3 +214,9 @@ def write_model_card(model_dir: str | os.PathLike, *, overwrite: bool = False, r
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return target
+
+
+def _display_name(model_dir: Path) -> str:
+    """The recipe runner writes ``<run>/final``: name the card after the run, not after ``final``."""
+    resolved = model_dir.resolve()
+    return resolved.parent.name if resolved.name == "final" else resolved.name
