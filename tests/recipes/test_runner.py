@@ -386,19 +386,28 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, gated_dir, stories_file):
         "import json, os, sys\n"
         "from hf_arch.recipes.runner import run_recipe\n"
         "s = run_recipe(sys.argv[1])\n"
-        "print('SUMMARY', os.environ.get('RANK'), json.dumps({k: s[k] for k in ('steps', 'world_size')}))\n"
+        # one file per rank: the two processes' stdout lines interleave
+        "open(f\"summary_{os.environ['RANK']}.json\", 'w').write(json.dumps({k: s[k] for k in ('steps', 'world_size')}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "true",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(script), str(recipe)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY")]
-    assert sorted(line.split()[1] for line in lines) == ["0", "1"], proc.stdout[-2000:]
-    assert all(json.loads(line.split(" ", 2)[2]) == {"steps": 3, "world_size": 2} for line in lines)
+    summaries = sorted(tmp_path.glob("summary_*.json"))
+    assert [p.name for p in summaries] == ["summary_0.json", "summary_1.json"], proc.stdout[-2000:]
+    assert all(json.loads(p.read_text()) == {"steps": 3, "world_size": 2} for p in summaries)
     out = tmp_path / "out"
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "hf_arch_training.json").is_file()
     assert not (out / ".final.partial").exists() and not (out / ".final.old").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
