@@ -273,6 +273,16 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     return summary
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """transformers renamed gradient_checkpointing → activation_checkpointing (5.2x); use what this version has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    kwargs = {"use_reentrant": False} if enabled else None
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": kwargs}
+
+
 def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
     t = recipe.training
     evaluate_during = bool(recipe.data.eval_file and t.eval_steps)
@@ -295,8 +305,7 @@ def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_arguments(t.gradient_checkpointing),
         bf16=t.bf16,
         eval_strategy="steps" if evaluate_during else "no",
         eval_steps=t.eval_steps if evaluate_during else None,
