@@ -93,10 +93,26 @@ def _cmd_eval(args) -> int:
         stride=args.stride,
         batch_size=args.batch_size,
     )
+    if args.diagnostics:
+        results["diagnostics"] = _diagnostics(model, tokenizer, args)
     if args.output:
         _write_json(Path(args.output), results)
     print(json.dumps(results, indent=2) if args.json else evaluation.format_table(results))
     return 0
+
+
+def _diagnostics(model, tokenizer, args) -> dict:
+    """Attention-sink share and gate statistics on the first ``--diagnostics-tokens`` tokens of the ppl file."""
+    from .diagnostics import attention_diagnostics, plot_gate_histogram
+
+    if not args.ppl_file:
+        raise ValueError("--diagnostics reads its tokens from --ppl-file; give one")
+    text = Path(args.ppl_file).read_text(encoding="utf-8")[: args.diagnostics_tokens * 16]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.diagnostics_tokens]
+    diagnostics = attention_diagnostics(model, ids)
+    if args.plot and "gate_histogram" in diagnostics:
+        plot_gate_histogram(diagnostics, args.plot)
+    return diagnostics
 
 
 def _cmd_bench(args) -> int:
@@ -182,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
     p.add_argument("--include-path", help="lm-eval --include_path for local task YAMLs")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also report attention-sink share and gate-score statistics (Gated Attention paper)")
+    p.add_argument("--diagnostics-tokens", type=int, default=256)
+    p.add_argument("--plot", help="with --diagnostics: save the gate-score histogram to this PNG")
     p.add_argument("--output", help="also write the results JSON here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)

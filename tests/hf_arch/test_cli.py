@@ -80,3 +80,15 @@ def test_bad_input_exits_2_with_named_problem(tmp_path, capsys):
     assert "weights" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", "a", "b", "--to-nowhere"])
+
+
+def test_eval_diagnostics_and_histogram_plot(converted, assets, tmp_path, capsys):
+    capsys.readouterr()
+    plot = tmp_path / "gates.png"
+    assert main(["eval", str(converted), "--ppl-file", str(assets / "data/tinystories_2mib.txt"),
+                 "--ppl-max-tokens", "300", "--diagnostics", "--diagnostics-tokens", "64", "--plot", str(plot),
+                 "--json"]) == 0
+    diagnostics = json.loads(capsys.readouterr().out)["diagnostics"]
+    assert diagnostics["tokens"] == 64 and len(diagnostics["sink_share_per_layer"]) == 5
+    assert diagnostics["gate_mean"] == 1.0  # freshly converted: identity gates
+    assert plot.stat().st_size > 0

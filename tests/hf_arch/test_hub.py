@@ -110,3 +110,24 @@ def test_fake_hub_rejects_writes_without_token(hub_env):
         HfApi(endpoint=str(hub_env)).create_repo("fake-user/anon", token=False)
     assert error.value.response.status_code == 401
     assert hub_env.requests[-1].authorization is None
+
+
+def test_convert_from_a_hub_id_then_push_the_result(hub_env, stories260k, tmp_path):
+    """SRC may be a Hub id: the source is downloaded through the (fake) Hub, converted, verified and pushed back."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    from hf_arch.conversion import convert
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("karpathy-fake/stories260K")
+    api.upload_folder(folder_path=str(stories260k), repo_id="karpathy-fake/stories260K", ignore_patterns=["raw/*"])
+    result = convert("karpathy-fake/stories260K", tmp_path / "gated", granularity="headwise")
+    assert result.max_abs_logit_diff <= 1e-5
+    assert result.record["source"] == "karpathy-fake/stories260K"
+    push_to_hub(tmp_path / "gated", "fake-user/stories260K-gated", token=TOKEN)
+    reloaded = AutoModelForCausalLM.from_pretrained("fake-user/stories260K-gated")
+    source = AutoModelForCausalLM.from_pretrained(stories260k)
+    assert reloaded.config.model_type == "hfa_gated_attention"
+    assert (_logits(reloaded) - _logits(source)).abs().max() <= 1e-5
+    assert "base_model: karpathy-fake/stories260K" in (tmp_path / "gated" / "README.md").read_text()
