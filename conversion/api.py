@@ -47,16 +47,16 @@ def conversion_options(to: str, **options):
 
 def convert_model(source_model, to: str = "gated_attention", **options):
     """In-memory conversion of an already loaded source model."""
-    _, convert_fn = CONVERSIONS[to] if to in CONVERSIONS else (None, None)
-    opts = conversion_options(to, **options)
+    opts = conversion_options(to, **options)  # validates `to` and the options
+    _, convert_fn = CONVERSIONS[to]
     return convert_fn(source_model, opts)
 
 
 @torch.no_grad()
 def max_abs_logit_diff(source_model, target_model, input_ids: torch.Tensor) -> float:
-    """max |Δlogit| between two models on the same tokens (computed in fp32)."""
-    a = source_model.float()(input_ids).logits
-    b = target_model.float()(input_ids).logits
+    """max |Δlogit| between two models on the same tokens (logits compared in fp32; the models are not cast)."""
+    a = source_model(input_ids).logits.float()
+    b = target_model(input_ids).logits.float()
     return (a - b).abs().max().item()
 
 
