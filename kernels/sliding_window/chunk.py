@@ -1,0 +1,114 @@
+"""Blocked causal sliding-window softmax attention (the fast CPU path), O(T * window) time and memory.
+
+Queries are cut into blocks of ``C`` positions; block ``i`` attends the keys of blocks ``i - P .. i`` where
+``P = ceil((window - 1) / C)`` previous blocks cover the window. The key bands are built once for all blocks (left
+pad by ``P * C``, ``unfold`` with size ``(P + 1) * C`` and step ``C``), so every block is one batched matmul and the
+backward pass is plain autograd. Semantics match :func:`naive_sliding_window_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .naive import sequence_ids, validate_sliding_window_inputs
+
+__all__ = ["chunk_sliding_window_attention", "default_chunk_size"]
+
+
+def default_chunk_size(window: int, T: int) -> int:
+    """``max(window, 64)`` rounded up to a multiple of 64, never more than T (one block then covers everything)."""
+    size = -(-max(window, 64) // 64) * 64
+    return max(1, min(size, T))
+
+
+def _bands(x: torch.Tensor, pad_left: int, pad_right: int, size: int, step: int) -> torch.Tensor:
+    """``x [B, T, ...]`` -> ``[B, n, size, ...]`` overlapping windows along time (left/right zero padded)."""
+    trailing = x.dim() - 2
+    x = F.pad(x, (0, 0) * trailing + (pad_left, pad_right))
+    bands = x.unfold(1, size, step)  # [B, n, ..., size]
+    return bands.movedim(-1, 2)
+
+
+def chunk_sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window attention computed block by block; same arguments and result as the naive version.
+
+    ``chunk_size`` (block length ``C``, default :func:`default_chunk_size`) trades score-matrix waste (each query
+    scores ``(P + 1) * C`` keys) against the number of key-band copies (``P + 1``).
+    """
+    scale = validate_sliding_window_inputs(q, k, v, window, sink_logits, scale, cu_seqlens, attention_mask)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    B, T, H, D = q.shape
+    H_kv = k.shape[2]
+    G = H // H_kv
+    device = q.device
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+    if T == 0:
+        return q.new_zeros(B, T, H, D)
+
+    C = default_chunk_size(window, T) if chunk_size is None else min(chunk_size, T)
+    n = -(-T // C)
+    Tp = n * C
+    P = min(math.ceil((window - 1) / C), n - 1)  # previous blocks the window reaches into
+    L = (P + 1) * C  # keys per block band
+    left, right = P * C, Tp - T
+
+    # Queries: [B, n, H_kv, G*C, D] so each kv head is one batched matmul over its G query heads.
+    qb = F.pad(q.to(acc), (0, 0, 0, 0, 0, right)).view(B, n, C, H_kv, G, D)
+    qb = qb.permute(0, 1, 3, 4, 2, 5).reshape(B, n, H_kv, G * C, D)
+    kb = _bands(k.to(acc), left, right, L, C).permute(0, 1, 3, 2, 4)  # [B, n, H_kv, L, D]
+    vb = _bands(v.to(acc), left, right, L, C).permute(0, 1, 3, 2, 4)
+
+    scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [B, n, H_kv, G*C, L]
+    scores = scores.view(B, n, H_kv, G, C, L)
+
+    # Band mask: query i of a block, key j of its band -> distance (i + P*C) - j in [0, window).
+    i = torch.arange(C, device=device)
+    j = torch.arange(L, device=device)
+    dist = (i[:, None] + left) - j[None, :]
+    allowed = ((dist >= 0) & (dist < window)).view(1, 1, 1, 1, C, L)
+
+    # Per-key validity (left padding of the band, attention_mask) and packed-sequence ids, banded like the keys.
+    key_valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        key_valid = attention_mask != 0
+    if P > 0 or attention_mask is not None:
+        kv_band = _bands(key_valid[..., None].to(torch.uint8), left, right, L, C)[..., 0] != 0  # [B, n, L]; pad -> False
+        allowed = allowed & kv_band.view(B, n, 1, 1, 1, L)
+    if cu_seqlens is not None:
+        seq = sequence_ids(cu_seqlens, T, device)[None]  # [1, T]
+        seq_q = F.pad(seq, (0, right), value=-1).view(1, n, C)
+        seq_k = _bands((seq + 1)[..., None], left, right, L, C)[..., 0] - 1  # padding -> -1
+        same = seq_q[:, :, :, None] == seq_k[:, :, None, :]  # [1, n, C, L]
+        allowed = allowed & same.view(1, n, 1, 1, C, L)
+
+    scores = scores.masked_fill(~allowed, float("-inf"))
+
+    row_max = scores.detach().amax(dim=-1)  # [B, n, H_kv, G, C]
+    if sink_logits is not None:
+        sinks = sink_logits.to(acc).view(H_kv, G, 1, -1)  # [H_kv, G, 1, S]
+        row_max = torch.maximum(row_max, sinks.detach().amax(dim=-1))
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max[..., None])
+    denom = weights.sum(dim=-1)
+    if sink_logits is not None:
+        denom = denom + torch.exp(sinks - row_max[..., None]).sum(dim=-1)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty row -> output 0
+
+    out = torch.matmul(weights.view(B, n, H_kv, G * C, L), vb)  # [B, n, H_kv, G*C, D]
+    out = out.view(B, n, H_kv, G, C, D) / denom[..., None]
+    out = out.permute(0, 1, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T]
+    return out.to(q.dtype)

@@ -1,0 +1,138 @@
+"""Reference causal sliding-window softmax attention with optional learnable sink logits.
+
+Query ``t`` attends keys ``s`` with ``t - window < s <= t`` (same packed sequence, key not padding). Sink logits
+``[H, S]`` join the softmax denominator only: they take probability mass but contribute nothing to the output, so a
+head can "attend to nowhere" (Lizard's meta-memory). Softmax runs in fp32; the output has the input dtype. A query
+row with no attendable key and no sink outputs 0.
+
+This module builds the full ``[T, T]`` score matrix: it is the specification, not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["naive_sliding_window_attention"]
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def validate_sliding_window_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink_logits: torch.Tensor | None,
+    scale: float | None,
+    cu_seqlens: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> float:
+    """Raise ``ValueError`` naming the offending tensor/field; return the effective scale."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {_shape(x)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    B, T, H, D = q.shape
+    if _shape(k) != _shape(v):
+        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {_shape(q)} in B, T and D, got k {_shape(k)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    H_kv = k.shape[2]
+    if H_kv < 1 or H % H_kv != 0:
+        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {_shape(q)}, k {_shape(k)})")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if sink_logits is not None:
+        if not isinstance(sink_logits, torch.Tensor) or not sink_logits.is_floating_point():
+            raise ValueError("sink_logits must be a floating tensor of shape [H, S]")
+        if sink_logits.dim() != 2 or sink_logits.shape[0] != H or sink_logits.shape[1] < 1:
+            raise ValueError(f"sink_logits must have shape [H={H}, S>=1], got {_shape(sink_logits)}")
+        if sink_logits.device != q.device:
+            raise ValueError(f"sink_logits must be on {q.device}, got {sink_logits.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or _shape(attention_mask) != (B, T):
+            got = _shape(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] starting at 0 and ending at T")
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got q {_shape(q)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != T:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0]} ... {cu[-1]}")
+        if any(b < a for a, b in zip(cu[:-1], cu[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    if scale is None:
+        return D**-0.5
+    return float(scale)
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:
+    """``[T]`` index of the packed sequence each position belongs to."""
+    boundaries = cu_seqlens.to(device=device, dtype=torch.long)[1:]
+    return torch.bucketize(torch.arange(T, device=device), boundaries, right=True)
+
+
+def naive_sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window attention via the full ``[T, T]`` masked score matrix.
+
+    q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]`` (q head ``h`` uses kv head ``h // (H // H_kv)``), ``window >= 1``,
+    sink_logits ``[H, S]`` or None, cu_seqlens ``[N + 1]`` (B == 1) or None, attention_mask ``[B, T]`` (1 = token,
+    0 = padding) or None. Returns ``[B, T, H, D]`` in q's dtype.
+    """
+    scale = validate_sliding_window_inputs(q, k, v, window, sink_logits, scale, cu_seqlens, attention_mask)
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    device = q.device
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+
+    qf = q.to(acc).transpose(1, 2)  # [B, H, T, D]
+    kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, T, T]
+
+    t = torch.arange(T, device=device)
+    dist = t[:, None] - t[None, :]
+    allowed = ((dist >= 0) & (dist < window))[None, None]  # [1, 1, T, T]
+    if cu_seqlens is not None:
+        seq = sequence_ids(cu_seqlens, T, device)
+        allowed = allowed & (seq[:, None] == seq[None, :])[None, None]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask != 0)[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+
+    if sink_logits is not None:
+        sinks = sink_logits.to(acc)[None, :, None, :].expand(B, H, T, sink_logits.shape[1])
+        scores = torch.cat([scores, sinks], dim=-1)  # sinks join the denominator only
+
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty row -> output 0
+    probs = (weights / denom)[..., :T]
+    out = torch.matmul(probs, vf)  # [B, H, T, D]
+    return out.transpose(1, 2).to(q.dtype)

@@ -1,0 +1,193 @@
+"""Sliding-window attention with sink logits: chunked path vs naive spec, naive vs SDPA, sinks, packing, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_arch.kernels.sliding_window import chunk_sliding_window_attention, naive_sliding_window_attention
+
+
+def _rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """RMS(a - b) / RMS(b); ``floor`` bounds the denominator where the reference is exactly 0 (window=1: dq == 0)."""
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(floor)).item()
+
+
+def _inputs(B=2, T=19, H=4, H_kv=2, D=8, S=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    k = torch.randn(B, T, H_kv, D, generator=g).to(dtype)
+    v = torch.randn(B, T, H_kv, D, generator=g).to(dtype)
+    sinks = torch.randn(H, S, generator=g) if S else None
+    return q, k, v, sinks
+
+
+def _run_with_grads(fn, q, k, v, sinks, **kwargs):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    s = sinks.detach().clone().requires_grad_(True) if sinks is not None else None
+    out = fn(*leaves, sink_logits=s, **kwargs)
+    g = torch.Generator().manual_seed(123)
+    (out.float() * torch.randn(out.shape, generator=g)).sum().backward()
+    grads = [x.grad for x in leaves] + ([s.grad] if s is not None else [])
+    return out, grads
+
+
+def _compare(q, k, v, sinks, tol=1e-5, chunk_size=None, **kwargs):
+    ref, ref_grads = _run_with_grads(naive_sliding_window_attention, q, k, v, sinks, **kwargs)
+    out, grads = _run_with_grads(chunk_sliding_window_attention, q, k, v, sinks, chunk_size=chunk_size, **kwargs)
+    assert out.shape == ref.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert _rel_rms(out, ref) < tol
+    for name, a, b in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads):
+        assert torch.isfinite(a).all(), name
+        assert _rel_rms(a, b, floor=1e-2) < tol, (name, _rel_rms(a, b, floor=1e-2))
+
+
+@pytest.mark.parametrize(
+    "T,window,chunk_size",
+    [(19, 4, None), (19, 4, 3), (19, 7, 5), (19, 1, None), (19, 1, 4), (5, 16, None), (1, 3, None), (33, 8, 8)],
+)
+def test_chunk_matches_naive_fp32(T, window, chunk_size):
+    q, k, v, sinks = _inputs(T=T)
+    _compare(q, k, v, sinks, window=window, chunk_size=chunk_size)
+    _compare(q, k, v, None, window=window, chunk_size=chunk_size)
+
+
+def test_chunk_matches_naive_fp16():
+    q, k, v, sinks = _inputs(T=21, dtype=torch.float16)
+    _compare(q, k, v, sinks, tol=2e-3, window=6, chunk_size=4)
+
+
+def test_chunk_matches_naive_mqa_and_mha():
+    for H_kv in (1, 4):
+        q, k, v, sinks = _inputs(T=13, H=4, H_kv=H_kv, S=1)
+        _compare(q, k, v, sinks, window=5, chunk_size=4)
+
+
+def test_naive_matches_sdpa_band_mask():
+    q, k, v, _ = _inputs(B=2, T=17, H=4, H_kv=2, D=8, S=0)
+    window, T = 5, 17
+    t = torch.arange(T)
+    band = ((t[:, None] - t[None, :]) >= 0) & ((t[:, None] - t[None, :]) < window)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(2, dim=2).transpose(1, 2),
+        v.repeat_interleave(2, dim=2).transpose(1, 2),
+        attn_mask=band,
+    ).transpose(1, 2)
+    out = naive_sliding_window_attention(q, k, v, window)
+    assert _rel_rms(out, expected) < 1e-5
+    # A window covering everything is plain causal attention; a custom scale is honoured.
+    causal = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(2, dim=2).transpose(1, 2),
+        v.repeat_interleave(2, dim=2).transpose(1, 2),
+        is_causal=True,
+        scale=0.3,
+    ).transpose(1, 2)
+    assert _rel_rms(naive_sliding_window_attention(q, k, v, T + 3, scale=0.3), causal) < 1e-5
+
+
+def test_very_negative_sinks_equal_no_sinks():
+    q, k, v, _ = _inputs(T=15)
+    sinks = torch.full((4, 3), -1e9)
+    for fn in (naive_sliding_window_attention, chunk_sliding_window_attention):
+        torch.testing.assert_close(fn(q, k, v, 4, sink_logits=sinks), fn(q, k, v, 4))
+
+
+def test_large_sinks_shrink_output():
+    q, k, v, _ = _inputs(T=15)
+    base = chunk_sliding_window_attention(q, k, v, 4).abs().mean()
+    sizes = [
+        chunk_sliding_window_attention(q, k, v, 4, sink_logits=torch.full((4, 2), value)).abs().mean()
+        for value in (0.0, 5.0, 20.0)
+    ]
+    assert base > sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < 1e-4 * base
+
+
+def test_sink_is_a_softmax_column_with_zero_value():
+    # One sink == an extra key whose score is the sink logit and whose value is zero, visible to every query.
+    q, k, v, _ = _inputs(B=1, T=9, H=2, H_kv=2, D=4, S=0)
+    sinks = torch.tensor([[0.7], [-0.4]])
+    out = chunk_sliding_window_attention(q, k, v, 3, sink_logits=sinks, chunk_size=4)
+    scale = 4**-0.5
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    t = torch.arange(9)
+    band = ((t[:, None] - t[None, :]) >= 0) & ((t[:, None] - t[None, :]) < 3)
+    scores = scores.masked_fill(~band, float("-inf"))
+    scores = torch.cat([scores, sinks[None, :, None, :].expand(1, 2, 9, 1)], dim=-1)
+    probs = scores.softmax(-1)[..., :9]
+    expected = torch.einsum("bhts,bshd->bthd", probs, v)
+    assert _rel_rms(out, expected) < 1e-5
+
+
+def test_cu_seqlens_equals_separate_runs():
+    lengths = [5, 1, 8, 3]
+    T = sum(lengths)
+    q, k, v, sinks = _inputs(B=1, T=T, S=2)
+    cu = torch.tensor([0, 5, 6, 14, 17])
+    _compare(q, k, v, sinks, window=4, chunk_size=3, cu_seqlens=cu)
+    packed = chunk_sliding_window_attention(q, k, v, 4, sink_logits=sinks, cu_seqlens=cu, chunk_size=3)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        sl = slice(start, end)
+        alone = naive_sliding_window_attention(q[:, sl], k[:, sl], v[:, sl], 4, sink_logits=sinks)
+        torch.testing.assert_close(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_mask_padding_never_nan():
+    q, k, v, sinks = _inputs(B=3, T=12)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[1, -5:] = 0  # right padding
+    mask[2, :] = 0  # all padding
+    _compare(q, k, v, sinks, window=3, chunk_size=4, attention_mask=mask)
+    _compare(q, k, v, None, window=3, chunk_size=4, attention_mask=mask)
+    for fn in (naive_sliding_window_attention, chunk_sliding_window_attention):
+        out = fn(q, k, v, 3, attention_mask=mask)
+        assert torch.isfinite(out).all()
+        assert (out[0, :4] == 0).all() and (out[2] == 0).all()  # no valid key, no sink -> 0
+        # Left-padded row equals the unpadded run of its real tokens.
+        torch.testing.assert_close(out[0, 4:], fn(q[:1, 4:], k[:1, 4:], v[:1, 4:], 3)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_raise():
+    q, k, v, sinks = _inputs(B=1, T=6)
+    for fn in (naive_sliding_window_attention, chunk_sliding_window_attention):
+        with pytest.raises(ValueError, match="q must be 4-D"):
+            fn(q[0], k, v, 2)
+        with pytest.raises(ValueError, match="k and v"):
+            fn(q, k, v[..., :4], 2)
+        with pytest.raises(ValueError, match="k/v"):
+            fn(q, k[:, :5], v[:, :5], 2)
+        with pytest.raises(ValueError, match="dtype"):
+            fn(q, k.double(), v.double(), 2)
+        with pytest.raises(ValueError, match="divisible"):
+            fn(q, torch.randn(1, 6, 3, 8), torch.randn(1, 6, 3, 8), 2)
+        with pytest.raises(ValueError, match="window"):
+            fn(q, k, v, 0)
+        with pytest.raises(ValueError, match="sink_logits"):
+            fn(q, k, v, 2, sink_logits=torch.zeros(3, 2))
+        with pytest.raises(ValueError, match="attention_mask"):
+            fn(q, k, v, 2, attention_mask=torch.ones(1, 5))
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            fn(q, k, v, 2, cu_seqlens=torch.tensor([0, 3, 5]))
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            fn(q, k, v, 2, cu_seqlens=torch.tensor([0, 4, 2, 6]))
+        with pytest.raises(ValueError, match="B == 1"):
+            q2, k2, v2, _ = _inputs(B=2, T=6)
+            fn(q2, k2, v2, 2, cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_sliding_window_attention(q, k, v, 2, chunk_size=0)
+
+
+def test_chunk_gradcheck_fp64():
+    q, k, v, sinks = (x.double().requires_grad_(True) for x in _inputs(B=1, T=7, H=2, H_kv=1, D=3, S=2))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+
+    def fn(q, k, v, s):
+        return chunk_sliding_window_attention(q, k, v, 3, sink_logits=s, attention_mask=mask, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, sinks))
