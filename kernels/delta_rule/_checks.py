@@ -1,0 +1,130 @@
+"""Input validation and shared input preparation for the gated delta rule ops.
+
+Pure tensor code: no transformers import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def check_gated_delta_rule_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int | None = None,
+) -> int:
+    """Validate shapes/dtypes; raise ``ValueError`` naming the tensor. Returns the number of sequences N.
+
+    Layout (fla): q, k ``[B, T, H, K]``; v ``[B, T, HV, V]`` with ``HV % H == 0`` (GVA); g, beta ``[B, T, HV]``;
+    initial_state ``[N, HV, K, V]``; cu_seqlens ``[N + 1]`` (then B must be 1).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {_shape(q)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {_shape(q)}, got {_shape(k)}")
+    if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must be 4-D [B, T, HV, V] with B, T of q {_shape(q)}, got {_shape(v)}")
+    H, HV = q.shape[2], v.shape[2]
+    if HV == 0 or H == 0 or HV % H != 0:
+        raise ValueError(f"v heads ({HV}, shape {_shape(v)}) must be a positive multiple of q/k heads ({H}, shape {_shape(q)})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    expected = _shape(v)[:3]
+    if _shape(g) != expected:
+        raise ValueError(f"g must have shape [B, T, HV] = {expected}, got {_shape(g)}")
+    if _shape(beta) != expected:
+        raise ValueError(f"beta must have shape [B, T, HV] = {expected}, got {_shape(beta)}")
+    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a number or None, got {type(scale).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    B, T = q.shape[:2]
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            shape = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1], got {shape}")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got q shape {_shape(q)}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold at least 2 entries, got shape {_shape(cu_seqlens)}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={T} (q shape {_shape(q)}), got {bounds}")
+        if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        N = len(bounds) - 1
+    if initial_state is not None:
+        expected_h = (N, HV, q.shape[3], v.shape[3])
+        if not isinstance(initial_state, torch.Tensor) or _shape(initial_state) != expected_h:
+            shape = _shape(initial_state) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            raise ValueError(f"initial_state must have shape [N, HV, K, V] = {expected_h}, got {shape}")
+        if not initial_state.is_floating_point():
+            raise ValueError(f"initial_state must be floating-point, got {initial_state.dtype}")
+    return N
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x**2) + eps)`` over the last dim (fla's convention: eps inside the sqrt)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
+    """fp32 copies, optional q/k L2 norm, q/k repeated to the v-head count (GVA); returns (q, k, v, g, beta, scale)."""
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    rep = v.shape[2] // q.shape[2]
+    if rep != 1:
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return q, k, v, g, beta, float(scale)
+
+
+Core = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_sequences(core: Core, q, k, v, g, beta, initial_state, cu_seqlens, **kwargs):
+    """Apply ``core`` (fp32 [B, T, H, *] inputs -> (o [B, T, HV, V] fp32, final state [B, HV, K, V] fp32)) per batch,
+    or per packed sequence when ``cu_seqlens`` is given. Splits with one ``torch.split`` so the backward is one cat."""
+    h0 = None if initial_state is None else initial_state.float()
+    if cu_seqlens is None:
+        return core(q, k, v, g, beta, h0, **kwargs)
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    pieces = [torch.split(x, lengths, dim=1) for x in (q, k, v, g, beta)]
+    h0s = [None] * len(lengths) if h0 is None else list(h0.unbind(0))
+    HV, K, V = v.shape[2], q.shape[3], v.shape[3]
+    outs, finals = [], []
+    for n, length in enumerate(lengths):
+        h = None if h0s[n] is None else h0s[n].unsqueeze(0)
+        if length == 0:
+            outs.append(pieces[2][n])
+            finals.append(h if h is not None else q.new_zeros(1, HV, K, V))
+            continue
+        o, ht = core(*(p[n] for p in pieces), h, **kwargs)
+        outs.append(o)
+        finals.append(ht)
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
