@@ -14,6 +14,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hfarch-hfhome-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Triton kernels run through the interpreter on this CPU-only machine; it must be chosen before triton is imported.
+# On a GPU box, run the suite with TRITON_INTERPRET=0 to exercise the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# New Triton output buffers start as NaN, so an element a kernel forgets to write fails the comparison.
+os.environ.setdefault("HF_ARCH_POISON_BUFFERS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("HF_ARCH_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
