@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from ..varlen import parse_cu_seqlens, run_packed
+
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
@@ -60,21 +62,7 @@ def check_gated_delta_rule_inputs(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
     B, T = q.shape[:2]
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            shape = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1], got {shape}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got q shape {_shape(q)}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must hold at least 2 entries, got shape {_shape(cu_seqlens)}")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T} (q shape {_shape(q)}), got {bounds}")
-        if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        N = len(bounds) - 1
+    N = len(parse_cu_seqlens(cu_seqlens, B, T, _shape(q)))
     if initial_state is not None:
         expected_h = (N, HV, q.shape[3], v.shape[3])
         if not isinstance(initial_state, torch.Tensor) or _shape(initial_state) != expected_h:
@@ -108,23 +96,13 @@ Core = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 def run_sequences(core: Core, q, k, v, g, beta, initial_state, cu_seqlens, **kwargs):
     """Apply ``core`` (fp32 [B, T, H, *] inputs -> (o [B, T, HV, V] fp32, final state [B, HV, K, V] fp32)) per batch,
-    or per packed sequence when ``cu_seqlens`` is given. Splits with one ``torch.split`` so the backward is one cat."""
+    or per packed sequence when ``cu_seqlens`` is given."""
     h0 = None if initial_state is None else initial_state.float()
-    if cu_seqlens is None:
-        return core(q, k, v, g, beta, h0, **kwargs)
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    pieces = [torch.split(x, lengths, dim=1) for x in (q, k, v, g, beta)]
-    h0s = [None] * len(lengths) if h0 is None else list(h0.unbind(0))
+    lengths = None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], _shape(q))
     HV, K, V = v.shape[2], q.shape[3], v.shape[3]
-    outs, finals = [], []
-    for n, length in enumerate(lengths):
-        h = None if h0s[n] is None else h0s[n].unsqueeze(0)
-        if length == 0:
-            outs.append(pieces[2][n])
-            finals.append(h if h is not None else q.new_zeros(1, HV, K, V))
-            continue
-        o, ht = core(*(p[n] for p in pieces), h, **kwargs)
-        outs.append(o)
-        finals.append(ht)
-    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
+
+    def empty(tensors, h):
+        v = tensors[2]
+        return v.new_zeros(v.shape), (h if h is not None else q.new_zeros(v.shape[0], HV, K, V))
+
+    return run_packed(core, (q, k, v, g, beta), h0, lengths, empty, **kwargs)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ..varlen import parse_cu_seqlens, run_packed
+
 __all__ = ["check_gla_inputs", "compute_dtype", "run_per_sequence"]
 
 
@@ -57,23 +59,7 @@ def check_gla_inputs(
 
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens!r:.80}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch must be 1 (packed sequences), got q shape {_shape(q)}")
-        cu = cu_seqlens.tolist()
-        if len(cu) < 2:
-            raise ValueError(f"cu_seqlens must hold at least 2 values [0, ..., T], got {cu}")
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {cu[:4]}...")
-        if cu[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T={T} (q shape {_shape(q)}), got last value {cu[-1]}")
-        if any(b < a for a, b in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
-        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    else:
-        lengths = [T] * B
+    lengths = parse_cu_seqlens(cu_seqlens, B, T, _shape(q))
     N = len(lengths)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
@@ -93,26 +79,14 @@ def check_gla_inputs(
 def run_per_sequence(core, q, k, v, g, initial_state, cu_seqlens, lengths):
     """Apply ``core(q, k, v, g, h0) -> (o, S)`` to the whole batch, or to each packed sequence of ``cu_seqlens``.
 
-    Inputs are ``[B, T, H, D]`` in the compute dtype; ``h0`` is ``[B, H, D_k, D_v]`` or None. Packed sequences are
-    cut with one ``split`` (not per-sequence slicing of the whole tensor, which would make the backward O(N*T)).
+    Inputs are ``[B, T, H, D]`` in the compute dtype; ``h0`` is ``[B, H, D_k, D_v]`` or None.
     """
-    if cu_seqlens is None:
-        if q.shape[1] == 0:
-            return _empty(q, v, initial_state, q.shape[0])
-        return core(q, k, v, g, initial_state)
-    outs, finals = [], []
-    pieces = zip(*(x.split(lengths, dim=1) for x in (q, k, v, g)))
-    h0s = initial_state.unbind(0) if initial_state is not None else [None] * len(lengths)
-    for (qi, ki, vi, gi), h0 in zip(pieces, h0s):
-        h0 = h0[None] if h0 is not None else None
-        o, S = _empty(qi, vi, h0, 1) if qi.shape[1] == 0 else core(qi, ki, vi, gi, h0)
-        outs.append(o)
-        finals.append(S)
-    return torch.cat(outs, 1), torch.cat(finals, 0)
+    n = q.shape[0]
 
+    def empty(tensors, h0):
+        q, _, v, _ = tensors
+        B, T, H, Dk = q.shape
+        o = q.new_zeros(B, T, H, v.shape[-1])
+        return o, h0 if h0 is not None else q.new_zeros(n if cu_seqlens is None else 1, H, Dk, v.shape[-1])
 
-def _empty(q, v, h0, n):
-    B, T, H, Dk = q.shape
-    o = q.new_zeros(B, T, H, v.shape[-1])
-    S = h0 if h0 is not None else q.new_zeros(n, H, Dk, v.shape[-1])
-    return o, S
+    return run_packed(core, (q, k, v, g), initial_state, lengths if cu_seqlens is not None else None, empty)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..varlen import parse_cu_seqlens
+
 __all__ = ["naive_sliding_window_attention"]
 
 
@@ -64,18 +66,7 @@ def validate_sliding_window_inputs(
         if not isinstance(attention_mask, torch.Tensor) or _shape(attention_mask) != (B, T):
             got = _shape(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] starting at 0 and ending at T")
-        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got q {_shape(q)}")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {cu[0]} ... {cu[-1]}")
-        if any(b < a for a, b in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    parse_cu_seqlens(cu_seqlens, B, T, _shape(q))
     if scale is None:
         return D**-0.5
     return float(scale)

@@ -191,7 +191,7 @@ def test_bad_inputs_raise(fn):
         fn(q, k, v, g, initial_state=h0[:1])
     with pytest.raises(ValueError, match="initial_state shape"):
         fn(q, k, v, g, initial_state=h0.transpose(-1, -2))
-    with pytest.raises(ValueError, match="batch must be 1"):
+    with pytest.raises(ValueError, match="batch size must be 1"):
         fn(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 6]))
     q1, k1, v1, g1 = q[:1], k[:1], v[:1], g[:1]
     with pytest.raises(ValueError, match="end at T"):

@@ -176,7 +176,7 @@ def test_bad_inputs_raise():
             fn(q, k, v, 2, cu_seqlens=torch.tensor([0, 3, 5]))
         with pytest.raises(ValueError, match="cu_seqlens"):
             fn(q, k, v, 2, cu_seqlens=torch.tensor([0, 4, 2, 6]))
-        with pytest.raises(ValueError, match="B == 1"):
+        with pytest.raises(ValueError, match="batch size must be 1"):
             q2, k2, v2, _ = _inputs(B=2, T=6)
             fn(q2, k2, v2, 2, cu_seqlens=torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="chunk_size"):
