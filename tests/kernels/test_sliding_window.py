@@ -191,3 +191,23 @@ def test_chunk_gradcheck_fp64():
         return chunk_sliding_window_attention(q, k, v, 3, sink_logits=s, attention_mask=mask, chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, sinks))
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_attention_over_cache_equals_last_rows_of_full(sinks):
+    from hf_arch.kernels.sliding_window import sliding_window_attention_over_cache
+
+    torch.manual_seed(0)
+    B, T, H, H_kv, D, window = 2, 11, 4, 2, 8, 4
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, H_kv, D), torch.randn(B, T, H_kv, D)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in row 1
+    sink = torch.randn(H, 2) if sinks else None
+    full = naive_sliding_window_attention(q, k, v, window, sink_logits=sink, attention_mask=mask)
+    for Tq, Tk in ((1, 4), (3, 6), (2, 5)):  # keys: the window-1 cached tail plus the new tokens
+        got = sliding_window_attention_over_cache(
+            q[:, T - Tq:], k[:, T - Tk:], v[:, T - Tk:], window, sink_logits=sink, key_mask=mask[:, T - Tk:]
+        )
+        torch.testing.assert_close(got, full[:, T - Tq:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="T_k >= T_q"):
+        sliding_window_attention_over_cache(q, k[:, :3], v[:, :3], window)
