@@ -12,6 +12,12 @@ from .models import (
     GatedAttentionForCausalLM,
     GatedAttentionForSequenceClassification,
     GatedAttentionModel,
+    GatedDeltaNetConfig,
+    GatedDeltaNetForCausalLM,
+    GatedDeltaNetModel,
+    GLAConfig,
+    GLAForCausalLM,
+    GLAModel,
 )
 from .peft_utils import lora_target_modules, new_parameter_names
 from .registry import VARIANTS, Variant, get_variant
@@ -22,6 +28,12 @@ __all__ = [
     "GatedAttentionForCausalLM",
     "GatedAttentionForSequenceClassification",
     "GatedAttentionModel",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetModel",
+    "GLAConfig",
+    "GLAForCausalLM",
+    "GLAModel",
     "HfArchConfig",
     "Variant",
     "__version__",

@@ -13,12 +13,21 @@ except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
 
 # Token-mixer layer types this backbone builds (transformers' own names, so DynamicCache(config=...) understands them).
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# "hybrid_sliding" is transformers' name for a layer holding a linear-attention state plus a sliding-window KV cache:
+# a linear layer with an intra-layer window branch (linear_attn_hybrid = liger | lizard).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding")
+SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
 # Channel-mixer layer types.
 SUPPORTED_MLP_LAYER_TYPES = ("dense",)
 OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
+LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
+LINEAR_ATTN_GATES = ("low_rank", "scalar")
+LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
+LINEAR_ATTN_QK_NORMS = ("none", "l2")
+LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
 
 
 class HfArchConfig(PreTrainedConfig):
@@ -42,6 +51,28 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate_bias_init: initial value of the gate bias.
         attn_output_gate_lr_scale: learning-rate multiplier the recipes apply to gate parameters (retrofitted gates
             barely move at the base LR, as the Gated Attention authors report).
+
+    Linear-attention layers (``linear_attention`` / ``hybrid_sliding`` in ``layer_types``) read the ``linear_attn_*``
+    fields. They keep the attention layer's ``q/k/v/o_proj`` shapes (``num_attention_heads`` query heads,
+    ``num_key_value_heads`` key/value heads repeated to the query heads, ``head_dim``), so a softmax layer's weights
+    map onto them key for key.
+        linear_attn_type: ``"gla"`` (per-key-channel forget gate) or ``"gated_deltanet"`` (delta rule, scalar decay
+            ``-exp(A_log)·softplus(a + dt_bias)`` and write strength ``β = σ(b)`` per head).
+        linear_attn_gate: GLA gate form: ``"low_rank"`` (``x → r → H·D``, the GLA paper) or ``"scalar"`` (one value
+            per head and token, Lizard's σ(W_γ x)); log gate ``= logsigmoid(·) / linear_attn_gate_normalizer``.
+        linear_attn_gate_low_rank_dim: ``r`` above. linear_attn_gate_normalizer: the GLA paper's τ (16).
+        linear_attn_conv_size: depthwise causal short-conv width over q, k, v (0 = none), SiLU after it.
+        linear_attn_qk_norm: ``"l2"`` normalises q and k per head (Gated DeltaNet); ``"none"``.
+        linear_attn_output_norm: ``"gated_rmsnorm"`` (``RMSNorm(o) · SiLU(x W)``, per head), ``"rmsnorm"``, ``"none"``.
+        linear_attn_use_rope: rotate q/k of the linear branch (off by default: the decay carries position).
+        linear_attn_chunk_size: chunk length of the chunked kernels.
+        linear_attn_hybrid: intra-layer hybrid: ``"none"``; ``"liger"`` (``w_lin·linear + w_win·SWA`` with the same
+            q/k/v); ``"lizard"`` (SWA with ``linear_attn_num_sinks`` learnable sink logits, ``linear + α·SWA`` with α
+            learnable). The window is ``sliding_window``; such layers are stored as ``hybrid_sliding``.
+        linear_attn_mix_weights: ``[w_lin, w_win]`` (``w_win`` is α's initial value for lizard).
+        linear_attn_num_sinks: learnable sink logits in the window branch's softmax denominator.
+        full_attention_layers / linear_to_full_ratio: shorthands for ``layer_types`` of a linear variant: the listed
+            layers (or every ``(ratio + 1)``-th layer) get full attention, the rest linear attention.
     """
 
     model_type = "hfa_base"
@@ -94,6 +125,20 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate_init: str = "normal",
         attn_output_gate_bias_init: float = 0.0,
         attn_output_gate_lr_scale: float = 1.0,
+        linear_attn_type: str = "gla",
+        linear_attn_gate: str = "low_rank",
+        linear_attn_gate_low_rank_dim: int = 16,
+        linear_attn_gate_normalizer: float = 16.0,
+        linear_attn_conv_size: int = 0,
+        linear_attn_qk_norm: str = "none",
+        linear_attn_output_norm: str = "gated_rmsnorm",
+        linear_attn_use_rope: bool = False,
+        linear_attn_chunk_size: int = 64,
+        linear_attn_hybrid: str = "none",
+        linear_attn_mix_weights: list[float] | tuple[float, float] = (0.5, 0.5),
+        linear_attn_num_sinks: int = 0,
+        full_attention_layers: list[int] | None = None,
+        linear_to_full_ratio: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -115,7 +160,6 @@ class HfArchConfig(PreTrainedConfig):
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
         self.sliding_window = sliding_window
-        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
         self.mlp_layer_types = list(mlp_layer_types) if mlp_layer_types is not None else ["dense"] * num_hidden_layers
         self.attn_output_gate = attn_output_gate
         self.attn_output_gate_bias = attn_output_gate_bias
@@ -125,6 +169,22 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_output_gate_init = attn_output_gate_init
         self.attn_output_gate_bias_init = attn_output_gate_bias_init
         self.attn_output_gate_lr_scale = attn_output_gate_lr_scale
+        self.linear_attn_type = linear_attn_type
+        self.linear_attn_gate = linear_attn_gate
+        self.linear_attn_gate_low_rank_dim = linear_attn_gate_low_rank_dim
+        self.linear_attn_gate_normalizer = linear_attn_gate_normalizer
+        self.linear_attn_conv_size = linear_attn_conv_size
+        self.linear_attn_qk_norm = linear_attn_qk_norm
+        self.linear_attn_output_norm = linear_attn_output_norm
+        self.linear_attn_use_rope = linear_attn_use_rope
+        self.linear_attn_chunk_size = linear_attn_chunk_size
+        self.linear_attn_hybrid = linear_attn_hybrid
+        self.linear_attn_mix_weights = [float(w) for w in linear_attn_mix_weights]
+        self.linear_attn_num_sinks = linear_attn_num_sinks
+        self.layer_types = _resolve_layer_layout(self, layer_types, full_attention_layers, linear_to_full_ratio)
+        # The shorthands are folded into layer_types, which is what gets saved.
+        self.full_attention_layers = None
+        self.linear_to_full_ratio = None
         # Ours first: transformers' own validators would report the same problems less specifically.
         self.validate_hf_arch()
         kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
@@ -160,6 +220,8 @@ class HfArchConfig(PreTrainedConfig):
                 f"{self.sliding_window!r}; set a positive window size"
             )
         self._validate_output_gate()
+        if any(t in LINEAR_LAYER_TYPES for t in self.layer_types):
+            self._validate_linear_attention()
 
     def _validate_output_gate(self) -> None:
         cls = type(self).__name__
@@ -183,6 +245,68 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.attn_output_gate_scale must be > 0, got {self.attn_output_gate_scale!r}")
         if not self.attn_output_gate_lr_scale > 0:
             raise ValueError(f"{cls}.attn_output_gate_lr_scale must be > 0, got {self.attn_output_gate_lr_scale!r}")
+
+
+    def _validate_linear_attention(self) -> None:
+        cls = type(self).__name__
+        for field, allowed in (
+            ("linear_attn_type", LINEAR_ATTN_TYPES),
+            ("linear_attn_gate", LINEAR_ATTN_GATES),
+            ("linear_attn_qk_norm", LINEAR_ATTN_QK_NORMS),
+            ("linear_attn_output_norm", LINEAR_ATTN_OUTPUT_NORMS),
+            ("linear_attn_hybrid", LINEAR_ATTN_HYBRIDS),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field, minimum in (("linear_attn_gate_low_rank_dim", 1), ("linear_attn_conv_size", 0),
+                               ("linear_attn_chunk_size", 1), ("linear_attn_num_sinks", 0)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
+        if not self.linear_attn_gate_normalizer > 0:
+            raise ValueError(f"{cls}.linear_attn_gate_normalizer must be > 0, got {self.linear_attn_gate_normalizer!r}")
+        if len(self.linear_attn_mix_weights) != 2:
+            raise ValueError(f"{cls}.linear_attn_mix_weights must be [w_linear, w_window], got {self.linear_attn_mix_weights}")
+        hybrid = self.linear_attn_hybrid != "none"
+        if hybrid and (self.sliding_window is None or self.sliding_window <= 0):
+            raise ValueError(f"{cls}: linear_attn_hybrid={self.linear_attn_hybrid!r} needs a positive sliding_window "
+                             f"(the window branch's size), got {self.sliding_window!r}")
+        if "hybrid_sliding" in self.layer_types and not hybrid:
+            raise ValueError(f"{cls}.layer_types has 'hybrid_sliding' layers but linear_attn_hybrid is 'none'")
+        if self.linear_attn_num_sinks and self.linear_attn_hybrid != "lizard":
+            raise ValueError(f"{cls}.linear_attn_num_sinks applies to linear_attn_hybrid='lizard' only, "
+                             f"got {self.linear_attn_num_sinks} with {self.linear_attn_hybrid!r}")
+
+
+def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_full_ratio) -> list[str]:
+    """``layer_types`` from the explicit list or a shorthand; linear layers become ``hybrid_sliding`` under a hybrid."""
+    cls, n = type(config).__name__, config.num_hidden_layers
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{cls}.num_hidden_layers must be a positive integer, got {n!r}")
+    given = [name for name, value in (("layer_types", layer_types), ("full_attention_layers", full_attention_layers),
+                                      ("linear_to_full_ratio", linear_to_full_ratio)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{cls}: give only one of layer_types, full_attention_layers, linear_to_full_ratio; got {given}")
+    default = getattr(config, "default_layer_type", "full_attention")
+    if full_attention_layers is not None:
+        bad = [i for i in full_attention_layers if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n]
+        if bad:
+            raise ValueError(f"{cls}.full_attention_layers names layers {bad} that do not exist "
+                             f"(num_hidden_layers = {n}, valid indices 0..{n - 1})")
+        chosen = {i % n for i in full_attention_layers}
+        layer_types = ["full_attention" if i in chosen else "linear_attention" for i in range(n)]
+    elif linear_to_full_ratio is not None:
+        r = linear_to_full_ratio
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"{cls}.linear_to_full_ratio must be an integer >= 1 (linear layers per full layer), got {r!r}")
+        # Qwen3-Next's pattern: r linear layers, then one full-attention layer, repeated.
+        layer_types = ["full_attention" if (i + 1) % (r + 1) == 0 else "linear_attention" for i in range(n)]
+    elif layer_types is None:
+        layer_types = [default] * n
+    layer_types = list(layer_types)
+    if getattr(config, "linear_attn_hybrid", "none") in ("liger", "lizard"):
+        layer_types = ["hybrid_sliding" if t == "linear_attention" else t for t in layer_types]
+    return layer_types
 
 
 def _default_head_dim(hidden_size: int, num_attention_heads: int) -> int:

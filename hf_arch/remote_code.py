@@ -53,6 +53,21 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.layers.output_gate",
     f"{PACKAGE}.layers.attention",
     f"{PACKAGE}.layers.mlp",
+    # The PyTorch kernels the linear mixers call (the Triton ones stay out: remote code falls back to PyTorch).
+    f"{PACKAGE}.kernels.varlen",
+    f"{PACKAGE}.kernels.dispatch",
+    f"{PACKAGE}.kernels.gla._checks",
+    f"{PACKAGE}.kernels.gla.chunk",
+    f"{PACKAGE}.kernels.gla.recurrent",
+    f"{PACKAGE}.kernels.delta_rule._checks",
+    f"{PACKAGE}.kernels.delta_rule.chunk",
+    f"{PACKAGE}.kernels.delta_rule.recurrent",
+    f"{PACKAGE}.kernels.sliding_window.naive",
+    f"{PACKAGE}.kernels.sliding_window.chunk",
+    f"{PACKAGE}.kernels.sliding_window.cached",
+    f"{PACKAGE}.kernels.ops",
+    f"{PACKAGE}.layers.short_conv",
+    f"{PACKAGE}.layers.linear_attention",
     f"{PACKAGE}.models.backbone",
 ]
 
@@ -195,8 +210,12 @@ def _add_module(builder: _FileBuilder, module_name: str, keep) -> list[str]:
                 continue
             key = ast.dump(node)
             for alias in node.names:
-                builder.bind((alias.asname or alias.name).split(".")[0], f"import `{ast.unparse(node)}`", module_name)
+                # Two statements importing the same object under the same name do not conflict.
+                source = f"from {node.module} import {alias.name}" if isinstance(node, ast.ImportFrom) else f"import {alias.asname or alias.name.split('.')[0]}"
+                builder.bind((alias.asname or alias.name).split(".")[0], f"import `{source}`", module_name)
             builder.imports.setdefault(key, (node, text))
+            continue
+        if _statement_bindings(node) == ["__all__"]:  # each module's export list means nothing once flattened
             continue
         if isinstance(node, ast.ClassDef) and not keep(node.name, getattr(module, node.name, None)):
             rejected.append(node.name)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-logger = logging.getLogger("hf_arch.kernels")
+logger = logging.getLogger(__name__)
 ENV_VAR = "HF_ARCH_KERNEL_BACKEND"
 _logged: set[tuple[str, str, str]] = set()
 

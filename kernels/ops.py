@@ -8,16 +8,17 @@ work where triton is missing or has no GPU driver.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Callable, Optional
 
 import torch
 
-from .delta_rule import chunk_gated_delta_rule as _torch_chunk_gdr
-from .delta_rule import fused_recurrent_gated_delta_rule as _torch_recurrent_gdr
+from .delta_rule.chunk import chunk_gated_delta_rule
+from .delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .dispatch import select_backend
-from .gla import chunk_gla as _torch_chunk_gla
-from .gla import fused_recurrent_gla as _torch_recurrent_gla
-from .sliding_window import chunk_sliding_window_attention as _torch_swa
+from .gla.chunk import chunk_gla
+from .gla.recurrent import fused_recurrent_gla
+from .sliding_window.chunk import chunk_sliding_window_attention
 
 __all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "RECURRENT_MAX_TOKENS"]
 
@@ -25,27 +26,38 @@ __all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "RECURRENT_MAX
 RECURRENT_MAX_TOKENS = 8
 
 
-def _lazy(module: str, name: str) -> Callable:
+def _triton_op(module: str, name: str) -> dict[str, Callable]:
+    """``{"triton": op}`` when triton and our Triton module are importable (not in exported remote code), else {}."""
+    try:
+        found = importlib.util.find_spec("triton") is not None and importlib.util.find_spec(module, __package__) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return {}
+
     def load(*args, **kwargs):
         return getattr(importlib.import_module(module, __package__), name)(*args, **kwargs)
 
     load.__name__ = name
-    return load
-
-
-_TRITON_GLA = _lazy(".gla.triton_gla", "triton_gla")
-_TRITON_GDR = _lazy(".delta_rule.triton_delta_rule", "triton_gated_delta_rule")
-_TRITON_SWA = _lazy(".sliding_window.triton_sliding_window", "triton_sliding_window_attention")
+    return {"triton": load}
 
 
 def _torch_gla(q, k, v, g, **kwargs):
-    fn = _torch_recurrent_gla if q.shape[1] <= RECURRENT_MAX_TOKENS else _torch_chunk_gla
+    fn = fused_recurrent_gla if q.shape[1] <= RECURRENT_MAX_TOKENS else chunk_gla
     return fn(q, k, v, g, **kwargs)
 
 
 def _torch_gdr(q, k, v, g, beta, **kwargs):
-    fn = _torch_recurrent_gdr if q.shape[1] <= RECURRENT_MAX_TOKENS else _torch_chunk_gdr
+    fn = fused_recurrent_gated_delta_rule if q.shape[1] <= RECURRENT_MAX_TOKENS else chunk_gated_delta_rule
     return fn(q, k, v, g, beta, **kwargs)
+
+
+_GLA_IMPLS = {"torch": _torch_gla, **_triton_op(".gla.triton_gla", "triton_gla")}
+_GDR_IMPLS = {"torch": _torch_gdr, **_triton_op(".delta_rule.triton_delta_rule", "triton_gated_delta_rule")}
+_SWA_IMPLS = {
+    "torch": chunk_sliding_window_attention,
+    **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),
+}
 
 
 def gla(
@@ -63,7 +75,7 @@ def gla(
 
     q, k, g ``[B, T, H, K]``; v ``[B, T, H, V]``; initial_state ``[N, H, K, V]``. Returns ``(o, final_state)``.
     """
-    impl = select_backend("gla", {"torch": _torch_gla, "triton": _TRITON_GLA}, q, backend)
+    impl = select_backend("gla", _GLA_IMPLS, q, backend)
     return impl(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
 
@@ -85,7 +97,7 @@ def gated_delta_rule(
 
     q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g, beta ``[B, T, HV]``; initial_state ``[N, HV, K, V]``.
     """
-    impl = select_backend("gated_delta_rule", {"torch": _torch_gdr, "triton": _TRITON_GDR}, q, backend)
+    impl = select_backend("gated_delta_rule", _GDR_IMPLS, q, backend)
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
 
@@ -105,6 +117,6 @@ def sliding_window_attention(
 
     q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]``; attention_mask ``[B, T]`` marks real tokens.
     """
-    impl = select_backend("sliding_window_attention", {"torch": _torch_swa, "triton": _TRITON_SWA}, q, backend)
+    impl = select_backend("sliding_window_attention", _SWA_IMPLS, q, backend)
     return impl(q, k, v, window, sink_logits=sink_logits, scale=scale, cu_seqlens=cu_seqlens,
                 attention_mask=attention_mask)

@@ -10,7 +10,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["parse_cu_seqlens", "run_packed"]
+__all__ = ["parse_cu_seqlens", "run_packed", "shape_of"]
+
+
+def shape_of(x: torch.Tensor) -> tuple[int, ...]:
+    """``tuple(x.shape)``, for error messages."""
+    return tuple(x.shape)
 
 
 def parse_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, total: int, shape: tuple) -> list[int]:

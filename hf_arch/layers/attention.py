@@ -64,6 +64,8 @@ class HfArchAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cu_seqlens=None,  # for linear mixers; attention finds packing in position_ids / its own kwargs
+        position_in_sequence=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]

@@ -19,3 +19,13 @@ class HfArchRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class HfArchGatedRMSNorm(HfArchRMSNorm):
+    """``RMSNorm(x) · SiLU(gate)`` (fp32 math): the output norm of GLA / Gated DeltaNet layers, per head."""
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        normed = super().forward(hidden_states)
+        if gate is None:
+            return normed
+        return (normed.float() * torch.nn.functional.silu(gate.float())).to(hidden_states.dtype)

@@ -8,6 +8,13 @@ from .gated_attention import (
     GatedAttentionForSequenceClassification,
     GatedAttentionModel,
 )
+from .gated_deltanet import (
+    GatedDeltaNetConfig,
+    GatedDeltaNetForCausalLM,
+    GatedDeltaNetForSequenceClassification,
+    GatedDeltaNetModel,
+)
+from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
 
 _ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,7 +33,55 @@ GATED_ATTENTION = register_variant(
     )
 )
 
+# Linear layers keep the attention projections' names; the small gate projections (H outputs) are left out.
+_LINEAR_LORA_TARGETS = _ATTENTION_LORA_TARGETS + ("output_gate_proj",)
+# Parameters a Llama-family checkpoint does not have (what a linearization adds).
+_LINEAR_NEW_PARAMETERS = (
+    r"\.forget_proj\.", r"\.decay_proj\.", r"\.beta_proj\.", r"\.A_log$", r"\.dt_bias$", r"\.conv\.",
+    r"\.out_norm\.", r"\.output_gate_proj\.", r"\.window_weight$", r"\.sink_logits$",
+)
+
+GLA = register_variant(
+    Variant(
+        name="gla",
+        config_class=GLAConfig,
+        model_class=GLAModel,
+        causal_lm_class=GLAForCausalLM,
+        sequence_classification_class=GLAForSequenceClassification,
+        summary="gated linear attention (data-dependent per-channel forget gate); layer and intra-layer hybrids",
+        paper="Yang et al., Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv 2312.06635)",
+        lora_target_modules=_LINEAR_LORA_TARGETS,
+        new_parameter_patterns=_LINEAR_NEW_PARAMETERS,
+        tags=("linear-attention", "gla"),
+    )
+)
+
+GATED_DELTANET = register_variant(
+    Variant(
+        name="gated_deltanet",
+        config_class=GatedDeltaNetConfig,
+        model_class=GatedDeltaNetModel,
+        causal_lm_class=GatedDeltaNetForCausalLM,
+        sequence_classification_class=GatedDeltaNetForSequenceClassification,
+        summary="gated delta rule (scalar decay + write strength, short conv, L2 q/k); layer and intra-layer hybrids",
+        paper="Yang et al., Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv 2412.06464)",
+        lora_target_modules=_LINEAR_LORA_TARGETS,
+        new_parameter_patterns=_LINEAR_NEW_PARAMETERS,
+        tags=("linear-attention", "gated-deltanet"),
+    )
+)
+
 __all__ = [
+    "GATED_DELTANET",
+    "GLA",
+    "GLAConfig",
+    "GLAForCausalLM",
+    "GLAForSequenceClassification",
+    "GLAModel",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetForSequenceClassification",
+    "GatedDeltaNetModel",
     "GATED_ATTENTION",
     "GatedAttentionConfig",
     "GatedAttentionForCausalLM",

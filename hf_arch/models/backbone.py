@@ -16,20 +16,31 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
-from ..configuration import HfArchConfig
+from ..configuration import ATTENTION_LAYER_TYPES, LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.attention import HfArchAttention
+from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
 from ..layers.mlp import HfArchMLP
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+class HfArchCache(DynamicCache):
+    """``DynamicCache`` whose ``get_seq_length`` also works for all-linear models (transformers counts only
+    attention layers and raises otherwise); generate() calls it during prefill."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx == 0 and not any(hasattr(layer, "keys") for layer in self.layers):
+            return cached_token_count(self)
+        return super().get_seq_length(layer_idx)
 
 
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     layer_type = config.layer_types[layer_idx]
     if layer_type in ATTENTION_LAYER_TYPES:
         return HfArchAttention(config, layer_idx)
+    if layer_type in LINEAR_LAYER_TYPES:
+        return HfArchLinearAttention(config, layer_idx)
     raise ValueError(f"layer_types[{layer_idx}] = {layer_type!r} has no token mixer in this backbone")
 
 
@@ -85,6 +96,10 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, HfArchLinearAttention):
+            from transformers import initialization
+
+            module.init_parameters(initialization)
         if isinstance(module, nn.Linear) and hasattr(module, "output_gate_last"):
             AttentionOutputGate.init_linear(
                 module,
@@ -122,12 +137,36 @@ class HfArchModel(HfArchPreTrainedModel):
             past_key_values=past_key_values,
             position_ids=position_ids,
         )
-        masks = {}
+        # Linear layers take the 2-D padding mask itself (they zero padded tokens out of their states).
+        padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        masks = {layer_type: padding for layer_type in LINEAR_LAYER_TYPES}
         if "full_attention" in self.config.layer_types:
             masks["full_attention"] = create_causal_mask(**mask_kwargs)
         if "sliding_attention" in self.config.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         return masks
+
+    def _packed_sequences(self, position_ids, attention_mask, past_seen, kwargs) -> torch.LongTensor | None:
+        """``cu_seqlens`` of packed training rows (B = 1, no padding mask, positions restarting at 0), else None.
+
+        Explicit flash-attention-style ``cu_seq_lens_q`` (transformers' DataCollatorWithFlattening) wins.
+        Attention layers find the packing from position_ids themselves; linear layers need the boundaries.
+        """
+        if not any(t in LINEAR_LAYER_TYPES for t in self.config.layer_types):
+            return None
+        explicit = kwargs.get("cu_seq_lens_q")
+        if explicit is not None:
+            return explicit.to(torch.long)
+        if position_ids is None or position_ids.shape[0] != 1 or past_seen or attention_mask is not None:
+            return None
+        starts = (position_ids[0] == 0).nonzero().flatten()
+        if starts.numel() <= 1:
+            return None
+        T = position_ids.shape[1]
+        bounds = torch.cat([starts, starts.new_tensor([T])])
+        if bounds[0] != 0:
+            bounds = torch.cat([bounds.new_zeros(1), bounds])
+        return bounds.to(torch.long)
 
     def forward(
         self,
@@ -154,10 +193,11 @@ class HfArchModel(HfArchPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = HfArchCache(config=self.config)
+        past_seen = cached_token_count(past_key_values)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+        cu_seqlens = self._packed_sequences(position_ids, attention_mask, past_seen, kwargs)
 
         masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
@@ -172,6 +212,8 @@ class HfArchModel(HfArchPreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
+                cu_seqlens=cu_seqlens,
+                position_in_sequence=position_ids if cu_seqlens is not None else None,
                 **kwargs,
             )
             if output_attentions:
@@ -203,6 +245,21 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds a plain DynamicCache; use ours (same layers) so all-linear models can report a length."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
+                model_kwargs["past_key_values"] = HfArchCache(config=self.config.get_text_config(decoder=True))
+        return result
+
+    @staticmethod
+    def create_masks_for_generate(attention_mask=None, **kwargs):
+        """Keep generate's 2-D mask: the backbone builds each layer type's mask itself, and linear layers need the
+        2-D padding mask (generate would otherwise turn it into a 4-D one whenever the cache is compileable)."""
+        return attention_mask
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

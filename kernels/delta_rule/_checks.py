@@ -9,11 +9,8 @@ from typing import Callable
 
 import torch
 
-from ..varlen import parse_cu_seqlens, run_packed
+from ..varlen import parse_cu_seqlens, shape_of, run_packed
 
-
-def _shape(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
 
 
 def check_gated_delta_rule_inputs(
@@ -38,21 +35,21 @@ def check_gated_delta_rule_inputs(
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {_shape(q)}")
+        raise ValueError(f"q must be 4-D [B, T, H, K], got shape {shape_of(q)}")
     if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {_shape(q)}, got {_shape(k)}")
+        raise ValueError(f"k must have the shape of q {shape_of(q)}, got {shape_of(k)}")
     if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must be 4-D [B, T, HV, V] with B, T of q {_shape(q)}, got {_shape(v)}")
+        raise ValueError(f"v must be 4-D [B, T, HV, V] with B, T of q {shape_of(q)}, got {shape_of(v)}")
     H, HV = q.shape[2], v.shape[2]
     if HV == 0 or H == 0 or HV % H != 0:
-        raise ValueError(f"v heads ({HV}, shape {_shape(v)}) must be a positive multiple of q/k heads ({H}, shape {_shape(q)})")
+        raise ValueError(f"v heads ({HV}, shape {shape_of(v)}) must be a positive multiple of q/k heads ({H}, shape {shape_of(q)})")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    expected = _shape(v)[:3]
-    if _shape(g) != expected:
-        raise ValueError(f"g must have shape [B, T, HV] = {expected}, got {_shape(g)}")
-    if _shape(beta) != expected:
-        raise ValueError(f"beta must have shape [B, T, HV] = {expected}, got {_shape(beta)}")
+    expected = shape_of(v)[:3]
+    if shape_of(g) != expected:
+        raise ValueError(f"g must have shape [B, T, HV] = {expected}, got {shape_of(g)}")
+    if shape_of(beta) != expected:
+        raise ValueError(f"beta must have shape [B, T, HV] = {expected}, got {shape_of(beta)}")
     for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
@@ -62,11 +59,11 @@ def check_gated_delta_rule_inputs(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
     B, T = q.shape[:2]
-    N = len(parse_cu_seqlens(cu_seqlens, B, T, _shape(q)))
+    N = len(parse_cu_seqlens(cu_seqlens, B, T, shape_of(q)))
     if initial_state is not None:
         expected_h = (N, HV, q.shape[3], v.shape[3])
-        if not isinstance(initial_state, torch.Tensor) or _shape(initial_state) != expected_h:
-            shape = _shape(initial_state) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+        if not isinstance(initial_state, torch.Tensor) or shape_of(initial_state) != expected_h:
+            shape = shape_of(initial_state) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
             raise ValueError(f"initial_state must have shape [N, HV, K, V] = {expected_h}, got {shape}")
         if not initial_state.is_floating_point():
             raise ValueError(f"initial_state must be floating-point, got {initial_state.dtype}")
@@ -98,7 +95,7 @@ def run_sequences(core: Core, q, k, v, g, beta, initial_state, cu_seqlens, **kwa
     """Apply ``core`` (fp32 [B, T, H, *] inputs -> (o [B, T, HV, V] fp32, final state [B, HV, K, V] fp32)) per batch,
     or per packed sequence when ``cu_seqlens`` is given."""
     h0 = None if initial_state is None else initial_state.float()
-    lengths = None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], _shape(q))
+    lengths = None if cu_seqlens is None else parse_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], shape_of(q))
     HV, K, V = v.shape[2], q.shape[3], v.shape[3]
 
     def empty(tensors, h):

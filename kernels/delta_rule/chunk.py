@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ._checks import check_gated_delta_rule_inputs, prepare_inputs, run_sequences
 
 
-def _chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
+def _gdr_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     BH = B * H
@@ -91,6 +91,6 @@ def chunk_gated_delta_rule(
     dtype = q.dtype
     q, k, v, g, beta, scale = prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
     o, ht = run_sequences(
-        _chunk_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale, chunk_size=chunk_size
+        _gdr_chunk_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale, chunk_size=chunk_size
     )
     return o.to(dtype), (ht if output_final_state else None)

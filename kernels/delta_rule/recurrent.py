@@ -7,7 +7,7 @@ import torch
 from ._checks import check_gated_delta_rule_inputs, prepare_inputs, run_sequences
 
 
-def _recurrent_core(q, k, v, g, beta, h0, *, scale):
+def _gdr_recurrent_core(q, k, v, g, beta, h0, *, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
     BH = B * H
@@ -48,5 +48,5 @@ def fused_recurrent_gated_delta_rule(
     check_gated_delta_rule_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     dtype = q.dtype
     q, k, v, g, beta, scale = prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
-    o, ht = run_sequences(_recurrent_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
+    o, ht = run_sequences(_gdr_recurrent_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
     return o.to(dtype), (ht if output_final_state else None)

@@ -6,13 +6,10 @@ from typing import Optional
 
 import torch
 
-from ..varlen import parse_cu_seqlens, run_packed
+from ..varlen import parse_cu_seqlens, shape_of, run_packed
 
 __all__ = ["check_gla_inputs", "compute_dtype", "run_per_sequence"]
 
-
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -41,17 +38,17 @@ def check_gla_inputs(
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {_shape(t)}")
+            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {shape_of(t)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if k.shape != q.shape:
-        raise ValueError(f"k shape {_shape(k)} must equal q shape {_shape(q)} ([B, T, H, D_k])")
+        raise ValueError(f"k shape {shape_of(k)} must equal q shape {shape_of(q)} ([B, T, H, D_k])")
     if g.shape != q.shape:
-        raise ValueError(f"g shape {_shape(g)} must equal q shape {_shape(q)} ([B, T, H, D_k])")
+        raise ValueError(f"g shape {shape_of(g)} must equal q shape {shape_of(q)} ([B, T, H, D_k])")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v shape {_shape(v)} must match q shape {_shape(q)} in [B, T, H]")
+        raise ValueError(f"v shape {shape_of(v)} must match q shape {shape_of(q)} in [B, T, H]")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if g.dtype not in (q.dtype, torch.float32, torch.float64):
@@ -59,14 +56,14 @@ def check_gla_inputs(
 
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    lengths = parse_cu_seqlens(cu_seqlens, B, T, _shape(q))
+    lengths = parse_cu_seqlens(cu_seqlens, B, T, shape_of(q))
     N = len(lengths)
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise ValueError(f"initial_state must be a torch.Tensor, got {type(initial_state).__name__}")
         if tuple(initial_state.shape) != (N, H, Dk, Dv):
             raise ValueError(
-                f"initial_state shape {_shape(initial_state)} must be [N, H, D_k, D_v] = {(N, H, Dk, Dv)} "
+                f"initial_state shape {shape_of(initial_state)} must be [N, H, D_k, D_v] = {(N, H, Dk, Dv)} "
                 f"(N = {'number of sequences in cu_seqlens' if cu_seqlens is not None else 'batch size'})"
             )
         if not initial_state.is_floating_point():

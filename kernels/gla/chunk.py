@@ -28,15 +28,15 @@ from ._checks import check_gla_inputs, compute_dtype, run_per_sequence
 
 __all__ = ["chunk_gla"]
 
-_SUB = 16  # secondary chunk size
+_GLA_SUB_CHUNK = 16  # secondary chunk size
 
 
-def _chunk_core(q, k, v, g, h0, chunk_size):
+def _gla_chunk_core(q, k, v, g, h0, chunk_size):
     # q, k, g: [B, T, H, Dk] (q already scaled), v: [B, T, H, Dv], all in the compute dtype; h0: [B, H, Dk, Dv] | None
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = chunk_size
-    c = _SUB if C % _SUB == 0 else C
+    c = _GLA_SUB_CHUNK if C % _GLA_SUB_CHUNK == 0 else C
     C = min(C, -(-T // c) * c)  # short inputs (decode, T=1) need no full-size chunk
     n = C // c
     NC = -(-T // C)
@@ -119,7 +119,7 @@ def chunk_gla(
     h0 = initial_state.to(dt) if initial_state is not None else None
 
     def core(q, k, v, g, h0):
-        return _chunk_core(q, k, v, g, h0, chunk_size)
+        return _gla_chunk_core(q, k, v, g, h0, chunk_size)
 
     o, S = run_per_sequence(core, q, k, v, g, h0, cu_seqlens, lengths)
     return o.to(out_dtype), (S if output_final_state else None)

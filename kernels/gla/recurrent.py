@@ -15,7 +15,7 @@ from ._checks import check_gla_inputs, compute_dtype, run_per_sequence
 __all__ = ["fused_recurrent_gla"]
 
 
-def _recurrent_core(q, k, v, g, h0):
+def _gla_recurrent_core(q, k, v, g, h0):
     # q, k, g: [B, T, H, Dk] (q already scaled); v: [B, T, H, Dv]; h0: [B, H, Dk, Dv] or None.
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -49,5 +49,5 @@ def fused_recurrent_gla(
     q = q.to(dt) * scale
     k, v, g = k.to(dt), v.to(dt), g.to(dt)
     h0 = initial_state.to(dt) if initial_state is not None else None
-    o, S = run_per_sequence(_recurrent_core, q, k, v, g, h0, cu_seqlens, lengths)
+    o, S = run_per_sequence(_gla_recurrent_core, q, k, v, g, h0, cu_seqlens, lengths)
     return o.to(out_dtype), (S if output_final_state else None)

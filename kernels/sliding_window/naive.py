@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..varlen import parse_cu_seqlens
+from ..varlen import parse_cu_seqlens, shape_of
 
 __all__ = ["naive_sliding_window_attention"]
 
-
-def _shape(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
 
 
 def validate_sliding_window_inputs(
@@ -36,15 +33,15 @@ def validate_sliding_window_inputs(
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {_shape(x)}")
+            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {shape_of(x)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
     B, T, H, D = q.shape
-    if _shape(k) != _shape(v):
-        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+    if shape_of(k) != shape_of(v):
+        raise ValueError(f"k and v must have the same shape, got k {shape_of(k)} and v {shape_of(v)}")
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
         raise ValueError(
-            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {_shape(q)} in B, T and D, got k {_shape(k)}"
+            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {shape_of(q)} in B, T and D, got k {shape_of(k)}"
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
@@ -52,21 +49,21 @@ def validate_sliding_window_inputs(
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     H_kv = k.shape[2]
     if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {_shape(q)}, k {_shape(k)})")
+        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {shape_of(q)}, k {shape_of(k)})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if sink_logits is not None:
         if not isinstance(sink_logits, torch.Tensor) or not sink_logits.is_floating_point():
             raise ValueError("sink_logits must be a floating tensor of shape [H, S]")
         if sink_logits.dim() != 2 or sink_logits.shape[0] != H or sink_logits.shape[1] < 1:
-            raise ValueError(f"sink_logits must have shape [H={H}, S>=1], got {_shape(sink_logits)}")
+            raise ValueError(f"sink_logits must have shape [H={H}, S>=1], got {shape_of(sink_logits)}")
         if sink_logits.device != q.device:
             raise ValueError(f"sink_logits must be on {q.device}, got {sink_logits.device}")
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or _shape(attention_mask) != (B, T):
-            got = _shape(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        if not isinstance(attention_mask, torch.Tensor) or shape_of(attention_mask) != (B, T):
+            got = shape_of(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
-    parse_cu_seqlens(cu_seqlens, B, T, _shape(q))
+    parse_cu_seqlens(cu_seqlens, B, T, shape_of(q))
     if scale is None:
         return D**-0.5
     return float(scale)

@@ -29,7 +29,7 @@ def test_registered_with_auto_classes(tiny_gated_config):
         (dict(hidden_size=65, num_attention_heads=4), "not divisible by num_attention_heads"),
         (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
         (dict(num_hidden_layers=2, layer_types=["full_attention"]), "layer_types has 1 entries"),
-        (dict(num_hidden_layers=1, layer_types=["linear_attention"]), "unsupported entries"),
+        (dict(num_hidden_layers=1, layer_types=["chunked_attention"]), "unsupported entries"),
         (dict(num_hidden_layers=1, layer_types=["sliding_attention"]), "sliding_window"),
         (dict(attn_output_gate="channelwise"), "attn_output_gate must be"),
         (dict(attn_output_gate=None), "attn_output_gate must be"),

@@ -1,0 +1,44 @@
+"""Depthwise causal short convolution with SiLU (the q/k/v conv of Gated DeltaNet-style layers).
+
+Computed tap by tap (``kernel_size`` is 2-4) so that packed sequences are cut exactly: a tap that would reach
+before the start of its sequence reads zero, as it would with each sequence run on its own. With a cache, the
+inputs of the last ``kernel_size`` tokens live in transformers' ``LinearAttentionLayer`` conv state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ShortConvolution(nn.Module):
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # tap kernel_size-1 multiplies x_t
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past_inputs: torch.Tensor | None = None,
+        position_in_sequence: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x ``[B, T, C]``; past_inputs ``[B, C, >= K-1]`` (the previous tokens' inputs) or None (zeros);
+        position_in_sequence ``[B | 1, T]`` index of each token in its packed sequence (taps stop at its start)."""
+        K = self.kernel_size
+        T = x.shape[1]
+        if past_inputs is not None:
+            context = past_inputs[..., past_inputs.shape[-1] - (K - 1):].transpose(1, 2).to(x.dtype)
+        else:
+            context = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        padded = torch.cat([context, x], dim=1)  # [B, K-1+T, C]
+        out = padded[:, K - 1:] * self.weight[:, K - 1]
+        for lag in range(1, K):
+            tap = padded[:, K - 1 - lag: K - 1 - lag + T] * self.weight[:, K - 1 - lag]
+            if position_in_sequence is not None:
+                tap = tap * (position_in_sequence >= lag).unsqueeze(-1).to(tap.dtype)
+            out = out + tap
+        return nn.functional.silu(out)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[0]}, kernel_size={self.kernel_size}"
