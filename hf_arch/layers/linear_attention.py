@@ -92,9 +92,8 @@ class HfArchLinearAttention(nn.Module):
 
     @torch.no_grad()
     def init_parameters(self, init) -> None:
-        """Non-Linear parameters (transformers.initialization functions, so loaded weights are never overwritten)."""
-        if self.conv is not None:
-            init.uniform_(self.conv.weight, -1 / math.sqrt(self.conv.kernel_size), 1 / math.sqrt(self.conv.kernel_size))
+        """This module's own parameters (transformers.initialization functions, so loaded weights are never
+        overwritten). The conv initialises itself: transformers only visits modules holding parameters directly."""
         if self.kind == "gated_deltanet":
             # Decay rates A in [1, 16] and time steps in [1e-3, 0.1] (log-uniform), as in Mamba-2 / Gated DeltaNet.
             init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(1, 16).log())

@@ -7,6 +7,8 @@ inputs of the last ``kernel_size`` tokens live in transformers' ``LinearAttentio
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,11 @@ class ShortConvolution(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # tap kernel_size-1 multiplies x_t
+
+    @torch.no_grad()
+    def init_parameters(self, init) -> None:
+        bound = 1 / math.sqrt(self.kernel_size)  # nn.Conv1d's default for a depthwise kernel
+        init.uniform_(self.weight, -bound, bound)
 
     def forward(
         self,

@@ -23,6 +23,7 @@ from ..layers.mlp import HfArchMLP
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
+from ..layers.short_conv import ShortConvolution
 
 
 class HfArchCache(DynamicCache):
@@ -96,7 +97,7 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, HfArchLinearAttention):
+        if isinstance(module, (HfArchLinearAttention, ShortConvolution)):
             from transformers import initialization
 
             module.init_parameters(initialization)
@@ -184,7 +185,8 @@ class HfArchModel(HfArchPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
+        if self.training and past_key_values is None:
+            # Nothing decodes during training; without a cache, transformers' masks also recognise packed rows.
             use_cache = False
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (

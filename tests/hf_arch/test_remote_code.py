@@ -50,6 +50,12 @@ CONFIGS = {
         layer_types=["full_attention", "sliding_attention"],
         sliding_window=4,
     ),
+    # Linear variants: the flattened PyTorch kernels, the linear cache and the intra-layer window branch.
+    "gla_all_linear": dict(TINY, variant="gla"),
+    "gated_deltanet_lizard_hybrid": dict(
+        TINY, variant="gated_deltanet", linear_attn_hybrid="lizard", sliding_window=4, linear_attn_num_sinks=2,
+        full_attention_layers=[1],
+    ),
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
@@ -143,7 +149,9 @@ def _save_tiny(tmp_path: Path, config_kwargs: dict) -> tuple[torch.nn.Module, Pa
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_arch.GatedAttentionConfig(**config_kwargs)).eval()
+    config_kwargs = dict(config_kwargs)
+    config_class = hf_arch.get_variant(config_kwargs.pop("variant", "gated_attention")).config_class
+    model = AutoModelForCausalLM.from_config(config_class(**config_kwargs)).eval()
     model_dir = tmp_path / "exported_gated"
     model.save_pretrained(model_dir)
     return model, model_dir
@@ -164,7 +172,7 @@ def test_remote_code_matches_installed_package(tmp_path, name):
         assert result[key].startswith("transformers_modules."), result
     assert result["config_module"].endswith("." + CONFIG_FILENAME[:-3])
     assert result["model_module"].endswith("." + MODELING_FILENAME[:-3])
-    assert (result["config_class"], result["model_class"]) == ("GatedAttentionConfig", "GatedAttentionForCausalLM")
+    assert (result["config_class"], result["model_class"]) == (type(model.config).__name__, type(model).__name__)
 
     ids = torch.tensor(INPUT_IDS)
     with torch.no_grad():
