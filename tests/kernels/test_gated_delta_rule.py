@@ -13,13 +13,6 @@ from hf_arch.kernels.delta_rule import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads on shared CPU cores only add contention (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:

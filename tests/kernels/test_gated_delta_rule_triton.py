@@ -19,13 +19,6 @@ from hf_arch.kernels.delta_rule.triton_delta_rule import triton_gated_delta_rule
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on shared CPU cores: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:

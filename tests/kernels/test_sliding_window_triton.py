@@ -20,13 +20,6 @@ NAMES = ("o", "dq", "dk", "dv", "dsink")
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on shared CPU cores: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
