@@ -115,14 +115,43 @@ def _diagnostics(model, tokenizer, args) -> dict:
     return diagnostics
 
 
+def _cmd_bench_kernels(args) -> int:
+    import torch
+
+    from hf_arch.recipes.kernel_benchmark import (
+        DEFAULT_SEQ_LENS, benchmark_decode, benchmark_kernels, format_decode_table, format_kernel_table,
+    )
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    kernels = benchmark_kernels(seq_lens=tuple(args.seq_lens or DEFAULT_SEQ_LENS), device=device,
+                                repeats=args.repeats, time_budget_s=args.time_budget)
+    decode = [] if args.skip_decode else benchmark_decode(
+        contexts=tuple(args.decode_contexts), hidden_size=args.decode_hidden_size, layers=args.decode_layers,
+        new_tokens=16 if args.decode_tokens is None else args.decode_tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                          "kernels": kernels, "decode": decode}, indent=2))
+    else:
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+        print(format_kernel_table(kernels))
+        if decode:
+            print()
+            print(format_decode_table(decode))
+    return 0
+
+
 def _cmd_bench(args) -> int:
+    if args.model == "kernels":
+        return _cmd_bench_kernels(args)
     from hf_arch.recipes.benchmark import benchmark_model, format_benchmark
 
     results = benchmark_model(
         args.model,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        decode_tokens=args.decode_tokens,
+        decode_tokens=32 if args.decode_tokens is None else args.decode_tokens,
         implementations=args.attn_implementations.split(","),
         repeats=args.repeats,
     )
@@ -206,14 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model")
-    p.add_argument("model")
+    p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model "
+                                     "(`bench kernels`: the sequence-mixing kernels and cached decode)")
+    p.add_argument("model", help="model dir / Hub id, or `kernels` for the kernel + decode benchmark")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="new tokens to decode (default 32; `bench kernels`: 16 per context)")
     p.add_argument("--attn-implementations", default="eager,sdpa")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="bench kernels: sequence lengths")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="bench kernels: default cuda if available")
+    p.add_argument("--skip-decode", action="store_true", help="bench kernels: skip the decode-latency benchmark")
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=[512, 2048, 8192],
+                   help="bench kernels: prefilled context lengths for decode")
+    p.add_argument("--decode-hidden-size", type=int, default=256, help="bench kernels: decode models' width")
+    p.add_argument("--decode-layers", type=int, default=4, help="bench kernels: decode models' depth")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="bench kernels: skip what is left of the kernel table after this many seconds")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("card", help="write README.md (model card) into a model dir")
