@@ -18,8 +18,12 @@ from .models import (
     GLAConfig,
     GLAForCausalLM,
     GLAModel,
+    MoEConfig,
+    MoEForCausalLM,
+    MoEModel,
 )
-from .peft_utils import lora_target_modules, new_parameter_names
+from .layers.moe_stats import disable_routing_stats, enable_routing_stats
+from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
 from .registry import VARIANTS, Variant, get_variant
 
 __all__ = [
@@ -35,9 +39,15 @@ __all__ = [
     "GLAForCausalLM",
     "GLAModel",
     "HfArchConfig",
+    "MoEConfig",
+    "MoEForCausalLM",
+    "MoEModel",
     "Variant",
     "__version__",
+    "disable_routing_stats",
+    "enable_routing_stats",
     "get_variant",
     "lora_target_modules",
+    "lora_target_parameters",
     "new_parameter_names",
 ]

@@ -18,8 +18,11 @@ except ImportError:  # pragma: no cover
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding")
 SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
-# Channel-mixer layer types.
-SUPPORTED_MLP_LAYER_TYPES = ("dense",)
+# Channel-mixer layer types: the dense SwiGLU MLP, or a Mixture-of-Experts layer (``moe_*`` fields).
+SUPPORTED_MLP_LAYER_TYPES = ("dense", "sparse")
+MOE_ROUTERS = ("softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router")
+MOE_EXPERT_POOLS = ("per_layer", "global")
+MOE_BALANCE_SCOPES = ("layer", "pool")
 OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
@@ -37,7 +40,7 @@ class HfArchConfig(PreTrainedConfig):
         attention_output_bias: bias on ``o_proj`` (Llama ties it to ``attention_bias``; Qwen2 has qkv bias only).
         qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
         layer_types: one token-mixer type per layer (``full_attention`` | ``sliding_attention``).
-        mlp_layer_types: one channel-mixer type per layer (``dense``).
+        mlp_layer_types: one channel-mixer type per layer: ``dense`` (SwiGLU MLP) or ``sparse`` (Mixture of Experts).
         sliding_window: window size for ``sliding_attention`` layers.
         attn_output_gate: ``None`` (no gate), ``"headwise"`` (one scalar per head) or ``"elementwise"`` (one per
             channel): the query-dependent gate ``o = s·act(x W_g) ⊙ SDPA(q, k, v)`` applied before ``o_proj``
@@ -73,10 +76,41 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_num_sinks: learnable sink logits in the window branch's softmax denominator.
         full_attention_layers / linear_to_full_ratio: shorthands for ``layer_types`` of a linear variant: the listed
             layers (or every ``(ratio + 1)``-th layer) get full attention, the rest linear attention.
+
+    Mixture-of-Experts layers (``sparse`` in ``mlp_layer_types``) read the ``moe_*`` fields and these:
+        moe_sparse_step: shorthand for ``mlp_layer_types``: every ``step``-th layer (1-based) is sparse.
+        num_experts: FFN experts per layer (``per_layer`` pool). num_experts_per_tok: top-k over all routed experts
+            (FFN and zero-computation); ignored by ``relu_rmsnorm``, whose number of active experts varies.
+        moe_intermediate_size: each FFN expert's SwiGLU width (default ``intermediate_size``).
+        num_shared_experts / shared_expert_intermediate_size: an always-on dense expert (Qwen/DeepSeek style) of
+            width ``shared_expert_intermediate_size`` (default ``num_shared_experts · moe_intermediate_size``);
+            ``shared_expert_gate`` scales it by ``σ(x w)`` (Qwen2-MoE).
+        moe_router: ``softmax_topk`` (softmax over all routed experts, top-k; ``moe_norm_topk_prob`` renormalises
+            the k weights), ``sigmoid_topk`` (independent sigmoids, top-k), ``relu_rmsnorm`` (BlockFFN:
+            ``RMSNorm(ReLU(x W))`` over experts, every positive expert is active), ``norm_router`` (UniPool-style:
+            cosine similarity of ``x`` and each expert's router row times a learnable scale, then softmax top-k;
+            scale-stable in ``‖x‖``; initial scale ``moe_norm_router_scale``).
+        moe_zero_experts / moe_copy_experts / moe_constant_experts: MoE++ zero-computation experts routed
+            alongside the FFN experts: zero (output 0), copy (output x), constant (``a₁·x + a₂·v`` with
+            ``[a₁, a₂] = softmax(W_c x)`` and a learned ``v``). Expert ids: FFN, then zero, copy, constant.
+        moe_gating_residual: MoE++ gating residuals: a layer's router logits add ``W_g · logits`` of the previous
+            sparse layer (``W_g`` starts at zero, so training starts from the plain router).
+        moe_expert_pool: ``per_layer`` or ``global`` (UniPool: one pool of ``moe_pool_size`` FFN experts shared by
+            every sparse layer, each with its own router; stored once at ``model.expert_pool``).
+        Auxiliary losses, added to the language-model loss when labels are given (each coefficient ``>= 0``):
+        moe_load_balance_coef: Switch-style ``E · Σ_e f_e P_e``, per layer (averaged) or over the whole pool
+            (``moe_load_balance_scope``; default ``pool`` for a global pool); zero-computation experts count with
+            weight ``moe_zc_balance_weight`` (MoE++'s τ).
+        moe_z_loss_coef: router z-loss ``mean(logsumexp(logits)²)``.
+        moe_tls_coef: BlockFFN token-level sparsity: mean L1 of the ReLU router activations.
+        moe_cls_coef / moe_cls_chunk_size: BlockFFN chunk-level sparsity: for each run of ``chunk`` consecutive
+            tokens, the soft probability that an expert is used by any of them, ``1 − Π_t (1 − tanh(a_t))``, averaged.
+        output_router_logits: return each sparse layer's router logits (and the aux loss) from forward.
     """
 
     model_type = "hfa_base"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Trainer's evaluation gathers every other output as "logits": leave the routing outputs out.
+    keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "router_logits"]
     default_theta = 10_000.0
 
     # transformers turns every config subclass into a dataclass whose generated __eq__ compares only the base
@@ -139,6 +173,30 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_num_sinks: int = 0,
         full_attention_layers: list[int] | None = None,
         linear_to_full_ratio: int | None = None,
+        moe_sparse_step: int | None = None,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int | None = None,
+        num_shared_experts: int = 0,
+        shared_expert_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
+        moe_router: str = "softmax_topk",
+        moe_norm_topk_prob: bool = True,
+        moe_norm_router_scale: float = 10.0,
+        moe_zero_experts: int = 0,
+        moe_copy_experts: int = 0,
+        moe_constant_experts: int = 0,
+        moe_gating_residual: bool = False,
+        moe_expert_pool: str = "per_layer",
+        moe_pool_size: int | None = None,
+        moe_load_balance_coef: float = 0.01,
+        moe_load_balance_scope: str | None = None,
+        moe_zc_balance_weight: float = 1.0,
+        moe_z_loss_coef: float = 0.0,
+        moe_tls_coef: float = 0.0,
+        moe_cls_coef: float = 0.0,
+        moe_cls_chunk_size: int = 8,
+        output_router_logits: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -160,7 +218,34 @@ class HfArchConfig(PreTrainedConfig):
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
         self.sliding_window = sliding_window
-        self.mlp_layer_types = list(mlp_layer_types) if mlp_layer_types is not None else ["dense"] * num_hidden_layers
+        self.mlp_layer_types = _resolve_mlp_layout(self, mlp_layer_types, moe_sparse_step)
+        self.moe_sparse_step = None  # folded into mlp_layer_types, which is what gets saved
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = intermediate_size if moe_intermediate_size is None else moe_intermediate_size
+        self.num_shared_experts = num_shared_experts
+        self.shared_expert_intermediate_size = (
+            num_shared_experts * self.moe_intermediate_size
+            if shared_expert_intermediate_size is None else shared_expert_intermediate_size
+        )
+        self.shared_expert_gate = shared_expert_gate
+        self.moe_router = moe_router
+        self.moe_norm_topk_prob = moe_norm_topk_prob
+        self.moe_norm_router_scale = moe_norm_router_scale
+        self.moe_zero_experts = moe_zero_experts
+        self.moe_copy_experts = moe_copy_experts
+        self.moe_constant_experts = moe_constant_experts
+        self.moe_gating_residual = moe_gating_residual
+        self.moe_expert_pool = moe_expert_pool
+        self.moe_pool_size = num_experts if moe_pool_size is None else moe_pool_size
+        self.moe_load_balance_coef = moe_load_balance_coef
+        self.moe_load_balance_scope = moe_load_balance_scope or ("pool" if moe_expert_pool == "global" else "layer")
+        self.moe_zc_balance_weight = moe_zc_balance_weight
+        self.moe_z_loss_coef = moe_z_loss_coef
+        self.moe_tls_coef = moe_tls_coef
+        self.moe_cls_coef = moe_cls_coef
+        self.moe_cls_chunk_size = moe_cls_chunk_size
+        self.output_router_logits = output_router_logits
         self.attn_output_gate = attn_output_gate
         self.attn_output_gate_bias = attn_output_gate_bias
         self.attn_output_gate_rank = attn_output_gate_rank
@@ -222,6 +307,22 @@ class HfArchConfig(PreTrainedConfig):
         self._validate_output_gate()
         if any(t in LINEAR_LAYER_TYPES for t in self.layer_types):
             self._validate_linear_attention()
+        if "sparse" in self.mlp_layer_types:
+            self._validate_moe()
+
+    @property
+    def num_zero_computation_experts(self) -> int:
+        return self.moe_zero_experts + self.moe_copy_experts + self.moe_constant_experts
+
+    @property
+    def num_ffn_experts(self) -> int:
+        """FFN experts a router chooses among: the layer's own, or the global pool's."""
+        return self.moe_pool_size if self.moe_expert_pool == "global" else self.num_experts
+
+    @property
+    def num_routed_experts(self) -> int:
+        """Width of each router: FFN experts plus zero-computation experts."""
+        return self.num_ffn_experts + self.num_zero_computation_experts
 
     def _validate_output_gate(self) -> None:
         cls = type(self).__name__
@@ -276,6 +377,61 @@ class HfArchConfig(PreTrainedConfig):
         if self.linear_attn_num_sinks and self.linear_attn_hybrid != "lizard":
             raise ValueError(f"{cls}.linear_attn_num_sinks applies to linear_attn_hybrid='lizard' only, "
                              f"got {self.linear_attn_num_sinks} with {self.linear_attn_hybrid!r}")
+
+
+    def _validate_moe(self) -> None:
+        cls = type(self).__name__
+        for field, allowed in (("moe_router", MOE_ROUTERS), ("moe_expert_pool", MOE_EXPERT_POOLS),
+                               ("moe_load_balance_scope", MOE_BALANCE_SCOPES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field, minimum in (("num_experts", 1), ("num_experts_per_tok", 1), ("moe_intermediate_size", 1),
+                               ("num_shared_experts", 0), ("shared_expert_intermediate_size", 0),
+                               ("moe_zero_experts", 0), ("moe_copy_experts", 0), ("moe_constant_experts", 0),
+                               ("moe_pool_size", 1), ("moe_cls_chunk_size", 1)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
+        for field in ("moe_load_balance_coef", "moe_zc_balance_weight", "moe_z_loss_coef", "moe_tls_coef",
+                      "moe_cls_coef"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{cls}.{field} must be a number >= 0, got {value!r}")
+        if not self.moe_norm_router_scale > 0:
+            raise ValueError(f"{cls}.moe_norm_router_scale must be > 0, got {self.moe_norm_router_scale!r}")
+        if self.num_shared_experts and not self.shared_expert_intermediate_size:
+            raise ValueError(f"{cls}: num_shared_experts = {self.num_shared_experts} needs a positive "
+                             "shared_expert_intermediate_size")
+        if self.moe_router != "relu_rmsnorm":
+            if self.moe_expert_pool == "global" and self.moe_pool_size < self.num_experts_per_tok:
+                raise ValueError(f"{cls}.moe_pool_size ({self.moe_pool_size}) is smaller than num_experts_per_tok "
+                                 f"({self.num_experts_per_tok}): the shared pool must hold at least top-k experts")
+            if self.num_experts_per_tok > self.num_routed_experts:
+                raise ValueError(
+                    f"{cls}.num_experts_per_tok ({self.num_experts_per_tok}) is larger than the number of routed "
+                    f"experts ({self.num_routed_experts} = {self.num_ffn_experts} FFN + "
+                    f"{self.num_zero_computation_experts} zero-computation)"
+                )
+        if self.moe_load_balance_scope == "pool" and self.moe_expert_pool != "global":
+            raise ValueError(f"{cls}.moe_load_balance_scope='pool' needs moe_expert_pool='global' "
+                             f"(got {self.moe_expert_pool!r}); use 'layer'")
+        if (self.moe_tls_coef or self.moe_cls_coef) and self.moe_router != "relu_rmsnorm":
+            raise ValueError(f"{cls}: moe_tls_coef / moe_cls_coef are BlockFFN's sparsity losses and need "
+                             f"moe_router='relu_rmsnorm', got {self.moe_router!r}")
+
+
+def _resolve_mlp_layout(config, mlp_layer_types, sparse_step) -> list[str]:
+    """``mlp_layer_types`` from the explicit list, the ``moe_sparse_step`` shorthand or the variant's default."""
+    cls, n = type(config).__name__, config.num_hidden_layers
+    if mlp_layer_types is not None and sparse_step is not None:
+        raise ValueError(f"{cls}: give only one of mlp_layer_types and moe_sparse_step")
+    if sparse_step is not None:
+        if not isinstance(sparse_step, int) or isinstance(sparse_step, bool) or sparse_step < 1:
+            raise ValueError(f"{cls}.moe_sparse_step must be an integer >= 1, got {sparse_step!r}")
+        return ["sparse" if (i + 1) % sparse_step == 0 else "dense" for i in range(n)]
+    if mlp_layer_types is None:
+        return [getattr(config, "default_mlp_layer_type", "dense")] * n
+    return list(mlp_layer_types)
 
 
 def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_full_ratio) -> list[str]:

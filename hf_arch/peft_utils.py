@@ -24,6 +24,17 @@ def lora_target_modules(model_or_config, include_new: bool = True) -> list[str]:
     return targets
 
 
+def lora_target_parameters(model_or_config) -> list[str]:
+    """Parameter-name suffixes for ``peft.LoraConfig(target_parameters=...)``: the variant's 3-D expert weights
+    (MoE). Only names that exist are returned when a model is given."""
+    config = getattr(model_or_config, "config", model_or_config)
+    targets = list(get_variant(config.model_type).lora_target_parameters)
+    if isinstance(model_or_config, nn.Module):
+        names = [name for name, _ in model_or_config.named_parameters()]
+        targets = [t for t in targets if any(name == t or name.endswith("." + t) for name in names)]
+    return targets
+
+
 def new_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters the variant adds on top of a Llama-family source (e.g. the output gates)."""
     variant = get_variant(model.config.model_type)

@@ -20,6 +20,8 @@ class Variant:
     paper: str
     # LoRA targets that cover the variant's projections (peft's defaults silently skip non-Llama names).
     lora_target_modules: tuple[str, ...]
+    # 3-D expert weights LoRA reaches through ``LoraConfig(target_parameters=...)`` (they are not nn.Linear).
+    lora_target_parameters: tuple[str, ...] = field(default_factory=tuple)
     # Parameters a conversion adds (regexes on parameter names): what "train only the new parameters" trains.
     new_parameter_patterns: tuple[str, ...] = field(default_factory=tuple)
     tags: tuple[str, ...] = field(default_factory=tuple)

@@ -18,9 +18,10 @@ from .delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .dispatch import select_backend
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
+from .moe.grouped import grouped_expert_mlp
 from .sliding_window.chunk import chunk_sliding_window_attention
 
-__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "RECURRENT_MAX_TOKENS"]
+__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "expert_mlp", "RECURRENT_MAX_TOKENS"]
 
 # At or below this many new tokens (decoding, short continuations) the recurrent form beats the chunked one on CPU.
 RECURRENT_MAX_TOKENS = 8
@@ -58,6 +59,7 @@ _SWA_IMPLS = {
     "torch": chunk_sliding_window_attention,
     **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),
 }
+_MOE_IMPLS = {"torch": grouped_expert_mlp, **_triton_op(".moe.triton_moe", "triton_grouped_expert_mlp")}
 
 
 def gla(
@@ -120,3 +122,20 @@ def sliding_window_attention(
     impl = select_backend("sliding_window_attention", _SWA_IMPLS, q, backend)
     return impl(q, k, v, window, sink_logits=sink_logits, scale=scale, cu_seqlens=cu_seqlens,
                 attention_mask=attention_mask)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    token_idx: torch.LongTensor,
+    expert_idx: torch.LongTensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Grouped expert SwiGLU MLP over routed assignments: ``y[a] = down[e] (silu(gate) * up)``, ``e = expert_idx[a]``.
+
+    x ``[N, H]``; token_idx, expert_idx ``[A]``; gate_up ``[E, 2I, H]`` (gate rows, then up rows); down ``[E, H, I]``.
+    Returns ``[A, H]`` in assignment order (the caller applies routing weights and scatters into tokens).
+    """
+    impl = select_backend("expert_mlp", _MOE_IMPLS, x, backend)
+    return impl(x, token_idx, expert_idx, gate_up, down)

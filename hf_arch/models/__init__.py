@@ -15,6 +15,7 @@ from .gated_deltanet import (
     GatedDeltaNetModel,
 )
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
+from .moe import MOE_PRESETS, MoEConfig, MoEForCausalLM, MoEForSequenceClassification, MoEModel
 
 _ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,7 +72,34 @@ GATED_DELTANET = register_variant(
     )
 )
 
+MOE = register_variant(
+    Variant(
+        name="moe",
+        config_class=MoEConfig,
+        model_class=MoEModel,
+        causal_lm_class=MoEForCausalLM,
+        sequence_classification_class=MoEForSequenceClassification,
+        summary="Mixture of Experts: softmax/sigmoid/ReLU/Norm routers, MoE++ zero-computation experts, "
+                "UniPool global expert pool, BlockFFN sparsity losses (presets: " + ", ".join(MOE_PRESETS) + ")",
+        paper="Jin et al., MoE++ (arXiv 2410.07348); UniPool (arXiv 2605.06665); Song et al., BlockFFN "
+              "(arXiv 2507.08771)",
+        # Attention, dense MLPs and the shared expert are nn.Linear; the routed experts are 3-D parameters.
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        lora_target_parameters=("experts.gate_up_proj", "experts.down_proj",
+                                "expert_pool.gate_up_proj", "expert_pool.down_proj"),
+        new_parameter_patterns=(r"\.router\.", r"\.experts\.", r"^model\.expert_pool\.", r"\.zero_computation\.",
+                                r"\.shared_expert_gate\."),
+        tags=("moe", "mixture-of-experts"),
+    )
+)
+
 __all__ = [
+    "MOE",
+    "MOE_PRESETS",
+    "MoEConfig",
+    "MoEForCausalLM",
+    "MoEForSequenceClassification",
+    "MoEModel",
     "GATED_DELTANET",
     "GLA",
     "GLAConfig",

@@ -13,13 +13,22 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import PreTrainedModel
 
 from ..configuration import ATTENTION_LAYER_TYPES, LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.attention import HfArchAttention
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
 from ..layers.mlp import HfArchMLP
+from ..layers.moe import HfArchMoE
+from ..layers.moe_experts import HfArchExperts, ZeroComputationExperts
+from ..layers.moe_losses import moe_auxiliary_losses
+from ..layers.moe_router import MoERouter
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
@@ -49,6 +58,8 @@ def build_channel_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     mlp_type = config.mlp_layer_types[layer_idx]
     if mlp_type == "dense":
         return HfArchMLP(config)
+    if mlp_type == "sparse":
+        return HfArchMoE(config, layer_idx)
     raise ValueError(f"mlp_layer_types[{layer_idx}] = {mlp_type!r} has no channel mixer in this backbone")
 
 
@@ -65,11 +76,16 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        previous_router_logits: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
+        expert_pool: nn.Module | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None).
+
+        ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals)."""
         residual = hidden_states
         mixed, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -79,8 +95,13 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + mixed
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, attn_weights
+        normed = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if isinstance(self.mlp, HfArchMoE):
+            mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool)
+        else:
+            mixed = self.mlp(normed)
+        return hidden_states + mixed, attn_weights, router_logits
 
 
 class HfArchPreTrainedModel(PreTrainedModel):
@@ -97,7 +118,8 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, (HfArchLinearAttention, ShortConvolution)):
+        if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
+                               ZeroComputationExperts)):
             from transformers import initialization
 
             module.init_parameters(initialization)
@@ -118,6 +140,11 @@ class HfArchModel(HfArchPreTrainedModel):
         self.layers = nn.ModuleList(HfArchDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = HfArchRotaryEmbedding(config)
+        # UniPool: one set of FFN experts that every sparse layer routes into (each with its own router).
+        self.expert_pool = (
+            HfArchExperts(config, config.moe_pool_size)
+            if "sparse" in config.mlp_layer_types and config.moe_expert_pool == "global" else None
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -146,6 +173,14 @@ class HfArchModel(HfArchPreTrainedModel):
         if "sliding_attention" in self.config.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         return masks
+
+    def _share_padding_with_routing_stats(self, attention_mask) -> None:
+        """Routing statistics (when enabled) should count real tokens only: hand them the 2-D padding mask."""
+        padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        for layer in self.layers:
+            stats = getattr(layer.mlp, "stats", None)
+            if stats is not None:
+                stats.token_mask = padding
 
     def _packed_sequences(self, position_ids, attention_mask, past_seen, kwargs) -> torch.LongTensor | None:
         """``cu_seqlens`` of packed training rows (B = 1, no padding mask, positions restarting at 0), else None.
@@ -204,13 +239,17 @@ class HfArchModel(HfArchPreTrainedModel):
         masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states, all_attentions = [], []
+        self._share_padding_with_routing_stats(attention_mask)
+        all_hidden_states, all_attentions, all_router_logits = [], [], []
+        router_logits = None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, attn_weights = layer(
+            hidden_states, attn_weights, layer_router_logits = layer(
                 hidden_states,
+                router_logits,
                 attention_mask=masks.get(layer.layer_type),
+                expert_pool=self.expert_pool,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 position_ids=position_ids,
@@ -220,9 +259,20 @@ class HfArchModel(HfArchPreTrainedModel):
             )
             if output_attentions:
                 all_attentions.append(attn_weights)
+            if layer_router_logits is not None:
+                router_logits = layer_router_logits
+                all_router_logits.append(layer_router_logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
+        if all_router_logits:
+            return MoeModelOutputWithPast(
+                last_hidden_state=hidden_states,
+                past_key_values=past_key_values if use_cache else None,
+                hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+                attentions=tuple(all_attentions) if output_attentions else None,
+                router_logits=tuple(all_router_logits),
+            )
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
@@ -281,9 +331,10 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -301,6 +352,26 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        router_logits = getattr(outputs, "router_logits", None)
+        if router_logits is not None:
+            want_router_logits = (
+                self.config.output_router_logits if output_router_logits is None else output_router_logits
+            )
+            aux_loss = None
+            if labels is not None or want_router_logits:
+                aux_loss, _ = moe_auxiliary_losses(router_logits, self.config, attention_mask)
+                if loss is not None:
+                    loss = loss + aux_loss.to(loss.device)
+            output = MoeCausalLMOutputWithPast(
+                loss=loss,
+                aux_loss=aux_loss,
+                logits=logits,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                router_logits=router_logits if want_router_logits else None,
+            )
+            return output if return_dict is not False else output.to_tuple()
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

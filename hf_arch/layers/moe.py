@@ -1,0 +1,82 @@
+"""The ``sparse`` channel mixer: router → FFN experts (+ MoE++ zero-computation experts) → weighted sum,
+plus an optional always-on shared expert.
+
+    x ─ router ─ (token, expert, weight) ─┬─ FFN experts (own or the global pool): grouped SwiGLU ─┐
+      │                                   └─ zero / copy / constant experts (no matmul) ───────────┼─ Σ weight·y ─┐
+      └─ shared expert · [σ(x w_s)] ────────────────────────────────────────────────────────────────────────────┴─ out
+
+The layer returns its router logits too: the next sparse layer reads them (gating residuals), and the model turns
+them into auxiliary losses and routing statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mlp import HfArchMLP
+from .moe_experts import HfArchExperts, ZeroComputationExperts
+from .moe_router import MoERouter, selected_mask
+
+__all__ = ["HfArchMoE"]
+
+
+class HfArchMoE(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.router_kind = config.moe_router
+        self.top_k = config.num_experts_per_tok
+        self.num_ffn = config.num_ffn_experts
+        self.num_routed = config.num_routed_experts
+        first_sparse = config.mlp_layer_types.index("sparse")
+        self.router = MoERouter(config, self.num_routed, config.moe_gating_residual and layer_idx > first_sparse)
+        # A global pool lives on the model and arrives through forward(experts=...).
+        self.experts = HfArchExperts(config, config.num_experts) if config.moe_expert_pool == "per_layer" else None
+        self.zero_computation = (
+            ZeroComputationExperts(config) if config.num_zero_computation_experts else None
+        )
+        self.shared_expert = (
+            HfArchMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+            if config.num_shared_experts else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False) if self.shared_expert is not None and config.shared_expert_gate
+            else None
+        )
+        self.stats = None  # a RoutingStatsAccumulator while statistics are being collected
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        previous_router_logits: torch.Tensor | None = None,
+        experts: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden_states [B, T, H]`` → (output ``[B, T, H]``, router logits ``[B, T, E]`` in fp32)."""
+        B, T, H = hidden_states.shape
+        x = hidden_states.reshape(-1, H)
+        previous = previous_router_logits.reshape(B * T, -1) if previous_router_logits is not None else None
+        routing = self.router(x, previous)
+        experts = self.experts if self.experts is not None else experts
+        if experts is None:
+            raise ValueError(f"layer {self.layer_idx}: moe_expert_pool='global' but no expert pool was passed")
+
+        out = torch.zeros_like(x)
+        is_ffn = routing.expert_idx < self.num_ffn
+        tokens, chosen, weight = routing.token_idx[is_ffn], routing.expert_idx[is_ffn], routing.weight[is_ffn]
+        if tokens.numel():
+            y = experts(x, tokens, chosen)
+            out.index_add_(0, tokens, y * weight[:, None].to(y.dtype))
+        if self.zero_computation is not None and not bool(is_ffn.all()):
+            rest = ~is_ffn
+            self.zero_computation(x, routing.token_idx[rest], routing.expert_idx[rest] - self.num_ffn,
+                                  routing.weight[rest], out)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        logits = routing.logits.view(B, T, -1)
+        if self.stats is not None:
+            self.stats.add(self.layer_idx, selected_mask(logits.detach(), self.router_kind, self.top_k))
+        return out.view(B, T, H), logits

@@ -1,0 +1,75 @@
+"""The experts of a MoE layer: SwiGLU FFN experts as two 3-D weights, and MoE++'s zero-computation experts.
+
+FFN experts use transformers' layout (``gate_up_proj [E, 2I, H]`` with the gate rows first, ``down_proj [E, H, I]``),
+so Qwen-MoE-style checkpoints map key for key and PEFT reaches them with ``LoraConfig(target_parameters=[...])``.
+A ``global`` pool is one such module at ``model.expert_pool``, passed to every sparse layer at call time, so its
+weights exist (and are saved) once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.ops import expert_mlp
+
+__all__ = ["HfArchExperts", "ZeroComputationExperts"]
+
+
+class HfArchExperts(nn.Module):
+    def __init__(self, config, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        H, I = config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, H, I))
+        self._std = config.initializer_range
+
+    def init_parameters(self, init) -> None:
+        init.normal_(self.gate_up_proj, mean=0.0, std=self._std)
+        init.normal_(self.down_proj, mean=0.0, std=self._std)
+
+    def forward(self, x: torch.Tensor, token_idx: torch.LongTensor, expert_idx: torch.LongTensor) -> torch.Tensor:
+        """``[A, H]``: expert ``expert_idx[a]`` applied to ``x[token_idx[a]]`` (grouped matmuls, no per-expert loop
+        on the Triton path)."""
+        return expert_mlp(x, token_idx, expert_idx, self.gate_up_proj, self.down_proj)
+
+
+class ZeroComputationExperts(nn.Module):
+    """MoE++'s experts without an FFN. Ids (relative): zero ``[0, Z)``, copy ``[Z, Z+C)``, constant after.
+
+    zero → 0 (the token is dropped from this layer's FFN), copy → x (the token skips it),
+    constant j → ``a₁·x + a₂·v_j`` with ``[a₁, a₂] = softmax(W_j x)`` and ``v_j`` learned.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_zero = config.moe_zero_experts
+        self.num_copy = config.moe_copy_experts
+        self.num_constant = config.moe_constant_experts
+        H = config.hidden_size
+        self.constant_vectors = nn.Parameter(torch.empty(self.num_constant, H)) if self.num_constant else None
+        self.constant_mix = nn.Linear(H, 2 * self.num_constant, bias=False) if self.num_constant else None
+        self._std = config.initializer_range
+
+    def init_parameters(self, init) -> None:
+        if self.constant_vectors is not None:
+            init.normal_(self.constant_vectors, mean=0.0, std=self._std)
+
+    def forward(self, x: torch.Tensor, token_idx: torch.LongTensor, expert_idx: torch.LongTensor,
+                weight: torch.Tensor, out: torch.Tensor) -> None:
+        """Add ``weight · expert(x)`` into ``out [N, H]`` for assignments to zero-computation experts
+        (``expert_idx`` relative to the first of them). Zero experts add nothing and cost nothing."""
+        is_copy = (expert_idx >= self.num_zero) & (expert_idx < self.num_zero + self.num_copy)
+        if is_copy.any():
+            tokens = token_idx[is_copy]
+            out.index_add_(0, tokens, x[tokens] * weight[is_copy, None].to(x.dtype))
+        is_constant = expert_idx >= self.num_zero + self.num_copy
+        if is_constant.any():
+            tokens = token_idx[is_constant]
+            j = expert_idx[is_constant] - (self.num_zero + self.num_copy)
+            x_c = x[tokens]
+            mix = self.constant_mix(x_c).view(-1, self.num_constant, 2).float().softmax(dim=-1)
+            mix = mix[torch.arange(j.numel(), device=j.device), j].to(x.dtype)  # [A_c, 2]
+            value = mix[:, :1] * x_c + mix[:, 1:] * self.constant_vectors[j].to(x.dtype)
+            out.index_add_(0, tokens, value * weight[is_constant, None].to(x.dtype))
