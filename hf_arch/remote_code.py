@@ -46,6 +46,7 @@ _MODELING_STEM = MODELING_FILENAME[: -len(".py")]
 # ------------------------------------------------------------------------------------------------------------------
 CONFIG_MODULES: list[str] = [
     f"{PACKAGE}.configuration",
+    f"{PACKAGE}.models.moe_presets",
 ]
 MODELING_MODULES: list[str] = [
     f"{PACKAGE}.layers.norm",
@@ -65,9 +66,15 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.sliding_window.naive",
     f"{PACKAGE}.kernels.sliding_window.chunk",
     f"{PACKAGE}.kernels.sliding_window.cached",
+    f"{PACKAGE}.kernels.moe.permute",
+    f"{PACKAGE}.kernels.moe.grouped",
     f"{PACKAGE}.kernels.ops",
     f"{PACKAGE}.layers.short_conv",
     f"{PACKAGE}.layers.linear_attention",
+    f"{PACKAGE}.layers.moe_router",
+    f"{PACKAGE}.layers.moe_experts",
+    f"{PACKAGE}.layers.moe",
+    f"{PACKAGE}.layers.moe_losses",
     f"{PACKAGE}.models.backbone",
 ]
 

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import PadCollator, build_datasets
+from .moe_logging import RoutingStatsCallback, has_moe_layers
 from .schema import Recipe, load_recipe
 
 GATE_PATTERN = "output_gate"
@@ -143,14 +144,17 @@ def apply_mode(model, recipe: Recipe):
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from ..peft_utils import lora_target_modules
+        from ..peft_utils import lora_target_modules, lora_target_parameters
 
         targets = recipe.lora.target_modules
+        target_parameters = None
         if targets is None and _is_hf_arch(model):
             targets = lora_target_modules(model)
+            # MoE experts are 3-D parameters, not nn.Linear: peft reaches them through target_parameters.
+            target_parameters = lora_target_parameters(model) or None
         config = LoraConfig(
             r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-            target_modules=targets, task_type="CAUSAL_LM",
+            target_modules=targets, target_parameters=target_parameters, task_type="CAUSAL_LM",
         )
         try:
             return get_peft_model(model, config)
@@ -229,6 +233,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     if t.gradient_checkpointing and t.mode != "full" and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
+    routing_callbacks = [RoutingStatsCallback()] if has_moe_layers(model) else []
 
     trainer = RecipeTrainer(
         model=model,
@@ -237,7 +242,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[NanLossCallback(t.learning_rate), *callbacks],
+        callbacks=[NanLossCallback(t.learning_rate), *routing_callbacks, *callbacks],
         gate_lr_scale=gate_lr_scale,
     )
     started = time.time()

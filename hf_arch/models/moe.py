@@ -19,23 +19,8 @@ never depends on what a preset meant when it was written:
 from __future__ import annotations
 
 from ..configuration import HfArchConfig
+from .moe_presets import MOE_PRESETS, half_layerwise_pool_size
 from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
-
-MOE_PRESETS: dict[str, dict] = {
-    "softmax_topk": {"moe_router": "softmax_topk"},
-    "qwen_moe": {"moe_router": "softmax_topk", "num_shared_experts": 1, "shared_expert_gate": True},
-    "moe_plus_plus": {
-        "moe_router": "softmax_topk",
-        "moe_zero_experts": 1,
-        "moe_copy_experts": 1,
-        "moe_constant_experts": 2,
-        "moe_gating_residual": True,
-    },
-    "unipool": {"moe_router": "norm_router", "moe_expert_pool": "global", "moe_load_balance_scope": "pool"},
-    "blockffn": {"moe_router": "relu_rmsnorm", "moe_load_balance_coef": 0.0, "moe_tls_coef": 1e-3,
-                 "moe_cls_coef": 1e-3},
-}
-
 
 class MoEConfig(HfArchConfig):
     model_type = "hfa_moe"
@@ -48,24 +33,9 @@ class MoEConfig(HfArchConfig):
             for field, value in MOE_PRESETS[moe_preset].items():
                 kwargs.setdefault(field, value)
             if moe_preset == "unipool" and kwargs.get("moe_pool_size") is None:
-                kwargs["moe_pool_size"] = _half_layerwise_budget(kwargs)
+                kwargs["moe_pool_size"] = half_layerwise_pool_size(kwargs)
         self.moe_preset = moe_preset
         super().__init__(**kwargs)
-
-
-def _half_layerwise_budget(kwargs: dict) -> int:
-    """UniPool's reduced pool: half of ``num_experts`` per sparse layer, and never fewer than top-k."""
-    layers = kwargs.get("num_hidden_layers", 12)
-    types = kwargs.get("mlp_layer_types")
-    step = kwargs.get("moe_sparse_step")
-    if types is not None:
-        sparse = sum(t == "sparse" for t in types)
-    elif step:
-        sparse = layers // step
-    else:
-        sparse = layers
-    num_experts, top_k = kwargs.get("num_experts", 8), kwargs.get("num_experts_per_tok", 2)
-    return max(top_k, (num_experts * max(sparse, 1)) // 2)
 
 
 class MoEPreTrainedModel(HfArchPreTrainedModel):

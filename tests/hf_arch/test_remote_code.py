@@ -56,6 +56,11 @@ CONFIGS = {
         TINY, variant="gated_deltanet", linear_attn_hybrid="lizard", sliding_window=4, linear_attn_num_sinks=2,
         full_attention_layers=[1],
     ),
+    # MoE: the grouped PyTorch expert path, zero-computation experts, gating residuals, the global pool.
+    "moe_plus_plus_shared_expert": dict(TINY, variant="moe", moe_preset="moe_plus_plus", num_shared_experts=1,
+                                        shared_expert_gate=True, moe_intermediate_size=32),
+    "moe_unipool_dense_first": dict(TINY, variant="moe", moe_preset="unipool", mlp_layer_types=["dense", "sparse"],
+                                    moe_pool_size=3, moe_intermediate_size=32),
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
