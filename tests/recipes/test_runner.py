@@ -411,3 +411,34 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, stories260k, tokenizer):
+    """A tiny MoE++ checkpoint (zero/copy/constant experts, a shared expert) with the stories260K tokenizer."""
+    import hf_arch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_arch.MoEConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, moe_preset="moe_plus_plus", num_experts=4, moe_intermediate_size=32,
+        num_shared_experts=1,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("moe")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_lora_on_moe_merges_into_the_expert_tensors_and_logs_routing(tmp_path, moe_dir, stories_file):
+    recipe = make_recipe(tmp_path, moe_dir, stories_file, training={"mode": "lora", "learning_rate": 1e-2},
+                         lora={"r": 4, "alpha": 8})
+    run_recipe(recipe)
+    changed = changed_keys(state_dict(moe_dir), state_dict(tmp_path / "out" / "final"))
+    # LoRA reached the 3-D expert weights (target_parameters) as well as the linear projections.
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= changed
+    assert not any("router" in k for k in changed)
+    record = json.loads((tmp_path / "out" / "final" / "hf_arch_training.json").read_text())
+    logged = [entry for entry in record["log_history"] if "loss" in entry]
+    assert logged and all("moe/zero_computation_share" in entry for entry in logged)
