@@ -25,12 +25,14 @@ Design
       with no rows launch no program; their weight gradients are zeroed in torch.
     * ``dx``: the grouped GEMM gives the per-assignment rows ``d[gate | up] gate_up[e]`` (fp32), summed into tokens
       with ``index_add_`` in torch. A token appears once per chosen expert, so an in-kernel scatter would need
-      atomics: nondeterministic summation order and an fp32 side buffer for 16-bit x anyway. ``index_add_`` keeps
-      the kernels free of atomics for the price of one ``[A, H]`` fp32 buffer.
+      atomics (run-to-run varying summation order, and an fp32 side buffer for 16-bit x anyway). ``index_add_``
+      keeps the kernels free of atomics and under torch's determinism settings, for one ``[A, H]`` fp32 buffer.
 * Accumulation is fp32 (``tl.dot`` in IEEE precision for fp32 inputs: no tf32 rounding); intermediates (``h``,
   pre-activation, ``d[gate | up]``) are stored in x's dtype, like the PyTorch path. The weights are cast to x's
   dtype in the wrapper (autograd casts their gradients back). Every load and store is masked, so H and I need not
   be multiples of the blocks; blocks are fixed (no autotune: the interpreter cannot run several configs).
+  Under the interpreter (triton 3.9) ``tl.dot`` on bf16 operands returns garbage, so there bf16 tiles are upcast
+  to fp32 before the dot (``_dot_args``); compiled kernels dot bf16 directly.
 * Building the schedule needs the number of blocks on the host (one device sync per call, like the PyTorch
   path's ``counts.tolist()``).
 
@@ -53,9 +55,20 @@ __all__ = ["triton_grouped_expert_mlp"]
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation; UPCAST runs it on fp32 copies (bf16 under the interpreter, see _dot_args)."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr, src_ptr, w_ptr, h_ptr, gu_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr, H, I,
-    STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_GU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (row block, I block): gate and up accumulators side by side, SwiGLU in the epilogue."""
     blk = tl.program_id(0)
@@ -79,8 +92,8 @@ def _gate_up_swiglu_kernel(
         m_w = m_k[:, None] & m_n[None, :]
         wg = tl.load(w_gate + offs_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
         wu = tl.load(w_up + offs_k[:, None], mask=m_w, other=0.0)
-        acc_gate += tl.dot(a, wg, input_precision=PRECISION)
-        acc_up += tl.dot(a, wu, input_precision=PRECISION)
+        acc_gate += _dot(a, wg, PRECISION, UPCAST)
+        acc_up += _dot(a, wu, PRECISION, UPCAST)
 
     m_out = m_row[:, None] & m_n[None, :]
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
@@ -96,7 +109,7 @@ def _grouped_gemm_kernel(
     a_ptr, a_rows_ptr, w_ptr, y_ptr, y_rows_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr, N, K,
     stride_we, stride_wn, stride_wk,
     GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """``Y[y_row(r), n] = sum_k A[a_row(r), k] W[e, n, k]`` over one block of sorted rows r of expert e.
 
@@ -123,7 +136,7 @@ def _grouped_gemm_kernel(
         m_k = offs_k < K
         a = tl.load(a_ptr + a_rows[:, None] * K + offs_k[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
         w = tl.load(w_cols + offs_k[:, None].to(tl.int64) * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        acc += _dot(a, w, PRECISION, UPCAST)
 
     if SCATTER_Y:
         y_rows = tl.load(y_rows_ptr + rows, mask=m_row, other=0).to(tl.int64)
@@ -158,7 +171,7 @@ def _swiglu_bwd_kernel(
 def _grouped_wgrad_kernel(
     g_ptr, g_rows_ptr, a_ptr, a_rows_ptr, dw_ptr, experts_ptr, offsets_ptr, N, K,
     GATHER_G: tl.constexpr, GATHER_A: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """``dW[e, n, k] = sum_{r in rows(e)} G[g_row(r), n] A[a_row(r), k]``; one (expert, N block, K block)."""
     e = tl.load(experts_ptr + tl.program_id(0)).to(tl.int64)
@@ -183,7 +196,7 @@ def _grouped_wgrad_kernel(
             a_rows = rows
         g = tl.load(g_ptr + g_rows[:, None] * N + offs_n[None, :], mask=m_row[:, None] & m_n[None, :], other=0.0)
         a = tl.load(a_ptr + a_rows[:, None] * K + offs_k[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
-        acc += tl.dot(tl.trans(g), a, input_precision=PRECISION)
+        acc += _dot(tl.trans(g), a, PRECISION, UPCAST)
     tl.store(dw_ptr + e * N * K + offs_n[:, None] * K + offs_k[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=m_n[:, None] & m_k[None, :])
 
@@ -197,13 +210,15 @@ def _blocks() -> tuple[int, int, int]:
     return (16, 32, 32) if _interpreting() else (64, 64, 32)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """Dot input precision: full IEEE for fp32 (no tf32 rounding); 16-bit dots ignore the setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_args(dtype: torch.dtype) -> dict:
+    """``PRECISION``: full IEEE for fp32 (no tf32 rounding); 16-bit dots ignore it. ``UPCAST``: the interpreter
+    (triton 3.9) returns garbage for ``tl.dot`` on bf16 operands (~1e10 errors), so there they are upcast to fp32."""
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                UPCAST=dtype == torch.bfloat16 and _interpreting())
 
 
 def _block_schedule(counts: torch.Tensor, offsets: torch.Tensor, BM: int):
-    """``(expert, row_start, row_end)`` int64 arrays: ``ceil(count / BM)`` row blocks per expert, none for empty ones."""
+    """``(expert, row_start, row_end)`` int64 arrays: ``ceil(count / BM)`` row blocks per expert (none when empty)."""
     num_blocks = (counts + BM - 1) // BM
     total = int(num_blocks.sum())
     experts = torch.arange(counts.numel(), device=counts.device)
@@ -215,18 +230,18 @@ def _block_schedule(counts: torch.Tensor, offsets: torch.Tensor, BM: int):
     return blk_expert.contiguous(), blk_start.contiguous(), blk_end.contiguous()
 
 
-def _grouped_gemm(a, a_rows, w, w_strides, y, y_rows, schedule, N, K, BM, BN, BK, precision):
+def _grouped_gemm(a, a_rows, w, w_strides, y, y_rows, schedule, N, K, BM, BN, BK, dot_kw):
     blk_expert, blk_start, blk_end = schedule
     if blk_expert.numel() == 0 or N == 0:
         return
     _grouped_gemm_kernel[(blk_expert.numel(), triton.cdiv(N, BN))](
         a, a_rows if a_rows is not None else blk_start, w, y, y_rows if y_rows is not None else blk_start,
         blk_expert, blk_start, blk_end, N, K, *w_strides,
-        GATHER_A=a_rows is not None, SCATTER_Y=y_rows is not None, BM=BM, BN=BN, BK=BK, PRECISION=precision,
+        GATHER_A=a_rows is not None, SCATTER_Y=y_rows is not None, BM=BM, BN=BN, BK=BK, **dot_kw,
     )
 
 
-def _weight_grad(g, g_rows, a, a_rows, active, offsets, E, N, K, BM, BN, BK, precision):
+def _weight_grad(g, g_rows, a, a_rows, active, offsets, E, N, K, BM, BN, BK, dot_kw):
     """``[E, N, K]`` weight gradient; experts with no rows get exact zeros without launching a program."""
     dw = new_buffer(E, N, K, dtype=torch.float32, device=g.device)
     has_rows = torch.zeros(E, dtype=torch.bool, device=g.device)
@@ -236,7 +251,7 @@ def _weight_grad(g, g_rows, a, a_rows, active, offsets, E, N, K, BM, BN, BK, pre
         _grouped_wgrad_kernel[(active.numel(), triton.cdiv(N, BN), triton.cdiv(K, BK))](
             g, g_rows if g_rows is not None else offsets, a, a_rows if a_rows is not None else offsets, dw,
             active, offsets, N, K, GATHER_G=g_rows is not None, GATHER_A=a_rows is not None,
-            BM=BM, BN=BN, BK=BK, PRECISION=precision,
+            BM=BM, BN=BN, BK=BK, **dot_kw,
         )
     return dw
 
@@ -248,7 +263,7 @@ class _GroupedExpertMLPFunction(torch.autograd.Function):
         I, A, dev = I2 // 2, token_idx.shape[0], x.device
         x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
         BM, BN, BK = _blocks()
-        precision = _precision(x.dtype)
+        dot_kw = _dot_args(x.dtype)
 
         order, counts, offsets = sort_by_expert(expert_idx, E)
         src = token_idx.long()[order].contiguous()  # token read by each sorted row
@@ -260,10 +275,10 @@ class _GroupedExpertMLPFunction(torch.autograd.Function):
         if schedule[0].numel() > 0 and I > 0:
             _gate_up_swiglu_kernel[(schedule[0].numel(), triton.cdiv(I, BN))](
                 x, src, gate_up, h, gu if gu is not None else h, *schedule, H, I,
-                STORE_GU=gu is not None, BM=BM, BN=BN, BK=BK, PRECISION=precision,
+                STORE_GU=gu is not None, BM=BM, BN=BN, BK=BK, **dot_kw,
             )
         y = new_buffer(A, H, dtype=x.dtype, device=dev)
-        _grouped_gemm(h, None, down, (H * I, I, 1), y, order, schedule, H, I, BM, BN, BK, precision)
+        _grouped_gemm(h, None, down, (H * I, I, 1), y, order, schedule, H, I, BM, BN, BK, dot_kw)
 
         if needs_grad:
             ctx.save_for_backward(x, gate_up, down, gu, src, order, offsets, counts, *schedule)
@@ -275,12 +290,12 @@ class _GroupedExpertMLPFunction(torch.autograd.Function):
         (N, H), (E, I2, _) = x.shape, gate_up.shape
         I, A, dev = I2 // 2, src.shape[0], x.device
         BM, BN, BK = _blocks()
-        precision = _precision(x.dtype)
+        dot_kw = _dot_args(x.dtype)
         dy = dy.to(x.dtype).contiguous()
 
         # dh = dy[order] down[e]: down read as [E, I, H] through its strides.
         dh = new_buffer(A, I, dtype=torch.float32, device=dev)
-        _grouped_gemm(dy, order, down, (H * I, 1, I), dh, None, schedule, I, H, BM, BN, BK, precision)
+        _grouped_gemm(dy, order, down, (H * I, 1, I), dh, None, schedule, I, H, BM, BN, BK, dot_kw)
         dgu = new_buffer(A, 2 * I, dtype=x.dtype, device=dev)
         h = new_buffer(A, I, dtype=x.dtype, device=dev)
         if A > 0 and I > 0:
@@ -289,16 +304,16 @@ class _GroupedExpertMLPFunction(torch.autograd.Function):
         active = torch.nonzero(counts).flatten()
         d_down = d_gate_up = dx = None
         if ctx.needs_input_grad[2]:
-            d_down = _weight_grad(dy, order, h, None, active, offsets, E, H, I, BM, BN, BK, precision)
+            d_down = _weight_grad(dy, order, h, None, active, offsets, E, H, I, BM, BN, BK, dot_kw)
             d_down = d_down.to(down.dtype)
         if ctx.needs_input_grad[1]:
-            d_gate_up = _weight_grad(dgu, None, x, src, active, offsets, E, 2 * I, H, BM, BN, BK, precision)
+            d_gate_up = _weight_grad(dgu, None, x, src, active, offsets, E, 2 * I, H, BM, BN, BK, dot_kw)
             d_gate_up = d_gate_up.to(gate_up.dtype)
         if ctx.needs_input_grad[0]:
             # Per-assignment rows d[gate | up] gate_up[e] (gate_up read as [E, H, 2I]), summed into tokens.
             dx_rows = new_buffer(A, H, dtype=torch.float32, device=dev)
             _grouped_gemm(dgu, None, gate_up, (2 * I * H, 1, H), dx_rows, None, schedule, H, 2 * I, BM, BN, BK,
-                          precision)
+                          dot_kw)
             dx = torch.zeros(N, H, dtype=torch.float32, device=dev).index_add_(0, src, dx_rows).to(x.dtype)
         return dx, d_gate_up, d_down, None, None
 
