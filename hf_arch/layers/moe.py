@@ -62,15 +62,15 @@ class HfArchMoE(nn.Module):
             raise ValueError(f"layer {self.layer_idx}: moe_expert_pool='global' but no expert pool was passed")
 
         out = torch.zeros_like(x)
-        is_ffn = routing.expert_idx < self.num_ffn
-        tokens, chosen, weight = routing.token_idx[is_ffn], routing.expert_idx[is_ffn], routing.weight[is_ffn]
+        tokens, chosen, weight = routing.token_idx, routing.expert_idx, routing.weight
+        if self.zero_computation is not None:  # split off what goes to zero-computation experts
+            is_ffn = chosen < self.num_ffn
+            rest = ~is_ffn
+            self.zero_computation(x, tokens[rest], chosen[rest] - self.num_ffn, weight[rest], out)
+            tokens, chosen, weight = tokens[is_ffn], chosen[is_ffn], weight[is_ffn]
         if tokens.numel():
             y = experts(x, tokens, chosen)
             out.index_add_(0, tokens, y * weight[:, None].to(y.dtype))
-        if self.zero_computation is not None and not bool(is_ffn.all()):
-            rest = ~is_ffn
-            self.zero_computation(x, routing.token_idx[rest], routing.expert_idx[rest] - self.num_ffn,
-                                  routing.weight[rest], out)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
