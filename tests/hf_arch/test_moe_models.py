@@ -245,3 +245,20 @@ def test_sparse_step_and_explicit_layout():
     assert MoEConfig(**TINY, moe_sparse_step=2).mlp_layer_types == ["dense", "sparse", "dense"]
     assert MoEConfig(**TINY).mlp_layer_types == ["sparse"] * 3
     assert hf_arch.GatedAttentionConfig(**TINY).mlp_layer_types == ["dense"] * 3
+
+
+def test_triton_expert_backend_matches_torch_in_the_model(monkeypatch):
+    pytest.importorskip("triton")
+    model = build("qwen_moe").train()
+    x = ids(2, 6)
+
+    def run(backend):
+        monkeypatch.setenv("HF_ARCH_KERNEL_BACKEND", backend)
+        model.zero_grad()
+        out = model(x, labels=x)
+        out.loss.backward()
+        experts = model.model.layers[0].mlp.experts
+        return out.logits.detach(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
+
+    for ours, theirs in zip(run("triton"), run("torch")):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
