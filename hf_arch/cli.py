@@ -126,10 +126,11 @@ def _cmd_bench_kernels(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
     kernels = benchmark_kernels(seq_lens=tuple(args.seq_lens or DEFAULT_SEQ_LENS), device=device,
-                                repeats=args.repeats, time_budget_s=args.time_budget)
+                                repeats=3 if args.repeats is None else args.repeats, time_budget_s=args.time_budget)
     decode = [] if args.skip_decode else benchmark_decode(
         contexts=tuple(args.decode_contexts), hidden_size=args.decode_hidden_size, layers=args.decode_layers,
-        new_tokens=16 if args.decode_tokens is None else args.decode_tokens, repeats=args.repeats)
+        new_tokens=16 if args.decode_tokens is None else args.decode_tokens,
+        repeats=3 if args.repeats is None else args.repeats)
     if args.json:
         print(json.dumps({"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                           "kernels": kernels, "decode": decode}, indent=2))
@@ -142,9 +143,42 @@ def _cmd_bench_kernels(args) -> int:
     return 0
 
 
+def _cmd_bench_moe(args) -> int:
+    import torch
+
+    from hf_arch.recipes.moe_benchmark import (
+        DEFAULT_EXPERTS, benchmark_moe_layers, benchmark_moe_training, format_moe_layer_table,
+        format_moe_training_table,
+    )
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    repeats = 5 if args.repeats is None else args.repeats
+    sizes = dict(hidden=args.hidden, top_k=args.top_k, expert_intermediate=args.expert_intermediate)
+    layers = benchmark_moe_layers(experts=tuple(args.experts or DEFAULT_EXPERTS), tokens=args.tokens, device=device,
+                                  repeats=repeats, **sizes)
+    training = [] if args.skip_model else benchmark_moe_training(
+        **sizes, layers=args.train_layers, experts=args.train_experts, seq_len=args.train_seq_len,
+        batch_size=args.train_batch_size, steps=args.train_steps,
+        vocab_size=args.train_vocab_size, device=device)
+    if args.json:
+        print(json.dumps({"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "layers": layers, "training": training}, indent=2))
+    else:
+        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+        print(format_moe_layer_table(layers))
+        if training:
+            print()
+            print(format_moe_training_table(training))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     if args.model == "kernels":
         return _cmd_bench_kernels(args)
+    if args.model == "moe":
+        return _cmd_bench_moe(args)
     from hf_arch.recipes.benchmark import benchmark_model, format_benchmark
 
     results = benchmark_model(
@@ -153,7 +187,7 @@ def _cmd_bench(args) -> int:
         seq_len=args.seq_len,
         decode_tokens=32 if args.decode_tokens is None else args.decode_tokens,
         implementations=args.attn_implementations.split(","),
-        repeats=args.repeats,
+        repeats=3 if args.repeats is None else args.repeats,
     )
     print(json.dumps(results, indent=2) if args.json else format_benchmark(results))
     return 0
@@ -236,17 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model "
-                                     "(`bench kernels`: the sequence-mixing kernels and cached decode)")
-    p.add_argument("model", help="model dir / Hub id, or `kernels` for the kernel + decode benchmark")
+                                     "(`bench kernels`: the sequence-mixing kernels and cached decode; "
+                                     "`bench moe`: MoE layers and MoE LM training)")
+    p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
+                                 "or `moe` for the MoE layer + training benchmark")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=None,
                    help="new tokens to decode (default 32; `bench kernels`: 16 per context)")
     p.add_argument("--attn-implementations", default="eager,sdpa")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3; `bench moe`: 5)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="bench kernels: sequence lengths")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="bench kernels: default cuda if available")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="bench kernels / moe: default cuda if available")
     p.add_argument("--skip-decode", action="store_true", help="bench kernels: skip the decode-latency benchmark")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[512, 2048, 8192],
                    help="bench kernels: prefilled context lengths for decode")
@@ -254,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-layers", type=int, default=4, help="bench kernels: decode models' depth")
     p.add_argument("--time-budget", type=float, default=None,
                    help="bench kernels: skip what is left of the kernel table after this many seconds")
+    p.add_argument("--experts", type=int, nargs="+", default=None,
+                   help="bench moe: numbers of experts for the layer table (default 8 16 64)")
+    p.add_argument("--tokens", type=int, default=4096, help="bench moe: tokens per layer call")
+    p.add_argument("--hidden", type=int, default=256, help="bench moe: hidden size (layers and training models)")
+    p.add_argument("--top-k", type=int, default=2, help="bench moe: experts per token")
+    p.add_argument("--expert-intermediate", type=int, default=None,
+                   help="bench moe: expert width I (default 4·hidden/top_k; the dense FFN is top_k·I wide)")
+    p.add_argument("--skip-model", action="store_true", help="bench moe: skip the LM training benchmark")
+    p.add_argument("--train-layers", type=int, default=4, help="bench moe: training models' depth")
+    p.add_argument("--train-experts", type=int, default=8, help="bench moe: experts per layer of the MoE LMs")
+    p.add_argument("--train-seq-len", type=int, default=256, help="bench moe: training sequence length")
+    p.add_argument("--train-batch-size", type=int, default=4, help="bench moe: training batch size")
+    p.add_argument("--train-steps", type=int, default=5, help="bench moe: timed training steps (after 2 warm-up)")
+    p.add_argument("--train-vocab-size", type=int, default=4096, help="bench moe: training models' vocabulary")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("card", help="write README.md (model card) into a model dir")
