@@ -68,6 +68,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.sliding_window.cached",
     f"{PACKAGE}.kernels.moe.permute",
     f"{PACKAGE}.kernels.moe.grouped",
+    f"{PACKAGE}.kernels.moe.weighted",
     f"{PACKAGE}.kernels.ops",
     f"{PACKAGE}.layers.short_conv",
     f"{PACKAGE}.layers.linear_attention",

@@ -19,9 +19,11 @@ from .dispatch import select_backend
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .moe.grouped import grouped_expert_mlp
+from .moe.weighted import grouped_weighted_expert_mlp
 from .sliding_window.chunk import chunk_sliding_window_attention
 
-__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "expert_mlp", "RECURRENT_MAX_TOKENS"]
+__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "expert_mlp", "weighted_expert_mlp",
+           "RECURRENT_MAX_TOKENS"]
 
 # At or below this many new tokens (decoding, short continuations) the recurrent form beats the chunked one on CPU.
 RECURRENT_MAX_TOKENS = 8
@@ -60,6 +62,10 @@ _SWA_IMPLS = {
     **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),
 }
 _MOE_IMPLS = {"torch": grouped_expert_mlp, **_triton_op(".moe.triton_moe", "triton_grouped_expert_mlp")}
+_WEIGHTED_MOE_IMPLS = {
+    "torch": grouped_weighted_expert_mlp,
+    **_triton_op(".moe.triton_moe", "triton_weighted_expert_mlp"),
+}
 
 
 def gla(
@@ -139,3 +145,20 @@ def expert_mlp(
     """
     impl = select_backend("expert_mlp", _MOE_IMPLS, x, backend)
     return impl(x, token_idx, expert_idx, gate_up, down)
+
+
+def weighted_expert_mlp(
+    x: torch.Tensor,
+    token_idx: torch.LongTensor,
+    expert_idx: torch.LongTensor,
+    weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``out[n] = Σ_{a: token_idx[a] = n} weight[a] · expert_mlp(...)[a]``: the MoE layer's routed output ``[N, H]``.
+
+    Same inputs as :func:`expert_mlp` plus the routing weights ``[A]``; differentiable in x, weight and the experts.
+    """
+    impl = select_backend("weighted_expert_mlp", _WEIGHTED_MOE_IMPLS, x, backend)
+    return impl(x, token_idx, expert_idx, weight, gate_up, down)

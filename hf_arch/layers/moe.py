@@ -61,16 +61,17 @@ class HfArchMoE(nn.Module):
         if experts is None:
             raise ValueError(f"layer {self.layer_idx}: moe_expert_pool='global' but no expert pool was passed")
 
-        out = torch.zeros_like(x)
         tokens, chosen, weight = routing.token_idx, routing.expert_idx, routing.weight
+        zero_computation_out = None
         if self.zero_computation is not None:  # split off what goes to zero-computation experts
             is_ffn = chosen < self.num_ffn
             rest = ~is_ffn
-            self.zero_computation(x, tokens[rest], chosen[rest] - self.num_ffn, weight[rest], out)
+            zero_computation_out = torch.zeros_like(x)
+            self.zero_computation(x, tokens[rest], chosen[rest] - self.num_ffn, weight[rest], zero_computation_out)
             tokens, chosen, weight = tokens[is_ffn], chosen[is_ffn], weight[is_ffn]
-        if tokens.numel():
-            y = experts(x, tokens, chosen)
-            out.index_add_(0, tokens, y * weight[:, None].to(y.dtype))
+        out = experts(x, tokens, chosen, weight)
+        if zero_computation_out is not None:
+            out = out + zero_computation_out
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

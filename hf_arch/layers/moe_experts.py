@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.ops import expert_mlp
+from ..kernels.ops import weighted_expert_mlp
 
 __all__ = ["HfArchExperts", "ZeroComputationExperts"]
 
@@ -29,10 +29,11 @@ class HfArchExperts(nn.Module):
         init.normal_(self.gate_up_proj, mean=0.0, std=self._std)
         init.normal_(self.down_proj, mean=0.0, std=self._std)
 
-    def forward(self, x: torch.Tensor, token_idx: torch.LongTensor, expert_idx: torch.LongTensor) -> torch.Tensor:
-        """``[A, H]``: expert ``expert_idx[a]`` applied to ``x[token_idx[a]]`` (grouped matmuls, no per-expert loop
-        on the Triton path)."""
-        return expert_mlp(x, token_idx, expert_idx, self.gate_up_proj, self.down_proj)
+    def forward(self, x: torch.Tensor, token_idx: torch.LongTensor, expert_idx: torch.LongTensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        """``[N, H]``: ``Σ_a weight[a] · expert_{expert_idx[a]}(x[token_idx[a]])`` per token (grouped matmuls in
+        expert-sorted order; one Triton launch per GEMM on CUDA)."""
+        return weighted_expert_mlp(x, token_idx, expert_idx, weight, self.gate_up_proj, self.down_proj)
 
 
 class ZeroComputationExperts(nn.Module):

@@ -350,3 +350,17 @@ def triton_grouped_expert_mlp(
     token_idx = token_idx.to(device=x.device, dtype=torch.long)
     expert_idx = expert_idx.to(device=x.device, dtype=torch.long)
     return _GroupedExpertMLPFunction.apply(x, gate_up.to(x.dtype), down.to(x.dtype), token_idx, expert_idx)
+
+
+def triton_weighted_expert_mlp(
+    x: torch.Tensor,
+    token_idx: torch.LongTensor,
+    expert_idx: torch.LongTensor,
+    weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """``[N, H]`` routing-weighted sum of expert outputs (contract of ``weighted_expert_mlp``): the Triton grouped
+    MLP per assignment, then the weighting and the scatter to tokens in torch (autograd gives the weight gradient)."""
+    y = triton_grouped_expert_mlp(x, token_idx, expert_idx, gate_up, down)
+    return torch.zeros_like(x).index_add_(0, token_idx.to(x.device), y * weight[:, None].to(y.dtype))
