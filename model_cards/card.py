@@ -159,8 +159,38 @@ def _context(model_dir: Path, repo_id: str | None) -> tuple[dict, dict]:
         "auto_map": bool(config.get("auto_map")),
         "has_tokenizer": any((model_dir / name).is_file() for name in _TOKENIZER_FILES),
         "versions": conversion.get("versions") or {},
+        "architecture_facts": _architecture_facts(config),
     }
     return variables, metadata
+
+
+def _architecture_facts(config: dict) -> list[str]:
+    """One line per notable structural choice, read from config.json (so it also works without hf_arch installed)."""
+    facts = []
+    layers = config.get("layer_types") or []
+    if layers and len(set(layers)) > 1:
+        counts = {t: layers.count(t) for t in dict.fromkeys(layers)}
+        facts.append("Token mixers: " + ", ".join(f"{n} × `{t}`" for t, n in counts.items()))
+    mlp = config.get("mlp_layer_types") or []
+    if "sparse" in mlp:
+        pool = config.get("moe_expert_pool") == "global"
+        experts = (f"one global pool of {config.get('moe_pool_size')} FFN experts shared by all sparse layers" if pool
+                   else f"{config.get('num_experts')} FFN experts per layer")
+        facts.append(f"Mixture of Experts in {mlp.count('sparse')} of {len(mlp)} layers: {experts}, "
+                     f"router `{config.get('moe_router')}`"
+                     + ("" if config.get("moe_router") == "relu_rmsnorm" else f" (top-{config.get('num_experts_per_tok')})")
+                     + f", expert width {config.get('moe_intermediate_size')}")
+        zero_computation = [f"{config.get(f'moe_{kind}_experts')} {kind}" for kind in ("zero", "copy", "constant")
+                            if config.get(f"moe_{kind}_experts")]
+        if zero_computation:
+            facts.append("Zero-computation experts (MoE++): " + ", ".join(zero_computation)
+                         + ("; gating residuals" if config.get("moe_gating_residual") else ""))
+        if config.get("num_shared_experts"):
+            facts.append(f"Shared expert of width {config.get('shared_expert_intermediate_size')}"
+                         + (" with a sigmoid gate" if config.get("shared_expert_gate") else ""))
+        if config.get("moe_preset"):
+            facts.append(f"Preset: `{config['moe_preset']}`")
+    return facts
 
 
 def _template_text() -> str:

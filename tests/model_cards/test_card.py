@@ -124,3 +124,22 @@ def test_write_refuses_overwrite_and_is_atomic(tmp_path, monkeypatch):
     write_model_card(directory, overwrite=True)
     assert path.read_text() == first
     assert sorted(p.name for p in directory.iterdir()) == ["README.md", "config.json", "hf_arch_conversion.json"]
+
+
+def test_card_lists_moe_and_hybrid_structure(tmp_path):
+    config = {"model_type": "hfa_moe", "architectures": ["MoEForCausalLM"],
+              "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+              "mlp_layer_types": ["dense", "sparse", "sparse"], "moe_expert_pool": "global", "moe_pool_size": 6,
+              "moe_router": "norm_router", "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+              "moe_zero_experts": 1, "moe_copy_experts": 0, "moe_constant_experts": 2, "moe_gating_residual": True,
+              "moe_preset": "unipool"}
+    text = render_model_card(_model_dir(tmp_path, config))
+    assert "## Architecture" in text
+    assert "Token mixers: 2 × `linear_attention`, 1 × `full_attention`" in text
+    assert ("Mixture of Experts in 2 of 3 layers: one global pool of 6 FFN experts shared by all sparse layers, "
+            "router `norm_router` (top-2), expert width 64") in text
+    assert "Zero-computation experts (MoE++): 1 zero, 2 constant; gating residuals" in text
+    assert "Preset: `unipool`" in text
+    (tmp_path / "gated").mkdir()
+    plain = render_model_card(_model_dir(tmp_path / "gated", GATED_CONFIG))
+    assert "## Architecture" not in plain
