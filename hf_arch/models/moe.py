@@ -40,6 +40,8 @@ class MoEConfig(HfArchConfig):
 
 class MoEPreTrainedModel(HfArchPreTrainedModel):
     config_class = MoEConfig
+    # Routing decides tensor sizes on the host (expert segment lengths): no fullgraph torch.compile.
+    _can_compile_fullgraph = False
 
 
 class MoEModel(MoEPreTrainedModel, HfArchModel):

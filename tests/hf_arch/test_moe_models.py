@@ -184,32 +184,33 @@ def test_trainer_logs_routing_stats_and_learns(tmp_path):
     assert all(layer.mlp.stats is None for layer in model.model.layers)
 
 
-def test_lora_reaches_the_experts_through_target_parameters(tmp_path):
+@pytest.mark.parametrize("name, owner", [("qwen_moe", "experts"), ("unipool", "expert_pool")])
+def test_lora_reaches_the_experts_through_target_parameters(tmp_path, name, owner):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    model = build("qwen_moe")
+    model = build(name)
     x = ids(1, 9)
     with torch.no_grad():
         base = model(x).logits
     targets = hf_arch.lora_target_parameters(model)
-    assert targets == ["experts.gate_up_proj", "experts.down_proj"]
+    assert targets == [f"{owner}.gate_up_proj", f"{owner}.down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, target_modules=hf_arch.lora_target_modules(model),
                         target_parameters=targets)
     peft_model = get_peft_model(model, config)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    assert any("experts" in n and "lora" in n for n in trainable)
+    assert any(owner in n and "lora" in n for n in trainable)
     assert not any(n.endswith(("gate_up_proj", "down_proj")) and "lora" not in n for n in trainable)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, base)  # LoRA B starts at zero
         for n, p in peft_model.named_parameters():
-            if "experts" in n and "lora_B" in n:
+            if owner in n and "lora_B" in n:
                 p.normal_(std=0.5)
         adapted = peft_model(x).logits
     assert (adapted - base).abs().max() > 1e-3
     peft_model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(saved["target_parameters"]) == sorted(targets)
-    reloaded = PeftModel.from_pretrained(build("qwen_moe"), tmp_path)
+    reloaded = PeftModel.from_pretrained(build(name), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, adapted)
 
