@@ -115,6 +115,17 @@ def _diagnostics(model, tokenizer, args) -> dict:
     return diagnostics
 
 
+def _print_bench(args, device: str, results: dict, tables: list[str]) -> None:
+    """``--json``: one object with the device, torch version and ``results``; otherwise the non-empty tables."""
+    import torch
+
+    if args.json:
+        print(json.dumps({"device": device, "torch": torch.__version__, **results}, indent=2))
+        return
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("\n\n".join(table for table in tables if table))
+
+
 def _cmd_bench_kernels(args) -> int:
     import torch
 
@@ -131,15 +142,8 @@ def _cmd_bench_kernels(args) -> int:
         contexts=tuple(args.decode_contexts), hidden_size=args.decode_hidden_size, layers=args.decode_layers,
         new_tokens=16 if args.decode_tokens is None else args.decode_tokens,
         repeats=3 if args.repeats is None else args.repeats)
-    if args.json:
-        print(json.dumps({"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "kernels": kernels, "decode": decode}, indent=2))
-    else:
-        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-        print(format_kernel_table(kernels))
-        if decode:
-            print()
-            print(format_decode_table(decode))
+    _print_bench(args, device, {"torch_threads": torch.get_num_threads(), "kernels": kernels, "decode": decode},
+                 [format_kernel_table(kernels), format_decode_table(decode) if decode else ""])
     return 0
 
 
@@ -162,15 +166,8 @@ def _cmd_bench_moe(args) -> int:
         **sizes, layers=args.train_layers, experts=args.train_experts, seq_len=args.train_seq_len,
         batch_size=args.train_batch_size, steps=args.train_steps,
         vocab_size=args.train_vocab_size, device=device)
-    if args.json:
-        print(json.dumps({"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "layers": layers, "training": training}, indent=2))
-    else:
-        print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-        print(format_moe_layer_table(layers))
-        if training:
-            print()
-            print(format_moe_training_table(training))
+    _print_bench(args, device, {"threads": torch.get_num_threads(), "layers": layers, "training": training},
+                 [format_moe_layer_table(layers), format_moe_training_table(training) if training else ""])
     return 0
 
 

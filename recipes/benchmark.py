@@ -12,6 +12,12 @@ import time
 import torch
 
 
+def sync_device(device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, lazy init)
     times = []

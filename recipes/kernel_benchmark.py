@@ -20,18 +20,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .benchmark import _median_seconds
+from .benchmark import _median_seconds, sync_device
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 
 OURS = "hf_arch"
 HF_FALLBACK = "transformers"
 SDPA = "sdpa"
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _make_inputs(T: int, batch: int, heads: int, head_dim: int, device, dtype, seed: int = 0) -> dict:
@@ -170,7 +165,7 @@ def _time_impl(prepare, run, base: dict, device, repeats: int) -> dict:
     with torch.no_grad():
         def forward():
             run(tensors)
-            _sync(device)
+            sync_device(device)
 
         fwd = _median_seconds(forward, repeats)
 
@@ -181,7 +176,7 @@ def _time_impl(prepare, run, base: dict, device, repeats: int) -> dict:
         for leaf in grads.values():
             leaf.grad = None
         _loss(run(tensors)).backward()
-        _sync(device)
+        sync_device(device)
 
     fwdbwd = _median_seconds(forward_backward, repeats)
     return {"fwd_ms": fwd * 1e3, "fwdbwd_ms": fwdbwd * 1e3}

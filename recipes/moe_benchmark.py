@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from .benchmark import _median_seconds
+from .benchmark import _median_seconds, sync_device
 
 DEFAULT_EXPERTS = (8, 16, 64)
 
@@ -40,11 +40,6 @@ OURS = "hf_arch"
 HF_EAGER = "transformers_eager"
 HF_GROUPED = "transformers_grouped_mm"
 DENSE = "dense_ffn"
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _default_device(device: str | None) -> str:
@@ -167,7 +162,7 @@ def _time_layer(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor
         with torch.no_grad():
             def forward():
                 module(x)
-                _sync(device)
+                sync_device(device)
 
             fwd = _median_seconds(forward, repeats)
 
@@ -179,7 +174,7 @@ def _time_layer(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor
             for p in params:
                 p.grad = None
             (module(leaf) * upstream).sum().backward()
-            _sync(device)
+            sync_device(device)
 
         fwdbwd = _median_seconds(forward_backward, repeats)
     if leaf.grad is None or not all(p.grad is not None for p in params if p.numel()):
@@ -348,7 +343,7 @@ def _time_training(model, ids, steps: int, warmup: int, lr: float, device) -> di
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
-        _sync(device)
+        sync_device(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))

@@ -259,7 +259,7 @@ def _weight_grad(g, g_rows, a, a_rows, active, offsets, E, N, K, BM, BN, BK, dot
 class _GroupedExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, token_idx, expert_idx):
-        (N, H), (E, I2, _) = x.shape, gate_up.shape
+        H, (E, I2, _) = x.shape[1], gate_up.shape
         I, A, dev = I2 // 2, token_idx.shape[0], x.device
         x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
         BM, BN, BK = _blocks()
