@@ -35,14 +35,6 @@ def build(name: str, seed: int = 0):
     return model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
 

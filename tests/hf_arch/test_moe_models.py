@@ -36,14 +36,6 @@ def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @torch.no_grad()
 def test_prefill_then_decode_equals_full_forward(name):

@@ -1,0 +1,12 @@
+"""Model tests run tiny models: intra-op threads on the shared CPU cores only add contention."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
