@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
+from .moe_refactor import MoERefactorOptions, refactor_moe
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ RECORD_FILE = "hf_arch_conversion.json"
 # Conversion kinds by target variant: (options class, function(source_model, options) -> target model).
 CONVERSIONS = {
     "gated_attention": (GateInsertionOptions, insert_gates),
+    "moe": (MoERefactorOptions, refactor_moe),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +54,21 @@ def convert_model(source_model, to: str = "gated_attention", **options):
     return convert_fn(source_model, opts)
 
 
+def calibration_tokens(src, path, count: int, trust_remote_code: bool = False) -> torch.Tensor:
+    """``[rows, 512]`` token ids: the first ``count`` tokens of the text file (fewer if it is shorter)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    ids = tokenizer(path.read_text(encoding="utf-8")[: count * 16], return_tensors="pt").input_ids[0][:count]
+    if ids.numel() < 16:
+        raise ValueError(f"calibration file {path} holds only {ids.numel()} tokens; give at least a few hundred")
+    row = min(512, ids.numel())
+    return ids[: (ids.numel() // row) * row].view(-1, row)
+
+
 @torch.no_grad()
 def max_abs_logit_diff(source_model, target_model, input_ids: torch.Tensor) -> float:
     """max |Δlogit| between two models on the same tokens (logits compared in fp32; the models are not cast)."""
@@ -71,12 +88,15 @@ def convert(
     verify_tokens: int = 64,
     remote_code: bool = True,
     trust_remote_code: bool = False,
+    calibration_file: str | Path | None = None,
     **options,
 ) -> ConversionResult:
     """Convert checkpoint ``src`` (local dir or Hub id) into variant ``to`` and write it to ``out``.
 
     The output holds config, safetensors weights, tokenizer, generation config, the flat remote-code files and
     ``hf_arch_conversion.json`` (source, options, versions, max |Δlogit| against the source in fp32).
+    ``calibration_file``: text whose tokens calibrate conversions that need activation statistics (MoE
+    ``split="activation"`` or ``shared_neurons``).
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -110,7 +130,14 @@ def convert(
         raise ValueError(f"Could not load the weights of {src}: {error}") from error
     source.eval()
     _, convert_fn = CONVERSIONS[to]
-    target = convert_fn(source, opts)
+    extra = {}
+    if getattr(opts, "needs_calibration", False):
+        if calibration_file is None:
+            raise ValueError(f"--to {to} with {opts.as_dict()} needs calibration text: pass --calibration-file "
+                             "(calibration_file=...)")
+        extra["calibration_ids"] = calibration_tokens(src, calibration_file, opts.calibration_tokens,
+                                                      trust_remote_code)
+    target = convert_fn(source, opts, **extra)
 
     diff = None
     if verify:

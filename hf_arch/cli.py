@@ -35,6 +35,26 @@ def _cmd_convert(args) -> int:
             gate_init=args.gate_init,
             gate_lr_scale=args.gate_lr_scale,
         )
+    elif args.to == "moe":
+        options = dict(
+            method=args.method or "partition",
+            experts=args.experts,
+            top_k=args.top_k,
+            split=args.split,
+            shared_neurons=args.shared_neurons,
+            zero_experts=args.zero_experts,
+            copy_experts=args.copy_experts,
+            calibration_tokens=args.calibration_tokens,
+            seed=args.seed,
+        )
+    elif args.to in ("gla", "gated_deltanet"):
+        options = dict(
+            method=args.method or ("mamba_init" if args.to == "gated_deltanet" else "liger"),
+            keep_full_attention=args.keep_full_attention,
+            ratio=args.ratio,
+            window=args.window,
+            num_sinks=args.num_sinks,
+        )
     result = convert(
         args.src,
         args.out,
@@ -44,6 +64,7 @@ def _cmd_convert(args) -> int:
         verify=not args.no_verify,
         remote_code=not args.no_remote_code,
         trust_remote_code=args.trust_remote_code,
+        calibration_file=args.calibration_file,
         **options,
     )
     if args.json:
@@ -231,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-init", choices=["identity", "normal"], default="identity",
                    help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
     p.add_argument("--gate-lr-scale", type=float, default=1.0, help="LR multiplier recipes apply to the gates")
+    p.add_argument("--method", default=None,
+                   help="--to gla|gated_deltanet: liger | lolcats | lizard | mamba_init; --to moe: partition | upcycle")
+    p.add_argument("--keep-full-attention", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="linearization: layers that keep softmax attention")
+    p.add_argument("--ratio", type=int, default=None, help="linearization: R linear layers per full-attention layer")
+    p.add_argument("--window", type=int, default=64, help="linearization: sliding-window size of hybrid layers")
+    p.add_argument("--num-sinks", type=int, default=4, help="linearization (lizard): learnable sink logits")
+    p.add_argument("--experts", type=int, default=8, help="moe: FFN experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
+    p.add_argument("--split", choices=["random", "cluster", "activation"], default="cluster",
+                   help="moe partition: how FFN neurons are grouped into experts")
+    p.add_argument("--shared-neurons", type=int, default=0,
+                   help="moe partition: the N most active neurons form an always-on shared expert")
+    p.add_argument("--zero-experts", type=int, default=0, help="moe: MoE++ zero experts")
+    p.add_argument("--copy-experts", type=int, default=0, help="moe: MoE++ copy experts")
+    p.add_argument("--calibration-file", default=None,
+                   help="text for activation statistics (moe --split activation / --shared-neurons)")
+    p.add_argument("--calibration-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison against the source")

@@ -90,6 +90,8 @@ class HfArchConfig(PreTrainedConfig):
             ``RMSNorm(ReLU(x W))`` over experts, every positive expert is active), ``norm_router`` (UniPool-style:
             cosine similarity of ``x`` and each expert's router row times a learnable scale, then softmax top-k;
             scale-stable in ``‖x‖``; initial scale ``moe_norm_router_scale``).
+        moe_routed_scale: multiplies the weighted sum of the routed experts (DeepSeek's routed scaling factor); a
+            dense FFN partitioned into E experts with renormalised top-k weights uses E (``E/k`` per chosen expert).
         moe_zero_experts / moe_copy_experts / moe_constant_experts: MoE++ zero-computation experts routed
             alongside the FFN experts: zero (output 0), copy (output x), constant (``a₁·x + a₂·v`` with
             ``[a₁, a₂] = softmax(W_c x)`` and a learned ``v``). Expert ids: FFN, then zero, copy, constant.
@@ -182,6 +184,7 @@ class HfArchConfig(PreTrainedConfig):
         shared_expert_gate: bool = False,
         moe_router: str = "softmax_topk",
         moe_norm_topk_prob: bool = True,
+        moe_routed_scale: float = 1.0,
         moe_norm_router_scale: float = 10.0,
         moe_zero_experts: int = 0,
         moe_copy_experts: int = 0,
@@ -231,6 +234,7 @@ class HfArchConfig(PreTrainedConfig):
         self.shared_expert_gate = shared_expert_gate
         self.moe_router = moe_router
         self.moe_norm_topk_prob = moe_norm_topk_prob
+        self.moe_routed_scale = moe_routed_scale
         self.moe_norm_router_scale = moe_norm_router_scale
         self.moe_zero_experts = moe_zero_experts
         self.moe_copy_experts = moe_copy_experts
@@ -397,6 +401,8 @@ class HfArchConfig(PreTrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"{cls}.{field} must be a number >= 0, got {value!r}")
+        if not (isinstance(self.moe_routed_scale, (int, float)) and self.moe_routed_scale > 0):
+            raise ValueError(f"{cls}.moe_routed_scale must be > 0, got {self.moe_routed_scale!r}")
         if not self.moe_norm_router_scale > 0:
             raise ValueError(f"{cls}.moe_norm_router_scale must be > 0, got {self.moe_norm_router_scale!r}")
         if self.num_shared_experts and not self.shared_expert_intermediate_size:

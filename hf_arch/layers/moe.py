@@ -29,6 +29,7 @@ class HfArchMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.num_ffn = config.num_ffn_experts
         self.num_routed = config.num_routed_experts
+        self.routed_scale = config.moe_routed_scale
         first_sparse = config.mlp_layer_types.index("sparse")
         self.router = MoERouter(config, self.num_routed, config.moe_gating_residual and layer_idx > first_sparse)
         # A global pool lives on the model and arrives through forward(experts=...).
@@ -62,6 +63,8 @@ class HfArchMoE(nn.Module):
             raise ValueError(f"layer {self.layer_idx}: moe_expert_pool='global' but no expert pool was passed")
 
         tokens, chosen, weight = routing.token_idx, routing.expert_idx, routing.weight
+        if self.routed_scale != 1.0:
+            weight = weight * self.routed_scale
         zero_computation_out = None
         if self.zero_computation is not None:  # split off what goes to zero-computation experts
             is_ffn = chosen < self.num_ffn

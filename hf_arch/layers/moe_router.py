@@ -30,7 +30,7 @@ TOPK_ROUTERS = ("softmax_topk", "sigmoid_topk", "norm_router")
 
 @dataclass
 class Routing:
-    """One layer's routing of ``N`` tokens: fp32 ``logits [N, E]`` and the assignments, sorted by token."""
+    """One layer's routing of ``N`` tokens: ``logits [N, E]`` (fp32 or wider) and the assignments, by token."""
 
     logits: torch.Tensor
     token_idx: torch.LongTensor
@@ -81,14 +81,16 @@ class MoERouter(nn.Module):
             init.ones_(self.norm_weight)
 
     def compute_logits(self, x: torch.Tensor, previous_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 ``[N, E]`` logits for ``x [N, H]`` (routing decisions are precision-sensitive; the matmul is tiny)."""
-        x, weight = x.float(), self.weight.float()
+        """``[N, E]`` logits for ``x [N, H]`` in fp32 at least (routing decisions are precision-sensitive; the matmul
+        is tiny)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x, weight = x.to(dtype), self.weight.to(dtype)
         if self.kind == "norm_router":
-            logits = self.scale.float() * F.linear(F.normalize(x, dim=-1), F.normalize(weight, dim=-1))
+            logits = self.scale.to(dtype) * F.linear(F.normalize(x, dim=-1), F.normalize(weight, dim=-1))
         else:
             logits = F.linear(x, weight)
         if self.residual_proj is not None and previous_logits is not None:
-            logits = logits + F.linear(previous_logits.float(), self.residual_proj.weight.float())
+            logits = logits + F.linear(previous_logits.to(dtype), self.residual_proj.weight.to(dtype))
         return logits
 
     def forward(self, x: torch.Tensor, previous_logits: torch.Tensor | None = None) -> Routing:
@@ -97,7 +99,7 @@ class MoERouter(nn.Module):
         if self.kind == "relu_rmsnorm":
             active = F.relu(logits)
             rms = active.pow(2).mean(dim=-1, keepdim=True).add(self.eps).rsqrt()
-            weights = active * rms * self.norm_weight.float()
+            weights = active * rms * self.norm_weight.to(logits.dtype)
             token_idx, expert_idx = (active > 0).nonzero(as_tuple=True)
             return Routing(logits, token_idx, expert_idx, weights[token_idx, expert_idx])
         scores = torch.sigmoid(logits) if self.kind == "sigmoid_topk" else logits.softmax(dim=-1)

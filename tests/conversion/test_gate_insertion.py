@@ -2,67 +2,27 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import hf_arch
 from hf_arch.conversion import GateInsertionOptions, adapter_for, convert_model, insert_gates, max_abs_logit_diff
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-
-
-def _random_source(config_class, **extra):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_class(**TINY, **extra)).eval()
-    with torch.no_grad():  # random norms and biases, so a dropped tensor would show in the logits
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
-    return model
-
-
-SOURCES = {
-    "llama": lambda: _random_source(LlamaConfig, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
-    "llama_bias_tied": lambda: _random_source(LlamaConfig, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
-    "llama3_rope": lambda: _random_source(
-        LlamaConfig,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-    ),
-    "mistral_window": lambda: _random_source(MistralConfig, sliding_window=8),
-    "qwen2": lambda: _random_source(Qwen2Config),
-    "qwen2_sliding_layers": lambda: _random_source(
-        Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=1
-    ),
-    "qwen3": lambda: _random_source(Qwen3Config, head_dim=16, attention_bias=True),
-}
-
-
 @pytest.mark.parametrize("granularity", ["headwise", "elementwise"])
-@pytest.mark.parametrize("source_name", sorted(SOURCES))
-def test_converted_logits_equal_source(source_name, granularity):
-    source = SOURCES[source_name]()
+def test_converted_logits_equal_source(source_name, granularity, random_source, source_dims):
+    source = random_source(source_name)
     target = convert_model(source, granularity=granularity)
     assert target.config.model_type == "hfa_gated_attention"
-    ids = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, source_dims["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     assert max_abs_logit_diff(source, target, ids) <= 1e-5
     # The gates are really there, and really at exactly one.
     gates = [m for m in target.modules() if isinstance(m, hf_arch.layers.AttentionOutputGate)]
-    assert len(gates) == TINY["num_hidden_layers"]
-    assert torch.all(gates[0].scores(torch.randn(1, 3, TINY["hidden_size"])) == 1.0)
+    assert len(gates) == source_dims["num_hidden_layers"]
+    assert torch.all(gates[0].scores(torch.randn(1, 3, source_dims["hidden_size"])) == 1.0)
 
 
-def test_padded_batch_and_decode_match_source():
-    source = SOURCES["qwen2"]()
+def test_padded_batch_and_decode_match_source(random_source, source_dims):
+    source = random_source("qwen2")
     target = convert_model(source, granularity="headwise")
-    ids = torch.randint(1, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, source_dims["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     a = source(ids, attention_mask=mask).logits
@@ -73,21 +33,21 @@ def test_padded_batch_and_decode_match_source():
                        target.generate(ids, attention_mask=mask, **gen_kwargs))
 
 
-def test_target_config_is_derived_from_source():
-    source = SOURCES["qwen3"]()
+def test_target_config_is_derived_from_source(random_source, source_dims):
+    source = random_source("qwen3")
     config = insert_gates(source, GateInsertionOptions(granularity="headwise", gate_rank=None)).config
     assert config.head_dim == 16 and config.qk_norm and config.attention_bias
     assert config.num_key_value_heads == 2 and config.num_hidden_layers == 3
-    qwen2 = insert_gates(SOURCES["qwen2_sliding_layers"]()).config
+    qwen2 = insert_gates(random_source("qwen2_sliding_layers")).config
     assert qwen2.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert qwen2.sliding_window == 8
     assert qwen2.attention_bias and not qwen2.attention_output_bias
 
 
-def test_low_rank_and_bias_gates_are_identity_and_trainable():
-    source = SOURCES["llama"]()
+def test_low_rank_and_bias_gates_are_identity_and_trainable(random_source, source_dims):
+    source = random_source("llama")
     target = convert_model(source, granularity="elementwise", gate_rank=4, gate_bias=True)
-    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    ids = torch.randint(0, source_dims["vocab_size"], (1, 16))
     assert max_abs_logit_diff(source, target, ids) == 0.0
     target.train()
     target(ids, labels=ids).loss.backward()
@@ -95,15 +55,15 @@ def test_low_rank_and_bias_gates_are_identity_and_trainable():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_normal_gate_init_changes_function():
-    source = SOURCES["llama"]()
+def test_normal_gate_init_changes_function(random_source, source_dims):
+    source = random_source("llama")
     target = convert_model(source, gate_init="normal")
-    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    ids = torch.randint(0, source_dims["vocab_size"], (1, 16))
     assert max_abs_logit_diff(source, target, ids) > 1e-3
 
 
-def test_bad_options_and_sources():
-    source = SOURCES["llama"]()
+def test_bad_options_and_sources(random_source, source_dims):
+    source = random_source("llama")
     with pytest.raises(ValueError, match="gate_init"):
         convert_model(source, gate_init="ones")
     with pytest.raises(ValueError, match="attn_output_gate must be"):

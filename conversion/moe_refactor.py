@@ -1,0 +1,261 @@
+"""MoE refactorization: a Llama-family model's dense SwiGLU FFNs → ``hfa_moe`` experts.
+
+Two methods, both copying every non-FFN weight unchanged:
+
+- ``partition`` (LLaMA-MoE, MoEfication, Read-ME): the FFN's ``I`` neurons are split into ``E`` experts of ``I/E``
+  neurons each (a SwiGLU is a sum over its neurons, so the experts together compute the dense FFN exactly). Splits:
+  ``random`` (a seeded permutation), ``cluster`` (balanced k-means of the neurons' gate rows) or ``activation``
+  (balanced k-means of which calibration tokens activate each neuron, so neurons that fire together share an expert).
+  Optionally the ``shared_neurons`` most active neurons form an always-on shared expert. Top-k routing then keeps
+  ``k`` of ``E`` experts; the routed sum is scaled by ``E`` (renormalised weights, i.e. ``E/k`` per chosen expert
+  with uniform weights) so its magnitude matches the dense FFN. Routers start at the experts' centroids (the mean
+  gate row of their neurons) so a token prefers the experts whose neurons its input drives.
+- ``upcycle`` (sparse upcycling): every expert is a copy of the dense FFN and a router is added; with renormalised
+  weights the output equals the dense FFN exactly until training makes the experts differ.
+
+MoE++ zero / copy experts can be added to either (their router rows start at zero). Exact cases, tested: upcycling,
+and a partition with every expert active (``top_k = E``); both equal the source within float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.moe import MoEConfig, MoEForCausalLM
+from .sources import adapter_for
+
+METHODS = ("partition", "upcycle")
+SPLITS = ("random", "cluster", "activation")
+ROUTER_INITS = ("centroid", "zero")
+
+
+@dataclass
+class MoERefactorOptions:
+    method: str = "partition"
+    experts: int = 8
+    top_k: int = 2
+    split: str = "cluster"  # partition only
+    shared_neurons: int = 0  # partition only: the most active neurons become an always-on shared expert
+    zero_experts: int = 0
+    copy_experts: int = 0
+    router_init: str = "centroid"  # centroid: each expert's mean gate row (for copies: all equal) | zero: uniform
+    router_std: float = 0.0  # upcycle: random router init with this std instead
+    calibration_tokens: int = 4096  # activation split / shared neurons: tokens of calibration text to run
+    seed: int = 0
+
+    def validate(self, intermediate_size: int) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        for name, minimum in (("experts", 1), ("top_k", 1), ("shared_neurons", 0), ("zero_experts", 0),
+                              ("copy_experts", 0), ("calibration_tokens", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        routed = self.experts + self.zero_experts + self.copy_experts
+        if self.top_k > routed:
+            raise ValueError(f"top_k ({self.top_k}) is larger than the routed experts ({routed})")
+        if self.method == "partition":
+            neurons = intermediate_size - self.shared_neurons
+            if self.shared_neurons >= intermediate_size:
+                raise ValueError(f"shared_neurons ({self.shared_neurons}) must be smaller than the source FFN's "
+                                 f"intermediate_size ({intermediate_size})")
+            if self.experts > neurons:
+                raise ValueError(f"experts ({self.experts}) is more than the FFN neurons to split "
+                                 f"({neurons} = intermediate_size {intermediate_size} - shared {self.shared_neurons})")
+            if neurons % self.experts:
+                raise ValueError(f"the {neurons} FFN neurons to split (intermediate_size {intermediate_size} - shared "
+                                 f"{self.shared_neurons}) do not divide into {self.experts} equal experts")
+        elif self.shared_neurons:
+            raise ValueError("shared_neurons applies to method='partition' only")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "partition" and (self.split == "activation" or self.shared_neurons > 0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
+    kwargs = adapter_for(source_config).backbone_kwargs(source_config)
+    I = source_config.intermediate_size
+    options.validate(I)
+    partition = options.method == "partition"
+    expert_width = (I - options.shared_neurons) // options.experts if partition else I
+    return MoEConfig(
+        **kwargs,
+        mlp_layer_types=["sparse"] * source_config.num_hidden_layers,
+        num_experts=options.experts,
+        num_experts_per_tok=options.top_k,
+        moe_intermediate_size=expert_width,
+        num_shared_experts=1 if options.shared_neurons else 0,
+        shared_expert_intermediate_size=options.shared_neurons or None,
+        moe_router="softmax_topk",
+        moe_norm_topk_prob=True,
+        moe_routed_scale=float(options.experts) if partition else 1.0,
+        moe_zero_experts=options.zero_experts,
+        moe_copy_experts=options.copy_experts,
+    )
+
+
+# -- neuron statistics and splits --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def neuron_activations(source_model, input_ids: torch.Tensor, attention_mask=None) -> list[torch.Tensor]:
+    """Per layer, ``|silu(gate) · up|`` of every FFN neuron on every real calibration token: ``[tokens, I]``."""
+    captured: list[torch.Tensor] = []
+    hooks = []
+    real = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+
+    def hook(module, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        act = (F.silu(module.gate_proj(x)) * module.up_proj(x)).abs().float()
+        captured.append(act[real] if real is not None else act)
+
+    for layer in source_model.model.layers:
+        hooks.append(layer.mlp.register_forward_hook(hook))
+    try:
+        source_model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 15) -> torch.Tensor:
+    """Assign ``features [n, d]`` rows to ``clusters`` groups of exactly ``n / clusters`` rows (cosine k-means,
+    then a greedy balanced assignment by affinity). Returns ``[n]`` group ids."""
+    n = features.shape[0]
+    size = n // clusters
+    x = F.normalize(features.float(), dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(n, generator=generator)[:clusters]].clone()
+    assignment = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        affinity = x @ centroids.T  # [n, clusters]
+        assignment = _balanced_assign(affinity, size)
+        for c in range(clusters):
+            members = x[assignment == c]
+            centroids[c] = F.normalize(members.mean(0), dim=0) if members.numel() else centroids[c]
+    return assignment
+
+
+def _balanced_assign(affinity: torch.Tensor, size: int) -> torch.Tensor:
+    """Greedy: take (row, cluster) pairs by decreasing affinity, skipping full clusters and placed rows."""
+    n, clusters = affinity.shape
+    order = affinity.flatten().argsort(descending=True)
+    assignment = torch.full((n,), -1, dtype=torch.long)
+    room = [size] * clusters
+    placed = 0
+    for flat in order.tolist():
+        row, cluster = divmod(flat, clusters)
+        if assignment[row] >= 0 or room[cluster] == 0:
+            continue
+        assignment[row] = cluster
+        room[cluster] -= 1
+        placed += 1
+        if placed == n:
+            break
+    return assignment
+
+
+def split_neurons(gate_weight: torch.Tensor, options: MoERefactorOptions, activations: torch.Tensor | None,
+                  layer_seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(shared neuron ids, [ids of expert e] * E)`` for one layer's FFN."""
+    I = gate_weight.shape[0]
+    neurons = torch.arange(I)
+    shared = torch.empty(0, dtype=torch.long)
+    if options.shared_neurons:
+        frequency = (activations > activations.mean(0, keepdim=True)).float().mean(0)  # how often each neuron fires
+        shared = frequency.argsort(descending=True)[: options.shared_neurons].sort().values
+        neurons = neurons[~torch.isin(neurons, shared)]
+    generator = torch.Generator().manual_seed(options.seed + layer_seed)
+    if options.split == "random":
+        perm = neurons[torch.randperm(neurons.numel(), generator=generator)]
+        groups = list(perm.view(options.experts, -1))
+    else:
+        features = gate_weight[neurons] if options.split == "cluster" else activations[:, neurons].T
+        ids = balanced_kmeans(features, options.experts, seed=options.seed + layer_seed)
+        groups = [neurons[ids == e] for e in range(options.experts)]
+    return shared, [g.sort().values for g in groups]
+
+
+# -- the conversion ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibration_ids: torch.Tensor | None = None,
+                 calibration_mask: torch.Tensor | None = None) -> MoEForCausalLM:
+    """Build the MoE model from an in-memory Llama-family source (same dtype), copying every non-FFN weight."""
+    options = options or MoERefactorOptions()
+    config = moe_config_from(source_model.config, options)
+    if options.needs_calibration and calibration_ids is None:
+        raise ValueError(f"split={options.split!r} / shared_neurons={options.shared_neurons} need calibration tokens "
+                         "(calibration_ids; `hf-arch convert` reads them from --calibration-file)")
+    config._attn_implementation = source_model.config._attn_implementation
+    dtype = next(source_model.parameters()).dtype
+    target = MoEForCausalLM(config).to(dtype)
+    source_state = source_model.state_dict()
+    target_state = target.state_dict()
+
+    ffn = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
+    for name, tensor in source_state.items():
+        if any(part in name for part in ffn):
+            continue
+        if name not in target_state:
+            raise ValueError(f"source tensor {name} has no place in the MoE model")
+        if target_state[name].shape != tensor.shape:
+            raise ValueError(f"Shape mismatch for {name}: source {tuple(tensor.shape)}, "
+                             f"target {tuple(target_state[name].shape)}")
+        target_state[name].copy_(tensor)
+
+    activations = None
+    if options.needs_calibration:
+        activations = neuron_activations(source_model, calibration_ids, calibration_mask)
+    for index, (src_layer, dst_layer) in enumerate(zip(source_model.model.layers, target.model.layers)):
+        mlp, moe = src_layer.mlp, dst_layer.mlp
+        if getattr(mlp.gate_proj, "bias", None) is not None:
+            raise ValueError(f"layer {index}: FFN projections with bias (mlp_bias=True) are not supported by the MoE "
+                             "experts")
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        if options.method == "upcycle":
+            groups = [torch.arange(gate.shape[0])] * options.experts
+        else:
+            shared, groups = split_neurons(gate, options, activations[index] if activations else None, index)
+            if not partition_groups_cover_all_neurons(shared, groups, gate.shape[0]):
+                raise RuntimeError(f"layer {index}: the {options.split} split lost or duplicated FFN neurons")
+            if shared.numel():
+                moe.shared_expert.gate_proj.weight.copy_(gate[shared])
+                moe.shared_expert.up_proj.weight.copy_(up[shared])
+                moe.shared_expert.down_proj.weight.copy_(down[:, shared])
+        I = moe.experts.gate_up_proj.shape[1] // 2
+        for e, ids in enumerate(groups):
+            moe.experts.gate_up_proj[e, :I].copy_(gate[ids])
+            moe.experts.gate_up_proj[e, I:].copy_(up[ids])
+            moe.experts.down_proj[e].copy_(down[:, ids])
+        router = moe.router.weight
+        router.zero_()
+        centroids = torch.stack([gate[ids].float().mean(0) for ids in groups])
+        if options.method == "upcycle" and options.router_std > 0:
+            generator = torch.Generator().manual_seed(options.seed + index)
+            centroids = torch.randn(centroids.shape, generator=generator) * options.router_std
+        if options.router_init == "centroid" or options.router_std > 0:
+            router[: options.experts].copy_(centroids.to(router.dtype))
+        if moe.router.residual_proj is not None:
+            moe.router.residual_proj.weight.zero_()
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    target.generation_config = source_model.generation_config
+    return target.eval()
+
+
+def partition_groups_cover_all_neurons(shared: torch.Tensor, groups: list[torch.Tensor], intermediate: int) -> bool:
+    """Every neuron in exactly one place (a check the tests and the conversion record use)."""
+    ids = torch.cat([shared, *groups]).sort().values
+    return ids.numel() == intermediate and bool((ids == torch.arange(intermediate)).all())

@@ -1,0 +1,150 @@
+"""MoE refactorization: upcycling and an all-experts partition equal the dense source; splits cover every neuron;
+options that do not fit the source fail clearly; `hf-arch convert --to moe` writes a loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_arch.cli import main
+from hf_arch.conversion import MoERefactorOptions, convert, max_abs_logit_diff, refactor_moe
+from hf_arch.conversion.moe_refactor import (
+    balanced_kmeans,
+    neuron_activations,
+    partition_groups_cover_all_neurons,
+    split_neurons,
+)
+
+
+def _ids(vocab: int, rows: int = 2, length: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_equal_function(source, target, vocab):
+    """Exact math: float64 agrees to 1e-10; fp32 to a few ulps of the logits (summation order differs)."""
+    ids = _ids(vocab)
+    fp32 = max_abs_logit_diff(source, target, ids)
+    scale = source(ids).logits.abs().max().item()
+    assert fp32 <= 2e-6 * max(scale, 1.0), (fp32, scale)
+    with torch.no_grad():
+        fp64 = (source.double()(ids).logits - target.double()(ids).logits).abs().max().item()
+    source.float(), target.float()
+    assert fp64 <= 1e-10, fp64
+
+
+def test_upcycled_experts_equal_the_dense_model(source_name, random_source, source_dims):
+    source = random_source(source_name)
+    if getattr(source.config, "mlp_bias", False):
+        with pytest.raises(ValueError, match="mlp_bias"):
+            refactor_moe(source, MoERefactorOptions(method="upcycle", experts=3, top_k=2))
+        return
+    # A random router, so tokens really spread over the (identical) experts with unequal weights.
+    target = refactor_moe(source, MoERefactorOptions(method="upcycle", experts=3, top_k=2, router_std=0.5))
+    assert target.config.model_type == "hfa_moe" and target.config.moe_intermediate_size == 64
+    _assert_equal_function(source, target, source_dims["vocab_size"])
+
+
+@pytest.mark.parametrize("split, shared", [("random", 0), ("cluster", 0), ("cluster", 8), ("activation", 16)])
+def test_partition_with_every_expert_active_equals_the_dense_model(stories260k, split, shared):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    options = MoERefactorOptions(method="partition", experts=4, top_k=4, split=split, shared_neurons=shared,
+                                 router_init="zero")
+    calibration = _ids(source.config.vocab_size, rows=2, length=64, seed=3)
+    target = refactor_moe(source, options, calibration_ids=calibration)
+    config = target.config
+    assert config.moe_intermediate_size == (172 - shared) // 4 and config.moe_routed_scale == 4.0
+    assert config.num_shared_experts == (1 if shared else 0)
+    # Uniform weights 1/E times the routed scale E: every neuron contributes exactly once.
+    _assert_equal_function(source, target, source.config.vocab_size)
+
+
+def test_partition_top2_keeps_attention_and_norms_and_slices_the_ffn(stories260k):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    target = refactor_moe(source, MoERefactorOptions(method="partition", experts=4, top_k=2, split="cluster"))
+    src, dst = source.state_dict(), target.state_dict()
+    for name, tensor in src.items():
+        if ".mlp." not in name:
+            assert torch.equal(dst[name], tensor), name
+    # Each expert's rows are rows of the dense gate/up and columns of down, and the router starts at the centroids.
+    layer, moe = source.model.layers[2].mlp, target.model.layers[2].mlp
+    gate = layer.gate_proj.weight
+    rows = {tuple(r.tolist()): i for i, r in enumerate(gate)}
+    I = moe.experts.gate_up_proj.shape[1] // 2
+    for e in range(4):
+        ids = [rows[tuple(r.tolist())] for r in moe.experts.gate_up_proj[e, :I]]
+        torch.testing.assert_close(moe.experts.gate_up_proj[e, I:], layer.up_proj.weight[ids], rtol=0, atol=0)
+        torch.testing.assert_close(moe.experts.down_proj[e], layer.down_proj.weight[:, ids], rtol=0, atol=0)
+        torch.testing.assert_close(moe.router.weight[e], gate[ids].mean(0))
+    ids = _ids(source.config.vocab_size)
+    assert 0 < max_abs_logit_diff(source, target, ids) < 100  # top-2 of 4 is an approximation, not a copy
+    assert target.generate(ids[:, :4], max_new_tokens=4, do_sample=False).shape == (2, 8)
+
+
+def test_splits_are_balanced_and_cover_every_neuron():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.cat([torch.randn(12, 6, generator=gen) + 4 * torch.eye(6)[i % 3] for i in range(3)])
+    groups = balanced_kmeans(features, 3)
+    assert torch.bincount(groups).tolist() == [12, 12, 12]
+    activations = torch.rand(50, 36, generator=gen)
+    for split in ("random", "cluster", "activation"):
+        options = MoERefactorOptions(experts=4, split=split, shared_neurons=4)
+        shared, experts = split_neurons(features, options, activations, layer_seed=0)
+        assert [g.numel() for g in experts] == [8] * 4 and shared.numel() == 4
+        assert partition_groups_cover_all_neurons(shared, experts, 36)
+
+
+def test_shared_neurons_are_the_most_active(stories260k):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    acts = neuron_activations(source, _ids(source.config.vocab_size, length=48, seed=4))
+    assert len(acts) == 5 and acts[0].shape == (2 * 48, 172)
+    frequency = (acts[1] > acts[1].mean(0, keepdim=True)).float().mean(0)
+    shared, _ = split_neurons(source.model.layers[1].mlp.gate_proj.weight,
+                              MoERefactorOptions(experts=4, split="cluster", shared_neurons=8), acts[1], 1)
+    assert frequency[shared].min() >= frequency.sort(descending=True).values[7]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(experts=200), "experts (200) is more than the FFN neurons to split (172"),
+    (dict(experts=5), "do not divide into 5 equal experts"),
+    (dict(experts=4, top_k=5), "top_k (5) is larger than the routed experts (4)"),
+    (dict(split="kmeans"), "split must be one of"),
+    (dict(method="moefy"), "method must be one of"),
+    (dict(shared_neurons=172), "shared_neurons (172) must be smaller"),
+    (dict(method="upcycle", shared_neurons=4), "shared_neurons applies to method='partition' only"),
+    (dict(experts=4, split="activation"), "need calibration tokens"),
+    (dict(router_init="random"), "router_init must be one of"),
+])
+def test_options_that_do_not_fit_the_source_fail_clearly(stories260k, options, message):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    with pytest.raises(ValueError) as err:
+        refactor_moe(source, MoERefactorOptions(**{"experts": 4, **options}))
+    assert message in str(err.value)
+
+
+def test_convert_api_and_cli_write_a_loadable_moe(stories260k, tmp_path, capsys):
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text("Once upon a time there was a little girl named Lily. She liked to play. " * 30)
+    out = tmp_path / "moe"
+    result = convert(stories260k, out, to="moe", method="partition", experts=4, top_k=2, split="activation",
+                     shared_neurons=4, calibration_file=calibration, calibration_tokens=256)
+    record = json.loads((out / "hf_arch_conversion.json").read_text())
+    assert record["options"]["split"] == "activation" and record["variant"] == "moe"
+    assert result.max_abs_logit_diff is not None and result.max_abs_logit_diff > 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__ == "MoEForCausalLM" and loaded.config.num_shared_experts == 1
+
+    # Refused before anything is written: missing calibration, or an existing output dir.
+    with pytest.raises(ValueError, match="needs calibration text"):
+        convert(stories260k, tmp_path / "nocal", to="moe", split="activation", experts=4)
+    assert not (tmp_path / "nocal").exists()
+    with pytest.raises(FileExistsError):
+        convert(stories260k, out, to="moe", experts=4)
+
+    assert main(["convert", str(stories260k), str(tmp_path / "up"), "--to", "moe", "--method", "upcycle",
+                 "--experts", "3", "--top-k", "1", "--zero-experts", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["options"]["method"] == "upcycle" and printed["options"]["zero_experts"] == 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "up").config.moe_zero_experts == 1
