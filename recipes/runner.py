@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .data import PadCollator, build_datasets
 from .moe_logging import RoutingStatsCallback, has_moe_layers
+from .objectives import DistillationTeacher, attention_transfer_loss, distillation_loss
 from .schema import Recipe, load_recipe
 
 GATE_PATTERN = "output_gate"
@@ -93,11 +95,29 @@ def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_deca
 
 
 class RecipeTrainer(Trainer):
-    """Trainer whose optimizer scales the output-gate learning rate."""
+    """Trainer whose optimizer scales the output-gate learning rate, and whose loss follows the recipe's objective
+    (next-token, attention transfer, or next-token plus distillation; see :mod:`.objectives`)."""
 
-    def __init__(self, *args, gate_lr_scale: float = 1.0, **kwargs):
+    def __init__(self, *args, gate_lr_scale: float = 1.0, objective: str = "lm", teacher=None,
+                 distill=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate_lr_scale = gate_lr_scale
+        self.objective = objective
+        self.teacher = teacher
+        self.distill = distill
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective == "attention_transfer":
+            loss = attention_transfer_loss(model, inputs)
+            return (loss, {}) if return_outputs else loss
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        teacher_logits = self.teacher.logits(model, inputs)
+        kl = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], self.distill.temperature)
+        loss = self.distill.lm_weight * outputs.loss + self.distill.kl_weight * kl
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -138,6 +158,15 @@ def apply_mode(model, recipe: Recipe):
                 "to train (it is not an hf_arch variant with added parameters, e.g. a plain Llama); convert it first "
                 "(hf-arch convert --to gated_attention) or use mode full / lora"
             )
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        return model
+    if mode == "patterns":
+        patterns = [re.compile(p) for p in recipe.training.trainable_patterns]
+        names = {n for n, _ in model.named_parameters() if any(p.search(n) for p in patterns)}
+        if not names:
+            raise ValueError(f"training.trainable_patterns {recipe.training.trainable_patterns} match no parameter "
+                             f"of {recipe.model}")
         for n, p in model.named_parameters():
             p.requires_grad_(n in names)
         return model
@@ -233,6 +262,8 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     if t.gradient_checkpointing and t.mode != "full" and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
+    teacher = DistillationTeacher(recipe.distill.teacher, model, recipe.distill.temperature) \
+        if recipe.distill.teacher else None
     routing_callbacks = [RoutingStatsCallback()] if has_moe_layers(model) else []
 
     trainer = RecipeTrainer(
@@ -244,6 +275,9 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         processing_class=tokenizer,
         callbacks=[NanLossCallback(t.learning_rate), *routing_callbacks, *callbacks],
         gate_lr_scale=gate_lr_scale,
+        objective=t.objective,
+        teacher=teacher,
+        distill=recipe.distill,
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -264,6 +298,8 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         "trainable_parameters": trainable,
         "total_parameters": total,
         "mode": t.mode,
+        "objective": t.objective,
+        "distill_teacher": recipe.distill.teacher,
         "resumed_from": resume_from,
         "train_seconds": round(train_seconds, 2),
         "train_blocks": len(train_ds),
@@ -317,6 +353,7 @@ def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
         max_grad_norm=t.max_grad_norm,
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation reports the objective's loss; logits are never gathered
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         ddp_find_unused_parameters=False,

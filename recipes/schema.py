@@ -9,7 +9,8 @@ A recipe looks like::
       document_separator: "<|endoftext|>"
       block_size: 256
     training:
-      mode: new_params          # full | lora | new_params
+      mode: new_params          # full | lora | new_params | patterns
+      objective: lm             # lm | attention_transfer
       max_steps: 40
       learning_rate: 1.0e-3
     lora:                       # only read in mode lora
@@ -37,7 +38,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-MODES = ("full", "lora", "new_params")
+MODES = ("full", "lora", "new_params", "patterns")
+OBJECTIVES = ("lm", "attention_transfer")
 DEFAULT_ENV = {"HF_ARCH_ASSETS": "../shared/assets"}
 
 
@@ -61,7 +63,15 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    mode: Literal["full", "lora", "new_params"] = "full"
+    # full: every parameter; lora: adapters (targets per variant); new_params: only what a conversion added;
+    # patterns: the parameters whose names match trainable_patterns (regexes), e.g. ["\\.router\\."] for a
+    # router-only warm-up of a refactorized MoE.
+    mode: Literal["full", "lora", "new_params", "patterns"] = "full"
+    trainable_patterns: list[str] | None = None
+    # lm: next-token loss (+ distillation when distill.teacher is set); attention_transfer: stage 1 of a
+    # linearization: every linear layer's output is pulled to the softmax attention its frozen source weights
+    # compute (MSE), while the residual stream carries the teacher's output.
+    objective: Literal["lm", "attention_transfer"] = "lm"
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 1.0
     learning_rate: float = 5e-4
@@ -93,12 +103,24 @@ class LoraSection:
 
 
 @dataclass
+class DistillSection:
+    # None: off; "self": the model's own frozen source function (a linearized model with its base weights frozen:
+    # adapters off, every linear layer computing its softmax teacher), so no second model is loaded; or a path to
+    # the teacher checkpoint (e.g. the dense source of a refactorized MoE).
+    teacher: str | None = None
+    kl_weight: float = 1.0
+    lm_weight: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
 class Recipe:
     model: str = ""
     output_dir: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     source: str = field(default="<dict>", metadata={"internal": True})  # where the recipe came from
 
     def to_dict(self) -> dict:
@@ -357,6 +379,31 @@ def _validate(recipe: Recipe) -> None:
         raise ValueError(f"{src}: training.warmup_steps / weight_decay / max_grad_norm must be >= 0")
     if not 0.0 <= lora.dropout < 1.0:
         raise ValueError(f"{src}: 'lora.dropout' must be in [0, 1), got {lora.dropout}")
+    if t.mode == "patterns" and not t.trainable_patterns:
+        raise ValueError(f"{src}: training.mode 'patterns' needs training.trainable_patterns (regexes on parameter "
+                         "names, e.g. ['\\.router\\.'])")
+    if t.trainable_patterns and t.mode != "patterns":
+        raise ValueError(f"{src}: training.trainable_patterns is read in training.mode 'patterns' only "
+                         f"(mode is {t.mode!r})")
+    for pattern in t.trainable_patterns or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{src}: training.trainable_patterns entry {pattern!r} is not a regex: {err}") from None
+    if t.objective == "attention_transfer" and t.mode not in ("new_params", "patterns"):
+        raise ValueError(f"{src}: training.objective 'attention_transfer' keeps the source weights frozen as the "
+                         f"teacher; use training.mode new_params or patterns (got {t.mode!r})")
+    dist = recipe.distill
+    if dist.teacher is not None:
+        if t.objective != "lm":
+            raise ValueError(f"{src}: distill.teacher applies to training.objective 'lm'")
+        if dist.teacher == "self" and t.mode == "full":
+            raise ValueError(f"{src}: distill.teacher 'self' needs frozen source weights (mode lora, new_params or "
+                             "patterns); with mode full give the source checkpoint's path")
+        if dist.kl_weight < 0 or dist.lm_weight < 0 or dist.kl_weight + dist.lm_weight == 0:
+            raise ValueError(f"{src}: distill.kl_weight and distill.lm_weight must be >= 0 and not both 0")
+        if dist.temperature <= 0:
+            raise ValueError(f"{src}: 'distill.temperature' must be > 0, got {dist.temperature}")
     if d.document_separator is not None and not d.document_separator.strip():
         raise ValueError(f"{src}: 'data.document_separator' must not be blank (leave it unset for paragraphs)")
 
@@ -390,3 +437,6 @@ def _resolve_paths(recipe: Recipe) -> None:
         if value:
             expanded = os.path.expanduser(expand_env(value, recipe.source))
             _set(recipe, key, str(Path(expanded).resolve()))
+    teacher = recipe.distill.teacher
+    if teacher and teacher != "self":
+        recipe.distill.teacher = str(Path(os.path.expanduser(expand_env(teacher, recipe.source))).resolve())
