@@ -133,6 +133,17 @@ def test_schema_defaults_overrides_and_env(tmp_path, monkeypatch):
         ("model: m\ndata: {train_file: x.txt}\n", [], "output_dir"),
         ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["data.block_size=0"], "data.block_size"),
         ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.max_steps"], "key=value"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.mode=patterns"], "trainable_patterns"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.trainable_patterns=[a]"],
+         "read in training.mode 'patterns' only"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.mode=patterns",
+                                                              "training.trainable_patterns=['(']"], "not a regex"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.objective=attention_transfer"],
+         "use training.mode new_params or patterns"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["distill.teacher=self"],
+         "distill.teacher 'self' needs frozen source weights"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["distill.teacher=t", "distill.temperature=0"],
+         "distill.temperature"),
     ],
 )
 def test_schema_errors_name_key_and_file(tmp_path, body, overrides, match):
@@ -151,6 +162,14 @@ def test_shipped_configs_load(monkeypatch):
     assert Path(main.data.train_file).name == "tinystories_2mib.txt"
     lora = load_recipe(CONFIGS / "lora_example.yaml")
     assert lora.training.mode == "lora" and lora.lora.merge_on_save
+    stage1 = load_recipe(CONFIGS / "linearize_stage1_attention_transfer.yaml")
+    assert (stage1.training.mode, stage1.training.objective) == ("new_params", "attention_transfer")
+    stage2 = load_recipe(CONFIGS / "linearize_stage2_lora.yaml")
+    assert stage2.training.mode == "lora" and stage2.distill.teacher == "self"
+    router = load_recipe(CONFIGS / "moe_router_warmup.yaml", ["distill.teacher=./dense"])
+    assert router.training.trainable_patterns == [r"\.router\."] and Path(router.distill.teacher).is_absolute()
+    experts = load_recipe(CONFIGS / "moe_experts_finetune.yaml")
+    assert experts.training.mode == "patterns" and len(experts.training.trainable_patterns) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -442,3 +461,15 @@ def test_lora_on_moe_merges_into_the_expert_tensors_and_logs_routing(tmp_path, m
     record = json.loads((tmp_path / "out" / "final" / "hf_arch_training.json").read_text())
     logged = [entry for entry in record["log_history"] if "loss" in entry]
     assert logged and all("moe/zero_computation_share" in entry for entry in logged)
+
+
+def test_router_warmup_trains_only_routers_with_distillation(tmp_path, moe_dir, stories260k, stories_file):
+    recipe = make_recipe(tmp_path, moe_dir, stories_file,
+                         training={"mode": "patterns", "trainable_patterns": [r"\.router\."], "max_steps": 2},
+                         distill={"teacher": str(stories260k), "temperature": 2.0})
+    summary = run_recipe(recipe)
+    assert summary["distill_teacher"] == str(stories260k) and summary["loss_start"] > 0
+    changed = changed_keys(state_dict(moe_dir), state_dict(tmp_path / "out" / "final"))
+    assert changed and all(".router." in k for k in changed)
+    assert summary["trainable_parameters"] == sum(
+        v.numel() for k, v in state_dict(moe_dir).items() if ".router." in k)
