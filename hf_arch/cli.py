@@ -308,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model "
                                      "(`bench kernels`: the sequence-mixing kernels and cached decode; "
-                                     "`bench moe`: MoE layers and MoE LM training)")
+                                     "`bench moe`: MoE layers and MoE LM training; `bench recovery SRC --out DIR`: "
+                                     "convert, recover and evaluate, see `hf-arch bench recovery --help`)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
-                                 "or `moe` for the MoE layer + training benchmark")
+                                 "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=None,
@@ -359,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "recovery"]:  # its own options: convert + recover + evaluate (see the module)
+        from hf_arch.recipes.recovery_benchmark import main as recovery_main
+
+        return recovery_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import hf_arch  # noqa: F401  (registers the variants)
