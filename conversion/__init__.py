@@ -1,11 +1,12 @@
 """Retrofit plans: turn Llama-family checkpoints into hf-arch variants.
 
 A source adapter per family maps the config (``sources.py``); a conversion kind swaps or adds modules and
-initialises the new parameters (``gate_insertion.py``, ``moe_refactor.py``); ``api.convert`` loads, verifies and writes atomically.
+initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_refactor.py``); ``api.convert`` loads, verifies and writes atomically.
 """
 
 from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
 from .gate_insertion import GateInsertionOptions, insert_gates
+from .linearize import LinearizeOptions, attention_mse_per_layer, linearize
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sources import SOURCE_ADAPTERS, adapter_for
 
@@ -15,11 +16,14 @@ __all__ = [
     "SOURCE_ADAPTERS",
     "ConversionResult",
     "GateInsertionOptions",
+    "LinearizeOptions",
     "MoERefactorOptions",
     "adapter_for",
+    "attention_mse_per_layer",
     "convert",
     "convert_model",
     "insert_gates",
+    "linearize",
     "max_abs_logit_diff",
     "refactor_moe",
 ]

@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
+from .linearize import LinearizeOptions, linearize, method_target
 from .moe_refactor import MoERefactorOptions, refactor_moe
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ RECORD_FILE = "hf_arch_conversion.json"
 CONVERSIONS = {
     "gated_attention": (GateInsertionOptions, insert_gates),
     "moe": (MoERefactorOptions, refactor_moe),
+    "gla": (LinearizeOptions, linearize),
+    "gated_deltanet": (LinearizeOptions, linearize),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +47,10 @@ def conversion_options(to: str, **options):
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for --to {to}; valid options: {sorted(known)}")
-    return options_class(**options)
+    opts = options_class(**options)
+    if options_class is LinearizeOptions and method_target(opts.method) != to:
+        raise ValueError(f"--method {opts.method} converts to {method_target(opts.method)!r}, not --to {to!r}")
+    return opts
 
 
 def convert_model(source_model, to: str = "gated_attention", **options):

@@ -27,7 +27,8 @@ OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
-LINEAR_ATTN_GATES = ("low_rank", "scalar")
+LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
+LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
 LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
@@ -63,6 +64,16 @@ class HfArchConfig(PreTrainedConfig):
             ``-exp(A_log)·softplus(a + dt_bias)`` and write strength ``β = σ(b)`` per head).
         linear_attn_gate: GLA gate form: ``"low_rank"`` (``x → r → H·D``, the GLA paper) or ``"scalar"`` (one value
             per head and token, Lizard's σ(W_γ x)); log gate ``= logsigmoid(·) / linear_attn_gate_normalizer``.
+            ``"key_pooled"`` (Liger, no parameters): GLA log gate ``logsigmoid(k) / normalizer`` per key channel from
+            the raw ``k_proj`` output (before conv, norm, RoPE and feature map); Gated DeltaNet: per-head decay
+            ``logsigmoid(mean_D k) / normalizer`` (β still from its projection). ``"none"``: no decay (plain
+            linear attention, LoLCATs). For Gated DeltaNet, ``low_rank`` / ``scalar`` mean its Mamba-2 decay.
+        linear_attn_feature_map: φ on the linear branch's q and k (the window branch keeps raw q/k):
+            ``"identity"``; ``"softmax"`` over the head dim (Liger, no parameters); ``"hedgehog"`` (LoLCATs:
+            ``[softmax(x W_h) ⊕ softmax(-x W_h)]`` with a learnable ``W_h`` per head, identity at init,
+            ``q_feature_map [H, D, D]`` and ``k_feature_map [H_kv, D, D]``; the feature dim becomes 2D).
+        linear_attn_normalize: normalised linear branch ``φ(q)S_t / (φ(q)·z_t)`` with ``z_t = Σ decay·φ(k)``
+            (LoLCATs / Hedgehog); GLA only, needs a positive feature map (``softmax`` / ``hedgehog``).
         linear_attn_gate_low_rank_dim: ``r`` above. linear_attn_gate_normalizer: the GLA paper's τ (16).
         linear_attn_conv_size: depthwise causal short-conv width over q, k, v (0 = none), SiLU after it.
         linear_attn_qk_norm: ``"l2"`` normalises q and k per head (Gated DeltaNet); ``"none"``.
@@ -173,6 +184,8 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_hybrid: str = "none",
         linear_attn_mix_weights: list[float] | tuple[float, float] = (0.5, 0.5),
         linear_attn_num_sinks: int = 0,
+        linear_attn_feature_map: str = "identity",
+        linear_attn_normalize: bool = False,
         full_attention_layers: list[int] | None = None,
         linear_to_full_ratio: int | None = None,
         moe_sparse_step: int | None = None,
@@ -270,6 +283,8 @@ class HfArchConfig(PreTrainedConfig):
         self.linear_attn_hybrid = linear_attn_hybrid
         self.linear_attn_mix_weights = [float(w) for w in linear_attn_mix_weights]
         self.linear_attn_num_sinks = linear_attn_num_sinks
+        self.linear_attn_feature_map = linear_attn_feature_map
+        self.linear_attn_normalize = linear_attn_normalize
         self.layer_types = _resolve_layer_layout(self, layer_types, full_attention_layers, linear_to_full_ratio)
         # The shorthands are folded into layer_types, which is what gets saved.
         self.full_attention_layers = None
@@ -360,6 +375,7 @@ class HfArchConfig(PreTrainedConfig):
             ("linear_attn_qk_norm", LINEAR_ATTN_QK_NORMS),
             ("linear_attn_output_norm", LINEAR_ATTN_OUTPUT_NORMS),
             ("linear_attn_hybrid", LINEAR_ATTN_HYBRIDS),
+            ("linear_attn_feature_map", LINEAR_ATTN_FEATURE_MAPS),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
@@ -378,6 +394,14 @@ class HfArchConfig(PreTrainedConfig):
                              f"(the window branch's size), got {self.sliding_window!r}")
         if "hybrid_sliding" in self.layer_types and not hybrid:
             raise ValueError(f"{cls}.layer_types has 'hybrid_sliding' layers but linear_attn_hybrid is 'none'")
+        if not isinstance(self.linear_attn_normalize, bool):
+            raise ValueError(f"{cls}.linear_attn_normalize must be a bool, got {self.linear_attn_normalize!r}")
+        if self.linear_attn_normalize and self.linear_attn_type != "gla":
+            raise ValueError(f"{cls}.linear_attn_normalize applies to linear_attn_type='gla' only (the delta rule "
+                             f"has no normaliser), got {self.linear_attn_type!r}")
+        if self.linear_attn_normalize and self.linear_attn_feature_map == "identity":
+            raise ValueError(f"{cls}.linear_attn_normalize needs a positive feature map (linear_attn_feature_map "
+                             "'softmax' or 'hedgehog'): with 'identity' the denominator φ(q)·z can be <= 0")
         if self.linear_attn_num_sinks and self.linear_attn_hybrid != "lizard":
             raise ValueError(f"{cls}.linear_attn_num_sinks applies to linear_attn_hybrid='lizard' only, "
                              f"got {self.linear_attn_num_sinks} with {self.linear_attn_hybrid!r}")

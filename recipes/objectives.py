@@ -17,21 +17,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_transfer_loss", "set_attention_transfer", "DistillationTeacher", "distillation_loss"]
+from ..conversion.linearize import linear_attention_layers, set_attention_transfer
 
-
-def _linear_mixers(model):
-    from ..layers.linear_attention import HfArchLinearAttention
-
-    return [m for m in model.modules() if isinstance(m, HfArchLinearAttention)]
-
-
-def set_attention_transfer(model, enabled: bool) -> int:
-    """Switch every linear-attention layer's teacher mode; returns how many layers there are."""
-    mixers = _linear_mixers(model)
-    for mixer in mixers:
-        mixer.attention_transfer = enabled
-    return len(mixers)
+__all__ = ["attention_transfer_loss", "DistillationTeacher", "distillation_loss"]
 
 
 def attention_transfer_loss(model, inputs: dict) -> torch.Tensor:
@@ -56,7 +44,7 @@ class DistillationTeacher:
         self.temperature = temperature
         self.model = None
         if teacher == "self":
-            if not _linear_mixers(student):
+            if not linear_attention_layers(student):
                 raise ValueError("distill.teacher 'self' reproduces the source through the linear layers' softmax "
                                  "teachers; this model has no linear-attention layers, give a teacher checkpoint path")
         else:
@@ -83,10 +71,7 @@ class DistillationTeacher:
             with context:
                 logits = student(**batch).logits
         finally:
-            set_attention_transfer(student, False)
-            from ..layers.linear_attention import attention_transfer_losses
-
-            attention_transfer_losses(student)  # drop the unused per-layer losses
+            set_attention_transfer(student, False)  # also drops the per-layer losses the teacher pass left
             student.train(was_training)
         return logits
 

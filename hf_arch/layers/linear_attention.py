@@ -8,6 +8,13 @@ Llama-family attention layer's weights load into this one unchanged. The recurre
 ``LinearAttentionLayer`` cache (conv inputs in its conv state, the fp32 matrix state in its recurrent state); the
 window branch's keys live in the sliding-window half of a ``hybrid_sliding`` layer. Padding never enters a state:
 padded tokens get k = v = 0, no decay and β = 0, and zero conv inputs.
+
+Linearization options (Liger / LoLCATs): a parameter-free key-pooled forget gate (``linear_attn_gate="key_pooled"``)
+or none at all; a feature map on the linear branch's q/k (``softmax`` over the head dim, or LoLCATs' learnable
+Hedgehog map ``[softmax(x W) ⊕ softmax(-x W)]`` of width 2D); a normalised linear branch
+``φ(q)S / (φ(q)·z)`` computed with the same kernels by appending a ones column to v. ``attention_transfer`` (stage 1
+of LoLCATs-style recovery) makes the layer return the exact softmax attention of its own q/k/v/o weights and store
+the MSE between its linear output and that teacher in ``transfer_loss``.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from .norm import HfArchGatedRMSNorm, HfArchRMSNorm
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
 
-__all__ = ["HfArchLinearAttention", "cached_token_count"]
+__all__ = ["HfArchLinearAttention", "attention_transfer_losses", "cached_token_count"]
 
 SEEN_TOKENS_ATTR = "hf_arch_seen_tokens"
+# Smallest denominator of the normalised linear branch (φ(q)·z), which is positive for the positive feature maps.
+LINEAR_NORMALIZE_EPS = 1e-6
 
 
 def cached_token_count(past_key_values) -> int:
@@ -41,6 +50,24 @@ def cached_token_count(past_key_values) -> int:
         if hasattr(layer, SEEN_TOKENS_ATTR):
             return getattr(layer, SEEN_TOKENS_ATTR)
     return 0
+
+
+def attention_transfer_losses(model: nn.Module) -> list[torch.Tensor]:
+    """Collect (and clear) the ``transfer_loss`` of every linear-attention layer that ran in attention-transfer mode,
+    in module order. Each is an fp32 scalar with grad: ``MSE(linear output, softmax teacher)`` of that layer."""
+    losses = []
+    for module in model.modules():
+        if isinstance(module, HfArchLinearAttention) and getattr(module, "transfer_loss", None) is not None:
+            losses.append(module.transfer_loss)
+            module.transfer_loss = None
+    return losses
+
+
+def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Hedgehog feature map: x ``[B, T, H, D]``, weight ``[H, D, D]`` → ``[softmax(x W) ⊕ softmax(-x W)]`` ``[B, T, H, 2D]``."""
+    proj = torch.einsum("bthd,hde->bthe", x, weight.to(x.dtype))
+    proj = proj.to(torch.promote_types(proj.dtype, torch.float32))  # softmax in at least fp32
+    return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
 
 
 class HfArchLinearAttention(nn.Module):
@@ -67,18 +94,31 @@ class HfArchLinearAttention(nn.Module):
         conv_channels = (H + 2 * self.num_key_value_heads) * D
         self.conv = ShortConvolution(conv_channels, config.linear_attn_conv_size) if config.linear_attn_conv_size else None
 
+        self.gate = config.linear_attn_gate
+        self.feature_map = config.linear_attn_feature_map
+        self.normalize = config.linear_attn_normalize
+        self.feature_dim = 2 * D if self.feature_map == "hedgehog" else D
+        self.forget_proj, self.decay_proj, self.beta_proj = None, None, None
         if self.kind == "gla":
             out = H * D if config.linear_attn_gate == "low_rank" else H
-            if config.linear_attn_gate == "low_rank":
+            if config.linear_attn_gate in ("key_pooled", "none"):  # no parameters
+                pass
+            elif config.linear_attn_gate == "low_rank":
                 r = config.linear_attn_gate_low_rank_dim
                 self.forget_proj = nn.Sequential(nn.Linear(hidden, r, bias=False), nn.Linear(r, out, bias=True))
             else:
                 self.forget_proj = nn.Linear(hidden, out, bias=True)
-        else:  # gated_deltanet: Mamba-2-style decay and a per-head write strength
-            self.decay_proj = nn.Linear(hidden, H, bias=False)
-            self.A_log = nn.Parameter(torch.empty(H))
-            self.dt_bias = nn.Parameter(torch.empty(H))
+        else:  # gated_deltanet: Mamba-2-style decay (unless key-pooled / none) and a per-head write strength
+            if config.linear_attn_gate not in ("key_pooled", "none"):
+                self.decay_proj = nn.Linear(hidden, H, bias=False)
+                self.A_log = nn.Parameter(torch.empty(H))
+                self.dt_bias = nn.Parameter(torch.empty(H))
             self.beta_proj = nn.Linear(hidden, H, bias=False)
+        if self.feature_map == "hedgehog":  # LoLCATs: one learnable D×D map per head, separate for q and k
+            self.q_feature_map = nn.Parameter(torch.empty(H, D, D))
+            self.k_feature_map = nn.Parameter(torch.empty(self.num_key_value_heads, D, D))
+        else:
+            self.q_feature_map, self.k_feature_map = None, None
 
         norm = config.linear_attn_output_norm
         self.out_norm = HfArchGatedRMSNorm(D, eps=config.rms_norm_eps) if norm != "none" else None
@@ -90,11 +130,15 @@ class HfArchLinearAttention(nn.Module):
         else:
             self.window_weight, self.sink_logits = None, None
 
+        # Attention transfer (set by the caller; see forward): return the softmax teacher, store the MSE.
+        self.attention_transfer: bool = False
+        self.transfer_loss: torch.Tensor | None = None
+
     @torch.no_grad()
     def init_parameters(self, init) -> None:
         """This module's own parameters (transformers.initialization functions, so loaded weights are never
         overwritten). The conv initialises itself: transformers only visits modules holding parameters directly."""
-        if self.kind == "gated_deltanet":
+        if self.decay_proj is not None:
             # Decay rates A in [1, 16] and time steps in [1e-3, 0.1] (log-uniform), as in Mamba-2 / Gated DeltaNet.
             init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(1, 16).log())
             dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
@@ -103,18 +147,70 @@ class HfArchLinearAttention(nn.Module):
             init.constant_(self.window_weight, self.config.linear_attn_mix_weights[1])
         if self.sink_logits is not None:
             init.zeros_(self.sink_logits)
+        for fmap in (self.q_feature_map, self.k_feature_map):
+            if fmap is not None:  # identity: φ(x) = [softmax(x), softmax(-x)] at init
+                init.copy_(fmap, torch.eye(self.head_dim, dtype=fmap.dtype, device=fmap.device).expand_as(fmap))
 
     # -- pieces -------------------------------------------------------------------------------------------------
 
-    def _gates(self, x: torch.Tensor):
-        """Log decay (GLA ``[B, T, H, D]``, GDN ``[B, T, H]``) and β (GDN) in fp32."""
+    def _gates(self, x: torch.Tensor, k_raw: torch.Tensor):
+        """Log decay (GLA ``[B, T, H, feature_dim]``, GDN ``[B, T, H]``) and β (GDN) in fp32.
+
+        k_raw ``[B, T, H_kv, D]``: the k_proj output per key/value head (the key-pooled gate's input)."""
         B, T, _ = x.shape
+        H, D, normalizer = self.num_heads, self.head_dim, self.config.linear_attn_gate_normalizer
+        beta = torch.sigmoid(self.beta_proj(x).float()) if self.kind == "gated_deltanet" else None
+        if self.gate == "none":  # plain linear attention (LoLCATs): no decay
+            shape = (B, T, H, self.feature_dim) if self.kind == "gla" else (B, T, H)
+            return x.new_zeros(shape, dtype=torch.float32), beta
+        if self.gate == "key_pooled":  # Liger: the forget gate is pooled from the key itself, no parameters
+            k_heads = repeat_kv(k_raw.float().transpose(1, 2), self.num_key_value_groups).transpose(1, 2)
+            if self.kind == "gla":
+                g = F.logsigmoid(k_heads) / normalizer  # [B, T, H, D]
+                return (torch.cat([g, g], dim=-1) if self.feature_dim != D else g), beta
+            return F.logsigmoid(k_heads.mean(-1)) / normalizer, beta
         if self.kind == "gla":
-            g = F.logsigmoid(self.forget_proj(x).float()) / self.config.linear_attn_gate_normalizer
-            g = g.view(B, T, self.num_heads, -1).expand(B, T, self.num_heads, self.head_dim)
-            return g, None
+            g = F.logsigmoid(self.forget_proj(x).float()) / normalizer
+            if self.gate == "low_rank":
+                g = g.view(B, T, H, D)
+                return (torch.cat([g, g], dim=-1) if self.feature_dim != D else g), None
+            return g.view(B, T, H, 1).expand(B, T, H, self.feature_dim), None
         g = -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias.float())
-        return g, torch.sigmoid(self.beta_proj(x).float())
+        return g, beta
+
+    def _feature_maps(self, q: torch.Tensor, k: torch.Tensor):
+        """The linear branch's φ on q ``[B, T, H, D]`` and k ``[B, T, H_kv, D]`` (k before repeating to H heads)."""
+        if self.feature_map == "softmax":  # Liger: softmax over the head dim
+            return (q.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype),
+                    k.softmax(-1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype))
+        if self.feature_map == "hedgehog":
+            return _linear_hedgehog(q, self.q_feature_map), _linear_hedgehog(k, self.k_feature_map)
+        return q, k
+
+    def _teacher(self, x: torch.Tensor, position_embeddings, key_mask, cu_seqlens) -> torch.Tensor:
+        """Exact causal softmax attention of this layer's own q/k/v/o weights (the source Llama layer's output)."""
+        B, T, _ = x.shape
+        H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        mask = None
+        if key_mask is not None or cu_seqlens is not None:
+            idx = torch.arange(T, device=x.device)
+            allowed = (idx[None, :] <= idx[:, None])[None, None]  # [1, 1, T, T] causal
+            if cu_seqlens is not None:  # packed rows: attend within one's own sequence
+                seq = torch.bucketize(idx, cu_seqlens.to(x.device)[1:-1], right=True)
+                allowed = allowed & (seq[None, :] == seq[:, None])[None, None]
+            if key_mask is not None:
+                allowed = allowed & key_mask[:, -T:].to(torch.bool)[:, None, None, :]
+            # A padded query with nothing to attend to would give NaN; let it see itself (its output is unused).
+            mask = allowed | torch.eye(T, dtype=torch.bool, device=x.device)[None, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
         if self.kind == "gla":
@@ -151,15 +247,24 @@ class HfArchLinearAttention(nn.Module):
         position_in_sequence: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """attention_mask: the 2-D ``[B, past + T]`` padding mask (1 = token) or None."""
+        """attention_mask: the 2-D ``[B, past + T]`` padding mask (1 = token) or None.
+
+        With ``self.attention_transfer`` set, returns the softmax teacher's output and stores
+        ``self.transfer_loss = MSE(linear output, teacher.detach())`` over real tokens (no cache allowed)."""
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
         key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         token = key_mask[:, -T:].to(torch.bool) if key_mask is not None else None
+        if self.attention_transfer and past_key_values is not None:
+            raise ValueError(
+                f"HfArchLinearAttention (layer {self.layer_idx}): attention_transfer mode runs without a cache; "
+                "call the model with use_cache=False (and no past_key_values)"
+            )
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
 
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        k_raw = self.k_proj(x)
+        qkv = torch.cat([self.q_proj(x), k_raw, self.v_proj(x)], dim=-1)
         if token is not None:
             qkv = qkv * token.unsqueeze(-1).to(qkv.dtype)  # padding contributes nothing to the conv state
         if self.conv is not None:
@@ -181,9 +286,12 @@ class HfArchLinearAttention(nn.Module):
             rotated = qr.transpose(1, 2), kr.transpose(1, 2)
         lq, lk = rotated if self.config.linear_attn_use_rope else (q, k)
 
-        g, beta = self._gates(x)
+        g, beta = self._gates(x, k_raw.view(B, T, H_kv, D))
+        lq, lk = self._feature_maps(lq, lk)
         lk_h = repeat_kv(lk.transpose(1, 2), self.num_key_value_groups).transpose(1, 2)
         lv_h = repeat_kv(v.transpose(1, 2), self.num_key_value_groups).transpose(1, 2)
+        if self.normalize:  # v' = [v, 1]: the extra channel accumulates z_t = Σ decay · φ(k)
+            lv_h = torch.cat([lv_h, lv_h.new_ones(B, T, H, 1)], dim=-1)
         if token is not None:  # padded tokens: no write, no decay
             keep = token[..., None, None]
             lk_h, lv_h = lk_h * keep.to(lk_h.dtype), lv_h * keep.to(lv_h.dtype)
@@ -194,6 +302,9 @@ class HfArchLinearAttention(nn.Module):
         if layer is not None and layer.is_recurrent_states_initialized[0]:
             initial_state = layer.recurrent_states[0]
         o, final_state = self._linear_branch(lq, lk_h, lv_h, g, beta, initial_state, layer is not None, cu_seqlens)
+        if self.normalize:  # o = φ(q)S / (φ(q)·z); the kernel's scale cancels
+            wide = torch.promote_types(o.dtype, torch.float32)
+            o = (o[..., :D].to(wide) / o[..., D:].to(wide).clamp(min=LINEAR_NORMALIZE_EPS)).to(o.dtype)
         if layer is not None:
             layer.update_recurrent_state(final_state, 0)
             setattr(layer, SEEN_TOKENS_ATTR, getattr(layer, SEEN_TOKENS_ATTR, 0) + T)
@@ -209,4 +320,14 @@ class HfArchLinearAttention(nn.Module):
         if self.out_norm is not None:
             gate = self.output_gate_proj(x).view(B, T, H, D) if self.output_gate_proj is not None else None
             o = self.out_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, H * D)), None
+        out = self.o_proj(o.reshape(B, T, H * D))
+        if not self.attention_transfer:
+            return out, None
+        teacher = self._teacher(x, position_embeddings, key_mask, cu_seqlens)
+        err = (out.float() - teacher.detach().float()).pow(2)
+        if token is not None:  # mean over real tokens and channels
+            err = err * token[..., None].to(err.dtype)
+            self.transfer_loss = err.sum() / (token.sum().clamp(min=1) * err.shape[-1]).to(err.dtype)
+        else:
+            self.transfer_loss = err.mean()
+        return teacher, None

@@ -40,6 +40,7 @@ _LINEAR_LORA_TARGETS = _ATTENTION_LORA_TARGETS + ("output_gate_proj",)
 _LINEAR_NEW_PARAMETERS = (
     r"\.forget_proj\.", r"\.decay_proj\.", r"\.beta_proj\.", r"\.A_log$", r"\.dt_bias$", r"\.conv\.",
     r"\.out_norm\.", r"\.output_gate_proj\.", r"\.window_weight$", r"\.sink_logits$",
+    r"\.q_feature_map$", r"\.k_feature_map$",
 )
 
 GLA = register_variant(

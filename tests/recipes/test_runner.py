@@ -473,3 +473,47 @@ def test_router_warmup_trains_only_routers_with_distillation(tmp_path, moe_dir, 
     assert changed and all(".router." in k for k in changed)
     assert summary["trainable_parameters"] == sum(
         v.numel() for k, v in state_dict(moe_dir).items() if ".router." in k)
+
+
+@pytest.fixture(scope="module")
+def lolcats_dir(tmp_path_factory, stories260k):
+    """stories260K linearized with the LoLCATs preset (Hedgehog maps + window branch are the new parameters)."""
+    from hf_arch.conversion import convert
+
+    path = tmp_path_factory.mktemp("lin") / "lolcats"
+    convert(stories260k, path, to="gla", method="lolcats", window=16)
+    return path
+
+
+def test_attention_transfer_trains_only_new_parameters_and_lowers_the_mse(tmp_path, lolcats_dir, stories_file):
+    recipe = make_recipe(tmp_path, lolcats_dir, stories_file,
+                         training={"mode": "new_params", "objective": "attention_transfer", "max_steps": 20,
+                                   "learning_rate": 1e-2, "logging_steps": 1})
+    summary = run_recipe(recipe)
+    assert summary["objective"] == "attention_transfer"
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
+    changed = changed_keys(state_dict(lolcats_dir), state_dict(tmp_path / "out" / "final"))
+    assert changed and all(k.endswith(("feature_map", "window_weight")) for k in changed), changed
+
+
+def test_lora_with_self_distillation_needs_no_teacher_copy(tmp_path, lolcats_dir, stories_file, stories260k):
+    from hf_arch.recipes.objectives import DistillationTeacher
+
+    recipe = make_recipe(tmp_path, lolcats_dir, stories_file, training={"mode": "lora", "max_steps": 2},
+                         lora={"r": 4, "alpha": 8}, distill={"teacher": "self"})
+    summary = run_recipe(recipe)
+    assert summary["distill_teacher"] == "self" and summary["loss_start"] > 0
+
+    # The "self" teacher is the source function: its logits equal the unconverted stories260K's.
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(lolcats_dir).eval()
+    source = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    teacher = DistillationTeacher("self", student, temperature=1.0).logits(student, {"input_ids": ids})
+    with torch.no_grad():
+        torch.testing.assert_close(teacher, source(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (student(ids).logits - teacher).abs().max() > 1e-3  # the student itself is not the teacher
+    assert not student.training and all(not m.attention_transfer for m in student.modules()
+                                        if hasattr(m, "attention_transfer"))

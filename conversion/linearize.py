@@ -1,0 +1,246 @@
+"""Linearization: a Llama-family model → a linear-attention (GLA / Gated DeltaNet) model with every source weight copied.
+
+Each linear layer keeps the softmax layer's ``q/k/v/o_proj`` (and q/k norms) key for key; a method preset chooses
+what is added on top (``LinearizeOptions.method``):
+
+* ``liger`` (Lan et al., Liger, arXiv 2503.01496) → ``hfa_gla``: the forget gate is pooled from the key itself
+  (``logsigmoid(k) / τ``), q/k go through a softmax over the head dim, and the layer mixes ``0.5·GLA + 0.5·SWA``
+  with the same q/k/v. No new parameters at all: the converted model is usable before any training.
+* ``lolcats`` (Zhang et al., LoLCATs, arXiv 2410.10254) → ``hfa_gla``: no decay, learnable Hedgehog feature maps
+  (identity at init), a normalised linear branch, plus a sliding-window softmax branch weighted by a learnable α
+  (initialised to 1, no sinks). LoLCATs shares ONE softmax denominator between the window's ``exp(q·k)`` terms and
+  the linear part's ``φ(q)·φ(k)`` terms; we approximate that with ``normalised linear + α·window`` (each branch
+  normalised on its own), which the existing kernels compute without a new one.
+* ``lizard`` (Van Nguyen et al., Lizard, arXiv 2507.09025) → ``hfa_gla``: a per-head scalar gate σ(W_γ x) (new
+  parameters), GLA + α·(sliding window with ``num_sinks`` learnable sink logits, zero at init), α learnable and
+  initialised to 1. Lizard also learns a feature map on q/k; we keep the identity map here.
+* ``mamba_init`` (Wang et al., The Mamba in the Llama, arXiv 2408.15237) → ``hfa_gated_deltanet``: attention's
+  q→C, k→B, v→x, o→out is exactly our q/k/v/o key mapping; the decay, β, short conv (width 4) and gated RMSNorm
+  output are new with their standard initialisation, q/k are L2-normalised.
+
+Layers listed in ``keep_full_attention`` (or every ``(ratio + 1)``-th layer) keep the source's attention exactly
+(type, window and attention implementation). ``attention_mse_per_layer`` measures how far each linear layer is from
+its softmax teacher (the stage-1 attention-transfer objective of LoLCATs), e.g. before and after that stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
+from ..layers.norm import HfArchRMSNorm
+from ..layers.short_conv import ShortConvolution
+from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+from ..models.gla import GLAConfig, GLAForCausalLM
+from ..peft_utils import new_parameter_names
+from .sources import adapter_for
+
+__all__ = ["LINEARIZE_METHODS", "LinearizeOptions", "attention_mse_per_layer", "linearize", "linearized_config_from"]
+
+LINEARIZE_METHODS = ("liger", "lolcats", "lizard", "mamba_init")
+
+
+def method_target(method: str) -> str:
+    """The variant a method converts to (``--to``): ``gated_deltanet`` for mamba_init, ``gla`` otherwise."""
+    if method not in LINEARIZE_METHODS:
+        raise ValueError(f"method must be one of {LINEARIZE_METHODS}, got {method!r}")
+    return "gated_deltanet" if method == "mamba_init" else "gla"
+
+
+@dataclass
+class LinearizeOptions:
+    method: str = "liger"  # liger | lolcats | lizard | mamba_init
+    keep_full_attention: list[int] | None = None  # source layers that keep their softmax attention
+    ratio: int | None = None  # every (ratio + 1)-th layer keeps full attention
+    window: int = 64  # sliding-window branch of the intra-layer hybrids (liger, lolcats, lizard)
+    num_sinks: int = 4  # lizard's learnable sink logits
+    gate_normalizer: float = 16.0  # τ of the GLA-style log gate
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, num_layers: int | None = None) -> None:
+        if self.method not in LINEARIZE_METHODS:
+            raise ValueError(f"Unknown linearization method {self.method!r}; valid methods: {', '.join(LINEARIZE_METHODS)}")
+        if self.keep_full_attention is not None and self.ratio is not None:
+            raise ValueError("Give only one of keep_full_attention and ratio "
+                             f"(got keep_full_attention={self.keep_full_attention}, ratio={self.ratio})")
+        if self.ratio is not None and (not isinstance(self.ratio, int) or isinstance(self.ratio, bool) or self.ratio < 1):
+            raise ValueError(f"ratio must be an integer >= 1 (linear layers per full-attention layer), got {self.ratio!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window <= 0:
+            raise ValueError(f"window must be a positive integer, got {self.window!r}")
+        if not isinstance(self.num_sinks, int) or isinstance(self.num_sinks, bool) or self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be an integer >= 0, got {self.num_sinks!r}")
+        if not self.gate_normalizer > 0:
+            raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer!r}")
+        if self.keep_full_attention is not None and num_layers is not None:
+            for i in self.keep_full_attention:
+                if not isinstance(i, int) or isinstance(i, bool) or not -num_layers <= i < num_layers:
+                    raise ValueError(f"keep_full_attention index {i!r} is out of range for a source with "
+                                     f"{num_layers} layers (valid indices 0..{num_layers - 1})")
+
+    def kept_layers(self, num_layers: int) -> set[int]:
+        """Indices of the layers that keep softmax attention."""
+        self.validate(num_layers)
+        if self.keep_full_attention is not None:
+            return {i % num_layers for i in self.keep_full_attention}
+        if self.ratio is not None:
+            return {i for i in range(num_layers) if (i + 1) % (self.ratio + 1) == 0}
+        return set()
+
+    def method_overrides(self) -> tuple[type, dict]:
+        """(config class, ``linear_attn_*`` fields) of the method preset."""
+        self.validate()
+        common = dict(linear_attn_gate_normalizer=float(self.gate_normalizer), linear_attn_use_rope=False)
+        if self.method == "liger":
+            return GLAConfig, dict(common, linear_attn_gate="key_pooled", linear_attn_feature_map="softmax",
+                                   linear_attn_hybrid="liger", linear_attn_mix_weights=[0.5, 0.5],
+                                   linear_attn_output_norm="none", linear_attn_conv_size=0, linear_attn_qk_norm="none")
+        if self.method == "lolcats":
+            return GLAConfig, dict(common, linear_attn_gate="none", linear_attn_feature_map="hedgehog",
+                                   linear_attn_normalize=True, linear_attn_hybrid="lizard", linear_attn_num_sinks=0,
+                                   linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
+                                   linear_attn_conv_size=0, linear_attn_qk_norm="none")
+        if self.method == "lizard":
+            return GLAConfig, dict(common, linear_attn_gate="scalar", linear_attn_feature_map="identity",
+                                   linear_attn_hybrid="lizard", linear_attn_num_sinks=self.num_sinks,
+                                   linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
+                                   linear_attn_conv_size=0, linear_attn_qk_norm="none")
+        return GatedDeltaNetConfig, dict(common, linear_attn_gate="low_rank", linear_attn_feature_map="identity",
+                                         linear_attn_hybrid="none", linear_attn_conv_size=4,
+                                         linear_attn_qk_norm="l2", linear_attn_output_norm="gated_rmsnorm")
+
+
+def linearized_config_from(source_config, options: LinearizeOptions):
+    """The target config: the source's fields (``adapter_for(...).backbone_kwargs``) plus the method preset."""
+    kwargs = adapter_for(source_config).backbone_kwargs(source_config)
+    n = kwargs["num_hidden_layers"]
+    kept = options.kept_layers(n)
+    config_class, overrides = options.method_overrides()
+    source_types = list(kwargs.pop("layer_types", None) or ["full_attention"] * n)
+    source_window = kwargs.pop("sliding_window", None)
+    layer_types = [source_types[i] if i in kept else "linear_attention" for i in range(n)]
+    hybrid = overrides["linear_attn_hybrid"] != "none"
+    window = options.window if hybrid else None
+    if any(layer_types[i] == "sliding_attention" for i in kept):
+        # One sliding_window field serves both the kept sliding layers and the hybrid's window branch.
+        if hybrid and source_window != options.window:
+            raise ValueError(
+                f"Kept layers {sorted(i for i in kept if layer_types[i] == 'sliding_attention')} use the source's "
+                f"sliding window ({source_window}) but the {options.method!r} window branch asks for "
+                f"window={options.window}; the config has one sliding_window, so pass window={source_window}"
+            )
+        window = source_window
+    return config_class(**kwargs, **overrides, layer_types=layer_types, sliding_window=window)
+
+
+class _TorchInit:
+    """The ``init`` namespace that ``init_parameters`` methods expect, writing unconditionally (plain torch)."""
+
+    copy_ = staticmethod(lambda tensor, other: tensor.copy_(other))
+    uniform_ = staticmethod(nn.init.uniform_)
+    constant_ = staticmethod(nn.init.constant_)
+    zeros_ = staticmethod(nn.init.zeros_)
+    ones_ = staticmethod(nn.init.ones_)
+    normal_ = staticmethod(nn.init.normal_)
+
+
+@torch.no_grad()
+def _init_new_parameters(target, added: set[str]) -> None:
+    """Initialise every parameter the linearization adds (and nothing else), explicitly."""
+    std = target.config.initializer_range
+    done: set[str] = set()
+    for module_name, module in target.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = {f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)} & added
+        if not own:
+            continue
+        if isinstance(module, nn.Linear):  # gate / decay / β / output-gate projections
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (HfArchLinearAttention, ShortConvolution)):
+            module.init_parameters(_TorchInit)  # A_log, dt_bias, α, sinks, Hedgehog maps / the conv taps
+        elif isinstance(module, HfArchRMSNorm):
+            nn.init.ones_(module.weight)
+        else:
+            raise TypeError(f"No initialisation for new parameters {sorted(own)} of {type(module).__name__}")
+        done |= own
+    missing = sorted(added - done)
+    if missing:
+        raise RuntimeError(f"New parameters left uninitialised: {missing}")
+
+
+@torch.no_grad()
+def linearize(source_model, options: LinearizeOptions | None = None):
+    """Build the linearized model from an in-memory source model (same dtype), copying and checking every weight."""
+    options = options or LinearizeOptions()
+    config = linearized_config_from(source_model.config, options)
+    config._attn_implementation = source_model.config._attn_implementation  # for the kept softmax layers
+    model_class = GLAForCausalLM if isinstance(config, GLAConfig) else GatedDeltaNetForCausalLM
+    dtype = next(source_model.parameters()).dtype
+    target = model_class(config).to(dtype)
+    source_state = source_model.state_dict()
+    target_state = target.state_dict()
+    added = set(new_parameter_names(target))
+
+    unexpected = sorted(set(source_state) - set(target_state))
+    missing = sorted(set(target_state) - set(source_state) - added)
+    if unexpected or missing:
+        raise ValueError(
+            "Source and linearized parameters do not line up: "
+            f"source-only {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+            f"target-only {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        )
+    for name, tensor in source_state.items():
+        if target_state[name].shape != tensor.shape:
+            raise ValueError(f"Shape mismatch for {name}: source (teacher) {tuple(tensor.shape)}, "
+                             f"linearized (student) {tuple(target_state[name].shape)}")
+        target_state[name].copy_(tensor)
+    _init_new_parameters(target, added)
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    final = target.state_dict()
+    for name, tensor in source_state.items():
+        if not torch.equal(final[name], tensor):
+            raise RuntimeError(f"Weight {name} was not copied exactly")
+    target.generation_config = copy.deepcopy(source_model.generation_config)
+    return target.eval()
+
+
+def linear_attention_layers(model) -> list[HfArchLinearAttention]:
+    return [m for m in model.modules() if isinstance(m, HfArchLinearAttention)]
+
+
+def set_attention_transfer(model, enabled: bool) -> list[HfArchLinearAttention]:
+    """Switch attention-transfer mode on/off in every linear layer; returns those layers."""
+    layers = linear_attention_layers(model)
+    for layer in layers:
+        layer.attention_transfer = enabled
+        layer.transfer_loss = None
+    return layers
+
+
+@torch.no_grad()
+def attention_mse_per_layer(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[float]:
+    """Per linear layer (in layer order): MSE between its output and its softmax teacher's, over real tokens.
+
+    Runs the model once in attention-transfer mode (each layer sees the teacher's residual stream, as in LoLCATs'
+    stage 1); the previous mode of every layer is restored afterwards."""
+    layers = linear_attention_layers(model)
+    previous = [layer.attention_transfer for layer in layers]
+    try:
+        set_attention_transfer(model, True)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        losses = attention_transfer_losses(model)
+    finally:
+        for layer, mode in zip(layers, previous):
+            layer.attention_transfer = mode
+            layer.transfer_loss = None
+    if len(losses) != len(layers):
+        raise RuntimeError(f"Expected one transfer loss per linear layer ({len(layers)}), got {len(losses)}")
+    return [float(loss) for loss in losses]

@@ -1,0 +1,232 @@
+"""Linearization (liger / lolcats / lizard / mamba_init): every source tensor copied, kept layers exact, attention
+transfer reproduces the source and its MSE trains down."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from hf_arch.conversion.linearize import (
+    LINEARIZE_METHODS,
+    LinearizeOptions,
+    attention_mse_per_layer,
+    linearize,
+    set_attention_transfer,
+)
+from hf_arch.layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
+from hf_arch.peft_utils import new_parameter_names
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+EXPECTED_TYPE = {"liger": "hfa_gla", "lolcats": "hfa_gla", "lizard": "hfa_gla", "mamba_init": "hfa_gated_deltanet"}
+
+
+def _random_source(config_class, **extra):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_class(**TINY, **extra)).eval()
+    with torch.no_grad():  # random norms and biases, so a dropped tensor would show in the logits
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    return model
+
+
+RANDOM_SOURCES = {
+    "llama_bias_tied": lambda: _random_source(LlamaConfig, attention_bias=True, tie_word_embeddings=True),
+    "mistral": lambda: _random_source(MistralConfig, sliding_window=None),
+    "qwen2": lambda: _random_source(Qwen2Config),
+    "qwen3": lambda: _random_source(Qwen3Config, head_dim=16, attention_bias=True),
+}
+
+
+@pytest.fixture(scope="module")
+def stories(stories260k):
+    return AutoModelForCausalLM.from_pretrained(stories260k).eval()
+
+
+@pytest.fixture(scope="module")
+def story_batch(stories260k, assets):
+    path = assets / "data" / "tinystories_2mib.txt"
+    if not path.exists():
+        pytest.skip(f"shared asset {path} is missing")
+    text = path.read_text(encoding="utf-8")[:20000]
+    stories_list = [line.strip() for line in text.splitlines() if len(line.strip()) > 300][:4]
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    rows = [tokenizer(s)["input_ids"][:48] for s in stories_list]
+    assert len(rows) == 4 and all(len(r) == 48 for r in rows)
+    return torch.tensor(rows)
+
+
+def _ids(T: int = 24, B: int = 2, vocab: int = 96, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_source_copied(source, target):
+    target_state = target.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target_state[name], tensor), name
+
+
+@pytest.mark.parametrize("method", LINEARIZE_METHODS)
+def test_every_method_converts_runs_and_generates(stories, method):
+    target = linearize(stories, LinearizeOptions(method=method, window=8))
+    assert target.config.model_type == EXPECTED_TYPE[method]
+    assert all(t in ("linear_attention", "hybrid_sliding") for t in target.config.layer_types)
+    assert not target.training and next(target.parameters()).dtype == next(stories.parameters()).dtype
+    _assert_source_copied(stories, target)
+    assert target.lm_head.weight is target.model.embed_tokens.weight  # tied like the source
+    assert target.generation_config.to_dict() == stories.generation_config.to_dict()
+    x = _ids(vocab=512)
+    with torch.no_grad():
+        logits = target(x).logits
+    assert logits.shape == (2, 24, 512) and torch.isfinite(logits).all()
+    out = target.generate(x[:, :6], attention_mask=torch.ones_like(x[:, :6]), max_new_tokens=5, min_new_tokens=5,
+                          do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11)
+
+
+def test_liger_adds_no_parameters(stories):
+    target = linearize(stories, LinearizeOptions(method="liger"))
+    assert new_parameter_names(target) == []
+    assert sum(p.numel() for p in target.parameters()) == sum(p.numel() for p in stories.parameters())
+    layer = target.model.layers[0].self_attn
+    assert (layer.gate, layer.feature_map, layer.hybrid) == ("key_pooled", "softmax", "liger")
+    assert target.config.linear_attn_mix_weights == [0.5, 0.5] and target.config.sliding_window == 64
+
+
+def test_method_presets_add_their_parameters(stories):
+    lolcats = linearize(stories, LinearizeOptions(method="lolcats"))
+    names = {n.rsplit("self_attn.", 1)[-1] for n in new_parameter_names(lolcats)}
+    assert names == {"q_feature_map", "k_feature_map", "window_weight"}
+    layer = lolcats.model.layers[0].self_attn
+    assert layer.normalize and layer.window_weight.item() == 1.0
+    torch.testing.assert_close(layer.q_feature_map, torch.eye(8).expand(8, 8, 8))
+    lizard = linearize(stories, LinearizeOptions(method="lizard", num_sinks=3))
+    names = {n.rsplit("self_attn.", 1)[-1] for n in new_parameter_names(lizard)}
+    assert names == {"forget_proj.weight", "forget_proj.bias", "window_weight", "sink_logits"}
+    assert lizard.model.layers[0].self_attn.sink_logits.shape == (8, 3)
+    mamba = linearize(stories, LinearizeOptions(method="mamba_init"))
+    cfg = mamba.config
+    assert (cfg.linear_attn_conv_size, cfg.linear_attn_qk_norm, cfg.linear_attn_output_norm) == (4, "l2", "gated_rmsnorm")
+    dt = torch.nn.functional.softplus(mamba.model.layers[0].self_attn.dt_bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("method", LINEARIZE_METHODS)
+def test_keeping_every_layer_equals_source(stories, method):
+    n = stories.config.num_hidden_layers
+    target = linearize(stories, LinearizeOptions(method=method, keep_full_attention=list(range(n))))
+    assert target.config.layer_types == ["full_attention"] * n
+    assert target.config._attn_implementation == stories.config._attn_implementation
+    x = _ids(vocab=512)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x).logits, stories(x).logits, rtol=0, atol=1e-5)
+
+
+def test_layer_layouts(stories):
+    kept = linearize(stories, LinearizeOptions(method="liger", keep_full_attention=[0, -1])).config.layer_types
+    assert kept == ["full_attention", "hybrid_sliding", "hybrid_sliding", "hybrid_sliding", "full_attention"]
+    ratio = linearize(stories, LinearizeOptions(method="mamba_init", ratio=1)).config.layer_types
+    assert ratio == ["linear_attention", "full_attention", "linear_attention", "full_attention", "linear_attention"]
+
+
+@pytest.mark.parametrize("method", LINEARIZE_METHODS)
+@pytest.mark.parametrize("family", sorted(RANDOM_SOURCES))
+def test_random_sources_convert_and_attention_transfer_reproduces_them(family, method):
+    source = RANDOM_SOURCES[family]()
+    target = linearize(source, LinearizeOptions(method=method, window=4, keep_full_attention=[1]))
+    _assert_source_copied(source, target)
+    x = _ids()
+    set_attention_transfer(target, True)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, use_cache=False).logits, source(x).logits, rtol=0, atol=1e-5)
+    assert len(attention_transfer_losses(target)) == 2
+    set_attention_transfer(target, False)
+    assert target.generate(x[:, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
+def test_kept_sliding_layers_keep_the_source_window():
+    source = _random_source(MistralConfig, sliding_window=8)
+    target = linearize(source, LinearizeOptions(method="mamba_init", keep_full_attention=[0]))
+    assert target.config.layer_types[0] == "sliding_attention" and target.config.sliding_window == 8
+    with pytest.raises(ValueError, match="pass window=8"):
+        linearize(source, LinearizeOptions(method="liger", window=4, keep_full_attention=[0]))
+    assert linearize(source, LinearizeOptions(method="liger", window=8, keep_full_attention=[0])).config.sliding_window == 8
+
+
+def test_target_config_is_derived_from_source():
+    target = linearize(RANDOM_SOURCES["qwen3"](), LinearizeOptions(method="lolcats", window=4))
+    config = target.config
+    assert config.head_dim == 16 and config.qk_norm and config.attention_bias and config.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="hedgehog"), "Unknown linearization method 'hedgehog'; valid methods: liger, lolcats"),
+        (dict(keep_full_attention=[0, 5]), r"keep_full_attention index 5 is out of range .* 5 layers"),
+        (dict(keep_full_attention=[1], ratio=2), "only one of keep_full_attention and ratio"),
+        (dict(window=0), "window must be a positive integer"),
+        (dict(ratio=0), "ratio must be an integer >= 1"),
+    ],
+)
+def test_bad_options_raise_clear_errors(stories, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        linearize(stories, LinearizeOptions(**kwargs))
+
+
+def test_options_as_dict():
+    assert LinearizeOptions(method="lizard", ratio=3).as_dict() == dict(
+        method="lizard", keep_full_attention=None, ratio=3, window=64, num_sinks=4, gate_normalizer=16.0)
+
+
+def test_shape_mismatch_names_the_tensor(stories):
+    broken = linearize(stories, LinearizeOptions(method="liger"))  # any model with the same keys
+    state = {k: v.clone() for k, v in stories.state_dict().items()}
+    state["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+
+    class Fake(torch.nn.Module):
+        config = stories.config
+        generation_config = stories.generation_config
+
+        def state_dict(self):
+            return state
+
+        def parameters(self):
+            return stories.parameters()
+
+    with pytest.raises(ValueError, match=r"k_proj.weight: source \(teacher\) \(3, 64\), linearized \(student\) \(32, 64\)"):
+        linearize(Fake(), LinearizeOptions(method="liger"))
+    assert broken is not None
+
+
+def test_attention_mse_per_layer_one_finite_value_per_linear_layer(stories, story_batch):
+    target = linearize(stories, LinearizeOptions(method="liger", window=8, ratio=1))
+    mse = attention_mse_per_layer(target, story_batch)
+    assert len(mse) == 3 and all(v == v and 0 < v < float("inf") for v in mse)
+    assert all(not m.attention_transfer for m in target.modules() if isinstance(m, HfArchLinearAttention))
+    mask = torch.ones_like(story_batch)
+    mask[0, :10] = 0
+    assert len(attention_mse_per_layer(target, story_batch, mask)) == 3
+
+
+def test_attention_transfer_training_lowers_lolcats_mse(stories, story_batch):
+    target = linearize(stories, LinearizeOptions(method="lolcats", window=8))
+    before = attention_mse_per_layer(target, story_batch)
+    new = set(new_parameter_names(target))
+    for name, param in target.named_parameters():
+        param.requires_grad_(name in new)
+    params = [p for p in target.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    set_attention_transfer(target.train(), True)
+    for _ in range(20):
+        optimizer.zero_grad()
+        target(story_batch)
+        torch.stack(attention_transfer_losses(target)).mean().backward()
+        optimizer.step()
+    set_attention_transfer(target.eval(), False)
+    after = attention_mse_per_layer(target, story_batch)
+    mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+    print(f"lolcats attention MSE per layer before {before} after {after}")
+    assert mean_after < 0.7 * mean_before, (before, after)

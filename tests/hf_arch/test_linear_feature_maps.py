@@ -1,0 +1,279 @@
+"""Linearization options of the linear mixer: key-pooled / no gate, softmax / Hedgehog feature maps, the normalised
+linear branch, and attention-transfer mode (the layer returns its exact softmax teacher)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from hf_arch import GatedDeltaNetConfig, GLAConfig
+from hf_arch.layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+LAYOUTS = {
+    "gla_key_pooled_softmax_liger": (GLAConfig, dict(linear_attn_gate="key_pooled", linear_attn_feature_map="softmax",
+                                                     linear_attn_hybrid="liger", sliding_window=3)),
+    "gla_hedgehog_normalized_lizard_sinks": (GLAConfig, dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog",
+                                                             linear_attn_normalize=True, linear_attn_hybrid="lizard",
+                                                             linear_attn_num_sinks=2, sliding_window=3)),
+    "gla_hedgehog_key_pooled_normalized": (GLAConfig, dict(linear_attn_gate="key_pooled",
+                                                           linear_attn_feature_map="hedgehog",
+                                                           linear_attn_normalize=True, linear_attn_conv_size=3)),
+    "gated_deltanet_key_pooled": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled")),
+    "gated_deltanet_key_pooled_hedgehog": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled",
+                                                                     linear_attn_feature_map="hedgehog")),
+}
+
+
+def build(name: str, seed: int = 0):
+    config_class, extra = LAYOUTS[name]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_class(**TINY, **extra)).eval()
+    with torch.no_grad():  # make sinks, the window weight and the feature maps matter (not at their init values)
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(("sink_logits", "window_weight")):
+                param.normal_()
+            if param_name.endswith("feature_map"):
+                param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+def ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@torch.no_grad()
+def test_decode_equals_full_forward(name):
+    model = build(name)
+    x = ids(2, 21)
+    full = model(x).logits
+    out = model(x[:, :7], use_cache=True)  # prefill
+    pieces, cache = [out.logits], out.past_key_values
+    out = model(x[:, 7:16], past_key_values=cache, use_cache=True)  # multi-token continuation
+    pieces.append(out.logits)
+    for t in range(16, 21):  # token-by-token decode
+        pieces.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gla_hedgehog_normalized_lizard_sinks", "gated_deltanet_key_pooled"])
+@torch.no_grad()
+def test_left_padding_equals_unpadded_rows(name):
+    model = build(name)
+    long, short = ids(1, 12, seed=2)[0], ids(1, 7, seed=3)[0]
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    batch[0], mask[0] = long, 1
+    batch[1, 5:], mask[1, 5:] = short, 1
+    batch[1, :5] = ids(1, 5, seed=4)[0]
+    padded = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0], model(long[None]).logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[1, 5:], model(short[None]).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_recurrent_state_is_twice_as_wide_with_hedgehog():
+    model = build("gla_hedgehog_normalized_lizard_sinks")
+    out = model(ids(1, 5), use_cache=True)
+    state = out.past_key_values.layers[0].recurrent_states[0]
+    D = model.config.head_dim
+    assert state.shape == (1, TINY["num_attention_heads"], 2 * D, D + 1)  # 2D features, [v, 1] values
+
+
+def test_hedgehog_identity_init_is_softmax_of_both_signs():
+    config = GLAConfig(**TINY, linear_attn_gate="none", linear_attn_feature_map="hedgehog")
+    model = AutoModelForCausalLM.from_config(config)
+    layer = model.model.layers[0].self_attn
+    D = config.head_dim
+    assert layer.q_feature_map.shape == (TINY["num_attention_heads"], D, D)
+    assert layer.k_feature_map.shape == (TINY["num_key_value_heads"], D, D)
+    q = torch.randn(2, 5, TINY["num_attention_heads"], D)
+    k = torch.randn(2, 5, TINY["num_key_value_heads"], D)
+    fq, fk = layer._feature_maps(q, k)
+    torch.testing.assert_close(fq, torch.cat([q.softmax(-1), (-q).softmax(-1)], -1))
+    torch.testing.assert_close(fk, torch.cat([k.softmax(-1), (-k).softmax(-1)], -1))
+
+
+@pytest.mark.parametrize("gate", ["none", "key_pooled"])
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
+@torch.no_grad()
+def test_normalized_branch_equals_direct_recurrence(gate, feature_map):
+    """One head: S_t = decay_t·S_{t-1} + φ(k_t)ᵀv_t, z_t = decay_t·z_{t-1} + φ(k_t), o_t = φ(q_t)S_t / φ(q_t)·z_t."""
+    config = GLAConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                       num_key_value_heads=1, linear_attn_gate=gate, linear_attn_feature_map=feature_map,
+                       linear_attn_normalize=True, linear_attn_output_norm="none")
+    torch.manual_seed(0)
+    layer = HfArchLinearAttention(config, 0).double()
+    for p in layer.parameters():
+        p.normal_()
+    layer.o_proj.weight.copy_(torch.eye(8, dtype=torch.float64))
+    T = 6
+    x = torch.randn(1, T, 8, dtype=torch.float64)
+    out, _ = layer(x)
+
+    q, k, v = layer.q_proj(x)[0], layer.k_proj(x)[0], layer.v_proj(x)[0]  # [T, D]
+    if feature_map == "softmax":
+        fq, fk = q.softmax(-1), k.softmax(-1)
+    else:
+        pq, pk = q @ layer.q_feature_map[0], k @ layer.k_feature_map[0]
+        fq, fk = torch.cat([pq.softmax(-1), (-pq).softmax(-1)], -1), torch.cat([pk.softmax(-1), (-pk).softmax(-1)], -1)
+    decay = F.logsigmoid(k).exp() ** (1 / 16) if gate == "key_pooled" else torch.ones_like(k)
+    if feature_map == "hedgehog":
+        decay = torch.cat([decay, decay], -1)
+    S = torch.zeros(fk.shape[-1], 8, dtype=torch.float64)
+    z = torch.zeros(fk.shape[-1], dtype=torch.float64)
+    ref = []
+    for t in range(T):
+        S = decay[t, :, None] * S + fk[t, :, None] * v[t][None]
+        z = decay[t] * z + fk[t]
+        ref.append((fq[t] @ S) / (fq[t] @ z))
+    torch.testing.assert_close(out[0], torch.stack(ref), rtol=1e-6, atol=1e-6)  # gates are fp32
+
+
+def test_gated_deltanet_key_pooled_decay_is_mean_of_the_key():
+    model = build("gated_deltanet_key_pooled")
+    layer = model.model.layers[0].self_attn
+    assert layer.decay_proj is None and layer.forget_proj is None and layer.beta_proj is not None
+    x = torch.randn(2, 5, TINY["hidden_size"])
+    k_raw = layer.k_proj(x).view(2, 5, TINY["num_key_value_heads"], -1)
+    g, beta = layer._gates(x, k_raw)
+    expected = F.logsigmoid(k_raw.mean(-1)).repeat_interleave(2, dim=2) / 16
+    torch.testing.assert_close(g, expected)
+    assert beta.shape == (2, 5, TINY["num_attention_heads"])
+
+
+def test_key_pooled_and_softmax_add_no_parameters():
+    base = AutoModelForCausalLM.from_config(GLAConfig(**TINY, linear_attn_gate="key_pooled", linear_attn_output_norm="none",
+                                                      linear_attn_feature_map="softmax"))
+    names = {n.split("self_attn.")[-1] for n, _ in base.named_parameters() if "self_attn" in n}
+    assert names == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+
+
+# -- attention transfer -----------------------------------------------------------------------------------------
+
+SOURCES = {
+    "llama": (LlamaConfig, dict(rope_parameters={"rope_type": "default", "rope_theta": 5000.0})),
+    "qwen3": (Qwen3Config, dict(head_dim=16, attention_bias=True)),
+}
+LINEAR_KW = dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog", linear_attn_normalize=True,
+                 linear_attn_hybrid="lizard", linear_attn_num_sinks=2, sliding_window=4, linear_attn_output_norm="none")
+
+
+def _source_and_linear(source_name: str):
+    config_class, extra = SOURCES[source_name]
+    torch.manual_seed(0)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings")
+    source = AutoModelForCausalLM.from_config(config_class(**{k: TINY[k] for k in keys}, **extra)).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    sc = source.config
+    config = GLAConfig(**{k: getattr(sc, k) for k in keys}, head_dim=sc.head_dim, rms_norm_eps=sc.rms_norm_eps,
+                       rope_parameters=dict(sc.rope_parameters), attention_bias=bool(sc.attention_bias),
+                       qk_norm=source_name == "qwen3", **LINEAR_KW)
+    linear = AutoModelForCausalLM.from_config(config).eval()
+    missing, unexpected = linear.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(n.endswith(("feature_map", "window_weight", "sink_logits")) for n in missing)
+    with torch.no_grad():
+        for name, param in linear.named_parameters():
+            if name.endswith(("sink_logits", "window_weight")):
+                param.normal_()
+    return source, linear
+
+
+def _set_transfer(model, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, HfArchLinearAttention):
+            module.attention_transfer = enabled
+
+
+@pytest.mark.parametrize("source_name", sorted(SOURCES))
+@torch.no_grad()
+def test_attention_transfer_mode_reproduces_the_source_model(source_name):
+    source, linear = _source_and_linear(source_name)
+    x = ids(2, 24)
+    assert (linear(x).logits - source(x).logits).abs().max() > 1e-3  # the linear model itself differs
+    _set_transfer(linear, True)
+    torch.testing.assert_close(linear(x, use_cache=False).logits, source(x).logits, rtol=0, atol=1e-5)
+    losses = attention_transfer_losses(linear)
+    assert len(losses) == TINY["num_hidden_layers"] and all(loss.item() > 0 for loss in losses)
+    assert attention_transfer_losses(linear) == []  # collected and cleared
+
+    # With left padding, the real positions still match the source.
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    a = linear(x, attention_mask=mask, use_cache=False).logits
+    b = source(x, attention_mask=mask).logits
+    assert (a - b)[mask.bool()].abs().max() <= 1e-5
+    assert all(torch.isfinite(loss) for loss in attention_transfer_losses(linear))
+
+
+def test_attention_transfer_needs_no_cache():
+    _, linear = _source_and_linear("llama")
+    _set_transfer(linear, True)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        linear(ids(1, 6), use_cache=True)
+
+
+def test_transfer_loss_trains_only_the_new_parameters():
+    _, linear = _source_and_linear("llama")
+    new = ("q_feature_map", "k_feature_map", "window_weight", "sink_logits")
+    for name, param in linear.named_parameters():
+        param.requires_grad_(name.endswith(new))
+    _set_transfer(linear.train(), True)
+    x = ids(4, 24, seed=9)
+    linear(x).logits  # training mode: no cache
+    losses = attention_transfer_losses(linear)
+    total = torch.stack(losses).sum()
+    assert total.dtype == torch.float32 and total.requires_grad and total.item() > 0
+    total.backward()
+    for name, param in linear.named_parameters():
+        if name.endswith(new):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+
+    trainable = [p for p in linear.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    history = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        linear(x)
+        loss = torch.stack(attention_transfer_losses(linear)).sum()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.8 * history[0], history
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(linear_attn_feature_map="relu"), "linear_attn_feature_map must be one of"),
+        (dict(linear_attn_gate="pooled"), "linear_attn_gate must be one of"),
+        (dict(linear_attn_normalize=True), "needs a positive feature map"),
+        (dict(linear_attn_normalize=1, linear_attn_feature_map="softmax"), "must be a bool"),
+    ],
+)
+def test_config_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GLAConfig(**TINY, **kwargs)
+
+
+def test_normalize_is_gla_only():
+    with pytest.raises(ValueError, match="applies to linear_attn_type='gla' only"):
+        GatedDeltaNetConfig(**TINY, linear_attn_normalize=True, linear_attn_feature_map="softmax")
+
+
+def test_save_load_keeps_trained_feature_maps(tmp_path):
+    model = build("gla_hedgehog_normalized_lizard_sinks")  # feature maps moved away from their identity init
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    assert loaded.config.linear_attn_feature_map == "hedgehog" and loaded.config.linear_attn_normalize
