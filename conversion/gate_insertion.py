@@ -14,6 +14,7 @@ from ..layers.output_gate import AttentionOutputGate
 from ..models.gated_attention import GatedAttentionConfig, GatedAttentionForCausalLM
 from ..peft_utils import new_parameter_names
 from .sources import adapter_for
+from .weights import check_copied, copy_source_weights
 
 GATE_INITS = ("identity", "normal")
 
@@ -61,29 +62,12 @@ def insert_gates(source_model, options: GateInsertionOptions | None = None) -> G
     added = set(new_parameter_names(target))
     target_state = target.state_dict()
 
-    unexpected = sorted(set(source_state) - set(target_state))
-    missing = sorted(set(target_state) - set(source_state) - added)
-    if unexpected or missing:
-        raise ValueError(
-            "Source and target parameters do not line up: "
-            f"source-only {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
-            f"target-only {missing[:5]}{'…' if len(missing) > 5 else ''}"
-        )
-    for name, tensor in source_state.items():
-        if target_state[name].shape != tensor.shape:
-            raise ValueError(f"Shape mismatch for {name}: source {tuple(tensor.shape)}, target {tuple(target_state[name].shape)}")
-        target_state[name].copy_(tensor)
+    copy_source_weights(source_state, target_state, added)
     for module in target.modules():  # explicit: never rely on load-time init for the new parameters
         if isinstance(module, AttentionOutputGate):
             module.reset_parameters(config.attn_output_gate_init, config.initializer_range, config.attn_output_gate_bias_init)
     if config.tie_word_embeddings:
         target.tie_weights()
-    _check_copied(source_state, target.state_dict())
+    check_copied(source_state, target.state_dict())
     target.generation_config = source_model.generation_config
     return target.eval()
-
-
-def _check_copied(source_state: dict, target_state: dict) -> None:
-    for name, tensor in source_state.items():
-        if not torch.equal(target_state[name], tensor):
-            raise RuntimeError(f"Weight {name} was not copied exactly")

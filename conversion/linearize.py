@@ -38,6 +38,7 @@ from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalL
 from ..models.gla import GLAConfig, GLAForCausalLM
 from ..peft_utils import new_parameter_names
 from .sources import adapter_for
+from .weights import check_copied, copy_source_weights
 
 __all__ = ["LINEARIZE_METHODS", "LinearizeOptions", "attention_mse_per_layer", "linearize", "linearized_config_from"]
 
@@ -188,26 +189,11 @@ def linearize(source_model, options: LinearizeOptions | None = None):
     target_state = target.state_dict()
     added = set(new_parameter_names(target))
 
-    unexpected = sorted(set(source_state) - set(target_state))
-    missing = sorted(set(target_state) - set(source_state) - added)
-    if unexpected or missing:
-        raise ValueError(
-            "Source and linearized parameters do not line up: "
-            f"source-only {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
-            f"target-only {missing[:5]}{'…' if len(missing) > 5 else ''}"
-        )
-    for name, tensor in source_state.items():
-        if target_state[name].shape != tensor.shape:
-            raise ValueError(f"Shape mismatch for {name}: source (teacher) {tuple(tensor.shape)}, "
-                             f"linearized (student) {tuple(target_state[name].shape)}")
-        target_state[name].copy_(tensor)
+    copy_source_weights(source_state, target_state, added, sides=("source (teacher)", "linearized (student)"))
     _init_new_parameters(target, added)
     if config.tie_word_embeddings:
         target.tie_weights()
-    final = target.state_dict()
-    for name, tensor in source_state.items():
-        if not torch.equal(final[name], tensor):
-            raise RuntimeError(f"Weight {name} was not copied exactly")
+    check_copied(source_state, target.state_dict())
     target.generation_config = copy.deepcopy(source_model.generation_config)
     return target.eval()
 

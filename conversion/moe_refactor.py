@@ -26,8 +26,11 @@ import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
 from .sources import adapter_for
+from .weights import check_copied, copy_source_weights
 
 METHODS = ("partition", "upcycle")
+# The dense FFN's tensors, which the conversion maps itself (into experts and the shared expert).
+DENSE_FFN = r"\.mlp\.(shared_expert\.)?(gate_proj|up_proj|down_proj)\."
 SPLITS = ("random", "cluster", "activation")
 ROUTER_INITS = ("centroid", "zero")
 
@@ -204,16 +207,9 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
     source_state = source_model.state_dict()
     target_state = target.state_dict()
 
-    ffn = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
-    for name, tensor in source_state.items():
-        if any(part in name for part in ffn):
-            continue
-        if name not in target_state:
-            raise ValueError(f"source tensor {name} has no place in the MoE model")
-        if target_state[name].shape != tensor.shape:
-            raise ValueError(f"Shape mismatch for {name}: source {tuple(tensor.shape)}, "
-                             f"target {tuple(target_state[name].shape)}")
-        target_state[name].copy_(tensor)
+    from ..peft_utils import new_parameter_names
+
+    copy_source_weights(source_state, target_state, set(new_parameter_names(target)), replaced=DENSE_FFN)
 
     activations = None
     if options.needs_calibration:
@@ -251,6 +247,7 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
             moe.router.residual_proj.weight.zero_()
     if config.tie_word_embeddings:
         target.tie_weights()
+    check_copied(source_state, target.state_dict(), replaced=DENSE_FFN)
     target.generation_config = source_model.generation_config
     return target.eval()
 

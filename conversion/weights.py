@@ -1,0 +1,48 @@
+"""Copying a source checkpoint's tensors into a converted model: by name, shape-checked, verified afterwards."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["copy_source_weights", "check_copied"]
+
+
+@torch.no_grad()
+def copy_source_weights(source_state: dict, target_state: dict, added: set[str], replaced: str | None = None,
+                        sides: tuple[str, str] = ("source", "target")) -> None:
+    """Copy every source tensor into the target tensor of the same name.
+
+    ``added``: target names a conversion creates (they have no source). ``replaced``: a regex on source names the
+    conversion maps itself (e.g. the dense FFN a MoE refactorization splits); those are neither copied nor required
+    in the target. Raises ``ValueError`` naming the tensors when the two sides do not line up or a shape differs;
+    ``sides`` names the two in that message (a linearization says teacher / student).
+    """
+    pattern = re.compile(replaced) if replaced else None
+    source = {n: t for n, t in source_state.items() if not (pattern and pattern.search(n))}
+    unexpected = sorted(set(source) - set(target_state))
+    missing = sorted(set(target_state) - set(source) - added)
+    if pattern is not None:  # target tensors filled from the replaced source tensors
+        missing = [n for n in missing if not pattern.search(n)]
+    if unexpected or missing:
+        raise ValueError(
+            "Source and target parameters do not line up: "
+            f"source-only {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+            f"target-only {missing[:5]}{'…' if len(missing) > 5 else ''}"
+        )
+    for name, tensor in source.items():
+        if target_state[name].shape != tensor.shape:
+            raise ValueError(f"Shape mismatch for {name}: {sides[0]} {tuple(tensor.shape)}, "
+                             f"{sides[1]} {tuple(target_state[name].shape)}")
+        target_state[name].copy_(tensor)
+
+
+def check_copied(source_state: dict, target_state: dict, replaced: str | None = None) -> None:
+    """Every (not replaced) source tensor is bit-identical in the finished target (ties and inits included)."""
+    pattern = re.compile(replaced) if replaced else None
+    for name, tensor in source_state.items():
+        if pattern is not None and pattern.search(name):
+            continue
+        if not torch.equal(target_state[name], tensor):
+            raise RuntimeError(f"Weight {name} was not copied exactly")
