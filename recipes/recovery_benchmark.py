@@ -185,6 +185,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _source_eval(args, assets: Path) -> dict:
+    if not args.source_eval_from:
+        return evaluate_model(Path(args.source), args.ppl_tokens, args.eval_limit, assets)
+    earlier = json.loads(Path(args.source_eval_from).read_text())
+    settings = earlier.get("settings", {})
+    for key in ("ppl_tokens", "eval_limit"):
+        if settings.get(key) != getattr(args, key):
+            raise SystemExit(f"--source-eval-from {args.source_eval_from}: it was scored with {key}="
+                             f"{settings.get(key)}, this run uses {getattr(args, key)}")
+    if earlier.get("source") != args.source:
+        raise SystemExit(f"--source-eval-from {args.source_eval_from} scored {earlier.get('source')}, not {args.source}")
+    return earlier["source_eval"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="Llama-family checkpoint dir")
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, default=300)
     parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
     parser.add_argument("--distill", action="store_true", help="linearization stage 2: add self-distillation")
+    parser.add_argument("--source-eval-from", default=None, metavar="RECOVERY_JSON",
+                        help="reuse the source's scores from an earlier recovery.json of the same source and eval settings")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--json", action="store_true", help="print recovery.json instead of the table")
     args = parser.parse_args(argv)
@@ -210,8 +226,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{result_path} exists; pass --overwrite to run again")
     out.mkdir(parents=True, exist_ok=True)
     result = {"source": args.source, "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-              "source_eval": evaluate_model(Path(args.source), args.ppl_tokens, args.eval_limit, assets),
-              "methods": []}
+              "source_eval": _source_eval(args, assets), "methods": []}
     for name in args.methods:
         result["methods"].append(run_method(name, args.source, out, args, assets))
         # Written after every method, atomically, so a long run that stops keeps what it measured.
