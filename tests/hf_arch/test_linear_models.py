@@ -21,6 +21,18 @@ LAYOUTS = {
     "gla_liger": (GLAConfig, dict(linear_attn_hybrid="liger", sliding_window=3, linear_attn_conv_size=3)),
     "gated_deltanet_lizard": (GatedDeltaNetConfig, dict(linear_attn_hybrid="lizard", sliding_window=3,
                                                         linear_attn_num_sinks=2, full_attention_layers=[2])),
+    # Linearization options: key-pooled / no gate, softmax / Hedgehog feature maps, normalised branch.
+    "gla_key_pooled_softmax_liger": (GLAConfig, dict(linear_attn_gate="key_pooled", linear_attn_feature_map="softmax",
+                                                     linear_attn_hybrid="liger", sliding_window=3)),
+    "gla_hedgehog_normalized_lizard_sinks": (GLAConfig, dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog",
+                                                             linear_attn_normalize=True, linear_attn_hybrid="lizard",
+                                                             linear_attn_num_sinks=2, sliding_window=3)),
+    "gla_hedgehog_key_pooled_normalized": (GLAConfig, dict(linear_attn_gate="key_pooled",
+                                                           linear_attn_feature_map="hedgehog",
+                                                           linear_attn_normalize=True, linear_attn_conv_size=3)),
+    "gated_deltanet_key_pooled": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled")),
+    "gated_deltanet_key_pooled_hedgehog": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled",
+                                                                     linear_attn_feature_map="hedgehog")),
 }
 
 
@@ -32,6 +44,8 @@ def build(name: str, seed: int = 0):
         for param_name, param in model.named_parameters():
             if param_name.endswith(("sink_logits", "window_weight")):
                 param.normal_()
+            if param_name.endswith("feature_map"):  # Hedgehog maps away from their identity init
+                param.add_(0.3 * torch.randn_like(param))
     return model
 
 
@@ -54,7 +68,8 @@ def test_chunked_prefill_and_decode_equal_full_forward(name):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard", "gla_ratio_hybrid"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard", "gla_ratio_hybrid",
+                                  "gla_hedgehog_normalized_lizard_sinks", "gated_deltanet_key_pooled"])
 @torch.no_grad()
 def test_left_padding_equals_unpadded_rows(name):
     model = build(name)
