@@ -7,18 +7,27 @@ Two methods, both copying every non-FFN weight unchanged:
   ``random`` (a seeded permutation), ``cluster`` (balanced k-means of the neurons' gate rows) or ``activation``
   (balanced k-means of which calibration tokens activate each neuron, so neurons that fire together share an expert).
   Optionally the ``shared_neurons`` most active neurons form an always-on shared expert. Top-k routing then keeps
-  ``k`` of ``E`` experts; the routed sum is scaled by ``E`` (renormalised weights, i.e. ``E/k`` per chosen expert
-  with uniform weights) so its magnitude matches the dense FFN. Routers start at the experts' centroids (the mean
-  gate row of their neurons) so a token prefers the experts whose neurons its input drives.
+  ``k`` of ``E`` experts. The renormalised top-k weights are scaled by ``routed_scale`` (default ``k``: with
+  uniform weights the chosen experts' plain sum, i.e. the dense sum with the other experts' terms dropped; LLaMA-MoE
+  uses ``E/k``, and ``E`` is the unbiased estimate of the dense sum under uniform random choice). Routers start at the
+  experts' centroids (the mean gate row of their neurons) so a token prefers the experts whose neurons its input
+  drives.
 - ``upcycle`` (sparse upcycling): every expert is a copy of the dense FFN and a router is added; with renormalised
   weights the output equals the dense FFN exactly until training makes the experts differ.
 
-MoE++ zero / copy experts can be added to either (their router rows start at zero). Exact cases, tested: upcycling,
-and a partition with every expert active (``top_k = E``); both equal the source within float rounding.
+MoE++ zero / copy experts can be added to either (their router rows start at zero). ``pool=True`` (UniPool) puts
+every layer's experts into one global pool of ``L·E`` experts that every layer's router can reach; a router bias
+keeps each layer on its own experts at first: ``-pool_foreign_bias`` on the others' (default: a bound on the
+largest router logit, so the pooled model routes exactly as the per-layer one until training moves the biases; a
+smaller value lets training discover the other layers' experts sooner, at the price of an inexact start).
+
+Exact cases, tested: upcycling, a partition with every expert active (``top_k = E``, default scale), and the pooled
+form of either; all equal the source within float rounding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +55,9 @@ class MoERefactorOptions:
     copy_experts: int = 0
     router_init: str = "centroid"  # centroid: each expert's mean gate row (for copies: all equal) | zero: uniform
     router_std: float = 0.0  # upcycle: random router init with this std instead
+    routed_scale: float | None = None  # multiplies the renormalised top-k weights; None: top_k (partition), 1 (upcycle)
+    pool: bool = False  # UniPool: one global pool holding every layer's experts
+    pool_foreign_bias: float | None = None  # router bias against other layers' experts; None: exact (see above)
     calibration_tokens: int = 4096  # activation split / shared neurons: tokens of calibration text to run
     seed: int = 0
 
@@ -61,6 +73,10 @@ class MoERefactorOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("routed_scale", "pool_foreign_bias"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (or None for the default), got {value!r}")
         routed = self.experts + self.zero_experts + self.copy_experts
         if self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is larger than the routed experts ({routed})")
@@ -92,6 +108,11 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
     options.validate(I)
     partition = options.method == "partition"
     expert_width = (I - options.shared_neurons) // options.experts if partition else I
+    default_scale = float(options.top_k) if partition else 1.0
+    pool = {}
+    if options.pool:
+        pool = dict(moe_expert_pool="global", moe_pool_size=options.experts * source_config.num_hidden_layers,
+                    moe_router_bias=True)
     return MoEConfig(
         **kwargs,
         mlp_layer_types=["sparse"] * source_config.num_hidden_layers,
@@ -102,9 +123,10 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
         shared_expert_intermediate_size=options.shared_neurons or None,
         moe_router="softmax_topk",
         moe_norm_topk_prob=True,
-        moe_routed_scale=float(options.experts) if partition else 1.0,
+        moe_routed_scale=default_scale if options.routed_scale is None else float(options.routed_scale),
         moe_zero_experts=options.zero_experts,
         moe_copy_experts=options.copy_experts,
+        **pool,
     )
 
 
@@ -134,7 +156,7 @@ def neuron_activations(source_model, input_ids: torch.Tensor, attention_mask=Non
 
 def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 15) -> torch.Tensor:
     """Assign ``features [n, d]`` rows to ``clusters`` groups of exactly ``n / clusters`` rows (cosine k-means,
-    then a greedy balanced assignment by affinity). Returns ``[n]`` group ids."""
+    then a balanced assignment by affinity). Returns ``[n]`` group ids."""
     n = features.shape[0]
     size = n // clusters
     x = F.normalize(features.float(), dim=-1)
@@ -151,21 +173,26 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int = 0, iterat
 
 
 def _balanced_assign(affinity: torch.Tensor, size: int) -> torch.Tensor:
-    """Greedy: take (row, cluster) pairs by decreasing affinity, skipping full clusters and placed rows."""
+    """Balanced assignment in proposal rounds: every unplaced row proposes to its best cluster that still has room;
+    each cluster accepts its highest-affinity proposers up to its room. Vectorised; at most ``clusters`` rounds
+    place every row because a full cluster is never proposed to again."""
     n, clusters = affinity.shape
-    order = affinity.flatten().argsort(descending=True)
     assignment = torch.full((n,), -1, dtype=torch.long)
-    room = [size] * clusters
-    placed = 0
-    for flat in order.tolist():
-        row, cluster = divmod(flat, clusters)
-        if assignment[row] >= 0 or room[cluster] == 0:
-            continue
-        assignment[row] = cluster
-        room[cluster] -= 1
-        placed += 1
-        if placed == n:
-            break
+    room = torch.full((clusters,), size, dtype=torch.long)
+    while (assignment < 0).any():
+        open_rows = (assignment < 0).nonzero().squeeze(1)
+        scores = affinity[open_rows].masked_fill(room.eq(0).unsqueeze(0), float("-inf"))
+        choice = scores.argmax(dim=1)
+        best = scores.gather(1, choice.unsqueeze(1)).squeeze(1)
+        # Rank proposers within each cluster by affinity (sort by cluster, then by descending affinity).
+        order = torch.argsort(best, descending=True, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]
+        sorted_choice = choice[order]
+        first_of_cluster = torch.searchsorted(sorted_choice, torch.arange(clusters))
+        rank = torch.arange(order.numel()) - first_of_cluster[sorted_choice]
+        accepted = order[rank < room[sorted_choice]]
+        assignment[open_rows[accepted]] = choice[accepted]
+        room -= torch.bincount(choice[accepted], minlength=clusters)
     return assignment
 
 
@@ -230,11 +257,14 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
                 moe.shared_expert.gate_proj.weight.copy_(gate[shared])
                 moe.shared_expert.up_proj.weight.copy_(up[shared])
                 moe.shared_expert.down_proj.weight.copy_(down[:, shared])
-        I = moe.experts.gate_up_proj.shape[1] // 2
+        experts = target.model.expert_pool if options.pool else moe.experts
+        first = index * options.experts if options.pool else 0  # this layer's slice of the pool
+        own = slice(first, first + options.experts)
+        I = experts.gate_up_proj.shape[1] // 2
         for e, ids in enumerate(groups):
-            moe.experts.gate_up_proj[e, :I].copy_(gate[ids])
-            moe.experts.gate_up_proj[e, I:].copy_(up[ids])
-            moe.experts.down_proj[e].copy_(down[:, ids])
+            experts.gate_up_proj[first + e, :I].copy_(gate[ids])
+            experts.gate_up_proj[first + e, I:].copy_(up[ids])
+            experts.down_proj[first + e].copy_(down[:, ids])
         router = moe.router.weight
         router.zero_()
         centroids = torch.stack([gate[ids].float().mean(0) for ids in groups])
@@ -242,14 +272,29 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
             generator = torch.Generator().manual_seed(options.seed + index)
             centroids = torch.randn(centroids.shape, generator=generator) * options.router_std
         if options.router_init == "centroid" or options.router_std > 0:
-            router[: options.experts].copy_(centroids.to(router.dtype))
+            router[own].copy_(centroids.to(router.dtype))
         if moe.router.residual_proj is not None:
             moe.router.residual_proj.weight.zero_()
+        if options.pool:
+            moe.router.bias.zero_()
+            foreign = torch.ones(config.moe_pool_size, dtype=torch.bool)
+            foreign[own] = False
+            bias = options.pool_foreign_bias
+            if bias is None:
+                bias = router_logit_bound(router[own], dst_layer.post_attention_layernorm.weight) + 1.0
+            moe.router.bias[: config.moe_pool_size][foreign] = -bias
     if config.tie_word_embeddings:
         target.tie_weights()
     check_copied(source_state, target.state_dict(), replaced=DENSE_FFN)
     target.generation_config = source_model.generation_config
     return target.eval()
+
+
+def router_logit_bound(router_rows: torch.Tensor, norm_weight: torch.Tensor) -> float:
+    """An upper bound on ``|w·x|`` for every router row ``w`` and every RMS-normalised router input
+    ``x = γ ⊙ h/rms(h)``: ``‖x‖ ≤ max|γ|·√H``, so ``|w·x| ≤ max‖w‖ · max|γ| · √H``."""
+    hidden = norm_weight.numel()
+    return float(router_rows.float().norm(dim=-1).max() * norm_weight.float().abs().max() * math.sqrt(hidden))
 
 
 def partition_groups_cover_all_neurons(shared: torch.Tensor, groups: list[torch.Tensor], intermediate: int) -> bool:

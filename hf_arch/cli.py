@@ -44,6 +44,9 @@ def _cmd_convert(args) -> int:
             shared_neurons=args.shared_neurons,
             zero_experts=args.zero_experts,
             copy_experts=args.copy_experts,
+            routed_scale=args.routed_scale,
+            pool=args.pool,
+            pool_foreign_bias=args.pool_foreign_bias,
             calibration_tokens=args.calibration_tokens,
             seed=args.seed,
         )
@@ -263,10 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     p.add_argument("--split", choices=["random", "cluster", "activation"], default="cluster",
                    help="moe partition: how FFN neurons are grouped into experts")
-    p.add_argument("--shared-neurons", type=int, default=0,
+    p.add_argument("--shared-neurons", "--shared-expert", type=int, default=0, metavar="N",
                    help="moe partition: the N most active neurons form an always-on shared expert")
     p.add_argument("--zero-experts", type=int, default=0, help="moe: MoE++ zero experts")
     p.add_argument("--copy-experts", type=int, default=0, help="moe: MoE++ copy experts")
+    p.add_argument("--routed-scale", type=float, default=None,
+                   help="moe: multiplier of the renormalised top-k weights (default: top-k for partition, i.e. the "
+                        "chosen experts' plain sum; LLaMA-MoE uses experts/top-k)")
+    p.add_argument("--pool", action="store_true",
+                   help="moe: UniPool, every layer's experts in one global pool all routers can reach")
+    p.add_argument("--pool-foreign-bias", type=float, default=None,
+                   help="moe --pool: router bias against other layers' experts (default: large enough that routing "
+                        "starts exactly as without the pool)")
     p.add_argument("--calibration-file", default=None,
                    help="text for activation statistics (moe --split activation / --shared-neurons)")
     p.add_argument("--calibration-tokens", type=int, default=4096)

@@ -108,6 +108,8 @@ class HfArchConfig(PreTrainedConfig):
             ``[a₁, a₂] = softmax(W_c x)`` and a learned ``v``). Expert ids: FFN, then zero, copy, constant.
         moe_gating_residual: MoE++ gating residuals: a layer's router logits add ``W_g · logits`` of the previous
             sparse layer (``W_g`` starts at zero, so training starts from the plain router).
+        moe_router_bias: a learned per-expert bias on the router logits (zero at init; a converted UniPool model
+            uses it to keep each layer on its own experts until training opens the rest of the pool).
         moe_expert_pool: ``per_layer`` or ``global`` (UniPool: one pool of ``moe_pool_size`` FFN experts shared by
             every sparse layer, each with its own router; stored once at ``model.expert_pool``).
         Auxiliary losses, added to the language-model loss when labels are given (each coefficient ``>= 0``):
@@ -203,6 +205,7 @@ class HfArchConfig(PreTrainedConfig):
         moe_copy_experts: int = 0,
         moe_constant_experts: int = 0,
         moe_gating_residual: bool = False,
+        moe_router_bias: bool = False,
         moe_expert_pool: str = "per_layer",
         moe_pool_size: int | None = None,
         moe_load_balance_coef: float = 0.01,
@@ -253,6 +256,7 @@ class HfArchConfig(PreTrainedConfig):
         self.moe_copy_experts = moe_copy_experts
         self.moe_constant_experts = moe_constant_experts
         self.moe_gating_residual = moe_gating_residual
+        self.moe_router_bias = moe_router_bias
         self.moe_expert_pool = moe_expert_pool
         self.moe_pool_size = num_experts if moe_pool_size is None else moe_pool_size
         self.moe_load_balance_coef = moe_load_balance_coef

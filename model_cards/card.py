@@ -179,7 +179,8 @@ def _architecture_facts(config: dict) -> list[str]:
         facts.append(f"Mixture of Experts in {mlp.count('sparse')} of {len(mlp)} layers: {experts}, "
                      f"router `{config.get('moe_router')}`"
                      + ("" if config.get("moe_router") == "relu_rmsnorm" else f" (top-{config.get('num_experts_per_tok')})")
-                     + f", expert width {config.get('moe_intermediate_size')}")
+                     + f", expert width {config.get('moe_intermediate_size')}"
+                     + (", learned router bias" if config.get("moe_router_bias") else ""))
         zero_computation = [f"{config.get(f'moe_{kind}_experts')} {kind}" for kind in ("zero", "copy", "constant")
                             if config.get(f"moe_{kind}_experts")]
         if zero_computation:

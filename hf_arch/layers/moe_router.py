@@ -66,6 +66,7 @@ class MoERouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_routed, config.hidden_size))
         # MoE++ gating residual: a map from the previous sparse layer's logits (zero at init).
         self.residual_proj = nn.Linear(num_routed, num_routed, bias=False) if gating_residual else None
+        self.bias = nn.Parameter(torch.empty(num_routed)) if config.moe_router_bias else None
         self.scale = nn.Parameter(torch.empty(())) if self.kind == "norm_router" else None
         self.norm_weight = nn.Parameter(torch.empty(num_routed)) if self.kind == "relu_rmsnorm" else None
         self._initial_scale = config.moe_norm_router_scale
@@ -75,6 +76,8 @@ class MoERouter(nn.Module):
         init.normal_(self.weight, mean=0.0, std=self._std)
         if self.residual_proj is not None:
             init.zeros_(self.residual_proj.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
         if self.scale is not None:
             init.constant_(self.scale, self._initial_scale)
         if self.norm_weight is not None:
@@ -89,6 +92,8 @@ class MoERouter(nn.Module):
             logits = self.scale.to(dtype) * F.linear(F.normalize(x, dim=-1), F.normalize(weight, dim=-1))
         else:
             logits = F.linear(x, weight)
+        if self.bias is not None:
+            logits = logits + self.bias.to(dtype)
         if self.residual_proj is not None and previous_logits is not None:
             logits = logits + F.linear(previous_logits.to(dtype), self.residual_proj.weight.to(dtype))
         return logits

@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 from hf_arch.cli import main
 from hf_arch.conversion import MoERefactorOptions, convert, max_abs_logit_diff, refactor_moe
 from hf_arch.conversion.moe_refactor import (
+    _balanced_assign,
     balanced_kmeans,
     neuron_activations,
     partition_groups_cover_all_neurons,
+    moe_config_from,
     split_neurons,
 )
 
@@ -96,6 +98,57 @@ def test_splits_are_balanced_and_cover_every_neuron():
         assert partition_groups_cover_all_neurons(shared, experts, 36)
 
 
+def test_balanced_assignment_fills_every_group_and_prefers_high_affinity():
+    gen = torch.Generator().manual_seed(5)
+    affinity = torch.randn(40, 4, generator=gen)
+    assignment = _balanced_assign(affinity, size=10)
+    assert torch.bincount(assignment, minlength=4).tolist() == [10] * 4
+    # Better than chance: the mean affinity of the chosen groups beats a random balanced assignment's by far.
+    chosen = affinity.gather(1, assignment.unsqueeze(1)).mean()
+    random = affinity.gather(1, torch.arange(40).remainder(4)[torch.randperm(40, generator=gen)].unsqueeze(1)).mean()
+    assert chosen > random + 0.5
+    # With no contention every row gets its favourite group.
+    easy = torch.eye(4).repeat_interleave(10, dim=0) + 0.01 * torch.randn(40, 4, generator=gen)
+    assert torch.equal(_balanced_assign(easy, size=10), torch.arange(4).repeat_interleave(10))
+
+
+def test_partition_scales_the_chosen_experts_to_their_plain_sum_unless_told(stories260k):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    assert moe_config_from(source.config, MoERefactorOptions(experts=4, top_k=2)).moe_routed_scale == 2.0
+    assert moe_config_from(source.config, MoERefactorOptions(experts=4, top_k=2, routed_scale=2 / 4 * 4)) \
+        .moe_routed_scale == 2.0
+    assert moe_config_from(source.config, MoERefactorOptions(method="upcycle", experts=4)).moe_routed_scale == 1.0
+    assert moe_config_from(source.config, MoERefactorOptions(experts=4, routed_scale=4.0)).moe_routed_scale == 4.0
+
+
+@pytest.mark.parametrize("method", ["partition", "upcycle"])
+def test_pooled_conversion_routes_exactly_like_the_per_layer_one(stories260k, method):
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    common = dict(method=method, experts=4, top_k=2, split="cluster", router_std=0.5 if method == "upcycle" else 0.0)
+    per_layer = refactor_moe(source, MoERefactorOptions(**common))
+    pooled = refactor_moe(source, MoERefactorOptions(**common, pool=True))
+    config, layers = pooled.config, pooled.config.num_hidden_layers
+    assert config.moe_expert_pool == "global" and config.moe_pool_size == 4 * layers and config.moe_router_bias
+    assert pooled.model.expert_pool.gate_up_proj.shape[0] == 4 * layers
+    assert all(layer.mlp.experts is None for layer in pooled.model.layers)
+    ids = _ids(source.config.vocab_size)
+    with torch.no_grad():
+        expected = per_layer(ids).logits
+        out = pooled(ids, output_router_logits=True)
+    # Same experts, same weights: fp32 rounding only (the pooled softmax sums over more, vanishing, terms).
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=2e-6 * expected.abs().max().item())
+    for index, logits in enumerate(out.router_logits):  # every layer picks its own slice of the pool
+        own = range(4 * index, 4 * index + 4)
+        assert all(e in own for e in logits.reshape(-1, logits.shape[-1]).topk(2, dim=-1).indices.unique().tolist())
+
+    # A small foreign bias opens the rest of the pool from the start.
+    opened = refactor_moe(source, MoERefactorOptions(**common, pool=True, pool_foreign_bias=0.0))
+    with torch.no_grad():
+        logits = opened(ids, output_router_logits=True).router_logits[2]
+    chosen = logits.reshape(-1, logits.shape[-1]).topk(2, dim=-1).indices
+    assert ((chosen < 8) | (chosen >= 12)).any()
+
+
 def test_shared_neurons_are_the_most_active(stories260k):
     source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
     acts = neuron_activations(source, _ids(source.config.vocab_size, length=48, seed=4))
@@ -116,6 +169,8 @@ def test_shared_neurons_are_the_most_active(stories260k):
     (dict(method="upcycle", shared_neurons=4), "shared_neurons applies to method='partition' only"),
     (dict(experts=4, split="activation"), "need calibration tokens"),
     (dict(router_init="random"), "router_init must be one of"),
+    (dict(routed_scale=-1.0), "routed_scale must be a finite number >= 0"),
+    (dict(pool=True, pool_foreign_bias=float("nan")), "pool_foreign_bias must be a finite number >= 0"),
 ])
 def test_options_that_do_not_fit_the_source_fail_clearly(stories260k, options, message):
     source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
@@ -148,3 +203,8 @@ def test_convert_api_and_cli_write_a_loadable_moe(stories260k, tmp_path, capsys)
     printed = json.loads(capsys.readouterr().out)
     assert printed["options"]["method"] == "upcycle" and printed["options"]["zero_experts"] == 1
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "up").config.moe_zero_experts == 1
+    assert main(["convert", str(stories260k), str(tmp_path / "pool"), "--to", "moe", "--experts", "4",
+                 "--shared-expert", "4", "--calibration-file", str(calibration), "--calibration-tokens", "128",
+                 "--pool", "--routed-scale", "3"]) == 0
+    pooled = AutoModelForCausalLM.from_pretrained(tmp_path / "pool").config
+    assert pooled.moe_expert_pool == "global" and pooled.moe_routed_scale == 3.0 and pooled.num_shared_experts == 1

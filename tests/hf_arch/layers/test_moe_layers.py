@@ -113,6 +113,18 @@ def test_gating_residual_adds_projected_previous_logits():
     torch.testing.assert_close(out.logits, torch.tensor(expect), rtol=1e-6, atol=1e-6)
 
 
+def test_router_bias_starts_at_zero_and_shifts_the_logits():
+    r = router(config(moe_router_bias=True), torch.tensor(W))
+    assert torch.count_nonzero(r.bias) == 0
+    with torch.no_grad():
+        r.bias.copy_(torch.tensor([0.0, -10.0, 0.0, 3.0]))
+    out = r(torch.tensor(X))
+    expect = [[l + b for l, b in zip(row, (0.0, -10.0, 0.0, 3.0))] for row in hand_logits()]
+    torch.testing.assert_close(out.logits, torch.tensor(expect), rtol=1e-6, atol=1e-6)
+    assert 1 not in out.expert_idx.tolist() and out.expert_idx.view(3, 2)[:, 0].tolist() == [3, 3, 3]
+    assert router(config(), torch.tensor(W)).bias is None
+
+
 @pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk", "norm_router"])
 def test_ties_in_topk_pick_k_distinct_experts_with_equal_weights(kind):
     r = router(config(moe_router=kind, num_experts_per_tok=3), torch.tensor(W))
