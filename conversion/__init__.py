@@ -1,7 +1,7 @@
 """Retrofit plans: turn Llama-family checkpoints into hf-arch variants.
 
 A source adapter per family maps the config (``sources.py``); a conversion kind swaps or adds modules and
-initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_refactor.py``); ``api.convert`` loads, verifies and writes atomically.
+initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_refactor.py``, ``sparsify.py``); ``api.convert`` loads, verifies and writes atomically.
 """
 
 from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
@@ -9,6 +9,7 @@ from .gate_insertion import GateInsertionOptions, insert_gates
 from .linearize import LinearizeOptions, attention_mse_per_layer, linearize
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sources import SOURCE_ADAPTERS, adapter_for
+from .sparsify import SparsifyOptions, load_gates, save_gates, sparsify
 
 __all__ = [
     "CONVERSIONS",
@@ -26,4 +27,8 @@ __all__ = [
     "linearize",
     "max_abs_logit_diff",
     "refactor_moe",
+    "SparsifyOptions",
+    "load_gates",
+    "save_gates",
+    "sparsify",
 ]

@@ -14,6 +14,7 @@ from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .linearize import LinearizeOptions, linearize, method_target
 from .moe_refactor import MoERefactorOptions, refactor_moe
+from .sparsify import SparsifyOptions, sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ CONVERSIONS = {
     "moe": (MoERefactorOptions, refactor_moe),
     "gla": (LinearizeOptions, linearize),
     "gated_deltanet": (LinearizeOptions, linearize),
+    "sparse_attention": (SparsifyOptions, sparsify),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,6 +50,8 @@ def conversion_options(to: str, **options):
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for --to {to}; valid options: {sorted(known)}")
     opts = options_class(**options)
+    if hasattr(opts, "config_overrides"):
+        opts.config_overrides()  # validates option values before any loading
     if options_class is LinearizeOptions and method_target(opts.method) != to:
         raise ValueError(f"--method {opts.method} converts to {method_target(opts.method)!r}, not --to {to!r}")
     return opts

@@ -21,6 +21,9 @@ from .models import (
     MoEConfig,
     MoEForCausalLM,
     MoEModel,
+    SparseAttentionConfig,
+    SparseAttentionForCausalLM,
+    SparseAttentionModel,
 )
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
@@ -42,6 +45,9 @@ __all__ = [
     "MoEConfig",
     "MoEForCausalLM",
     "MoEModel",
+    "SparseAttentionConfig",
+    "SparseAttentionForCausalLM",
+    "SparseAttentionModel",
     "Variant",
     "__version__",
     "disable_routing_stats",

@@ -50,6 +50,21 @@ def _cmd_convert(args) -> int:
             calibration_tokens=args.calibration_tokens,
             seed=args.seed,
         )
+    elif args.to == "sparse_attention":
+        options = dict(
+            method=args.method or "seer",
+            block_size=args.block_size,
+            gate_dim=args.gate_dim,
+            selection=args.selection,
+            threshold=args.threshold,
+            topk=args.topk,
+            token_budget=args.token_budget,
+            router_hidden=args.router_hidden,
+            router_bias=args.router_bias,
+            sink_blocks=args.sink_blocks,
+            window_blocks=args.window_blocks,
+            target_sparsity=args.target_sparsity,
+        )
     elif args.to in ("gla", "gated_deltanet"):
         options = dict(
             method=args.method or ("mamba_init" if args.to == "gated_deltanet" else "liger"),
@@ -256,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
     p.add_argument("--gate-lr-scale", type=float, default=1.0, help="LR multiplier recipes apply to the gates")
     p.add_argument("--method", default=None,
-                   help="--to gla|gated_deltanet: liger | lolcats | lizard | mamba_init; --to moe: partition | upcycle")
+                   help="--to gla|gated_deltanet: liger | lolcats | lizard | mamba_init; --to moe: partition | upcycle; "
+                        "--to sparse_attention: seer | flux")
     p.add_argument("--keep-full-attention", type=int, nargs="+", default=None, metavar="LAYER",
                    help="linearization: layers that keep softmax attention")
     p.add_argument("--ratio", type=int, default=None, help="linearization: R linear layers per full-attention layer")
@@ -278,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-foreign-bias", type=float, default=None,
                    help="moe --pool: router bias against other layers' experts (default: large enough that routing "
                         "starts exactly as without the pool)")
+    p.add_argument("--block-size", type=int, default=64, help="sparse_attention: tokens per block")
+    p.add_argument("--gate-dim", type=int, default=None, help="sparse_attention seer: gate width (default head_dim)")
+    p.add_argument("--selection", choices=["threshold", "topk", "budget"], default="threshold",
+                   help="sparse_attention seer: how gate probabilities pick blocks at inference")
+    p.add_argument("--threshold", type=float, default=5e-3, help="sparse_attention seer: keep blocks with p > this")
+    p.add_argument("--topk", type=int, default=8, help="sparse_attention seer: key blocks per query block (topk)")
+    p.add_argument("--token-budget", type=int, default=512, help="sparse_attention seer: tokens per query (budget)")
+    p.add_argument("--router-hidden", type=int, default=64, help="sparse_attention flux: router MLP width")
+    p.add_argument("--router-bias", type=float, default=4.5,
+                   help="sparse_attention flux: initial logit advantage of full attention")
+    p.add_argument("--sink-blocks", type=int, default=1, help="sparse_attention flux: sink blocks of the sparse branch")
+    p.add_argument("--window-blocks", type=int, default=4,
+                   help="sparse_attention flux: local blocks of the sparse branch")
+    p.add_argument("--target-sparsity", type=float, default=0.5,
+                   help="sparse_attention flux: share of layer choices that should go sparse")
     p.add_argument("--calibration-file", default=None,
                    help="text for activation statistics (moe --split activation / --shared-neurons)")
     p.add_argument("--calibration-tokens", type=int, default=4096)

@@ -7,6 +7,8 @@ mixers the backbone knows. Each mixer reads only its own slice (``attn_output_ga
 
 from __future__ import annotations
 
+import math
+
 try:  # transformers >= 5 renamed the base class; keep the old name working for remote-code users.
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover
@@ -27,6 +29,8 @@ OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
+SPARSE_ATTN_METHODS = ("seer", "flux")
+SPARSE_ATTN_SELECTIONS = ("threshold", "topk", "budget")
 LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
 LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
@@ -121,6 +125,23 @@ class HfArchConfig(PreTrainedConfig):
         moe_cls_coef / moe_cls_chunk_size: BlockFFN chunk-level sparsity: for each run of ``chunk`` consecutive
             tokens, the soft probability that an expert is used by any of them, ``1 − Π_t (1 − tanh(a_t))``, averaged.
         output_router_logits: return each sparse layer's router logits (and the aux loss) from forward.
+
+    Learned sparse attention (``full_attention`` layers; ``sparse_attn_method`` None = off):
+        sparse_attn_method: ``seer`` (SeerAttention block gate: per query block, a learned distribution over key blocks
+            picks the blocks to compute) or ``flux`` (Flux Attention layer router: per input, each layer runs full
+            attention or a sink + sliding-window branch).
+        sparse_attn_block_size: tokens per block for the gate, the kernel and the sparse branch.
+        sparse_attn_gate_dim: width of the gate's per-head query/key maps (None: ``head_dim``).
+        sparse_attn_selection: how gate probabilities become blocks at inference: ``threshold`` (p >
+            ``sparse_attn_threshold``), ``topk`` (``sparse_attn_topk`` blocks per query block) or ``budget``
+            (``sparse_attn_token_budget`` tokens per query block). The first and the diagonal block are always kept.
+        sparse_attn_router_hidden: hidden width of the Flux router MLP.
+        sparse_attn_router_bias: initial logit advantage of the full branch (the converted model starts as the base).
+        sparse_attn_sink_blocks / sparse_attn_window_blocks: the Flux sparse branch attends the first blocks (the
+            attention sink) and the last ``window`` blocks up to the query.
+        sparse_attn_gumbel_tau: Gumbel-softmax temperature of the straight-through layer choice in training.
+        sparse_attn_target_sparsity: the fraction of (layer, input) choices that should go to the sparse branch; a
+            Lagrangian penalty with learned multipliers enforces it in training.
     """
 
     model_type = "hfa_base"
@@ -174,6 +195,19 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate_init: str = "normal",
         attn_output_gate_bias_init: float = 0.0,
         attn_output_gate_lr_scale: float = 1.0,
+        sparse_attn_method: str | None = None,
+        sparse_attn_block_size: int = 64,
+        sparse_attn_gate_dim: int | None = None,
+        sparse_attn_selection: str = "threshold",
+        sparse_attn_threshold: float = 5e-3,
+        sparse_attn_topk: int = 8,
+        sparse_attn_token_budget: int = 512,
+        sparse_attn_router_hidden: int = 64,
+        sparse_attn_router_bias: float = 4.5,
+        sparse_attn_sink_blocks: int = 1,
+        sparse_attn_window_blocks: int = 4,
+        sparse_attn_gumbel_tau: float = 1.0,
+        sparse_attn_target_sparsity: float = 0.5,
         linear_attn_type: str = "gla",
         linear_attn_gate: str = "low_rank",
         linear_attn_gate_low_rank_dim: int = 16,
@@ -275,6 +309,19 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_output_gate_init = attn_output_gate_init
         self.attn_output_gate_bias_init = attn_output_gate_bias_init
         self.attn_output_gate_lr_scale = attn_output_gate_lr_scale
+        self.sparse_attn_method = sparse_attn_method
+        self.sparse_attn_block_size = sparse_attn_block_size
+        self.sparse_attn_gate_dim = sparse_attn_gate_dim
+        self.sparse_attn_selection = sparse_attn_selection
+        self.sparse_attn_threshold = sparse_attn_threshold
+        self.sparse_attn_topk = sparse_attn_topk
+        self.sparse_attn_token_budget = sparse_attn_token_budget
+        self.sparse_attn_router_hidden = sparse_attn_router_hidden
+        self.sparse_attn_router_bias = sparse_attn_router_bias
+        self.sparse_attn_sink_blocks = sparse_attn_sink_blocks
+        self.sparse_attn_window_blocks = sparse_attn_window_blocks
+        self.sparse_attn_gumbel_tau = sparse_attn_gumbel_tau
+        self.sparse_attn_target_sparsity = sparse_attn_target_sparsity
         self.linear_attn_type = linear_attn_type
         self.linear_attn_gate = linear_attn_gate
         self.linear_attn_gate_low_rank_dim = linear_attn_gate_low_rank_dim
@@ -332,6 +379,37 @@ class HfArchConfig(PreTrainedConfig):
             self._validate_linear_attention()
         if "sparse" in self.mlp_layer_types:
             self._validate_moe()
+        if self.sparse_attn_method is not None:
+            self._validate_sparse_attention()
+
+    def _validate_sparse_attention(self) -> None:
+        cls = type(self).__name__
+        for field, allowed in (("sparse_attn_method", SPARSE_ATTN_METHODS),
+                               ("sparse_attn_selection", SPARSE_ATTN_SELECTIONS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field, minimum in (("sparse_attn_block_size", 1), ("sparse_attn_topk", 1),
+                               ("sparse_attn_token_budget", 1), ("sparse_attn_router_hidden", 1),
+                               ("sparse_attn_sink_blocks", 0), ("sparse_attn_window_blocks", 1)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
+        if self.sparse_attn_gate_dim is not None and (not isinstance(self.sparse_attn_gate_dim, int)
+                                                      or self.sparse_attn_gate_dim < 2 or self.sparse_attn_gate_dim % 2):
+            raise ValueError(f"{cls}.sparse_attn_gate_dim must be an even integer >= 2 (RoPE pairs channels) or None, "
+                             f"got {self.sparse_attn_gate_dim!r}")
+        if not 0.0 <= self.sparse_attn_threshold < 1.0:
+            raise ValueError(f"{cls}.sparse_attn_threshold must be in [0, 1), got {self.sparse_attn_threshold!r}")
+        if not 0.0 <= self.sparse_attn_target_sparsity <= 1.0:
+            raise ValueError(f"{cls}.sparse_attn_target_sparsity must be in [0, 1], got "
+                             f"{self.sparse_attn_target_sparsity!r}")
+        if not self.sparse_attn_gumbel_tau > 0:
+            raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
+        if not math.isfinite(self.sparse_attn_router_bias):
+            raise ValueError(f"{cls}.sparse_attn_router_bias must be finite, got {self.sparse_attn_router_bias!r}")
+        if "full_attention" not in self.layer_types:
+            raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} acts on full_attention layers, "
+                             "and layer_types has none")
 
     @property
     def num_zero_computation_experts(self) -> int:

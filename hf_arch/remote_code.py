@@ -69,6 +69,9 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.moe.permute",
     f"{PACKAGE}.kernels.moe.grouped",
     f"{PACKAGE}.kernels.moe.weighted",
+    f"{PACKAGE}.kernels.block_sparse.naive",
+    f"{PACKAGE}.kernels.block_sparse.chunk",
+    f"{PACKAGE}.kernels.block_sparse.pooled_scores",
     f"{PACKAGE}.kernels.ops",
     f"{PACKAGE}.layers.short_conv",
     f"{PACKAGE}.layers.linear_attention",
@@ -76,6 +79,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.layers.moe_experts",
     f"{PACKAGE}.layers.moe",
     f"{PACKAGE}.layers.moe_losses",
+    f"{PACKAGE}.layers.sparse_attention",
     f"{PACKAGE}.models.backbone",
 ]
 

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .block_sparse.chunk import chunk_block_sparse_attention
+from .block_sparse.pooled_scores import chunk_pooled_attention_scores
 from .delta_rule.chunk import chunk_gated_delta_rule
 from .delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .dispatch import select_backend
@@ -22,8 +24,8 @@ from .moe.grouped import grouped_expert_mlp
 from .moe.weighted import grouped_weighted_expert_mlp
 from .sliding_window.chunk import chunk_sliding_window_attention
 
-__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "expert_mlp", "weighted_expert_mlp",
-           "RECURRENT_MAX_TOKENS"]
+__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "block_sparse_attention", "pooled_attention_scores",
+           "expert_mlp", "weighted_expert_mlp", "RECURRENT_MAX_TOKENS"]
 
 # At or below this many new tokens (decoding, short continuations) the recurrent form beats the chunked one on CPU.
 RECURRENT_MAX_TOKENS = 8
@@ -60,6 +62,10 @@ _GDR_IMPLS = {"torch": _torch_gdr, **_triton_op(".delta_rule.triton_delta_rule",
 _SWA_IMPLS = {
     "torch": chunk_sliding_window_attention,
     **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),
+}
+_BSA_IMPLS = {
+    "torch": chunk_block_sparse_attention,
+    **_triton_op(".block_sparse.triton_block_sparse", "triton_block_sparse_attention"),
 }
 _MOE_IMPLS = {"torch": grouped_expert_mlp, **_triton_op(".moe.triton_moe", "triton_grouped_expert_mlp")}
 _WEIGHTED_MOE_IMPLS = {
@@ -128,6 +134,44 @@ def sliding_window_attention(
     impl = select_backend("sliding_window_attention", _SWA_IMPLS, q, backend)
     return impl(q, k, v, window, sink_logits=sink_logits, scale=scale, cu_seqlens=cu_seqlens,
                 attention_mask=attention_mask)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    *,
+    scale: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Causal softmax attention restricted to the key blocks a gate selected (SeerAttention-style).
+
+    q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]``; block_mask bool ``[B, H, N, N]`` with ``N = ceil(T / block_size)``:
+    query block ``i`` attends key block ``j`` where it is True and ``j <= i`` (causal inside); attention_mask
+    ``[B, T]`` marks real tokens. A query row with no attendable key outputs 0.
+    """
+    impl = select_backend("block_sparse_attention", _BSA_IMPLS, q, backend)
+    return impl(q, k, v, block_mask, block_size, scale=scale, attention_mask=attention_mask)
+
+
+def pooled_attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    *,
+    scale: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    pool: str = "max",
+) -> torch.Tensor:
+    """Dense causal attention probabilities pooled per (query block, key block) tile, ``[B, H, N, N]`` fp32.
+
+    The gate's distillation target: ``pool`` "max" or "mean" over each tile, non-causal tiles zeroed, each row
+    renormalised over key blocks (rows with nothing stay 0). PyTorch only (chunked, no ``[T, T]`` map), no gradient.
+    """
+    return chunk_pooled_attention_scores(q, k, block_size, scale=scale, attention_mask=attention_mask, pool=pool)
 
 
 def expert_mlp(

@@ -58,35 +58,28 @@ class HfArchAttention(nn.Module):
         self.k_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.output_gate = AttentionOutputGate(config) if config.attn_output_gate else None
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        cu_seqlens=None,  # for linear mixers; attention finds packing in position_ids / its own kwargs
-        position_in_sequence=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied)."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
         key = self.k_proj(hidden_states).view(hidden_shape)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
+        return query, key, value
 
+    def attend(self, query, key, value, attention_mask, past_key_values=None, **kwargs):
+        """Softmax attention through the configured backend on ``[B, heads, T, D]`` tensors (RoPE applied); updates
+        the cache. Returns (``[B, T, H, D]`` output, weights or None)."""
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-
         implementation = self.config._attn_implementation
         attention_fn = (
             eager_attention_forward
             if implementation in (None, "eager")
             else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         )
-        attn_output, attn_weights = attention_fn(
+        return attention_fn(
             self,
             query,
             key,
@@ -97,7 +90,26 @@ class HfArchAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+
+    def finish(self, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, D]`` attention output → gate (if any) → o_proj."""
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         if self.output_gate is not None:
             attn_output = self.output_gate(hidden_states, attn_output)
-        return self.o_proj(attn_output), attn_weights
+        return self.o_proj(attn_output)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cu_seqlens=None,  # for linear mixers; attention finds packing in position_ids / its own kwargs
+        position_in_sequence=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query, key, value = self.project(hidden_states)
+        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
+        attn_output, attn_weights = self.attend(query, key, value.transpose(1, 2), attention_mask, past_key_values,
+                                                **kwargs)
+        return self.finish(hidden_states, attn_output), attn_weights

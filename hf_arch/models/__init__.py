@@ -15,6 +15,12 @@ from .gated_deltanet import (
     GatedDeltaNetModel,
 )
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
+from .sparse_attention import (
+    SparseAttentionConfig,
+    SparseAttentionForCausalLM,
+    SparseAttentionForSequenceClassification,
+    SparseAttentionModel,
+)
 from .moe import MOE_PRESETS, MoEConfig, MoEForCausalLM, MoEForSequenceClassification, MoEModel
 
 _ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,7 +100,28 @@ MOE = register_variant(
     )
 )
 
+SPARSE_ATTENTION = register_variant(
+    Variant(
+        name="sparse_attention",
+        config_class=SparseAttentionConfig,
+        model_class=SparseAttentionModel,
+        causal_lm_class=SparseAttentionForCausalLM,
+        sequence_classification_class=SparseAttentionForSequenceClassification,
+        summary="learned sparse attention on a frozen model: SeerAttention block gates (block-sparse prefill) or a "
+                "Flux layer router (full vs sink + sliding window per input)",
+        paper="Gao et al., SeerAttention (arXiv 2410.13276); Qiu et al., Flux Attention (arXiv 2604.07394)",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(r"\.block_gate\.", r"\.layer_router\.", r"^model\.sparsity_multipliers$"),
+        tags=("sparse-attention",),
+    )
+)
+
 __all__ = [
+    "SPARSE_ATTENTION",
+    "SparseAttentionConfig",
+    "SparseAttentionForCausalLM",
+    "SparseAttentionForSequenceClassification",
+    "SparseAttentionModel",
     "MOE",
     "MOE_PRESETS",
     "MoEConfig",

@@ -33,6 +33,7 @@ from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
 from ..layers.short_conv import ShortConvolution
+from ..layers.sparse_attention import BlockGate, HfArchSparseAttention, LayerRouter, flux_sparsity_penalty
 
 
 class HfArchCache(DynamicCache):
@@ -47,6 +48,8 @@ class HfArchCache(DynamicCache):
 
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     layer_type = config.layer_types[layer_idx]
+    if layer_type == "full_attention" and config.sparse_attn_method is not None:
+        return HfArchSparseAttention(config, layer_idx)
     if layer_type in ATTENTION_LAYER_TYPES:
         return HfArchAttention(config, layer_idx)
     if layer_type in LINEAR_LAYER_TYPES:
@@ -119,10 +122,12 @@ class HfArchPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
-                               ZeroComputationExperts)):
+                               ZeroComputationExperts, BlockGate, LayerRouter)):
             from transformers import initialization
 
             module.init_parameters(initialization)
+        if isinstance(module, HfArchModel) and module.sparsity_multipliers is not None:
+            nn.init.zeros_(module.sparsity_multipliers)
         if isinstance(module, nn.Linear) and hasattr(module, "output_gate_last"):
             AttentionOutputGate.init_linear(
                 module,
@@ -145,6 +150,8 @@ class HfArchModel(HfArchPreTrainedModel):
             HfArchExperts(config, config.moe_pool_size)
             if "sparse" in config.mlp_layer_types and config.moe_expert_pool == "global" else None
         )
+        # Flux: the Lagrange multipliers of the sparsity target (trained by gradient ascent; unused at inference).
+        self.sparsity_multipliers = nn.Parameter(torch.zeros(2)) if config.sparse_attn_method == "flux" else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -240,6 +247,9 @@ class HfArchModel(HfArchPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         self._share_padding_with_routing_stats(attention_mask)
+        if self.config.sparse_attn_method is not None:  # sparse layers read the 2-D padding mask themselves
+            kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
+                attention_mask.dim() == 2 else None
         all_hidden_states, all_attentions, all_router_logits = [], [], []
         router_logits = None
         for layer in self.layers:
@@ -352,6 +362,10 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if self.training and self.model.sparsity_multipliers is not None:
+                penalty = flux_sparsity_penalty(self.model, self.model.sparsity_multipliers,
+                                                self.config.sparse_attn_target_sparsity)
+                loss = loss + penalty.to(loss.device) if penalty is not None else loss
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:
             want_router_logits = (
