@@ -5,9 +5,12 @@
   over layers of ``MSE(linear, softmax)`` and the residual stream carries the teacher's output, so each layer learns
   from exactly the inputs it will see. Because no student output propagates, the per-layer objectives are
   decoupled: training them jointly equals training them layer by layer (with a summed loss).
+- **Gate distillation** (SeerAttention): every block gate is pulled (KL) toward its frozen layer's true attention
+  map pooled to blocks, while the layers attend densely; only the gates train.
 - **Distillation**: ``lm_weight · CE + kl_weight · T² · KL(teacher ‖ student)`` at temperature ``T`` over real
-  tokens. Teacher ``"self"``: the model's own source function (adapters disabled, linear layers in teacher mode), so
-  a linearized model needs no second copy in memory; otherwise a frozen teacher loaded from a path.
+  tokens. Teacher ``"self"``: the model's own source function (adapters disabled, linear layers in teacher mode,
+  sparse-attention layers dense), so a converted model needs no second copy in memory; otherwise a frozen teacher
+  loaded from a path.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 
 from ..conversion.linearize import linear_attention_layers, set_attention_transfer
 
-__all__ = ["attention_transfer_loss", "DistillationTeacher", "distillation_loss"]
+__all__ = ["attention_transfer_loss", "gate_distillation_loss", "source_function", "DistillationTeacher",
+           "distillation_loss", "training_regularizer"]
 
 
 def attention_transfer_loss(model, inputs: dict) -> torch.Tensor:
@@ -37,6 +41,44 @@ def attention_transfer_loss(model, inputs: dict) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def gate_distillation_loss(model, inputs: dict) -> torch.Tensor:
+    """Mean over seer layers of ``KL(pooled attention ‖ gate)`` on this batch."""
+    from ..layers.sparse_attention import gate_distillation_losses, sparse_attention_layers
+
+    layers = [layer for layer in sparse_attention_layers(model) if layer.block_gate is not None]
+    if not layers:
+        raise ValueError("training.objective 'gate_distillation' needs a model with SeerAttention block gates "
+                         f"({type(model).__name__} has none); convert it first (hf-arch convert --to "
+                         "sparse_attention --method seer)")
+    for layer in layers:
+        layer.gate_distillation = True
+    try:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        losses = gate_distillation_losses(model)
+    finally:
+        for layer in layers:
+            layer.gate_distillation = False
+    return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def source_function(model):
+    """Run ``model`` as the function it was converted from: linear layers return their softmax teachers, sparse
+    attention layers attend densely. Yields whether the model has any such layer."""
+    from ..layers.sparse_attention import sparse_attention_layers
+
+    sparse = sparse_attention_layers(model)
+    linear = set_attention_transfer(model, True)
+    for layer in sparse:
+        layer.force_dense = True
+    try:
+        yield bool(linear or sparse)
+    finally:
+        set_attention_transfer(model, False)  # also drops the per-layer losses the teacher pass left
+        for layer in sparse:
+            layer.force_dense = False
+
+
 class DistillationTeacher:
     """Teacher logits on a batch: ``"self"`` (the model's own frozen source function) or a loaded checkpoint."""
 
@@ -44,9 +86,12 @@ class DistillationTeacher:
         self.temperature = temperature
         self.model = None
         if teacher == "self":
-            if not linear_attention_layers(student):
+            from ..layers.sparse_attention import sparse_attention_layers
+
+            if not linear_attention_layers(student) and not sparse_attention_layers(student):
                 raise ValueError("distill.teacher 'self' reproduces the source through the linear layers' softmax "
-                                 "teachers; this model has no linear-attention layers, give a teacher checkpoint path")
+                                 "teachers or the sparse layers' dense attention; this model has neither, give a "
+                                 "teacher checkpoint path")
         else:
             from transformers import AutoModelForCausalLM
 
@@ -66,14 +111,26 @@ class DistillationTeacher:
         context = disable() if callable(disable) else contextlib.nullcontext()
         was_training = student.training
         student.eval()  # no dropout in the teacher pass
-        set_attention_transfer(student, True)
         try:
-            with context:
+            with context, source_function(student):
                 logits = student(**batch).logits
         finally:
-            set_attention_transfer(student, False)  # also drops the per-layer losses the teacher pass left
             student.train(was_training)
         return logits
+
+
+def training_regularizer(model, outputs):
+    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss and the Flux sparsity
+    Lagrangian (0 when neither applies)."""
+    total = 0.0
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is not None:
+        total = total + aux
+    for module in model.modules():
+        penalty = getattr(module, "last_sparsity_penalty", None)
+        if isinstance(penalty, torch.Tensor):
+            total = total + penalty
+    return total
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float) -> torch.Tensor:

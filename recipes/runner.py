@@ -38,7 +38,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .data import PadCollator, build_datasets
 from .moe_logging import RoutingStatsCallback, has_moe_layers
-from .objectives import DistillationTeacher, attention_transfer_loss, distillation_loss
+from .objectives import (
+    DistillationTeacher,
+    attention_transfer_loss,
+    distillation_loss,
+    gate_distillation_loss,
+    training_regularizer,
+)
 from .schema import Recipe, load_recipe
 
 GATE_PATTERN = "output_gate"
@@ -107,16 +113,18 @@ class RecipeTrainer(Trainer):
         self.distill = distill
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective == "attention_transfer":
-            loss = attention_transfer_loss(model, inputs)
+        if self.objective in ("attention_transfer", "gate_distillation"):
+            objective = attention_transfer_loss if self.objective == "attention_transfer" else gate_distillation_loss
+            loss = objective(model, inputs)
             return (loss, {}) if return_outputs else loss
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         outputs = model(**inputs)
+        regularizer = training_regularizer(model, outputs)  # MoE aux / Flux Lagrangian: never reweighted
         teacher_logits = self.teacher.logits(model, inputs)
         kl = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], self.distill.temperature)
-        loss = self.distill.lm_weight * outputs.loss + self.distill.kl_weight * kl
+        loss = self.distill.lm_weight * (outputs.loss - regularizer) + self.distill.kl_weight * kl + regularizer
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):

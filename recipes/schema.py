@@ -10,7 +10,7 @@ A recipe looks like::
       block_size: 256
     training:
       mode: new_params          # full | lora | new_params | patterns
-      objective: lm             # lm | attention_transfer
+      objective: lm             # lm | attention_transfer | gate_distillation
       max_steps: 40
       learning_rate: 1.0e-3
     lora:                       # only read in mode lora
@@ -39,7 +39,7 @@ from typing import Any, Literal, Union
 import yaml
 
 MODES = ("full", "lora", "new_params", "patterns")
-OBJECTIVES = ("lm", "attention_transfer")
+OBJECTIVES = ("lm", "attention_transfer", "gate_distillation")
 DEFAULT_ENV = {"HF_ARCH_ASSETS": "../shared/assets"}
 
 
@@ -70,8 +70,9 @@ class TrainingConfig:
     trainable_patterns: list[str] | None = None
     # lm: next-token loss (+ distillation when distill.teacher is set); attention_transfer: stage 1 of a
     # linearization: every linear layer's output is pulled to the softmax attention its frozen source weights
-    # compute (MSE), while the residual stream carries the teacher's output.
-    objective: Literal["lm", "attention_transfer"] = "lm"
+    # compute (MSE), while the residual stream carries the teacher's output; gate_distillation: SeerAttention block
+    # gates learn their frozen layers' block-pooled attention maps (KL).
+    objective: Literal["lm", "attention_transfer", "gate_distillation"] = "lm"
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 1.0
     learning_rate: float = 5e-4
@@ -390,8 +391,8 @@ def _validate(recipe: Recipe) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ValueError(f"{src}: training.trainable_patterns entry {pattern!r} is not a regex: {err}") from None
-    if t.objective == "attention_transfer" and t.mode not in ("new_params", "patterns"):
-        raise ValueError(f"{src}: training.objective 'attention_transfer' keeps the source weights frozen as the "
+    if t.objective in ("attention_transfer", "gate_distillation") and t.mode not in ("new_params", "patterns"):
+        raise ValueError(f"{src}: training.objective {t.objective!r} keeps the source weights frozen as the "
                          f"teacher; use training.mode new_params or patterns (got {t.mode!r})")
     dist = recipe.distill
     if dist.teacher is not None:

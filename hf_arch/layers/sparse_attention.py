@@ -38,6 +38,19 @@ __all__ = [
     "flux_sparse_share",
 ]
 
+class _TorchInit:
+    """The few ``transformers.initialization`` functions the gates use, as plain torch (for explicit re-inits, which
+    transformers' versions skip on parameters already marked initialised)."""
+
+    normal_ = staticmethod(nn.init.normal_)
+    zeros_ = staticmethod(nn.init.zeros_)
+
+    @staticmethod
+    def copy_(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return tensor.copy_(value)
+
+
 FLUX_CHOICE_ATTR = "_hf_arch_flux_choice"  # per cache layer: the prompt's choice (True = sparse), kept for decoding
 
 
@@ -85,8 +98,8 @@ class BlockGate(nn.Module):
         self.q_map = nn.Parameter(torch.empty(self.num_heads, D, self.gate_dim))
         self.k_map = nn.Parameter(torch.empty(self.num_key_value_heads, 3 * D, self.gate_dim))
 
-    def init_parameters(self, init=nn.init) -> None:
-        """``init``: transformers' ``initialization`` module (from ``_init_weights``) or ``torch.nn.init``."""
+    def init_parameters(self, init=_TorchInit) -> None:
+        """``init``: transformers' ``initialization`` module (from ``_init_weights``) or plain torch."""
         # Unit-variance outputs for unit-variance inputs, so the initial gate is neither flat nor one-hot.
         init.normal_(self.q_map, mean=0.0, std=self.q_map.shape[1] ** -0.5)
         init.normal_(self.k_map, mean=0.0, std=self.k_map.shape[1] ** -0.5)
@@ -151,7 +164,7 @@ class LayerRouter(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(2))
         self._bias = config.sparse_attn_router_bias
 
-    def init_parameters(self, init=nn.init) -> None:
+    def init_parameters(self, init=_TorchInit) -> None:
         # The last layer starts at zero with a bias toward full attention: the converted model is the base model.
         init.normal_(self.hidden_weight, mean=0.0, std=self.hidden_weight.shape[1] ** -0.5)
         init.zeros_(self.hidden_bias)
@@ -195,7 +208,7 @@ class HfArchSparseAttention(HfArchAttention):
         self.last_density: tuple[int, int] | None = None  # seer: (computed, causal) blocks of the last prefill
         self.last_choice: torch.Tensor | None = None  # flux: the last choice per input (True = sparse)
 
-    def init_parameters(self, init=nn.init) -> None:
+    def init_parameters(self, init=_TorchInit) -> None:
         for module in (self.block_gate, self.layer_router):
             if module is not None:
                 module.init_parameters(init)

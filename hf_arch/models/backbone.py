@@ -300,6 +300,7 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.last_sparsity_penalty: torch.Tensor | None = None  # flux: the Lagrangian term of the last training loss
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -360,12 +361,15 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
+        self.last_sparsity_penalty = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if self.training and self.model.sparsity_multipliers is not None:
                 penalty = flux_sparsity_penalty(self.model, self.model.sparsity_multipliers,
                                                 self.config.sparse_attn_target_sparsity)
-                loss = loss + penalty.to(loss.device) if penalty is not None else loss
+                if penalty is not None:  # kept apart too, so a distillation loss can reweight the CE alone
+                    self.last_sparsity_penalty = penalty
+                    loss = loss + penalty.to(loss.device)
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:
             want_router_logits = (
