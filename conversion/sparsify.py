@@ -44,11 +44,13 @@ class SparsifyOptions:
     window_blocks: int = 4
     gumbel_tau: float = 1.0
     target_sparsity: float = 0.5
+    lagrangian_lr_scale: float = 10.0  # flux: recipes train the Lagrange multipliers at this × the learning rate
+    seed: int = 0  # the gates' / routers' random init
 
     def config_overrides(self) -> dict:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} for --to sparse_attention, got {self.method!r}")
-        return {f"sparse_attn_{name}": value for name, value in asdict(self).items()}
+        return {f"sparse_attn_{name}": value for name, value in asdict(self).items() if name != "seed"}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +72,9 @@ def sparsify(source_model, options: SparsifyOptions | None = None) -> SparseAtte
     target = SparseAttentionForCausalLM(config).to(dtype)
     source_state = source_model.state_dict()
     copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)))
-    _reset_new_parameters(target)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        _reset_new_parameters(target)
     if config.tie_word_embeddings:
         target.tie_weights()
     check_copied(source_state, target.state_dict())
@@ -143,7 +147,9 @@ def load_gates(gates_dir: str | Path, base_model=None, dtype: torch.dtype = torc
     base = base_model if base_model is not None else record["base_model"]
     if isinstance(base, (str, Path)):
         base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
-    fields = {k[len("sparse_attn_"):]: v for k, v in record["sparse_attention"].items()}
+    known = set(SparsifyOptions.__dataclass_fields__)
+    fields = {k[len("sparse_attn_"):]: v for k, v in record["sparse_attention"].items()
+              if k[len("sparse_attn_"):] in known}
     model = sparsify(base, SparsifyOptions(**fields))
     expected, found = record["base_fingerprint"], base_fingerprint(model)
     problems = [f"{key}: gates were trained on {expected[key]}, this base has {found[key]}"

@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time forward, forward+backward and decode of a model "
                                      "(`bench kernels`: the sequence-mixing kernels and cached decode; "
                                      "`bench moe`: MoE layers and MoE LM training; `bench recovery SRC --out DIR`: "
-                                     "convert, recover and evaluate, see `hf-arch bench recovery --help`)")
+                                     "convert, recover and evaluate, see `hf-arch bench recovery --help`; `bench sparse "
+                                     "SRC --out DIR`: learned sparse attention, see `hf-arch bench sparse --help`)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -407,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.recovery_benchmark import main as recovery_main
 
         return recovery_main(argv[2:])
+    if argv[:2] == ["bench", "sparse"]:  # its own options: convert + train gates/routers + sweep + time
+        from hf_arch.recipes.sparse_benchmark import main as sparse_main
+
+        return sparse_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import hf_arch  # noqa: F401  (registers the variants)

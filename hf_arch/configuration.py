@@ -142,6 +142,8 @@ class HfArchConfig(PreTrainedConfig):
         sparse_attn_gumbel_tau: Gumbel-softmax temperature of the straight-through layer choice in training.
         sparse_attn_target_sparsity: the fraction of (layer, input) choices that should go to the sparse branch; a
             Lagrangian penalty with learned multipliers enforces it in training.
+        sparse_attn_lagrangian_lr_scale: learning-rate multiplier the recipes apply to those multipliers (they must
+            grow faster than the routers move for the target to bind within a short budget).
     """
 
     model_type = "hfa_base"
@@ -208,6 +210,7 @@ class HfArchConfig(PreTrainedConfig):
         sparse_attn_window_blocks: int = 4,
         sparse_attn_gumbel_tau: float = 1.0,
         sparse_attn_target_sparsity: float = 0.5,
+        sparse_attn_lagrangian_lr_scale: float = 10.0,
         linear_attn_type: str = "gla",
         linear_attn_gate: str = "low_rank",
         linear_attn_gate_low_rank_dim: int = 16,
@@ -322,6 +325,7 @@ class HfArchConfig(PreTrainedConfig):
         self.sparse_attn_window_blocks = sparse_attn_window_blocks
         self.sparse_attn_gumbel_tau = sparse_attn_gumbel_tau
         self.sparse_attn_target_sparsity = sparse_attn_target_sparsity
+        self.sparse_attn_lagrangian_lr_scale = sparse_attn_lagrangian_lr_scale
         self.linear_attn_type = linear_attn_type
         self.linear_attn_gate = linear_attn_gate
         self.linear_attn_gate_low_rank_dim = linear_attn_gate_low_rank_dim
@@ -403,6 +407,9 @@ class HfArchConfig(PreTrainedConfig):
         if not 0.0 <= self.sparse_attn_target_sparsity <= 1.0:
             raise ValueError(f"{cls}.sparse_attn_target_sparsity must be in [0, 1], got "
                              f"{self.sparse_attn_target_sparsity!r}")
+        if not self.sparse_attn_lagrangian_lr_scale > 0:
+            raise ValueError(f"{cls}.sparse_attn_lagrangian_lr_scale must be > 0, got "
+                             f"{self.sparse_attn_lagrangian_lr_scale!r}")
         if not self.sparse_attn_gumbel_tau > 0:
             raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
         if not math.isfinite(self.sparse_attn_router_bias):

@@ -48,6 +48,7 @@ from .objectives import (
 from .schema import Recipe, load_recipe
 
 GATE_PATTERN = "output_gate"
+MULTIPLIER_PATTERN = "sparsity_multipliers"  # Flux Lagrange multipliers: own learning rate, no decay
 FINAL_DIR = "final"
 PARTIAL_DIR = ".final.partial"
 TRAINING_JSON = "hf_arch_training.json"
@@ -79,11 +80,14 @@ class NanLossCallback(TrainerCallback):
 
 
 def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float, gate_lr_scale: float,
-                       decay_names: Iterable[str] | None = None) -> list[dict]:
-    """Optimizer groups: output-gate parameters at ``learning_rate × gate_lr_scale``; weight decay only on
-    ``decay_names`` (default: parameters with ≥ 2 dims). Frozen parameters are left out; empty groups dropped."""
+                       decay_names: Iterable[str] | None = None, multiplier_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups: output-gate parameters at ``learning_rate × gate_lr_scale``; the Flux Lagrange multipliers
+    at ``learning_rate × multiplier_lr_scale`` and never decayed; weight decay only on ``decay_names`` (default:
+    parameters with ≥ 2 dims). Frozen parameters are left out; empty groups dropped."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = set(decay_names) if decay_names is not None else {n for n, p in named if p.ndim >= 2}
+    multipliers = [p for n, p in named if MULTIPLIER_PATTERN in n]
+    named = [(n, p) for n, p in named if MULTIPLIER_PATTERN not in n]
     groups = []
     for is_gate in (False, True):
         for use_decay in (True, False):
@@ -95,6 +99,9 @@ def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_deca
                     "weight_decay": weight_decay if use_decay else 0.0,
                     "name": f"{'output_gate' if is_gate else 'base'}{'' if use_decay else '_no_decay'}",
                 })
+    if multipliers:
+        groups.append({"params": multipliers, "lr": learning_rate * multiplier_lr_scale, "weight_decay": 0.0,
+                       "name": "lagrange_multipliers"})
     if not groups:
         raise ValueError("no trainable parameters: nothing for the optimizer to update")
     return groups
@@ -105,9 +112,10 @@ class RecipeTrainer(Trainer):
     (next-token, attention transfer, or next-token plus distillation; see :mod:`.objectives`)."""
 
     def __init__(self, *args, gate_lr_scale: float = 1.0, objective: str = "lm", teacher=None,
-                 distill=None, **kwargs):
+                 distill=None, multiplier_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate_lr_scale = gate_lr_scale
+        self.multiplier_lr_scale = multiplier_lr_scale
         self.objective = objective
         self.teacher = teacher
         self.distill = distill
@@ -132,7 +140,7 @@ class RecipeTrainer(Trainer):
             opt_model = self.model if model is None else model
             groups = build_param_groups(
                 opt_model, self.args.learning_rate, self.args.weight_decay, self.gate_lr_scale,
-                decay_names=self.get_decay_parameter_names(opt_model),
+                decay_names=self.get_decay_parameter_names(opt_model), multiplier_lr_scale=self.multiplier_lr_scale,
             )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("params", "model")}
@@ -283,6 +291,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         processing_class=tokenizer,
         callbacks=[NanLossCallback(t.learning_rate), *routing_callbacks, *callbacks],
         gate_lr_scale=gate_lr_scale,
+        multiplier_lr_scale=float(getattr(model.config, "sparse_attn_lagrangian_lr_scale", 1.0) or 1.0),
         objective=t.objective,
         teacher=teacher,
         distill=recipe.distill,

@@ -517,3 +517,51 @@ def test_lora_with_self_distillation_needs_no_teacher_copy(tmp_path, lolcats_dir
         assert (student(ids).logits - teacher).abs().max() > 1e-3  # the student itself is not the teacher
     assert not student.training and all(not m.attention_transfer for m in student.modules()
                                         if hasattr(m, "attention_transfer"))
+
+
+@pytest.fixture(scope="module")
+def sparse_dirs(tmp_path_factory, stories260k):
+    """stories260K with SeerAttention gates and with Flux routers (blocks of 16 tokens)."""
+    from hf_arch.conversion import convert
+
+    root = tmp_path_factory.mktemp("sparse")
+    convert(stories260k, root / "seer", to="sparse_attention", method="seer", block_size=16)
+    convert(stories260k, root / "flux", to="sparse_attention", method="flux", block_size=16, window_blocks=1,
+            router_bias=0.5, target_sparsity=0.9)
+    return root
+
+
+def test_gate_distillation_trains_only_the_gates_and_lowers_the_kl(tmp_path, sparse_dirs, stories_file):
+    recipe = make_recipe(tmp_path, sparse_dirs / "seer", stories_file,
+                         training={"mode": "new_params", "objective": "gate_distillation", "max_steps": 15,
+                                   "learning_rate": 3e-2, "logging_steps": 1})
+    summary = run_recipe(recipe)
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    changed = changed_keys(state_dict(sparse_dirs / "seer"), state_dict(tmp_path / "out" / "final"))
+    assert changed and all(".block_gate." in k for k in changed), changed
+
+
+def test_flux_router_training_distills_from_itself_and_moves_only_routers(tmp_path, sparse_dirs, stories_file):
+    recipe = make_recipe(tmp_path, sparse_dirs / "flux", stories_file,
+                         training={"mode": "new_params", "max_steps": 4, "learning_rate": 1e-2},
+                         distill={"teacher": "self", "kl_weight": 1.0, "lm_weight": 0.0})
+    summary = run_recipe(recipe)
+    assert summary["distill_teacher"] == "self"
+    changed = changed_keys(state_dict(sparse_dirs / "flux"), state_dict(tmp_path / "out" / "final"))
+    assert any(".layer_router." in k for k in changed)
+    assert changed <= {k for k in changed if ".layer_router." in k} | {"model.sparsity_multipliers"}
+    # The multipliers ascend (the target 0.9 is above the initial sparse share), at their own learning rate.
+    after = state_dict(tmp_path / "out" / "final")["model.sparsity_multipliers"]
+    assert after[0] < 0
+
+
+def test_param_groups_give_the_lagrange_multipliers_their_own_rate_and_no_decay(sparse_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sparse_dirs / "flux")
+    groups = build_param_groups(model, 1e-3, 0.1, 1.0, multiplier_lr_scale=10.0)
+    [lagrange] = [g for g in groups if g["name"] == "lagrange_multipliers"]
+    assert lagrange["params"] == [model.model.sparsity_multipliers]
+    assert lagrange["lr"] == pytest.approx(1e-2) and lagrange["weight_decay"] == 0.0
+    assert all(model.model.sparsity_multipliers is not p for g in groups if g is not lagrange for p in g["params"])

@@ -1,0 +1,311 @@
+"""Learned sparse attention on a frozen checkpoint: perplexity vs attention density, and attention time sparse/dense.
+
+    hf-arch bench sparse SRC --out outputs/sparse [--context 2048 --gate-steps 60 --flux-steps 30] [--json]
+
+1. **SeerAttention**: convert (``--to sparse_attention --method seer``), train the block gates by self-distillation
+   (the shipped recipe's settings, ``--gate-steps`` steps of ``--context`` tokens of WikiText-2 validation), then
+   score WikiText-2 test perplexity over ``--eval-windows`` non-overlapping windows of ``--context`` tokens for each
+   selection setting (thresholds, top-k), recording the share of causal blocks actually computed (density).
+2. **Flux**: convert with each ``--flux-targets`` sparsity target, train the routers (self-distillation + the
+   Lagrangian), and score perplexity with the share of layers that went sparse; plus the all-sparse branch
+   (every layer sink + window) as the floor.
+3. **Attention time**: the attention op alone at ``--context`` with the source's head shapes, dense causal SDPA vs
+   ``block_sparse_attention`` at the measured Seer masks' densities (torch path on CPU, Triton on CUDA).
+
+Writes ``sparse.json`` and ``sparse.png`` (perplexity vs density) in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .recovery_benchmark import _assets
+
+
+def eval_windows(tokenizer, assets: Path, context: int, windows: int) -> torch.Tensor:
+    text = (assets / "data" / "wikitext2_test.txt").read_text(encoding="utf-8")[: context * windows * 8]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    if ids.numel() < context * windows:
+        raise SystemExit(f"WikiText-2 test holds {ids.numel()} tokens, fewer than {windows} windows of {context}")
+    return ids[: context * windows].view(windows, context)
+
+
+@torch.no_grad()
+def score(model, windows: torch.Tensor) -> dict:
+    """Mean next-token NLL over the windows (each its own prefill), with the attention density the model reports."""
+    from ..layers.sparse_attention import attention_density, flux_sparse_share
+
+    nll, densities, shares = [], [], []
+    for row in windows:
+        out = model(input_ids=row[None], labels=row[None], use_cache=False)
+        nll.append(out.loss.item())
+        density, share = attention_density(model), flux_sparse_share(model)
+        if density is not None:
+            densities.append(density)
+        if share is not None:
+            shares.append(share)
+    mean = sum(nll) / len(nll)
+    result = {"ppl": round(math.exp(mean), 3), "nll": round(mean, 5)}
+    if densities:
+        result["density"] = round(sum(densities) / len(densities), 4)
+    if shares:
+        result["sparse_share"] = round(sum(shares) / len(shares), 4)
+    return result
+
+
+def _train(converted: Path, out: Path, sections: dict, train_file: Path, context: int) -> dict:
+    from .runner import run_recipe
+
+    recipe = {"model": str(converted), "output_dir": str(out),
+              "data": {"train_file": str(train_file), "block_size": context, "add_bos": False}, **sections}
+    return run_recipe(recipe)
+
+
+def _base_training(steps: int) -> dict:
+    return {"mode": "new_params", "max_steps": steps, "learning_rate": 1e-3, "per_device_train_batch_size": 1,
+            "logging_steps": 10, "save_steps": 10**6, "save_total_limit": 1, "lr_scheduler_type": "cosine",
+            "warmup_steps": 5}
+
+
+def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..conversion import convert
+
+    work = Path(args.out) / "seer"
+    shutil.rmtree(work, ignore_errors=True)
+    converted = work / "converted"
+    convert(args.source, converted, to="sparse_attention", method="seer", block_size=args.block_size)
+    started = time.time()
+    summary = _train(converted, work / "gates", {"training": {**_base_training(args.gate_steps),
+                                                              "objective": "gate_distillation"}},
+                     train_file, args.context)
+    model = AutoModelForCausalLM.from_pretrained(work / "gates" / "final", dtype=torch.float32).eval()
+    points = []
+    settings = [("threshold", {"sparse_attn_threshold": t}) for t in args.thresholds]
+    settings += [("topk", {"sparse_attn_topk": k}) for k in args.topk]
+    for selection, fields in settings:
+        model.config.sparse_attn_selection = selection
+        for name, value in fields.items():
+            setattr(model.config, name, value)
+        points.append({"selection": selection, **{k.replace("sparse_attn_", ""): v for k, v in fields.items()},
+                       **score(model, windows)})
+        print(f"seer {points[-1]}", flush=True)
+    return {"train_seconds": round(time.time() - started), "gate_loss_start": summary["loss_start"],
+            "gate_loss_end": summary["loss_end"], "points": points, "checkpoint": str(work / "gates" / "final")}
+
+
+def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..conversion import convert
+    from ..layers.sparse_attention import sparse_attention_layers
+
+    rows = []
+    for target in args.flux_targets:
+        work = Path(args.out) / f"flux_{target}"
+        shutil.rmtree(work, ignore_errors=True)
+        converted = work / "converted"
+        convert(args.source, converted, to="sparse_attention", method="flux", block_size=args.block_size,
+                sink_blocks=args.sink_blocks, window_blocks=args.window_blocks, target_sparsity=target,
+                router_bias=args.flux_router_bias)
+        started = time.time()
+        sections = {"training": {**_base_training(args.flux_steps), "learning_rate": args.flux_lr},
+                    "distill": {"teacher": "self", "kl_weight": 1.0, "lm_weight": 0.0, "temperature": 1.0}}
+        summary = _train(converted, work / "router", sections, train_file, args.context)
+        model = AutoModelForCausalLM.from_pretrained(work / "router" / "final", dtype=torch.float32).eval()
+        rows.append({"target_sparsity": target, "train_seconds": round(time.time() - started),
+                     "loss_start": summary["loss_start"], "loss_end": summary["loss_end"], **score(model, windows)})
+        print(f"flux {rows[-1]}", flush=True)
+    # The floor: every layer on the sink + window branch.
+    with torch.no_grad():
+        for layer in sparse_attention_layers(model):
+            layer.layer_router.out_bias.copy_(torch.tensor([-30.0, 30.0]))
+    floor = score(model, windows)
+    return {"targets": rows, "all_sparse": floor}
+
+
+def branch_density(context: int, block: int, sink: int, window: int) -> float:
+    """Share of causal blocks the sink + window branch computes."""
+    N = math.ceil(context / block)
+    kept = sum(1 for i in range(N) for j in range(i + 1) if j < sink or j > i - window)
+    return kept / (N * (N + 1) / 2)
+
+
+def time_attention(args, config, densities: list[float]) -> dict:
+    """Dense causal SDPA vs the block-sparse op at each density (random masks of that density, first + diagonal
+    kept), one layer's heads at ``--context``; median of ``--repeats`` runs, forward only."""
+    import torch.nn.functional as F
+
+    from ..kernels.ops import block_sparse_attention
+    from .benchmark import sync_device
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    H, H_kv, D, T = config.num_attention_heads, config.num_key_value_heads, config.head_dim, args.context
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, T, H, D, generator=generator).to(device, dtype)
+    k = torch.randn(1, T, H_kv, D, generator=generator).to(device, dtype)
+    v = torch.randn(1, T, H_kv, D, generator=generator).to(device, dtype)
+
+    def timed(fn) -> float:
+        fn()
+        sync_device(device)
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            sync_device(device)
+            runs.append(time.perf_counter() - start)
+        return sorted(runs)[len(runs) // 2]
+
+    kr, vr = (x.transpose(1, 2).repeat_interleave(H // H_kv, dim=1) for x in (k, v))
+    with torch.no_grad():
+        dense = timed(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, is_causal=True))
+        N = math.ceil(T / args.block_size)
+        rows = []
+        for density in densities:
+            mask = _mask_of_density(N, H, density, generator).to(device)
+            actual = float(mask.sum()) / (H * N * (N + 1) / 2)
+            seconds = timed(lambda: block_sparse_attention(q, k, v, mask, args.block_size))
+            rows.append({"density": round(actual, 4), "seconds": round(seconds, 5),
+                         "dense_over_sparse": round(dense / seconds, 3)})
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "context": T, "heads": H, "kv_heads": H_kv,
+            "head_dim": D, "dense_sdpa_seconds": round(dense, 5), "block_sparse": rows}
+
+
+def _mask_of_density(N: int, H: int, density: float, generator) -> torch.Tensor:
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    scores = torch.rand(H, N, N, generator=generator)
+    keep = (scores < density) & causal
+    keep |= torch.eye(N, dtype=torch.bool)
+    keep[..., 0] = True
+    return keep[None]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(result["dense"]["ppl"], color="black", linestyle="--", label="dense (source)")
+    seer = result["seer"]["points"]
+    for selection, marker in (("threshold", "o"), ("topk", "s")):
+        pts = sorted((p["density"], p["ppl"]) for p in seer if p["selection"] == selection and "density" in p)
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=f"SeerAttention ({selection})")
+    flux = result.get("flux")
+    if flux:
+        pts = [(1 - r["sparse_share"] * (1 - result["flux_branch_density"]), r["ppl"]) for r in flux["targets"]]
+        ax.scatter(*zip(*pts), marker="^", color="tab:red", label="Flux router (targets)", zorder=3)
+        ax.scatter([result["flux_branch_density"]], [flux["all_sparse"]["ppl"]], marker="x", color="tab:red",
+                   label="all layers sink + window", zorder=3)
+    ax.set_xlabel("attention blocks computed (share of causal blocks)")
+    ax.set_ylabel(f"WikiText-2 perplexity @ {result['settings']['context']} tokens")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="Llama-family checkpoint dir")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--gate-steps", type=int, default=60)
+    parser.add_argument("--flux-steps", type=int, default=30)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[1e-3, 5e-3, 2e-2, 5e-2])
+    parser.add_argument("--topk", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--flux-targets", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--flux-router-bias", type=float, default=1.0,
+                        help="initial logit advantage of full attention (any value > 0 starts exactly at the source "
+                             "at inference; lower explores the sparse branch sooner in training)")
+    parser.add_argument("--flux-lr", type=float, default=1e-2)
+    parser.add_argument("--sink-blocks", type=int, default=1)
+    parser.add_argument("--window-blocks", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print sparse.json instead of the table")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if args.context < 2 * args.block_size:
+        raise SystemExit(f"--context {args.context} holds fewer than two blocks of --block-size {args.block_size}: "
+                         "nothing could be skipped")
+    assets = _assets()
+    out = Path(args.out)
+    result_path = out / "sparse.json"
+    if result_path.exists() and not args.overwrite:
+        raise SystemExit(f"{result_path} exists; pass --overwrite to run again")
+    out.mkdir(parents=True, exist_ok=True)
+    train_file = Path(args.train_file) if args.train_file else assets / "data" / "wikitext2_valid.txt"
+    tokenizer = AutoTokenizer.from_pretrained(args.source)
+    windows = eval_windows(tokenizer, assets, args.context, args.eval_windows)
+    source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
+    result = {"source": args.source, "settings": {k: v for k, v in vars(args).items() if k != "json"},
+              "dense": score(source, windows),
+              "flux_branch_density": round(branch_density(args.context, args.block_size, args.sink_blocks,
+                                                          args.window_blocks), 4)}
+    del source
+
+    def save() -> None:
+        partial = out / "sparse.json.partial"
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(result_path)
+
+    result["seer"] = run_seer(args, assets, windows, train_file)
+    save()
+    if args.flux_targets:
+        result["flux"] = run_flux(args, assets, windows, train_file)
+        save()
+    densities = sorted({p["density"] for p in result["seer"]["points"] if "density" in p} | {0.1, 0.25, 0.5})
+    result["attention_time"] = time_attention(args, AutoConfig.from_pretrained(args.source), densities)
+    save()
+    plot(result, out / "sparse.png")
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0 if math.isfinite(result["dense"]["ppl"]) else 1
+
+
+def format_table(result: dict) -> str:
+    dense = result["dense"]["ppl"]
+    lines = ["| method | setting | density | ppl | ppl / dense |", "|---|---|---|---|---|",
+             f"| dense | - | 1.0 | {dense} | 1.00 |"]
+    for p in result["seer"]["points"]:
+        setting = f"threshold {p['threshold']}" if p["selection"] == "threshold" else f"top-{p['topk']} blocks"
+        lines.append(f"| seer | {setting} | {p.get('density')} | {p['ppl']} | {p['ppl'] / dense:.3f} |")
+    branch = result["flux_branch_density"]
+    for r in (result.get("flux") or {}).get("targets", []):
+        density = round(1 - r["sparse_share"] * (1 - branch), 4)
+        lines.append(f"| flux | target {r['target_sparsity']} (sparse share {r['sparse_share']}) | {density} | "
+                     f"{r['ppl']} | {r['ppl'] / dense:.3f} |")
+    if result.get("flux"):
+        floor = result["flux"]["all_sparse"]["ppl"]
+        lines.append(f"| sink + window | every layer | {branch} | {floor} | {floor / dense:.3f} |")
+    timing = result.get("attention_time")
+    if timing:
+        lines += ["", f"attention op at {timing['context']} tokens on {timing['device']} ({timing['dtype']}): dense "
+                  f"SDPA {timing['dense_sdpa_seconds'] * 1e3:.2f} ms", "| density | block-sparse ms | dense / sparse |",
+                  "|---|---|---|"]
+        lines += [f"| {r['density']} | {r['seconds'] * 1e3:.2f} | {r['dense_over_sparse']} |"
+                  for r in timing["block_sparse"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

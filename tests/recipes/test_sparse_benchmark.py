@@ -1,0 +1,44 @@
+"""`hf-arch bench sparse` end to end on stories260K with tiny budgets: gates trained, sweeps scored, Flux routed,
+attention op timed; JSON + plot written; nonsense contexts refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hf_arch.cli import main
+from hf_arch.recipes.sparse_benchmark import branch_density, format_table
+
+
+def test_branch_density_counts_sink_and_window_blocks():
+    # 4 blocks, 1 sink, 1-block window: rows keep {0}, {0,1}, {0,2}, {0,3} = 7 of 10 causal blocks.
+    assert branch_density(64, 16, 1, 1) == pytest.approx(7 / 10)
+    assert branch_density(64, 16, 0, 4) == 1.0
+
+
+@pytest.mark.slow
+def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypatch):
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    out = tmp_path / "sparse"
+    args = ["bench", "sparse", str(stories260k), "--out", str(out), "--context", "128", "--block-size", "16",
+            "--gate-steps", "2", "--flux-steps", "2", "--eval-windows", "1", "--thresholds", "0.05", "--topk", "2",
+            "--flux-targets", "0.5", "--repeats", "1", "--json"]
+    assert main(args) == 0
+    result = json.loads((out / "sparse.json").read_text())
+    assert (out / "sparse.png").stat().st_size > 0
+    assert [p["selection"] for p in result["seer"]["points"]] == ["threshold", "topk"]
+    for point in result["seer"]["points"]:
+        assert math.isfinite(point["ppl"]) and 0 < point["density"] <= 1
+    topk = result["seer"]["points"][1]
+    assert topk["density"] < 1  # top-2 of 8 key blocks cannot be dense
+    assert result["flux"]["targets"][0]["target_sparsity"] == 0.5
+    assert result["flux"]["all_sparse"]["sparse_share"] == 1.0
+    assert math.isfinite(result["dense"]["ppl"]) and result["attention_time"]["block_sparse"]
+    assert "| seer | top-2 blocks |" in format_table(result)
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        main(args)
+    with pytest.raises(SystemExit, match="fewer than two blocks"):
+        main(["bench", "sparse", str(stories260k), "--out", str(tmp_path / "x"), "--context", "16",
+              "--block-size", "16"])
