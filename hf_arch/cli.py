@@ -23,6 +23,36 @@ def _cmd_variants(args) -> int:
     return 0
 
 
+def _cmd_gates(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_arch.conversion import load_gates, save_gates
+    from hf_arch.conversion.checkpoint_io import atomic_output_dir
+
+    if args.action == "export":
+        if args.base is None:
+            raise SystemExit("hf-arch gates export: pass --base SRC (the checkpoint the gates were trained on)")
+        model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
+        save_gates(model, args.out, base_model=args.base, overwrite=args.overwrite)
+    else:
+        from transformers import AutoTokenizer
+
+        from hf_arch.conversion.sparsify import GATES_CONFIG
+
+        base = args.base or json.loads((Path(args.src) / GATES_CONFIG).read_text())["base_model"] \
+            if (Path(args.src) / GATES_CONFIG).is_file() else args.base
+        model = load_gates(args.src, base_model=args.base)
+        with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            try:
+                AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+            except (OSError, ValueError, TypeError) as error:
+                logging.getLogger(__name__).warning("No tokenizer saved: could not load one from %s (%s)", base, error)
+    print(args.out)
+    return 0
+
+
 def _cmd_convert(args) -> int:
     from hf_arch.conversion import convert
 
@@ -255,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-arch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("gates", help="sparse-attention gates as adapters: export them from a trained model, or "
+                                     "apply them onto their base")
+    p.add_argument("action", choices=["export", "apply"],
+                   help="export MODEL OUT --base SRC: write only the gates / routers; apply GATES OUT [--base SRC]: "
+                        "write the full model rebuilt from the base plus the gates")
+    p.add_argument("src", help="export: a trained hfa_sparse_attention model dir; apply: a gates dir")
+    p.add_argument("out")
+    p.add_argument("--base", default=None, help="the base checkpoint (export: required; apply: default the recorded one)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_gates)
 
     p = sub.add_parser("variants", help="list the registered architecture variants")
     p.add_argument("--json", action="store_true")

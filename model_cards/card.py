@@ -191,6 +191,20 @@ def _architecture_facts(config: dict) -> list[str]:
                          + (" with a sigmoid gate" if config.get("shared_expert_gate") else ""))
         if config.get("moe_preset"):
             facts.append(f"Preset: `{config['moe_preset']}`")
+    method = config.get("sparse_attn_method")
+    if method == "seer":
+        selection = config.get("sparse_attn_selection")
+        rule = {"threshold": f"gate probability > {config.get('sparse_attn_threshold')}",
+                "topk": f"top-{config.get('sparse_attn_topk')} key blocks",
+                "budget": f"{config.get('sparse_attn_token_budget')} tokens"}.get(selection, selection)
+        facts.append(f"SeerAttention block gates (blocks of {config.get('sparse_attn_block_size')} tokens): prefill "
+                     f"computes the key blocks the gate selects ({rule}; first and diagonal block always kept); "
+                     "decoding attends the whole cache")
+    elif method == "flux":
+        facts.append(f"Flux layer routers: per input, each attention layer runs full attention or "
+                     f"{config.get('sparse_attn_sink_blocks')} sink + {config.get('sparse_attn_window_blocks')} local "
+                     f"blocks of {config.get('sparse_attn_block_size')} tokens (target sparse share "
+                     f"{config.get('sparse_attn_target_sparsity')}); the prompt's choice holds while decoding")
     return facts
 
 

@@ -92,6 +92,16 @@ def test_gates_round_trip_onto_their_base_and_refuse_another(stories260k, tmp_pa
     with pytest.raises(FileNotFoundError, match="gates_config.json is missing"):
         load_gates(tmp_path)
 
+    # The CLI: export from a saved model, apply onto the recorded base.
+    model.save_pretrained(tmp_path / "trained")
+    assert main(["gates", "export", str(tmp_path / "trained"), str(tmp_path / "cli_gates"), "--base",
+                 str(stories260k)]) == 0
+    assert main(["gates", "apply", str(tmp_path / "cli_gates"), str(tmp_path / "applied")]) == 0
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied").eval()
+    assert (tmp_path / "applied" / "tokenizer_config.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, expected, rtol=0, atol=0)
+
 
 def test_cli_converts_to_flux_and_records_an_exact_start(stories260k, tmp_path, capsys):
     assert main(["convert", str(stories260k), str(tmp_path / "flux"), "--to", "sparse_attention", "--method", "flux",

@@ -143,3 +143,18 @@ def test_card_lists_moe_and_hybrid_structure(tmp_path):
     (tmp_path / "gated").mkdir()
     plain = render_model_card(_model_dir(tmp_path / "gated", GATED_CONFIG))
     assert "## Architecture" not in plain
+
+
+def test_card_describes_learned_sparse_attention(tmp_path):
+    seer = {"model_type": "hfa_sparse_attention", "architectures": ["SparseAttentionForCausalLM"],
+            "sparse_attn_method": "seer", "sparse_attn_block_size": 64, "sparse_attn_selection": "topk",
+            "sparse_attn_topk": 8}
+    text = render_model_card(_model_dir(tmp_path, seer))
+    assert "SeerAttention block gates (blocks of 64 tokens): prefill computes the key blocks the gate selects " \
+           "(top-8 key blocks; first and diagonal block always kept)" in text
+    flux = {**seer, "sparse_attn_method": "flux", "sparse_attn_sink_blocks": 1, "sparse_attn_window_blocks": 4,
+            "sparse_attn_target_sparsity": 0.5}
+    (tmp_path / "flux").mkdir()
+    text = render_model_card(_model_dir(tmp_path / "flux", flux))
+    assert "Flux layer routers: per input, each attention layer runs full attention or 1 sink + 4 local blocks " \
+           "of 64 tokens (target sparse share 0.5)" in text
