@@ -39,6 +39,11 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     assert "| seer | top-2 blocks |" in format_table(result)
     with pytest.raises(SystemExit, match="pass --overwrite"):
         main(args)
+    before = result["attention_time"]
+    assert main(args + ["--retime"]) == 0  # timing alone, on the results already there
+    after = json.loads((out / "sparse.json").read_text())
+    assert after["seer"] == result["seer"] and [r["density"] for r in after["attention_time"]["block_sparse"]] == [
+        r["density"] for r in before["block_sparse"]]
     with pytest.raises(SystemExit, match="fewer than two blocks"):
         main(["bench", "sparse", str(stories260k), "--out", str(tmp_path / "x"), "--context", "16",
               "--block-size", "16"])
