@@ -366,10 +366,11 @@ class _SASoftmaxFunction(torch.autograd.Function):
             d_a = d_b = lse
         if q.numel() > 0:
             masked = kmask is not None
-            common = dict(
-                H=H, H_KV=H_kv, D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, NORMALIZED=normalized, HAS_MASK=masked,
-                PRECISION=precision, num_warps=num_warps, num_stages=1,
-            )
+            common = {
+                "H": H, "H_KV": H_kv, "D": D, "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_D": BD,
+                "NORMALIZED": normalized, "HAS_MASK": masked, "PRECISION": precision,
+                "num_warps": num_warps, "num_stages": 1,
+            }
             _sa_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
                 q, k, v, do, lse, delta, a, b, ia, ib, d_a, d_b, dq, kmask if masked else lse,
                 T, scale, EPS, **common,
