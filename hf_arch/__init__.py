@@ -24,6 +24,12 @@ from .models import (
     SparseAttentionConfig,
     SparseAttentionForCausalLM,
     SparseAttentionModel,
+    AffineAttentionConfig,
+    AffineAttentionForCausalLM,
+    AffineAttentionModel,
+    SASoftmaxConfig,
+    SASoftmaxForCausalLM,
+    SASoftmaxModel,
 )
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
@@ -45,6 +51,12 @@ __all__ = [
     "MoEConfig",
     "MoEForCausalLM",
     "MoEModel",
+    "AffineAttentionConfig",
+    "AffineAttentionForCausalLM",
+    "AffineAttentionModel",
+    "SASoftmaxConfig",
+    "SASoftmaxForCausalLM",
+    "SASoftmaxModel",
     "SparseAttentionConfig",
     "SparseAttentionForCausalLM",
     "SparseAttentionModel",

@@ -29,6 +29,7 @@ OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
+ATTN_SCORE_FUNCTIONS = ("softmax", "sa_softmax", "sa_softmax_normalized")
 SPARSE_ATTN_METHODS = ("seer", "flux")
 SPARSE_ATTN_SELECTIONS = ("threshold", "topk", "budget")
 LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
@@ -57,6 +58,12 @@ class HfArchConfig(PreTrainedConfig):
             (``2·σ(0)``), which is what conversions use to keep the source model's function.
         attn_output_gate_init: ``"normal"`` (from scratch, ``initializer_range``) or ``"zeros"`` (identity-like).
         attn_output_gate_bias_init: initial value of the gate bias.
+        attn_score_function: ``"softmax"``, or Self-Adjust Softmax ``"sa_softmax"`` (weights ``x·softmax(x)``) /
+            ``"sa_softmax_normalized"`` (``(x − min(x_min,0)) / (max(0,x_max) − min(x_min,0)) · softmax(x)``), run by
+            ``kernels.ops.sa_softmax_attention`` instead of the attention backend.
+        attn_affine: affine-scaled attention ``(α(x)·softmax + β(x)) V`` per head and query (see
+            ``layers/affine_attention.py``); ``attn_affine_init`` ``"identity"`` (α=1, β=0: exact insertion into a
+            checkpoint) or ``"normal"``.
         attn_output_gate_lr_scale: learning-rate multiplier the recipes apply to gate parameters (retrofitted gates
             barely move at the base LR, as the Gated Attention authors report).
 
@@ -197,6 +204,9 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate_init: str = "normal",
         attn_output_gate_bias_init: float = 0.0,
         attn_output_gate_lr_scale: float = 1.0,
+        attn_score_function: str = "softmax",
+        attn_affine: bool = False,
+        attn_affine_init: str = "identity",
         sparse_attn_method: str | None = None,
         sparse_attn_block_size: int = 64,
         sparse_attn_gate_dim: int | None = None,
@@ -312,6 +322,9 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_output_gate_init = attn_output_gate_init
         self.attn_output_gate_bias_init = attn_output_gate_bias_init
         self.attn_output_gate_lr_scale = attn_output_gate_lr_scale
+        self.attn_score_function = attn_score_function
+        self.attn_affine = attn_affine
+        self.attn_affine_init = attn_affine_init
         self.sparse_attn_method = sparse_attn_method
         self.sparse_attn_block_size = sparse_attn_block_size
         self.sparse_attn_gate_dim = sparse_attn_gate_dim
@@ -379,12 +392,23 @@ class HfArchConfig(PreTrainedConfig):
                 f"{self.sliding_window!r}; set a positive window size"
             )
         self._validate_output_gate()
+        self._validate_attention_scores()
         if any(t in LINEAR_LAYER_TYPES for t in self.layer_types):
             self._validate_linear_attention()
         if "sparse" in self.mlp_layer_types:
             self._validate_moe()
         if self.sparse_attn_method is not None:
             self._validate_sparse_attention()
+
+    def _validate_attention_scores(self) -> None:
+        cls = type(self).__name__
+        if self.attn_score_function not in ATTN_SCORE_FUNCTIONS:
+            raise ValueError(f"{cls}.attn_score_function must be one of {ATTN_SCORE_FUNCTIONS}, got "
+                             f"{self.attn_score_function!r}")
+        if self.attn_affine_init not in ("identity", "normal"):
+            raise ValueError(f"{cls}.attn_affine_init must be 'identity' or 'normal', got {self.attn_affine_init!r}")
+        if not isinstance(self.attn_affine, bool):
+            raise ValueError(f"{cls}.attn_affine must be a bool, got {self.attn_affine!r}")
 
     def _validate_sparse_attention(self) -> None:
         cls = type(self).__name__
@@ -414,9 +438,18 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
         if not math.isfinite(self.sparse_attn_router_bias):
             raise ValueError(f"{cls}.sparse_attn_router_bias must be finite, got {self.sparse_attn_router_bias!r}")
+        if self.attn_score_function != "softmax" or self.attn_affine:
+            raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} works on softmax attention; it does "
+                             f"not combine with attn_score_function={self.attn_score_function!r} / attn_affine")
         if "full_attention" not in self.layer_types:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} acts on full_attention layers, "
                              "and layer_types has none")
+
+    @property
+    def attention_needs_padding_mask(self) -> bool:
+        """Mixers that read the 2-D padding mask themselves (sparse prefill, SA-Softmax, affine value means)."""
+        return (self.sparse_attn_method is not None or self.attn_affine
+                or getattr(self, "attn_score_function", "softmax") != "softmax")
 
     @property
     def num_zero_computation_experts(self) -> int:

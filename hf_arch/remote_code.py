@@ -49,12 +49,7 @@ CONFIG_MODULES: list[str] = [
     f"{PACKAGE}.models.moe_presets",
 ]
 MODELING_MODULES: list[str] = [
-    f"{PACKAGE}.layers.norm",
-    f"{PACKAGE}.layers.rope",
-    f"{PACKAGE}.layers.output_gate",
-    f"{PACKAGE}.layers.attention",
-    f"{PACKAGE}.layers.mlp",
-    # The PyTorch kernels the linear mixers call (the Triton ones stay out: remote code falls back to PyTorch).
+    # The PyTorch kernels the mixers call (the Triton ones stay out: remote code falls back to PyTorch).
     f"{PACKAGE}.kernels.varlen",
     f"{PACKAGE}.kernels.dispatch",
     f"{PACKAGE}.kernels.gla._checks",
@@ -63,6 +58,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.delta_rule._checks",
     f"{PACKAGE}.kernels.delta_rule.chunk",
     f"{PACKAGE}.kernels.delta_rule.recurrent",
+    f"{PACKAGE}.kernels.attention_checks",
     f"{PACKAGE}.kernels.sliding_window.naive",
     f"{PACKAGE}.kernels.sliding_window.chunk",
     f"{PACKAGE}.kernels.sliding_window.cached",
@@ -72,7 +68,16 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.block_sparse.naive",
     f"{PACKAGE}.kernels.block_sparse.chunk",
     f"{PACKAGE}.kernels.block_sparse.pooled_scores",
+    f"{PACKAGE}.kernels.sa_softmax.naive",
+    f"{PACKAGE}.kernels.sa_softmax.chunk",
+    f"{PACKAGE}.kernels.sa_softmax.cached",
     f"{PACKAGE}.kernels.ops",
+    f"{PACKAGE}.layers.norm",
+    f"{PACKAGE}.layers.rope",
+    f"{PACKAGE}.layers.output_gate",
+    f"{PACKAGE}.layers.affine_attention",
+    f"{PACKAGE}.layers.attention",
+    f"{PACKAGE}.layers.mlp",
     f"{PACKAGE}.layers.short_conv",
     f"{PACKAGE}.layers.linear_attention",
     f"{PACKAGE}.layers.moe_router",

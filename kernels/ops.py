@@ -22,9 +22,12 @@ from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .moe.grouped import grouped_expert_mlp
 from .moe.weighted import grouped_weighted_expert_mlp
+from .sa_softmax.cached import sa_softmax_attention_over_cache
+from .sa_softmax.chunk import chunk_sa_softmax_attention
 from .sliding_window.chunk import chunk_sliding_window_attention
 
 __all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "block_sparse_attention", "pooled_attention_scores",
+           "sa_softmax_attention",
            "expert_mlp", "weighted_expert_mlp", "RECURRENT_MAX_TOKENS"]
 
 # At or below this many new tokens (decoding, short continuations) the recurrent form beats the chunked one on CPU.
@@ -66,6 +69,10 @@ _SWA_IMPLS = {
 _BSA_IMPLS = {
     "torch": chunk_block_sparse_attention,
     **_triton_op(".block_sparse.triton_block_sparse", "triton_block_sparse_attention"),
+}
+_SA_IMPLS = {
+    "torch": chunk_sa_softmax_attention,
+    **_triton_op(".sa_softmax.triton_sa_softmax", "triton_sa_softmax_attention"),
 }
 _MOE_IMPLS = {"torch": grouped_expert_mlp, **_triton_op(".moe.triton_moe", "triton_grouped_expert_mlp")}
 _WEIGHTED_MOE_IMPLS = {
@@ -172,6 +179,29 @@ def pooled_attention_scores(
     renormalised over key blocks (rows with nothing stay 0). PyTorch only (chunked, no ``[T, T]`` map), no gradient.
     """
     return chunk_pooled_attention_scores(q, k, block_size, scale=scale, attention_mask=attention_mask, pool=pool)
+
+
+def sa_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mode: str = "plain",
+    scale: Optional[float] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Causal attention with Self-Adjust Softmax weights: ``x·softmax(x)`` (``mode="plain"``) or
+    ``(x − min(x_min,0)) / (max(0,x_max) − min(x_min,0)) · softmax(x)`` (``"normalized"``).
+
+    q ``[B, T_q, H, D]``, k/v ``[B, S, H_kv, D]``; ``T_q = S`` runs the fused kernels (Triton on CUDA, chunked
+    PyTorch elsewhere); ``T_q < S`` (decode: the newest queries over a cache) runs a small PyTorch path.
+    attention_mask ``[B, S]`` marks real tokens.
+    """
+    if q.shape[1] != k.shape[1]:
+        return sa_softmax_attention_over_cache(q, k, v, mode=mode, scale=scale, attention_mask=attention_mask)
+    impl = select_backend("sa_softmax_attention", _SA_IMPLS, q, backend)
+    return impl(q, k, v, mode=mode, scale=scale, attention_mask=attention_mask)
 
 
 def expert_mlp(

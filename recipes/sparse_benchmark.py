@@ -85,7 +85,8 @@ def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dic
     convert(args.source, converted, to="sparse_attention", method="seer", block_size=args.block_size)
     started = time.time()
     summary = _train(converted, work / "gates", {"training": {**_base_training(args.gate_steps),
-                                                              "objective": "gate_distillation"}},
+                                                              "objective": "gate_distillation",
+                                                              "learning_rate": args.gate_lr}},
                      train_file, args.context)
     model = AutoModelForCausalLM.from_pretrained(work / "gates" / "final", dtype=torch.float32).eval()
     points = []
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--gate-steps", type=int, default=60)
+    parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--flux-steps", type=int, default=30)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--thresholds", type=float, nargs="*", default=[1e-3, 5e-3, 2e-2, 5e-2])

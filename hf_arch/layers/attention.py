@@ -1,7 +1,9 @@
 """Softmax attention (GQA, RoPE, optional q/k RMSNorm, qkv bias, sliding window) with an optional output gate.
 
 Attention itself goes through transformers' attention interface, so ``attn_implementation`` = eager / sdpa /
-flex_attention / flash_attention_* all work; the gate is applied to whatever the backend returns.
+flex_attention / flash_attention_* all work; the gate is applied to whatever the backend returns. Two score
+variants replace or extend it: Self-Adjust Softmax (``attn_score_function``, our kernel instead of the backend) and
+affine-scaled weights (``attn_affine``, applied on top of any backend).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.ops import sa_softmax_attention
+from .affine_attention import AffineAttentionScale, mean_attended_values
 from .norm import HfArchRMSNorm
 from .output_gate import AttentionOutputGate
 from .rope import apply_rotary_pos_emb
@@ -57,6 +61,8 @@ class HfArchAttention(nn.Module):
         self.q_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.output_gate = AttentionOutputGate(config) if config.attn_output_gate else None
+        self.score_function = config.attn_score_function
+        self.affine = AffineAttentionScale(config) if config.attn_affine else None
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied)."""
@@ -106,10 +112,31 @@ class HfArchAttention(nn.Module):
         past_key_values=None,
         cu_seqlens=None,  # for linear mixers; attention finds packing in position_ids / its own kwargs
         position_in_sequence=None,
+        padding_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
+        need it."""
         query, key, value = self.project(hidden_states)
         query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
-        attn_output, attn_weights = self.attend(query, key, value.transpose(1, 2), attention_mask, past_key_values,
-                                                **kwargs)
+        value = value.transpose(1, 2)
+        if self.score_function != "softmax":
+            attn_output, attn_weights = self.attend_sa_softmax(query, key, value, padding_mask, past_key_values), None
+        else:
+            attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
+        if self.affine is not None:
+            values = past_key_values.layers[self.layer_idx].values if past_key_values is not None else value
+            mean = mean_attended_values(values, hidden_states.shape[1], padding_mask, self.num_key_value_groups)
+            attn_output = self.affine(hidden_states, attn_output, mean)
         return self.finish(hidden_states, attn_output), attn_weights
+
+    def attend_sa_softmax(self, query, key, value, padding_mask, past_key_values=None) -> torch.Tensor:
+        """SA-Softmax over ``[B, heads, T, D]`` tensors (cache updated first) → ``[B, T, H, D]``."""
+        if self.sliding_window is not None:
+            raise ValueError(f"layer {self.layer_idx}: attn_score_function={self.score_function!r} is implemented "
+                             "for full_attention layers, not sliding_attention")
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        mode = "plain" if self.score_function == "sa_softmax" else "normalized"
+        return sa_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mode=mode,
+                                    scale=self.scaling, attention_mask=padding_mask)

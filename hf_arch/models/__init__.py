@@ -15,6 +15,13 @@ from .gated_deltanet import (
     GatedDeltaNetModel,
 )
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
+from .affine_attention import (
+    AffineAttentionConfig,
+    AffineAttentionForCausalLM,
+    AffineAttentionForSequenceClassification,
+    AffineAttentionModel,
+)
+from .sa_softmax import SASoftmaxConfig, SASoftmaxForCausalLM, SASoftmaxForSequenceClassification, SASoftmaxModel
 from .sparse_attention import (
     SparseAttentionConfig,
     SparseAttentionForCausalLM,
@@ -100,6 +107,36 @@ MOE = register_variant(
     )
 )
 
+SA_SOFTMAX = register_variant(
+    Variant(
+        name="sa_softmax",
+        config_class=SASoftmaxConfig,
+        model_class=SASoftmaxModel,
+        causal_lm_class=SASoftmaxForCausalLM,
+        sequence_classification_class=SASoftmaxForSequenceClassification,
+        summary="Self-Adjust Softmax attention weights x·softmax(x) (plain or normalised by the row's range)",
+        paper="Self-Adjust Softmax (SA-Softmax)",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(),
+        tags=("sa-softmax",),
+    )
+)
+
+AFFINE_ATTENTION = register_variant(
+    Variant(
+        name="affine_attention",
+        config_class=AffineAttentionConfig,
+        model_class=AffineAttentionModel,
+        causal_lm_class=AffineAttentionForCausalLM,
+        sequence_classification_class=AffineAttentionForSequenceClassification,
+        summary="affine-scaled attention (α(x)·softmax + β(x)) V per head and query; exact insertion at α=1, β=0",
+        paper="Affine-Scaled Attention: Towards Flexible and Stable Transformer Attention",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(r"\.affine\.",),
+        tags=("affine-attention",),
+    )
+)
+
 SPARSE_ATTENTION = register_variant(
     Variant(
         name="sparse_attention",
@@ -117,6 +154,16 @@ SPARSE_ATTENTION = register_variant(
 )
 
 __all__ = [
+    "AFFINE_ATTENTION",
+    "AffineAttentionConfig",
+    "AffineAttentionForCausalLM",
+    "AffineAttentionForSequenceClassification",
+    "AffineAttentionModel",
+    "SA_SOFTMAX",
+    "SASoftmaxConfig",
+    "SASoftmaxForCausalLM",
+    "SASoftmaxForSequenceClassification",
+    "SASoftmaxModel",
     "SPARSE_ATTENTION",
     "SparseAttentionConfig",
     "SparseAttentionForCausalLM",

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 
 from ..configuration import ATTENTION_LAYER_TYPES, LINEAR_LAYER_TYPES, HfArchConfig
+from ..layers.affine_attention import AffineAttentionScale
 from ..layers.attention import HfArchAttention
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
 from ..layers.mlp import HfArchMLP
@@ -122,7 +123,7 @@ class HfArchPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
-                               ZeroComputationExperts, BlockGate, LayerRouter)):
+                               ZeroComputationExperts, BlockGate, LayerRouter, AffineAttentionScale)):
             from transformers import initialization
 
             module.init_parameters(initialization)
@@ -247,7 +248,7 @@ class HfArchModel(HfArchPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         self._share_padding_with_routing_stats(attention_mask)
-        if self.config.sparse_attn_method is not None:  # sparse layers read the 2-D padding mask themselves
+        if self.config.attention_needs_padding_mask:  # these mixers read the 2-D padding mask themselves
             kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
                 attention_mask.dim() == 2 else None
         all_hidden_states, all_attentions, all_router_logits = [], [], []

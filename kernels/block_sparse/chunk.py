@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import _softmax_rows, num_blocks, validate_block_sparse_inputs
+from .naive import _softmax_rows, num_blocks, token_mask, validate_block_sparse_inputs
 
 __all__ = ["chunk_block_sparse_attention", "selected_blocks"]
 
@@ -54,7 +54,7 @@ def chunk_block_sparse_attention(
     # Keys / values as [B, H_kv, N, bs, D] so a (batch, head, block index) triple gathers one block.
     kb = F.pad(k.to(acc), (0, 0, 0, 0, 0, pad)).view(B, n, bs, H_kv, D).permute(0, 3, 1, 2, 4)
     vb = F.pad(v.to(acc), (0, 0, 0, 0, 0, pad)).view(B, n, bs, H_kv, D).permute(0, 3, 1, 2, 4)
-    key_real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask != 0
+    key_real = token_mask(attention_mask, B, T, device)
     key_real = F.pad(key_real, (0, pad), value=False).view(B, n, bs)  # positions past T are never keys
 
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()

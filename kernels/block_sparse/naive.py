@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention_checks import causal_key_mask, check_attention_mask, check_qkv, resolve_scale
 from ..varlen import shape_of
 
 __all__ = ["naive_block_sparse_attention", "naive_pooled_attention_scores", "num_blocks"]
@@ -28,46 +29,14 @@ def num_blocks(T: int, block_size: int) -> int:
     return -(-T // block_size)
 
 
-def _validate_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-    named = (("q", q), ("k", k)) + ((("v", v),) if v is not None else ())
-    for name, x in named:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {shape_of(x)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-    B, T, H, D = q.shape
-    if v is not None and shape_of(k) != shape_of(v):
-        raise ValueError(f"k and v must have the same shape, got k {shape_of(k)} and v {shape_of(v)}")
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(
-            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {shape_of(q)} in B, T and D, got k {shape_of(k)}"
-        )
-    for name, x in named[1:]:
-        if x.dtype != q.dtype:
-            raise ValueError(f"q, k, v must share a dtype, got q {q.dtype} and {name} {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"q, k, v must be on one device, got q {q.device} and {name} {x.device}")
-    H_kv = k.shape[2]
-    if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {shape_of(q)}, k {shape_of(k)})")
-
-
 def _validate_common(q, k, v, block_size, scale, attention_mask) -> float:
-    _validate_qk(q, k, v)
+    """Checks shared by the attention and the pooled-score ops (``v=None`` for the latter); return the scale."""
+    check_qkv(q, k, v)
     B, T, _, D = q.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or shape_of(attention_mask) != (B, T):
-            got = shape_of(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
-        if attention_mask.device != q.device:
-            raise ValueError(f"attention_mask must be on q's device {q.device}, got {attention_mask.device}")
-    if scale is None:
-        return D**-0.5
-    return float(scale)
+    check_attention_mask(attention_mask, B, T, q.device)
+    return resolve_scale(scale, D)
 
 
 def validate_block_sparse_inputs(
@@ -112,6 +81,13 @@ def validate_pooled_inputs(
     return scale
 
 
+def token_mask(attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """``[B, T]`` bool, True at real tokens: one rule for the naive, chunked and pooled paths (None = all real)."""
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    return attention_mask != 0
+
+
 def _softmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim where rows that are all ``-inf`` give all zeros (not NaN, also in the backward)."""
     row_max = scores.detach().amax(dim=-1, keepdim=True)
@@ -128,15 +104,6 @@ def _dense_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     qf = q.to(acc).transpose(1, 2)
     kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
     return torch.matmul(qf, kf.transpose(-1, -2)) * scale
-
-
-def _causal_key_mask(T: int, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``[B or 1, 1, T, T]`` bool: key s visible to query t (s <= t, key not padding)."""
-    t = torch.arange(T, device=device)
-    allowed = (t[None, :] <= t[:, None])[None, None]
-    if attention_mask is not None:
-        allowed = allowed & (attention_mask != 0)[:, None, None, :]
-    return allowed
 
 
 def naive_block_sparse_attention(
@@ -163,7 +130,7 @@ def naive_block_sparse_attention(
     # Block mask -> per-position mask: query t is in block t // bs, key s in block s // bs.
     block_of = torch.arange(T, device=q.device) // block_size
     allowed = block_mask[:, :, block_of][:, :, :, block_of]  # [B, H, T, T]
-    allowed = allowed & _causal_key_mask(T, attention_mask, q.device)
+    allowed = allowed & causal_key_mask(T, attention_mask, q.device)
     probs = _softmax_rows(scores.masked_fill(~allowed, float("-inf")))
 
     vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -200,11 +167,9 @@ def naive_pooled_attention_scores(
     n = num_blocks(T, block_size)
     pad = n * block_size - T
     scores = _dense_scores(q, k, scale).float()
-    probs = _softmax_rows(scores.masked_fill(~_causal_key_mask(T, attention_mask, q.device), float("-inf")))
+    probs = _softmax_rows(scores.masked_fill(~causal_key_mask(T, attention_mask, q.device), float("-inf")))
 
-    query_real = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    if attention_mask is not None:
-        query_real = attention_mask != 0
+    query_real = token_mask(attention_mask, B, T, q.device)
     probs = probs * query_real[:, None, :, None]  # padded query rows take no part
     probs = torch.nn.functional.pad(probs, (0, pad, 0, pad)).view(B, H, n, block_size, n, block_size)
     if pool == "max":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import _softmax_rows, num_blocks, pool_and_normalise, validate_pooled_inputs
+from .naive import _softmax_rows, num_blocks, pool_and_normalise, token_mask, validate_pooled_inputs
 
 __all__ = ["chunk_pooled_attention_scores"]
 
@@ -36,7 +36,7 @@ def chunk_pooled_attention_scores(
     bs = block_size
     n = num_blocks(T, bs)
     tiles = torch.zeros(B, H, n, n, dtype=torch.float32, device=device)
-    real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask != 0
+    real = token_mask(attention_mask, B, T, device)
 
     for i in range(n):
         start, stop = i * bs, min((i + 1) * bs, T)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..varlen import shape_of
+from ..attention_checks import causal_key_mask, check_attention_mask, check_qkv, resolve_scale
 
 __all__ = ["EPS", "SA_MODES", "naive_sa_softmax_attention", "validate_sa_softmax_inputs"]
 
@@ -45,38 +45,12 @@ def validate_sa_softmax_inputs(
     """Raise ``ValueError`` naming the offending tensor/field; return the effective scale."""
     if not isinstance(mode, str) or mode not in SA_MODES:
         raise ValueError(f"mode must be one of {SA_MODES}, got {mode!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {shape_of(x)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-    B, T, H, D = q.shape
-    if shape_of(k) != shape_of(v):
-        raise ValueError(f"k and v must have the same shape, got k {shape_of(k)} and v {shape_of(v)}")
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(
-            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {shape_of(q)} in B, T and D, got k {shape_of(k)}"
-        )
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    H_kv = k.shape[2]
-    if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {shape_of(q)}, k {shape_of(k)})")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or shape_of(attention_mask) != (B, T):
-            got = shape_of(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
-        if attention_mask.device != q.device:
-            raise ValueError(f"attention_mask must be on q's device {q.device}, got {attention_mask.device}")
-    if scale is None:
-        return D**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    check_qkv(q, k, v)
+    B, T, _, D = q.shape
+    check_attention_mask(attention_mask, B, T, q.device)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return resolve_scale(scale, D)
 
 
 def sa_softmax_weights(scores: torch.Tensor, allowed: torch.Tensor, mode: str) -> torch.Tensor:
@@ -105,15 +79,6 @@ def sa_softmax_weights(scores: torch.Tensor, allowed: torch.Tensor, mode: str) -
     return (x - a) / den * probs
 
 
-def _causal_key_mask(T: int, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``[B or 1, 1, T, T]`` bool: key s visible to query t (s <= t, key not padding)."""
-    t = torch.arange(T, device=device)
-    allowed = (t[None, :] <= t[:, None])[None, None]
-    if attention_mask is not None:
-        allowed = allowed & (attention_mask != 0)[:, None, None, :]
-    return allowed
-
-
 def naive_sa_softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,5 +103,5 @@ def naive_sa_softmax_attention(
     kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
     vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, T, T]
-    weights = sa_softmax_weights(scores, _causal_key_mask(T, attention_mask, q.device), mode)
+    weights = sa_softmax_weights(scores, causal_key_mask(T, attention_mask, q.device), mode)
     return torch.matmul(weights, vf).transpose(1, 2).to(q.dtype)

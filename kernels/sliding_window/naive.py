@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention_checks import check_attention_mask, check_qkv, resolve_scale
 from ..varlen import parse_cu_seqlens, shape_of
 
 __all__ = ["naive_sliding_window_attention"]
@@ -29,27 +30,8 @@ def validate_sliding_window_inputs(
     attention_mask: torch.Tensor | None,
 ) -> float:
     """Raise ``ValueError`` naming the offending tensor/field; return the effective scale."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {shape_of(x)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    check_qkv(q, k, v)
     B, T, H, D = q.shape
-    if shape_of(k) != shape_of(v):
-        raise ValueError(f"k and v must have the same shape, got k {shape_of(k)} and v {shape_of(v)}")
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(
-            f"k/v must be [B, T, H_kv, D] matching q [B, T, H, D] = {shape_of(q)} in B, T and D, got k {shape_of(k)}"
-        )
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    H_kv = k.shape[2]
-    if H_kv < 1 or H % H_kv != 0:
-        raise ValueError(f"q heads H={H} must be divisible by k/v heads H_kv={H_kv} (q {shape_of(q)}, k {shape_of(k)})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if sink_logits is not None:
@@ -59,14 +41,9 @@ def validate_sliding_window_inputs(
             raise ValueError(f"sink_logits must have shape [H={H}, S>=1], got {shape_of(sink_logits)}")
         if sink_logits.device != q.device:
             raise ValueError(f"sink_logits must be on {q.device}, got {sink_logits.device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or shape_of(attention_mask) != (B, T):
-            got = shape_of(attention_mask) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
+    check_attention_mask(attention_mask, B, T)  # no device check: the Triton path moves the mask to q's device
     parse_cu_seqlens(cu_seqlens, B, T, shape_of(q))
-    if scale is None:
-        return D**-0.5
-    return float(scale)
+    return resolve_scale(scale, D)
 
 
 def sequence_ids(cu_seqlens: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:

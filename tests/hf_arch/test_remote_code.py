@@ -61,6 +61,11 @@ CONFIGS = {
                                         shared_expert_gate=True, moe_intermediate_size=32),
     "moe_unipool_dense_first": dict(TINY, variant="moe", moe_preset="unipool", mlp_layer_types=["dense", "sparse"],
                                     moe_pool_size=3, moe_intermediate_size=32),
+    # Learned sparse attention (block-sparse prefill through the flattened PyTorch kernel) and the score variants.
+    "seer_topk": dict(TINY, variant="sparse_attention", sparse_attn_method="seer", sparse_attn_block_size=4,
+                      sparse_attn_selection="topk", sparse_attn_topk=1),
+    "sa_softmax_normalized": dict(TINY, variant="sa_softmax", attn_score_function="sa_softmax_normalized"),
+    "affine_gqa": dict(TINY, variant="affine_attention", attn_affine_init="normal"),
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".

@@ -1,0 +1,57 @@
+"""Affine-scaled attention: ``o = (α(x)·softmax(QKᵀ/√d) + β(x)) V`` without the sum-to-one constraint.
+
+Per head and query, ``α = 1 + x·w_α`` and ``β = x·w_β`` from the layer's normed input. Because the weights of the
+``β`` term are uniform, ``β·Σ_s V_s`` needs no second attention pass: it is the running sum of the values. We divide
+it by the number of attended keys (``β`` scales the mean value), so the term does not grow with the position; the
+paper's schematic leaves this normalisation open. With ``w_α = w_β = 0`` the layer is plain attention, which makes
+the insertion into a pretrained model exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["AffineAttentionScale", "mean_attended_values"]
+
+
+class AffineAttentionScale(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.weight = nn.Parameter(torch.empty(2 * self.num_heads, config.hidden_size))  # rows: α heads, β heads
+        self._init = config.attn_affine_init
+        self._std = config.initializer_range
+
+    def init_parameters(self, init=nn.init) -> None:
+        """``init``: transformers' ``initialization`` module (from ``_init_weights``) or ``torch.nn.init``."""
+        if self._init == "identity":
+            init.zeros_(self.weight)
+        else:
+            init.normal_(self.weight, mean=0.0, std=self._std)
+
+    def forward(self, hidden_states: torch.Tensor, attn_output: torch.Tensor, mean_values: torch.Tensor) -> torch.Tensor:
+        """hidden_states ``[B, T, hidden]``, attn_output / mean_values ``[B, T, H, D]`` → ``[B, T, H, D]``."""
+        coefficients = nn.functional.linear(hidden_states, self.weight.to(hidden_states.dtype))
+        alpha, beta = coefficients.to(attn_output.dtype).split(self.num_heads, dim=-1)
+        return (1.0 + alpha).unsqueeze(-1) * attn_output + beta.unsqueeze(-1) * mean_values.to(attn_output.dtype)
+
+
+def mean_attended_values(values: torch.Tensor, num_queries: int, key_mask: torch.Tensor | None,
+                         groups: int) -> torch.Tensor:
+    """Mean of the values each of the last ``num_queries`` positions attends causally.
+
+    values ``[B, H_kv, S, D]`` (the cache included), key_mask ``[B, S]`` (1 = real token) or None → ``[B, T, H, D]``.
+    Padded keys are left out; a query with no real key gets 0."""
+    B, H_kv, S, D = values.shape
+    v = values.float()
+    if key_mask is not None:
+        keep = key_mask[:, None, :S, None].to(v.dtype)
+        v = v * keep
+        counts = keep.cumsum(dim=2)
+    else:
+        counts = torch.arange(1, S + 1, device=values.device, dtype=v.dtype).view(1, 1, S, 1)
+    running = v.cumsum(dim=2) / counts.clamp(min=1)
+    running = running[:, :, S - num_queries:]  # [B, H_kv, T, D]
+    running = running.repeat_interleave(groups, dim=1) if groups > 1 else running
+    return running.transpose(1, 2).to(values.dtype)

@@ -1,0 +1,39 @@
+"""Variant ``hfa_sa_softmax``: attention weights from Self-Adjust Softmax instead of softmax.
+
+"Self-Adjust Softmax": ``x·softmax(x)``, or its normalised form ``(x − min(x_min,0)) / (max(0,x_max) −
+min(x_min,0)) · softmax(x)``, so that gradients do not vanish when probabilities approach 0 or 1. Computed by
+``kernels.ops.sa_softmax_attention`` (Triton forward and backward on CUDA, chunked PyTorch elsewhere).
+"""
+
+from ..configuration import HfArchConfig
+from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
+
+
+class SASoftmaxConfig(HfArchConfig):
+    model_type = "hfa_sa_softmax"
+
+    def __init__(self, attn_score_function: str = "sa_softmax_normalized", **kwargs):
+        if attn_score_function == "softmax":
+            raise ValueError("SASoftmaxConfig.attn_score_function must be 'sa_softmax' or 'sa_softmax_normalized' "
+                             "(with 'softmax' the model is plain attention)")
+        super().__init__(attn_score_function=attn_score_function, **kwargs)
+
+
+class SASoftmaxPreTrainedModel(HfArchPreTrainedModel):
+    config_class = SASoftmaxConfig
+    # The score function runs in our kernel, not in transformers' attention backends.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+
+class SASoftmaxModel(SASoftmaxPreTrainedModel, HfArchModel):
+    config_class = SASoftmaxConfig
+
+
+class SASoftmaxForCausalLM(SASoftmaxPreTrainedModel, HfArchForCausalLM):
+    config_class = SASoftmaxConfig
+    model_class = SASoftmaxModel
+
+
+class SASoftmaxForSequenceClassification(SASoftmaxPreTrainedModel, HfArchForSequenceClassification):
+    config_class = SASoftmaxConfig
