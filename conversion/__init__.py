@@ -4,7 +4,7 @@ A source adapter per family maps the config (``sources.py``); a conversion kind 
 initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_refactor.py``, ``sparsify.py``); ``api.convert`` loads, verifies and writes atomically.
 """
 
-from .affine_insertion import AffineInsertionOptions, insert_affine_scale
+from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
 from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .linearize import LinearizeOptions, attention_mse_per_layer, linearize
@@ -15,6 +15,8 @@ from .sparsify import SparsifyOptions, load_gates, save_gates, sparsify
 __all__ = [
     "AffineInsertionOptions",
     "insert_affine_scale",
+    "ValueBankInsertionOptions",
+    "insert_value_bank",
     "CONVERSIONS",
     "RECORD_FILE",
     "SOURCE_ADAPTERS",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .affine_insertion import AffineInsertionOptions, insert_affine_scale
+from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .linearize import LinearizeOptions, linearize, method_target
@@ -29,6 +29,7 @@ CONVERSIONS = {
     "gated_deltanet": (LinearizeOptions, linearize),
     "sparse_attention": (SparsifyOptions, sparsify),
     "affine_attention": (AffineInsertionOptions, insert_affine_scale),
+    "move": (ValueBankInsertionOptions, insert_value_bank),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -30,6 +30,9 @@ from .models import (
     SASoftmaxConfig,
     SASoftmaxForCausalLM,
     SASoftmaxModel,
+    MoVEConfig,
+    MoVEForCausalLM,
+    MoVEModel,
 )
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
@@ -54,6 +57,9 @@ __all__ = [
     "AffineAttentionConfig",
     "AffineAttentionForCausalLM",
     "AffineAttentionModel",
+    "MoVEConfig",
+    "MoVEForCausalLM",
+    "MoVEModel",
     "SASoftmaxConfig",
     "SASoftmaxForCausalLM",
     "SASoftmaxModel",

@@ -82,6 +82,8 @@ def _cmd_convert(args) -> int:
         )
     elif args.to == "affine_attention":
         options = dict(init=args.affine_init)
+    elif args.to == "move":
+        options = dict(slots=args.slots, init=args.affine_init)
     elif args.to == "sparse_attention":
         options = dict(
             method=args.method or "seer",
@@ -337,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-foreign-bias", type=float, default=None,
                    help="moe --pool: router bias against other layers' experts (default: large enough that routing "
                         "starts exactly as without the pool)")
-    p.add_argument("--affine-init", choices=["identity", "normal"], default="identity",
-                   help="affine_attention: identity (α=1, β=0: logits equal the source) or normal")
+    p.add_argument("--affine-init", "--insert-init", choices=["identity", "normal"], default="identity",
+                   help="affine_attention / move: identity (logits equal the source) or normal")
+    p.add_argument("--slots", type=int, default=64, help="move: value embeddings in the shared bank")
     p.add_argument("--block-size", type=int, default=64, help="sparse_attention: tokens per block")
     p.add_argument("--gate-dim", type=int, default=None, help="sparse_attention seer: gate width (default head_dim)")
     p.add_argument("--selection", choices=["threshold", "topk", "budget"], default="threshold",

@@ -64,6 +64,9 @@ class HfArchConfig(PreTrainedConfig):
         attn_affine: affine-scaled attention ``(α(x)·softmax + β(x)) V`` per head and query (see
             ``layers/affine_attention.py``); ``attn_affine_init`` ``"identity"`` (α=1, β=0: exact insertion into a
             checkpoint) or ``"normal"``.
+        move_num_slots: MoVE value-embedding bank size (0 = no bank): ``v' = W_v x + s(x)·Σ_j softmax(x W_r)_j e_j`` in
+            every attention layer, one bank on the model (``layers/value_bank.py``); ``move_init`` ``"identity"``
+            (``s = 0``: exact insertion into a checkpoint) or ``"normal"``.
         attn_output_gate_lr_scale: learning-rate multiplier the recipes apply to gate parameters (retrofitted gates
             barely move at the base LR, as the Gated Attention authors report).
 
@@ -207,6 +210,8 @@ class HfArchConfig(PreTrainedConfig):
         attn_score_function: str = "softmax",
         attn_affine: bool = False,
         attn_affine_init: str = "identity",
+        move_num_slots: int = 0,
+        move_init: str = "identity",
         sparse_attn_method: str | None = None,
         sparse_attn_block_size: int = 64,
         sparse_attn_gate_dim: int | None = None,
@@ -325,6 +330,8 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_score_function = attn_score_function
         self.attn_affine = attn_affine
         self.attn_affine_init = attn_affine_init
+        self.move_num_slots = move_num_slots
+        self.move_init = move_init
         self.sparse_attn_method = sparse_attn_method
         self.sparse_attn_block_size = sparse_attn_block_size
         self.sparse_attn_gate_dim = sparse_attn_gate_dim
@@ -409,6 +416,11 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.attn_affine_init must be 'identity' or 'normal', got {self.attn_affine_init!r}")
         if not isinstance(self.attn_affine, bool):
             raise ValueError(f"{cls}.attn_affine must be a bool, got {self.attn_affine!r}")
+        slots = self.move_num_slots
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+            raise ValueError(f"{cls}.move_num_slots must be an integer >= 0 (0 = no value bank), got {slots!r}")
+        if self.move_init not in ("identity", "normal"):
+            raise ValueError(f"{cls}.move_init must be 'identity' or 'normal', got {self.move_init!r}")
 
     def _validate_sparse_attention(self) -> None:
         cls = type(self).__name__
@@ -438,9 +450,10 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
         if not math.isfinite(self.sparse_attn_router_bias):
             raise ValueError(f"{cls}.sparse_attn_router_bias must be finite, got {self.sparse_attn_router_bias!r}")
-        if self.attn_score_function != "softmax" or self.attn_affine:
+        if self.attn_score_function != "softmax" or self.attn_affine or self.move_num_slots:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} works on softmax attention; it does "
-                             f"not combine with attn_score_function={self.attn_score_function!r} / attn_affine")
+                             f"not combine with attn_score_function={self.attn_score_function!r} / attn_affine / "
+                             "move_num_slots")
         if "full_attention" not in self.layer_types:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} acts on full_attention layers, "
                              "and layer_types has none")

@@ -76,6 +76,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.layers.rope",
     f"{PACKAGE}.layers.output_gate",
     f"{PACKAGE}.layers.affine_attention",
+    f"{PACKAGE}.layers.value_bank",
     f"{PACKAGE}.layers.attention",
     f"{PACKAGE}.layers.mlp",
     f"{PACKAGE}.layers.short_conv",

@@ -16,6 +16,7 @@ from ..kernels.ops import sa_softmax_attention
 from .affine_attention import AffineAttentionScale, mean_attended_values
 from .norm import HfArchRMSNorm
 from .output_gate import AttentionOutputGate
+from .value_bank import ValueGate
 from .rope import apply_rotary_pos_emb
 
 
@@ -63,15 +64,21 @@ class HfArchAttention(nn.Module):
         self.output_gate = AttentionOutputGate(config) if config.attn_output_gate else None
         self.score_function = config.attn_score_function
         self.affine = AffineAttentionScale(config) if config.attn_affine else None
+        self.value_gate = ValueGate(config) if config.move_num_slots else None
 
-    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied)."""
+    def project(self, hidden_states: torch.Tensor, value_bank=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied; MoVE's bank mixed into v)."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
         key = self.k_proj(hidden_states).view(hidden_shape)
         value = self.v_proj(hidden_states).view(hidden_shape)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
+        if self.value_gate is not None:
+            if value_bank is None:
+                raise ValueError(f"layer {self.layer_idx}: move_num_slots={self.config.move_num_slots} but no value bank "
+                                 "was passed (the model holds it at model.value_bank)")
+            value = value + self.value_gate(hidden_states, value_bank)
         return query, key, value
 
     def attend(self, query, key, value, attention_mask, past_key_values=None, **kwargs):
@@ -113,11 +120,12 @@ class HfArchAttention(nn.Module):
         cu_seqlens=None,  # for linear mixers; attention finds packing in position_ids / its own kwargs
         position_in_sequence=None,
         padding_mask: torch.Tensor | None = None,
+        value_bank=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
-        need it."""
-        query, key, value = self.project(hidden_states)
+        need it; ``value_bank``: the model's MoVE bank."""
+        query, key, value = self.project(hidden_states, value_bank)
         query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
         value = value.transpose(1, 2)
         if self.score_function != "softmax":

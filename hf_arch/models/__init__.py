@@ -21,6 +21,7 @@ from .affine_attention import (
     AffineAttentionForSequenceClassification,
     AffineAttentionModel,
 )
+from .move import MoVEConfig, MoVEForCausalLM, MoVEForSequenceClassification, MoVEModel
 from .sa_softmax import SASoftmaxConfig, SASoftmaxForCausalLM, SASoftmaxForSequenceClassification, SASoftmaxModel
 from .sparse_attention import (
     SparseAttentionConfig,
@@ -137,6 +138,22 @@ AFFINE_ATTENTION = register_variant(
     )
 )
 
+MOVE = register_variant(
+    Variant(
+        name="move",
+        config_class=MoVEConfig,
+        model_class=MoVEModel,
+        causal_lm_class=MoVEForCausalLM,
+        sequence_classification_class=MoVEForSequenceClassification,
+        summary="MoVE: one bank of learned value embeddings mixed into every attention layer's values by a soft gate "
+                "(exact insertion at zero gate scale)",
+        paper="MoVE: Mixture of Value Embeddings — A New Axis for Scaling Parametric Memory in Autoregressive Models",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(r"\.value_gate\.", r"^model\.value_bank\."),
+        tags=("move", "value-embeddings"),
+    )
+)
+
 SPARSE_ATTENTION = register_variant(
     Variant(
         name="sparse_attention",
@@ -154,6 +171,11 @@ SPARSE_ATTENTION = register_variant(
 )
 
 __all__ = [
+    "MOVE",
+    "MoVEConfig",
+    "MoVEForCausalLM",
+    "MoVEForSequenceClassification",
+    "MoVEModel",
     "AFFINE_ATTENTION",
     "AffineAttentionConfig",
     "AffineAttentionForCausalLM",

@@ -34,6 +34,7 @@ from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
 from ..layers.short_conv import ShortConvolution
+from ..layers.value_bank import ValueBank, ValueGate
 from ..layers.sparse_attention import BlockGate, HfArchSparseAttention, LayerRouter, flux_sparsity_penalty
 
 
@@ -123,7 +124,8 @@ class HfArchPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
-                               ZeroComputationExperts, BlockGate, LayerRouter, AffineAttentionScale)):
+                               ZeroComputationExperts, BlockGate, LayerRouter, AffineAttentionScale,
+                               ValueBank, ValueGate)):
             from transformers import initialization
 
             module.init_parameters(initialization)
@@ -151,6 +153,8 @@ class HfArchModel(HfArchPreTrainedModel):
             HfArchExperts(config, config.moe_pool_size)
             if "sparse" in config.mlp_layer_types and config.moe_expert_pool == "global" else None
         )
+        # MoVE: one bank of value embeddings that every attention layer mixes into its values.
+        self.value_bank = ValueBank(config) if config.move_num_slots else None
         # Flux: the Lagrange multipliers of the sparsity target (trained by gradient ascent; unused at inference).
         self.sparsity_multipliers = nn.Parameter(torch.zeros(2)) if config.sparse_attn_method == "flux" else None
         self.gradient_checkpointing = False
@@ -248,6 +252,8 @@ class HfArchModel(HfArchPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         self._share_padding_with_routing_stats(attention_mask)
+        if self.value_bank is not None:
+            kwargs["value_bank"] = self.value_bank
         if self.config.attention_needs_padding_mask:  # these mixers read the 2-D padding mask themselves
             kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
                 attention_mask.dim() == 2 else None

@@ -66,6 +66,7 @@ CONFIGS = {
                       sparse_attn_selection="topk", sparse_attn_topk=1),
     "sa_softmax_normalized": dict(TINY, variant="sa_softmax", attn_score_function="sa_softmax_normalized"),
     "affine_gqa": dict(TINY, variant="affine_attention", attn_affine_init="normal"),
+    "move_bank": dict(TINY, variant="move", move_num_slots=4, move_init="normal"),
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
