@@ -376,8 +376,9 @@ def format_moe_layer_table(rows: list[dict]) -> str:
             for i, (ref, _) in enumerate(refs):
                 other = by_key.get((ref, r["experts"]))
                 if other and "skipped" not in other:
-                    speed[2 * i] = f"{other['fwd_ms'] / r['fwd_ms']:.2f}"
-                    speed[2 * i + 1] = f"{other['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}"
+                    # Three significant digits: a lopsided ratio under load must not print as 0.00.
+                    speed[2 * i] = f"{other['fwd_ms'] / r['fwd_ms']:.3g}"
+                    speed[2 * i + 1] = f"{other['fwdbwd_ms'] / r['fwdbwd_ms']:.3g}"
         lines.append(head + f"{_fmt(r['fwd_ms'])} | {_fmt(r['fwdbwd_ms'])} | {_fmt(r['fwdbwd_tokens_per_s'], '.0f')} | "
                      + " | ".join(speed) + " |")
     return "\n".join(lines)
