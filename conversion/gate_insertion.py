@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 
 from ..layers.output_gate import AttentionOutputGate
 from ..models.gated_attention import GatedAttentionConfig, GatedAttentionForCausalLM
-from ..peft_utils import new_parameter_names
 from .sources import adapter_for
-from .weights import check_copied, copy_source_weights
+from .weights import build_from_source
 
 GATE_INITS = ("identity", "normal")
 
@@ -50,24 +48,15 @@ def gated_attention_config_from(source_config, options: GateInsertionOptions) ->
     return GatedAttentionConfig(**kwargs, **options.config_overrides())
 
 
-@torch.no_grad()
 def insert_gates(source_model, options: GateInsertionOptions | None = None) -> GatedAttentionForCausalLM:
     """Build the gated model from an in-memory source model (same dtype), copying and checking every weight."""
     options = options or GateInsertionOptions()
     config = gated_attention_config_from(source_model.config, options)
-    config._attn_implementation = source_model.config._attn_implementation
-    dtype = next(source_model.parameters()).dtype
-    target = GatedAttentionForCausalLM(config).to(dtype)
-    source_state = source_model.state_dict()
-    added = set(new_parameter_names(target))
-    target_state = target.state_dict()
 
-    copy_source_weights(source_state, target_state, added)
-    for module in target.modules():  # explicit: never rely on load-time init for the new parameters
-        if isinstance(module, AttentionOutputGate):
-            module.reset_parameters(config.attn_output_gate_init, config.initializer_range, config.attn_output_gate_bias_init)
-    if config.tie_word_embeddings:
-        target.tie_weights()
-    check_copied(source_state, target.state_dict())
-    target.generation_config = source_model.generation_config
-    return target.eval()
+    def init_new(target) -> None:
+        for module in target.modules():
+            if isinstance(module, AttentionOutputGate):
+                module.reset_parameters(config.attn_output_gate_init, config.initializer_range,
+                                        config.attn_output_gate_bias_init)
+
+    return build_from_source(source_model, config, GatedAttentionForCausalLM, init_new)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from ..layers.affine_attention import AffineAttentionScale
 from ..layers.value_bank import ValueBank, ValueGate
 from ..models.affine_attention import AffineAttentionConfig, AffineAttentionForCausalLM
 from ..models.move import MoVEConfig, MoVEForCausalLM
-from ..peft_utils import new_parameter_names
 from .sources import adapter_for
-from .weights import check_copied, copy_source_weights
+from .weights import build_from_source
 
 INITS = ("identity", "normal")
 INSERTED_MODULES = (AffineAttentionScale, ValueBank, ValueGate)
@@ -55,22 +52,15 @@ class ValueBankInsertionOptions:
         return asdict(self)
 
 
-@torch.no_grad()
 def _insert(source_model, config_class, model_class, overrides: dict):
     kwargs = adapter_for(source_model.config).backbone_kwargs(source_model.config)
-    config = config_class(**kwargs, **overrides)
-    config._attn_implementation = source_model.config._attn_implementation
-    target = model_class(config).to(next(source_model.parameters()).dtype)
-    source_state = source_model.state_dict()
-    copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)))
-    for module in target.modules():  # explicit: never rely on load-time init for the new parameters
-        if isinstance(module, INSERTED_MODULES):
-            module.init_parameters()
-    if config.tie_word_embeddings:
-        target.tie_weights()
-    check_copied(source_state, target.state_dict())
-    target.generation_config = source_model.generation_config
-    return target.eval()
+
+    def init_new(target) -> None:
+        for module in target.modules():
+            if isinstance(module, INSERTED_MODULES):
+                module.init_parameters()
+
+    return build_from_source(source_model, config_class(**kwargs, **overrides), model_class, init_new)
 
 
 def insert_affine_scale(source_model, options: AffineInsertionOptions | None = None) -> AffineAttentionForCausalLM:

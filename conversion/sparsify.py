@@ -22,7 +22,7 @@ from ..models.sparse_attention import SparseAttentionConfig, SparseAttentionForC
 from ..peft_utils import new_parameter_names
 from .checkpoint_io import atomic_output_dir
 from .sources import adapter_for
-from .weights import check_copied, copy_source_weights
+from .weights import build_from_source
 
 METHODS = ("seer", "flux")
 GATES_WEIGHTS = "gates.safetensors"
@@ -62,24 +62,17 @@ def sparse_attention_config_from(source_config, options: SparsifyOptions) -> Spa
     return SparseAttentionConfig(**kwargs, **options.config_overrides())
 
 
-@torch.no_grad()
 def sparsify(source_model, options: SparsifyOptions | None = None) -> SparseAttentionForCausalLM:
     """Build the sparse-attention model from an in-memory source (same dtype), copying and checking every weight."""
     options = options or SparsifyOptions()
+
+    def init_new(target) -> None:
+        with torch.random.fork_rng(devices=[]):  # seeded gates, the caller's RNG untouched
+            torch.manual_seed(options.seed)
+            _reset_new_parameters(target)
+
     config = sparse_attention_config_from(source_model.config, options)
-    config._attn_implementation = source_model.config._attn_implementation
-    dtype = next(source_model.parameters()).dtype
-    target = SparseAttentionForCausalLM(config).to(dtype)
-    source_state = source_model.state_dict()
-    copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        _reset_new_parameters(target)
-    if config.tie_word_embeddings:
-        target.tie_weights()
-    check_copied(source_state, target.state_dict())
-    target.generation_config = source_model.generation_config
-    return target.eval()
+    return build_from_source(source_model, config, SparseAttentionForCausalLM, init_new)
 
 
 def _reset_new_parameters(model) -> None:
@@ -133,6 +126,14 @@ def save_gates(model, out: str | Path, base_model: str, overwrite: bool = False)
     return out
 
 
+def gates_record(gates_dir: str | Path) -> dict:
+    """The ``gates_config.json`` of a gates checkpoint (base pointer, fingerprint, sparse fields)."""
+    record_path = Path(gates_dir) / GATES_CONFIG
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{gates_dir} is not a gates checkpoint: {GATES_CONFIG} is missing")
+    return json.loads(record_path.read_text())
+
+
 def load_gates(gates_dir: str | Path, base_model=None, dtype: torch.dtype = torch.float32):
     """Rebuild the sparse-attention model: the base (``base_model``: a loaded model, a path or a Hub id; default
     the one the gates were saved with) plus the saved gates. Refuses a base whose fingerprint differs."""
@@ -140,10 +141,7 @@ def load_gates(gates_dir: str | Path, base_model=None, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM
 
     gates_dir = Path(gates_dir)
-    record_path = gates_dir / GATES_CONFIG
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{gates_dir} is not a gates checkpoint: {GATES_CONFIG} is missing")
-    record = json.loads(record_path.read_text())
+    record = gates_record(gates_dir)
     base = base_model if base_model is not None else record["base_model"]
     if isinstance(base, (str, Path)):
         base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["copy_source_weights", "check_copied"]
+__all__ = ["copy_source_weights", "check_copied", "build_from_source"]
 
 
 @torch.no_grad()
@@ -46,3 +46,22 @@ def check_copied(source_state: dict, target_state: dict, replaced: str | None = 
             continue
         if not torch.equal(target_state[name], tensor):
             raise RuntimeError(f"Weight {name} was not copied exactly")
+
+
+@torch.no_grad()
+def build_from_source(source_model, config, model_class, init_new_parameters):
+    """The converted model every parameter-adding conversion builds: ``model_class(config)`` in the source's dtype
+    and attention backend, every source tensor copied, the new parameters set by ``init_new_parameters(model)``
+    (explicitly: never rely on load-time init), embeddings re-tied, every copy checked."""
+    from ..peft_utils import new_parameter_names
+
+    config._attn_implementation = source_model.config._attn_implementation
+    target = model_class(config).to(next(source_model.parameters()).dtype)
+    source_state = source_model.state_dict()
+    copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)))
+    init_new_parameters(target)
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    check_copied(source_state, target.state_dict())
+    target.generation_config = source_model.generation_config
+    return target.eval()

@@ -38,10 +38,9 @@ def _cmd_gates(args) -> int:
     else:
         from transformers import AutoTokenizer
 
-        from hf_arch.conversion.sparsify import GATES_CONFIG
+        from hf_arch.conversion.sparsify import gates_record
 
-        base = args.base or json.loads((Path(args.src) / GATES_CONFIG).read_text())["base_model"] \
-            if (Path(args.src) / GATES_CONFIG).is_file() else args.base
+        base = args.base or gates_record(args.src)["base_model"]  # the tokenizer comes from the base too
         model = load_gates(args.src, base_model=args.base)
         with atomic_output_dir(Path(args.out), overwrite=args.overwrite) as tmp:
             model.save_pretrained(tmp)

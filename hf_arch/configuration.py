@@ -462,7 +462,7 @@ class HfArchConfig(PreTrainedConfig):
     def attention_needs_padding_mask(self) -> bool:
         """Mixers that read the 2-D padding mask themselves (sparse prefill, SA-Softmax, affine value means)."""
         return (self.sparse_attn_method is not None or self.attn_affine
-                or getattr(self, "attn_score_function", "softmax") != "softmax")
+                or self.attn_score_function != "softmax")
 
     @property
     def num_zero_computation_experts(self) -> int:

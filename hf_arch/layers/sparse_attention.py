@@ -242,7 +242,7 @@ class HfArchSparseAttention(HfArchAttention):
                 return self._distill_gate(hidden_states, query, key, rq, rk, token, dense)
             log_probs = self.block_gate(query, key, token)
             mask = select_blocks(log_probs.exp(), self.config, T)
-            self._record_density(mask, token)
+            self._record_density(mask)
             out = self._block_sparse(rq, rk, value, mask, token)
             if past_key_values is not None:
                 past_key_values.update(rk, value.transpose(1, 2), self.layer_idx)
@@ -267,7 +267,7 @@ class HfArchSparseAttention(HfArchAttention):
         out, weights = dense()
         return self.finish(hidden_states, out), weights
 
-    def _record_density(self, mask, token) -> None:
+    def _record_density(self, mask) -> None:
         N = mask.shape[-1]
         causal = mask.shape[0] * mask.shape[1] * N * (N + 1) // 2
         self.last_density = (int(mask.sum()), causal)
