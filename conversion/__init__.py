@@ -7,12 +7,15 @@ initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_r
 from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
 from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
 from .gate_insertion import GateInsertionOptions, insert_gates
+from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
 from .linearize import LinearizeOptions, attention_mse_per_layer, linearize
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sources import SOURCE_ADAPTERS, adapter_for
 from .sparsify import SparsifyOptions, load_gates, save_gates, sparsify
 
 __all__ = [
+    "SignalHeadGrowthOptions",
+    "grow_signal_heads",
     "AffineInsertionOptions",
     "insert_affine_scale",
     "ValueBankInsertionOptions",

@@ -12,6 +12,7 @@ import torch
 
 from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
+from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .linearize import LinearizeOptions, linearize, method_target
 from .moe_refactor import MoERefactorOptions, refactor_moe
@@ -30,6 +31,7 @@ CONVERSIONS = {
     "sparse_attention": (SparsifyOptions, sparsify),
     "affine_attention": (AffineInsertionOptions, insert_affine_scale),
     "move": (ValueBankInsertionOptions, insert_value_bank),
+    "diff_attention": (SignalHeadGrowthOptions, grow_signal_heads),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,7 +133,12 @@ def convert(
         raise ValueError(f"{src} is neither a local checkpoint directory nor a reachable Hub repo: {error}") from error
     from .sources import adapter_for
 
-    adapter_for(source_config)  # unsupported architecture → clear error before loading weights
+    accepted = getattr(opts, "source_model_types", None)  # conversions that start from one of our variants
+    if accepted is not None and source_config.model_type not in accepted:
+        raise ValueError(f"--to {to} converts a {' / '.join(accepted)} checkpoint; {src} is "
+                         f"{source_config.model_type!r}")
+    if accepted is None:
+        adapter_for(source_config)  # unsupported architecture → clear error before loading weights
     save_dtype = DTYPES[dtype] if dtype != "auto" else (getattr(source_config, "dtype", None) or torch.float32)
     if isinstance(save_dtype, str):
         save_dtype = DTYPES.get(save_dtype, torch.float32)

@@ -83,6 +83,8 @@ def _cmd_convert(args) -> int:
         options = dict(init=args.affine_init)
     elif args.to == "move":
         options = dict(slots=args.slots, init=args.affine_init)
+    elif args.to == "diff_attention":
+        options = dict(grow_signal_heads=args.grow_signal_heads)
     elif args.to == "sparse_attention":
         options = dict(
             method=args.method or "seer",
@@ -341,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--affine-init", "--insert-init", choices=["identity", "normal"], default="identity",
                    help="affine_attention / move: identity (logits equal the source) or normal")
     p.add_argument("--slots", type=int, default=64, help="move: value embeddings in the shared bank")
+    p.add_argument("--grow-signal-heads", type=int, default=2,
+                   help="diff_attention (from a trained hfa_diff_attention model): copies per signal head (exact)")
     p.add_argument("--block-size", type=int, default=64, help="sparse_attention: tokens per block")
     p.add_argument("--gate-dim", type=int, default=None, help="sparse_attention seer: gate width (default head_dim)")
     p.add_argument("--selection", choices=["threshold", "topk", "budget"], default="threshold",
@@ -399,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(`bench kernels`: the sequence-mixing kernels and cached decode; "
                                      "`bench moe`: MoE layers and MoE LM training; `bench recovery SRC --out DIR`: "
                                      "convert, recover and evaluate, see `hf-arch bench recovery --help`; `bench sparse "
-                                     "SRC --out DIR`: learned sparse attention, see `hf-arch bench sparse --help`)")
+                                     "SRC --out DIR`: learned sparse attention, see `hf-arch bench sparse --help`; "
+                                     "`bench scratch --out DIR`: every variant vs a Llama of equal parameter count, "
+                                     "trained from scratch, see `hf-arch bench scratch --help`)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -459,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.sparse_benchmark import main as sparse_main
 
         return sparse_main(argv[2:])
+    if argv[:2] == ["bench", "scratch"]:  # its own options: train every variant + a Llama baseline from scratch
+        from hf_arch.recipes.scratch_comparison import main as scratch_main
+
+        return scratch_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import hf_arch  # noqa: F401  (registers the variants)

@@ -29,7 +29,8 @@ OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
 OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
-ATTN_SCORE_FUNCTIONS = ("softmax", "sa_softmax", "sa_softmax_normalized")
+ATTN_SCORE_FUNCTIONS = ("softmax", "sa_softmax", "sa_softmax_normalized", "krr")
+RESIDUAL_UPDATES = ("additive", "geodesic")
 SPARSE_ATTN_METHODS = ("seer", "flux")
 SPARSE_ATTN_SELECTIONS = ("threshold", "topk", "budget")
 LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
@@ -60,13 +61,29 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate_bias_init: initial value of the gate bias.
         attn_score_function: ``"softmax"``, or Self-Adjust Softmax ``"sa_softmax"`` (weights ``x·softmax(x)``) /
             ``"sa_softmax_normalized"`` (``(x − min(x_min,0)) / (max(0,x_max) − min(x_min,0)) · softmax(x)``), run by
-            ``kernels.ops.sa_softmax_attention`` instead of the attention backend.
+            ``kernels.ops.sa_softmax_attention`` instead of the attention backend; or Cubit's kernel ridge regression
+            ``"krr"``: ``O = κ(Q,K)(κ(K,K) + λI)⁻¹ V`` over the causal prefix (``kernels.ops.krr_attention``, O(T³) per
+            head) with ``κ(a,b) = exp(τ(â·b̂ − 1))``, ``λ = krr_ridge > 0``, ``τ = krr_temperature`` and values first
+            kept within ``±krr_value_range`` by ``r·tanh(v/r)`` (Limited-Range Rescale; ``None`` = off).
         attn_affine: affine-scaled attention ``(α(x)·softmax + β(x)) V`` per head and query (see
             ``layers/affine_attention.py``); ``attn_affine_init`` ``"identity"`` (α=1, β=0: exact insertion into a
             checkpoint) or ``"normal"``.
         move_num_slots: MoVE value-embedding bank size (0 = no bank): ``v' = W_v x + s(x)·Σ_j softmax(x W_r)_j e_j`` in
             every attention layer, one bank on the model (``layers/value_bank.py``); ``move_init`` ``"identity"``
             (``s = 0``: exact insertion into a checkpoint) or ``"normal"``.
+        diff_attn_noise_heads: Grouped Differential Attention (0 = off): each of the ``num_attention_heads`` signal
+            heads subtracts ``λ_h`` times a noise map; ``diff_attn_noise_heads`` noise maps (own q/k projections) are
+            shared GQA-style by ``num_attention_heads / diff_attn_noise_heads`` signal heads each, so it must divide
+            ``num_attention_heads``. ``diff_attn_lambda_init``: initial λ (``None``: DIFF Transformer's depth
+            schedule ``0.8 − 0.6·exp(−0.3·layer)``). See ``layers/differential_attention.py``.
+        sas_num_heads: Simulated Attention Score (0 = off): attention runs on ``sas_num_heads`` simulated heads
+            (a multiple of ``num_attention_heads``) of query/key width ``sas_qk_dim`` (default ``2·head_dim``),
+            projected from the real heads, and Parameter-Efficient Attention Aggregation maps them back to
+            ``num_attention_heads`` before ``o_proj``. See ``layers/simulated_attention.py``.
+        residual_update: ``"additive"`` (pre-norm ``h + f(norm(h))``) or GeoNorm's ``"geodesic"``: the hidden state
+            lives on the sphere of radius √hidden and each branch output moves it along a geodesic, by an angle
+            ``step_l · rms(tangent part)`` with ``step_l`` learned and initialised to ``geonorm_step_init ·
+            geonorm_layer_decay^l`` (the layer-wise update decay). See ``layers/geonorm.py``.
         attn_output_gate_lr_scale: learning-rate multiplier the recipes apply to gate parameters (retrofitted gates
             barely move at the base LR, as the Gated Attention authors report).
 
@@ -212,6 +229,16 @@ class HfArchConfig(PreTrainedConfig):
         attn_affine_init: str = "identity",
         move_num_slots: int = 0,
         move_init: str = "identity",
+        diff_attn_noise_heads: int = 0,
+        diff_attn_lambda_init: float | None = None,
+        krr_ridge: float = 1.0,
+        krr_temperature: float = 8.0,
+        krr_value_range: float | None = 4.0,
+        sas_num_heads: int = 0,
+        sas_qk_dim: int | None = None,
+        residual_update: str = "additive",
+        geonorm_step_init: float = 1.0,
+        geonorm_layer_decay: float = 0.9,
         sparse_attn_method: str | None = None,
         sparse_attn_block_size: int = 64,
         sparse_attn_gate_dim: int | None = None,
@@ -332,6 +359,17 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_affine_init = attn_affine_init
         self.move_num_slots = move_num_slots
         self.move_init = move_init
+        self.diff_attn_noise_heads = diff_attn_noise_heads
+        self.diff_attn_lambda_init = diff_attn_lambda_init
+        self.krr_ridge = krr_ridge
+        self.krr_temperature = krr_temperature
+        self.krr_value_range = krr_value_range
+        self.sas_num_heads = sas_num_heads
+        # Simulated heads default to twice the real query/key width (the paper widens both heads and q/k features).
+        self.sas_qk_dim = 2 * self.head_dim if sas_qk_dim is None and sas_num_heads else sas_qk_dim
+        self.residual_update = residual_update
+        self.geonorm_step_init = geonorm_step_init
+        self.geonorm_layer_decay = geonorm_layer_decay
         self.sparse_attn_method = sparse_attn_method
         self.sparse_attn_block_size = sparse_attn_block_size
         self.sparse_attn_gate_dim = sparse_attn_gate_dim
@@ -421,6 +459,63 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.move_num_slots must be an integer >= 0 (0 = no value bank), got {slots!r}")
         if self.move_init not in ("identity", "normal"):
             raise ValueError(f"{cls}.move_init must be 'identity' or 'normal', got {self.move_init!r}")
+        self._validate_krr()
+        self._validate_differential()
+        self._validate_simulated_heads()
+        self._validate_residual_update()
+
+    def _validate_krr(self) -> None:
+        cls = type(self).__name__
+        if not _is_number(self.krr_ridge) or not math.isfinite(self.krr_ridge) or self.krr_ridge <= 0:
+            raise ValueError(f"{cls}.krr_ridge (the ridge λ of Cubit's kernel ridge regression) must be a finite number "
+                             f"> 0, got {self.krr_ridge!r}")
+        if not _is_number(self.krr_temperature) or not self.krr_temperature > 0:
+            raise ValueError(f"{cls}.krr_temperature must be > 0, got {self.krr_temperature!r}")
+        if self.krr_value_range is not None and not (_is_number(self.krr_value_range) and self.krr_value_range > 0):
+            raise ValueError(f"{cls}.krr_value_range must be > 0 or None (no Limited-Range Rescale), got "
+                             f"{self.krr_value_range!r}")
+
+    def _validate_differential(self) -> None:
+        cls, noise = type(self).__name__, self.diff_attn_noise_heads
+        if not _is_count(noise):
+            raise ValueError(f"{cls}.diff_attn_noise_heads must be an integer >= 0 (0 = no differential attention), "
+                             f"got {noise!r}")
+        if not noise:
+            return
+        if self.num_attention_heads % noise:
+            raise ValueError(f"{cls}: diff_attn_noise_heads ({noise}) must divide num_attention_heads "
+                             f"({self.num_attention_heads}, the signal heads): each noise head is shared by an equal "
+                             "group of signal heads")
+        if self.diff_attn_lambda_init is not None and not _is_number(self.diff_attn_lambda_init):
+            raise ValueError(f"{cls}.diff_attn_lambda_init must be a number or None, got {self.diff_attn_lambda_init!r}")
+        if self.attn_score_function != "softmax" or self.attn_affine or self.sas_num_heads:
+            raise ValueError(f"{cls}: diff_attn_noise_heads subtracts two softmax maps; it does not combine with "
+                             f"attn_score_function={self.attn_score_function!r} / attn_affine / sas_num_heads")
+
+    def _validate_simulated_heads(self) -> None:
+        cls, heads = type(self).__name__, self.sas_num_heads
+        if not _is_count(heads):
+            raise ValueError(f"{cls}.sas_num_heads must be an integer >= 0 (0 = off), got {heads!r}")
+        if not heads:
+            return
+        if heads % self.num_attention_heads:
+            raise ValueError(f"{cls}.sas_num_heads ({heads}) must be a multiple of num_attention_heads "
+                             f"({self.num_attention_heads}): each real head seeds the same number of simulated heads")
+        if not _is_count(self.sas_qk_dim) or self.sas_qk_dim < self.head_dim or self.sas_qk_dim % 2:
+            raise ValueError(f"{cls}.sas_qk_dim must be an even integer >= head_dim ({self.head_dim}), got "
+                             f"{self.sas_qk_dim!r}")
+        if self.attn_score_function != "softmax" or self.attn_affine:
+            raise ValueError(f"{cls}: sas_num_heads runs softmax attention through the backend; it does not combine "
+                             f"with attn_score_function={self.attn_score_function!r} / attn_affine")
+
+    def _validate_residual_update(self) -> None:
+        cls = type(self).__name__
+        if self.residual_update not in RESIDUAL_UPDATES:
+            raise ValueError(f"{cls}.residual_update must be one of {RESIDUAL_UPDATES}, got {self.residual_update!r}")
+        if not _is_number(self.geonorm_step_init) or not self.geonorm_step_init > 0:
+            raise ValueError(f"{cls}.geonorm_step_init must be > 0, got {self.geonorm_step_init!r}")
+        if not _is_number(self.geonorm_layer_decay) or not 0 < self.geonorm_layer_decay <= 1:
+            raise ValueError(f"{cls}.geonorm_layer_decay must be in (0, 1], got {self.geonorm_layer_decay!r}")
 
     def _validate_sparse_attention(self) -> None:
         cls = type(self).__name__
@@ -450,10 +545,11 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
         if not math.isfinite(self.sparse_attn_router_bias):
             raise ValueError(f"{cls}.sparse_attn_router_bias must be finite, got {self.sparse_attn_router_bias!r}")
-        if self.attn_score_function != "softmax" or self.attn_affine or self.move_num_slots:
+        if (self.attn_score_function != "softmax" or self.attn_affine or self.move_num_slots
+                or self.diff_attn_noise_heads or self.sas_num_heads):
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} works on softmax attention; it does "
                              f"not combine with attn_score_function={self.attn_score_function!r} / attn_affine / "
-                             "move_num_slots")
+                             "move_num_slots / diff_attn_noise_heads / sas_num_heads")
         if "full_attention" not in self.layer_types:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} acts on full_attention layers, "
                              "and layer_types has none")
@@ -628,6 +724,14 @@ def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_
     if getattr(config, "linear_attn_hybrid", "none") in ("liger", "lizard"):
         layer_types = ["hybrid_sliding" if t == "linear_attention" else t for t in layer_types]
     return layer_types
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _default_head_dim(hidden_size: int, num_attention_heads: int) -> int:

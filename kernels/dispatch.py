@@ -23,6 +23,8 @@ def select_backend(op: str, implementations: dict[str, Callable], tensor: torch.
     requested = backend or os.environ.get(ENV_VAR) or None
     if requested is None:
         requested = "triton" if tensor.is_cuda and "triton" in implementations else "torch"
+    if backend is None and requested not in implementations and set(implementations) == {"torch"}:
+        requested = "torch"  # a global backend choice does not apply to ops that only have the PyTorch path
     if requested not in implementations:
         raise ValueError(
             f"{op}: backend {requested!r} is not available (from {'backend=' if backend else ENV_VAR}); "

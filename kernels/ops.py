@@ -20,6 +20,7 @@ from .delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .dispatch import select_backend
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
+from .krr.chunk import krr_attention_torch
 from .moe.grouped import grouped_expert_mlp
 from .moe.weighted import grouped_weighted_expert_mlp
 from .sa_softmax.cached import sa_softmax_attention_over_cache
@@ -27,7 +28,7 @@ from .sa_softmax.chunk import chunk_sa_softmax_attention
 from .sliding_window.chunk import chunk_sliding_window_attention
 
 __all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "block_sparse_attention", "pooled_attention_scores",
-           "sa_softmax_attention",
+           "sa_softmax_attention", "krr_attention",
            "expert_mlp", "weighted_expert_mlp", "RECURRENT_MAX_TOKENS"]
 
 # At or below this many new tokens (decoding, short continuations) the recurrent form beats the chunked one on CPU.
@@ -236,3 +237,25 @@ def weighted_expert_mlp(
     """
     impl = select_backend("weighted_expert_mlp", _WEIGHTED_MOE_IMPLS, x, backend)
     return impl(x, token_idx, expert_idx, weight, gate_up, down)
+
+
+def krr_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ridge: float,
+    temperature: float,
+    attention_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal kernel-ridge-regression attention (Cubit): ``O_i = κ(q_i, K_S) (κ(K_S, K_S) + λ I)⁻¹ V_S`` over the real
+    keys ``S = {j <= i}``, ``κ(a, b) = exp(τ (â·b̂ − 1))`` on unit-normalised vectors, λ = ridge, τ = temperature.
+
+    q ``[B, T_q, H, D]`` (the last T_q positions: ``T_q = S`` full forward, ``T_q < S`` decode over a cache),
+    k ``[B, S, H_kv, D]``, v ``[B, S, H_kv, D_v]``; attention_mask ``[B, S]`` marks real tokens. Returns
+    ``[B, T_q, H, D_v]``. O(S³) per head (a Cholesky factor of the ``[S, S]`` Gram matrix). PyTorch only: no Triton
+    kernel, since the Cholesky factorisation and triangular solves dominate and are already library calls.
+    """
+    impl = select_backend("krr_attention", {"torch": krr_attention_torch}, q, backend)
+    return impl(q, k, v, ridge=ridge, temperature=temperature, attention_mask=attention_mask)

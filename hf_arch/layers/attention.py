@@ -1,9 +1,14 @@
 """Softmax attention (GQA, RoPE, optional q/k RMSNorm, qkv bias, sliding window) with an optional output gate.
 
 Attention itself goes through transformers' attention interface, so ``attn_implementation`` = eager / sdpa /
-flex_attention / flash_attention_* all work; the gate is applied to whatever the backend returns. Two score
-variants replace or extend it: Self-Adjust Softmax (``attn_score_function``, our kernel instead of the backend) and
-affine-scaled weights (``attn_affine``, applied on top of any backend).
+flex_attention / flash_attention_* all work; the gate is applied to whatever the backend returns. Score and head
+variants replace or extend it (each in its own module under ``layers/``):
+
+- ``attn_score_function``: Self-Adjust Softmax or Cubit's kernel ridge regression, our ops instead of the backend;
+- ``attn_affine``: affine-scaled weights on top of any backend;
+- ``diff_attn_noise_heads``: Grouped Differential Attention (a second, shared noise map subtracted);
+- ``sas_num_heads``: Simulated Attention Score (attention over more, wider simulated heads, aggregated back);
+- ``move_num_slots``: MoVE's shared value bank mixed into the values.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kernels.ops import sa_softmax_attention
+from types import SimpleNamespace
+
+from ..kernels.ops import krr_attention, sa_softmax_attention
 from .affine_attention import AffineAttentionScale, mean_attended_values
+from .differential_attention import DifferentialNoise, group_values_by_noise_head
 from .norm import HfArchRMSNorm
 from .output_gate import AttentionOutputGate
-from .value_bank import ValueGate
 from .rope import apply_rotary_pos_emb
+from .simulated_attention import SimulatedHeads
+from .value_bank import ValueGate
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -65,6 +74,10 @@ class HfArchAttention(nn.Module):
         self.score_function = config.attn_score_function
         self.affine = AffineAttentionScale(config) if config.attn_affine else None
         self.value_gate = ValueGate(config) if config.move_num_slots else None
+        self.differential = DifferentialNoise(config, layer_idx) if config.diff_attn_noise_heads else None
+        self.simulated = SimulatedHeads(config) if config.sas_num_heads else None
+        if self.simulated is not None:
+            self.scaling = config.sas_qk_dim**-0.5
 
     def project(self, hidden_states: torch.Tensor, value_bank=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied; MoVE's bank mixed into v)."""
@@ -81,9 +94,10 @@ class HfArchAttention(nn.Module):
             value = value + self.value_gate(hidden_states, value_bank)
         return query, key, value
 
-    def attend(self, query, key, value, attention_mask, past_key_values=None, **kwargs):
+    def attend(self, query, key, value, attention_mask, past_key_values=None, module=None, **kwargs):
         """Softmax attention through the configured backend on ``[B, heads, T, D]`` tensors (RoPE applied); updates
-        the cache. Returns (``[B, T, H, D]`` output, weights or None)."""
+        the cache. ``module``: what the backend reads head grouping from (default this layer). Returns
+        (``[B, T, heads, D_v]`` output, weights or None)."""
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         implementation = self.config._attn_implementation
@@ -93,7 +107,7 @@ class HfArchAttention(nn.Module):
             else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         )
         return attention_fn(
-            self,
+            self if module is None else module,
             query,
             key,
             value,
@@ -126,25 +140,66 @@ class HfArchAttention(nn.Module):
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
         need it; ``value_bank``: the model's MoVE bank."""
         query, key, value = self.project(hidden_states, value_bank)
-        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
-        value = value.transpose(1, 2)
+        if self.simulated is not None:
+            query, key = self.simulated.queries_and_keys(query, key, position_embeddings)
+            value = self.simulated.values(value)
+        else:
+            query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
+            value = value.transpose(1, 2)
         if self.score_function != "softmax":
-            attn_output, attn_weights = self.attend_sa_softmax(query, key, value, padding_mask, past_key_values), None
+            attn_output, attn_weights = self.attend_by_score_op(query, key, value, padding_mask, past_key_values), None
+        elif self.differential is not None:
+            attn_output, attn_weights = self.attend_differential(hidden_states, query, key, value, attention_mask,
+                                                                 position_embeddings, past_key_values, **kwargs)
         else:
             attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
+        if self.simulated is not None:
+            attn_output = self.simulated.aggregate_heads(attn_output)
         if self.affine is not None:
             values = past_key_values.layers[self.layer_idx].values if past_key_values is not None else value
             mean = mean_attended_values(values, hidden_states.shape[1], padding_mask, self.num_key_value_groups)
             attn_output = self.affine(hidden_states, attn_output, mean)
         return self.finish(hidden_states, attn_output), attn_weights
 
-    def attend_sa_softmax(self, query, key, value, padding_mask, past_key_values=None) -> torch.Tensor:
-        """SA-Softmax over ``[B, heads, T, D]`` tensors (cache updated first) → ``[B, T, H, D]``."""
+    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None) -> torch.Tensor:
+        """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → ``[B, T, H, D]``."""
         if self.sliding_window is not None:
             raise ValueError(f"layer {self.layer_idx}: attn_score_function={self.score_function!r} is implemented "
                              "for full_attention layers, not sliding_attention")
+        if self.score_function == "krr" and self.config.krr_value_range is not None:
+            # Limited-Range Rescale before caching, so decode reads the same values as the full forward.
+            bound = self.config.krr_value_range
+            value = bound * torch.tanh(value / bound)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if self.score_function == "krr":
+            return krr_attention(q, k, v, ridge=self.config.krr_ridge, temperature=self.config.krr_temperature,
+                                 attention_mask=padding_mask)
         mode = "plain" if self.score_function == "sa_softmax" else "normalized"
-        return sa_softmax_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mode=mode,
-                                    scale=self.scaling, attention_mask=padding_mask)
+        return sa_softmax_attention(q, k, v, mode=mode, scale=self.scaling, attention_mask=padding_mask)
+
+    def attend_differential(self, hidden_states, query, key, value, attention_mask, position_embeddings,
+                            past_key_values=None, **kwargs):
+        """Grouped Differential Attention on ``[B, heads, T, D]`` tensors → (``[B, T, H, D]``, signal weights).
+
+        The noise keys ride in the same cache entry as the signal keys (concatenated over heads), so decode reads
+        both from one ``DynamicCache`` layer."""
+        noise = self.differential
+        noise_query, noise_key = noise.project(hidden_states)
+        if self.q_norm is not None:
+            noise_query, noise_key = self.q_norm(noise_query), self.k_norm(noise_key)
+        noise_query, noise_key = apply_rotary_pos_emb(noise_query.transpose(1, 2), noise_key.transpose(1, 2),
+                                                      *position_embeddings)
+        keys = torch.cat([key, noise_key], dim=1)
+        if past_key_values is not None:
+            keys, value = past_key_values.update(keys, value, self.layer_idx)
+        key, noise_key = keys.split([self.num_key_value_heads, noise.num_noise_heads], dim=1)
+        signal, weights = self.attend(query, key, value, attention_mask, **kwargs)
+        grouped = group_values_by_noise_head(value, self.num_heads, noise.num_noise_heads)
+        # One map per noise head: the backend sees H_n query heads and H_n key heads (no further grouping).
+        view = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=self.training,
+                               layer_idx=self.layer_idx, config=self.config)
+        noise_out, _ = self.attend(noise_query, noise_key, grouped, attention_mask, module=view, **kwargs)
+        noise_out = noise_out.reshape(*signal.shape)
+        return noise.combine(signal, noise_out), weights

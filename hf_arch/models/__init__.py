@@ -21,6 +21,15 @@ from .affine_attention import (
     AffineAttentionForSequenceClassification,
     AffineAttentionModel,
 )
+from .cubit import CubitConfig, CubitForCausalLM, CubitForSequenceClassification, CubitModel
+from .diff_attention import (
+    DiffAttentionConfig,
+    DiffAttentionForCausalLM,
+    DiffAttentionForSequenceClassification,
+    DiffAttentionModel,
+)
+from .geonorm import GeoNormConfig, GeoNormForCausalLM, GeoNormForSequenceClassification, GeoNormModel
+from .sas import SASConfig, SASForCausalLM, SASForSequenceClassification, SASModel
 from .move import MoVEConfig, MoVEForCausalLM, MoVEForSequenceClassification, MoVEModel
 from .sa_softmax import SASoftmaxConfig, SASoftmaxForCausalLM, SASoftmaxForSequenceClassification, SASoftmaxModel
 from .sparse_attention import (
@@ -154,6 +163,69 @@ MOVE = register_variant(
     )
 )
 
+DIFF_ATTENTION = register_variant(
+    Variant(
+        name="diff_attention",
+        config_class=DiffAttentionConfig,
+        model_class=DiffAttentionModel,
+        causal_lm_class=DiffAttentionForCausalLM,
+        sequence_classification_class=DiffAttentionForSequenceClassification,
+        summary="Grouped Differential Attention: signal map minus λ·noise map, fewer noise heads shared GQA-style; "
+                "exact growth by copying signal heads",
+        paper="Grouped Differential Attention; Ye et al., Differential Transformer (arXiv 2410.05258)",
+        lora_target_modules=_ATTENTION_LORA_TARGETS + ("noise_q_proj", "noise_k_proj"),
+        new_parameter_patterns=(r"\.differential\.",),
+        tags=("differential-attention",),
+    )
+)
+
+CUBIT = register_variant(
+    Variant(
+        name="cubit",
+        config_class=CubitConfig,
+        model_class=CubitModel,
+        causal_lm_class=CubitForCausalLM,
+        sequence_classification_class=CubitForSequenceClassification,
+        summary="Cubit: attention as causal kernel ridge regression κ(Q,K)(κ(K,K)+λI)⁻¹V with Limited-Range Rescale "
+                "of the values (O(T³) per head)",
+        paper="Cubit: kernel ridge regression attention",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(),
+        tags=("krr-attention",),
+    )
+)
+
+SAS = register_variant(
+    Variant(
+        name="sas",
+        config_class=SASConfig,
+        model_class=SASModel,
+        causal_lm_class=SASForCausalLM,
+        sequence_classification_class=SASForSequenceClassification,
+        summary="Simulated Attention Score: attention over more, wider heads mixed from the real ones, aggregated back "
+                "by PEAA",
+        paper="SAS: Simulated Attention Score",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(r"\.simulated\.",),
+        tags=("simulated-attention",),
+    )
+)
+
+GEONORM = register_variant(
+    Variant(
+        name="geonorm",
+        config_class=GeoNormConfig,
+        model_class=GeoNormModel,
+        causal_lm_class=GeoNormForCausalLM,
+        sequence_classification_class=GeoNormForSequenceClassification,
+        summary="GeoNorm: geodesic residual updates on the sphere with a layer-wise update decay",
+        paper="GeoNorm: geodesic updates for transformer normalization",
+        lora_target_modules=_ATTENTION_LORA_TARGETS,
+        new_parameter_patterns=(r"\.attn_update\.", r"\.mlp_update\."),
+        tags=("geonorm",),
+    )
+)
+
 SPARSE_ATTENTION = register_variant(
     Variant(
         name="sparse_attention",
@@ -171,6 +243,26 @@ SPARSE_ATTENTION = register_variant(
 )
 
 __all__ = [
+    "CUBIT",
+    "CubitConfig",
+    "CubitForCausalLM",
+    "CubitForSequenceClassification",
+    "CubitModel",
+    "DIFF_ATTENTION",
+    "DiffAttentionConfig",
+    "DiffAttentionForCausalLM",
+    "DiffAttentionForSequenceClassification",
+    "DiffAttentionModel",
+    "GEONORM",
+    "GeoNormConfig",
+    "GeoNormForCausalLM",
+    "GeoNormForSequenceClassification",
+    "GeoNormModel",
+    "SAS",
+    "SASConfig",
+    "SASForCausalLM",
+    "SASForSequenceClassification",
+    "SASModel",
     "MOVE",
     "MoVEConfig",
     "MoVEForCausalLM",

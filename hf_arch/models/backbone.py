@@ -24,6 +24,8 @@ from transformers.modeling_utils import PreTrainedModel
 from ..configuration import ATTENTION_LAYER_TYPES, LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.affine_attention import AffineAttentionScale
 from ..layers.attention import HfArchAttention
+from ..layers.differential_attention import DifferentialNoise
+from ..layers.geonorm import GeodesicUpdate, project_to_sphere
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
 from ..layers.mlp import HfArchMLP
 from ..layers.moe import HfArchMoE
@@ -34,6 +36,7 @@ from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
 from ..layers.short_conv import ShortConvolution
+from ..layers.simulated_attention import SimulatedHeads
 from ..layers.value_bank import ValueBank, ValueGate
 from ..layers.sparse_attention import BlockGate, HfArchSparseAttention, LayerRouter, flux_sparsity_penalty
 
@@ -77,6 +80,13 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = build_token_mixer(config, layer_idx)
         self.post_attention_layernorm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = build_channel_mixer(config, layer_idx)
+        # GeoNorm: each branch moves the (spherical) hidden state along a geodesic instead of adding to it.
+        geodesic = config.residual_update == "geodesic"
+        self.attn_update = GeodesicUpdate(config, layer_idx) if geodesic else None
+        self.mlp_update = GeodesicUpdate(config, layer_idx) if geodesic else None
+
+    def _residual(self, update: GeodesicUpdate | None, hidden_states: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        return hidden_states + mixed if update is None else update(hidden_states, mixed)
 
     def forward(
         self,
@@ -99,14 +109,14 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             **kwargs,
         )
-        hidden_states = residual + mixed
+        hidden_states = self._residual(self.attn_update, residual, mixed)
         normed = self.post_attention_layernorm(hidden_states)
         router_logits = None
         if isinstance(self.mlp, HfArchMoE):
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool)
         else:
             mixed = self.mlp(normed)
-        return hidden_states + mixed, attn_weights, router_logits
+        return self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits
 
 
 class HfArchPreTrainedModel(PreTrainedModel):
@@ -125,7 +135,7 @@ class HfArchPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
                                ZeroComputationExperts, BlockGate, LayerRouter, AffineAttentionScale,
-                               ValueBank, ValueGate)):
+                               ValueBank, ValueGate, DifferentialNoise, SimulatedHeads, GeodesicUpdate)):
             from transformers import initialization
 
             module.init_parameters(initialization)
@@ -249,7 +259,7 @@ class HfArchModel(HfArchPreTrainedModel):
         cu_seqlens = self._packed_sequences(position_ids, attention_mask, past_seen, kwargs)
 
         masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
-        hidden_states = inputs_embeds
+        hidden_states = project_to_sphere(inputs_embeds) if self.config.residual_update == "geodesic" else inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         self._share_padding_with_routing_stats(attention_mask)
         if self.value_bank is not None:

@@ -67,6 +67,10 @@ CONFIGS = {
     "sa_softmax_normalized": dict(TINY, variant="sa_softmax", attn_score_function="sa_softmax_normalized"),
     "affine_gqa": dict(TINY, variant="affine_attention", attn_affine_init="normal"),
     "move_bank": dict(TINY, variant="move", move_num_slots=4, move_init="normal"),
+    "grouped_diff_gated": dict(TINY, variant="diff_attention", diff_attn_noise_heads=1, attn_output_gate="headwise"),
+    "cubit_krr": dict(TINY, variant="cubit", krr_ridge=0.5),
+    "sas_simulated_heads": dict(TINY, variant="sas"),
+    "geonorm_geodesic": dict(TINY, variant="geonorm"),
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
