@@ -4,10 +4,22 @@ A source adapter per family maps the config (``sources.py``); a conversion kind 
 initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_refactor.py``, ``sparsify.py``); ``api.convert`` loads, verifies and writes atomically.
 """
 
-from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
-from .api import CONVERSIONS, RECORD_FILE, ConversionResult, convert, convert_model, max_abs_logit_diff
+from .api import (
+    CONVERSIONS,
+    RECORD_FILE,
+    ConversionResult,
+    convert,
+    convert_model,
+    max_abs_logit_diff,
+)
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
+from .identity_insertion import (
+    AffineInsertionOptions,
+    ValueBankInsertionOptions,
+    insert_affine_scale,
+    insert_value_bank,
+)
 from .linearize import LinearizeOptions, attention_mse_per_layer, linearize
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sources import SOURCE_ADAPTERS, adapter_for

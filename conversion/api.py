@@ -10,10 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .identity_insertion import AffineInsertionOptions, ValueBankInsertionOptions, insert_affine_scale, insert_value_bank
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
-from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
 from .gate_insertion import GateInsertionOptions, insert_gates
+from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
+from .identity_insertion import (
+    AffineInsertionOptions,
+    ValueBankInsertionOptions,
+    insert_affine_scale,
+    insert_value_bank,
+)
 from .linearize import LinearizeOptions, linearize, method_target
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sparsify import SparsifyOptions, sparsify

@@ -13,11 +13,11 @@ variants replace or extend it (each in its own module under ``layers/``):
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-from types import SimpleNamespace
 
 from ..kernels.ops import krr_attention, sa_softmax_attention
 from .affine_attention import AffineAttentionScale, mean_attended_values

@@ -1,7 +1,30 @@
 """Registered variants. Importing this module registers every variant with the transformers Auto classes."""
 
 from ..registry import Variant, register_variant
-from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
+from .affine_attention import (
+    AffineAttentionConfig,
+    AffineAttentionForCausalLM,
+    AffineAttentionForSequenceClassification,
+    AffineAttentionModel,
+)
+from .backbone import (
+    HfArchForCausalLM,
+    HfArchForSequenceClassification,
+    HfArchModel,
+    HfArchPreTrainedModel,
+)
+from .cubit import (
+    CubitConfig,
+    CubitForCausalLM,
+    CubitForSequenceClassification,
+    CubitModel,
+)
+from .diff_attention import (
+    DiffAttentionConfig,
+    DiffAttentionForCausalLM,
+    DiffAttentionForSequenceClassification,
+    DiffAttentionModel,
+)
 from .gated_attention import (
     GatedAttentionConfig,
     GatedAttentionForCausalLM,
@@ -14,31 +37,34 @@ from .gated_deltanet import (
     GatedDeltaNetForSequenceClassification,
     GatedDeltaNetModel,
 )
+from .geonorm import (
+    GeoNormConfig,
+    GeoNormForCausalLM,
+    GeoNormForSequenceClassification,
+    GeoNormModel,
+)
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
-from .affine_attention import (
-    AffineAttentionConfig,
-    AffineAttentionForCausalLM,
-    AffineAttentionForSequenceClassification,
-    AffineAttentionModel,
+from .moe import (
+    MOE_PRESETS,
+    MoEConfig,
+    MoEForCausalLM,
+    MoEForSequenceClassification,
+    MoEModel,
 )
-from .cubit import CubitConfig, CubitForCausalLM, CubitForSequenceClassification, CubitModel
-from .diff_attention import (
-    DiffAttentionConfig,
-    DiffAttentionForCausalLM,
-    DiffAttentionForSequenceClassification,
-    DiffAttentionModel,
-)
-from .geonorm import GeoNormConfig, GeoNormForCausalLM, GeoNormForSequenceClassification, GeoNormModel
-from .sas import SASConfig, SASForCausalLM, SASForSequenceClassification, SASModel
 from .move import MoVEConfig, MoVEForCausalLM, MoVEForSequenceClassification, MoVEModel
-from .sa_softmax import SASoftmaxConfig, SASoftmaxForCausalLM, SASoftmaxForSequenceClassification, SASoftmaxModel
+from .sa_softmax import (
+    SASoftmaxConfig,
+    SASoftmaxForCausalLM,
+    SASoftmaxForSequenceClassification,
+    SASoftmaxModel,
+)
+from .sas import SASConfig, SASForCausalLM, SASForSequenceClassification, SASModel
 from .sparse_attention import (
     SparseAttentionConfig,
     SparseAttentionForCausalLM,
     SparseAttentionForSequenceClassification,
     SparseAttentionModel,
 )
-from .moe import MOE_PRESETS, MoEConfig, MoEForCausalLM, MoEForSequenceClassification, MoEModel
 
 _ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

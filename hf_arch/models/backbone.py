@@ -11,8 +11,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_layers import (
+    GenericForSequenceClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -37,8 +43,13 @@ from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
 from ..layers.short_conv import ShortConvolution
 from ..layers.simulated_attention import SimulatedHeads
+from ..layers.sparse_attention import (
+    BlockGate,
+    HfArchSparseAttention,
+    LayerRouter,
+    flux_sparsity_penalty,
+)
 from ..layers.value_bank import ValueBank, ValueGate
-from ..layers.sparse_attention import BlockGate, HfArchSparseAttention, LayerRouter, flux_sparsity_penalty
 
 
 class HfArchCache(DynamicCache):

@@ -8,6 +8,12 @@ import math
 
 import pytest
 import torch
+from hf_arch.conversion import (
+    SignalHeadGrowthOptions,
+    grow_signal_heads,
+    max_abs_logit_diff,
+)
+from hf_arch.kernels.krr.naive import naive_krr_attention
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_arch
@@ -23,8 +29,6 @@ from hf_arch import (
 )
 from hf_arch.cli import main
 from hf_arch.configuration import HfArchConfig
-from hf_arch.conversion import SignalHeadGrowthOptions, grow_signal_heads, max_abs_logit_diff
-from hf_arch.kernels.krr.naive import naive_krr_attention
 from hf_arch.layers.geonorm import GeodesicUpdate
 from hf_arch.layers.rope import apply_rotary_pos_emb
 
