@@ -75,7 +75,9 @@ class HfArchConfig(PreTrainedConfig):
             heads subtracts ``λ_h`` times a noise map; ``diff_attn_noise_heads`` noise maps (own q/k projections) are
             shared GQA-style by ``num_attention_heads / diff_attn_noise_heads`` signal heads each, so it must divide
             ``num_attention_heads``. ``diff_attn_lambda_init``: initial λ (``None``: DIFF Transformer's depth
-            schedule ``0.8 − 0.6·exp(−0.3·layer)``). See ``layers/differential_attention.py``.
+            schedule ``0.8 − 0.6·exp(−0.3·layer)``). ``diff_attn_head_norm``: DIFF's per-head RMSNorm and
+            ``(1 − λ_init)`` factor on the difference (``False``: the plain difference; trains much faster in our
+            small from-scratch runs, see the README). See ``layers/differential_attention.py``.
         sas_num_heads: Simulated Attention Score (0 = off): attention runs on ``sas_num_heads`` simulated heads
             (a multiple of ``num_attention_heads``) of query/key width ``sas_qk_dim`` (default ``2·head_dim``),
             projected from the real heads, and Parameter-Efficient Attention Aggregation maps them back to
@@ -231,6 +233,7 @@ class HfArchConfig(PreTrainedConfig):
         move_init: str = "identity",
         diff_attn_noise_heads: int = 0,
         diff_attn_lambda_init: float | None = None,
+        diff_attn_head_norm: bool = True,
         krr_ridge: float = 1.0,
         krr_temperature: float = 8.0,
         krr_value_range: float | None = 4.0,
@@ -361,6 +364,7 @@ class HfArchConfig(PreTrainedConfig):
         self.move_init = move_init
         self.diff_attn_noise_heads = diff_attn_noise_heads
         self.diff_attn_lambda_init = diff_attn_lambda_init
+        self.diff_attn_head_norm = diff_attn_head_norm
         self.krr_ridge = krr_ridge
         self.krr_temperature = krr_temperature
         self.krr_value_range = krr_value_range
@@ -486,6 +490,8 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}: diff_attn_noise_heads ({noise}) must divide num_attention_heads "
                              f"({self.num_attention_heads}, the signal heads): each noise head is shared by an equal "
                              "group of signal heads")
+        if not isinstance(self.diff_attn_head_norm, bool):
+            raise ValueError(f"{cls}.diff_attn_head_norm must be a bool, got {self.diff_attn_head_norm!r}")
         if self.diff_attn_lambda_init is not None and not _is_number(self.diff_attn_lambda_init):
             raise ValueError(f"{cls}.diff_attn_lambda_init must be a number or None, got {self.diff_attn_lambda_init!r}")
         if self.attn_score_function != "softmax" or self.attn_affine or self.sas_num_heads:

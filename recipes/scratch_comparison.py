@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sa_softmax": ("hfa_sa_softmax", {"attn_score_function": "sa_softmax_normalized"}),
     "affine_attention": ("hfa_affine_attention", {}),
     "diff_attention": ("hfa_diff_attention", {"diff_attn_noise_heads": 2}),
+    # DIFF's per-head RMSNorm off: the plain difference of the two maps (trains far faster at this scale).
+    "diff_attention_no_norm": ("hfa_diff_attention", {"diff_attn_noise_heads": 2, "diff_attn_head_norm": False}),
     "move": ("hfa_move", {"move_num_slots": 64}),
     "cubit": ("hfa_cubit", {}),
     "sas": ("hfa_sas", {}),

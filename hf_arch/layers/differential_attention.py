@@ -1,7 +1,8 @@
 """Grouped Differential Attention: signal attention minus λ times a noise map, with fewer noise heads than signal heads.
 
 Differential attention (DIFF Transformer) computes two softmax maps per head and subtracts the second, scaled by a
-learned λ, to cancel attention noise; a per-head RMSNorm and a ``(1 − λ_init)`` factor follow. GDA makes the two
+learned λ, to cancel attention noise; a per-head RMSNorm and a ``(1 − λ_init)`` factor follow
+(``diff_attn_head_norm``; without them the output is the plain difference). GDA makes the two
 groups unequal: the ``num_attention_heads`` signal heads keep the layer's ``q/k/v`` projections, while
 ``diff_attn_noise_heads`` noise heads have their own small ``q/k`` projections and each noise map is shared by a group
 of signal heads (GQA-style "controlled repetition"), so only ``diff_attn_noise_heads`` noise maps are computed. Each
@@ -40,7 +41,7 @@ class DifferentialNoise(nn.Module):
         self.noise_q_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.noise_k_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.noise_lambda = nn.Parameter(torch.empty(self.num_heads))
-        self.head_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.head_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.diff_attn_head_norm else None
 
     def init_parameters(self, init=nn.init) -> None:
         init.constant_(self.noise_lambda, self.lambda_init)
@@ -51,8 +52,11 @@ class DifferentialNoise(nn.Module):
         return self.noise_q_proj(hidden_states).view(shape), self.noise_k_proj(hidden_states).view(shape)
 
     def combine(self, signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """signal, noise ``[B, T, H, D]`` → ``(1 − λ_init) · RMSNorm(signal − λ_h · noise)``."""
+        """signal, noise ``[B, T, H, D]`` → ``(1 − λ_init) · RMSNorm(signal − λ_h · noise)`` (or the plain
+        difference without the head norm)."""
         diff = signal - self.noise_lambda.to(signal.dtype)[:, None] * noise
+        if self.head_norm is None:
+            return diff
         return self.head_norm(diff) * (1.0 - self.lambda_init)
 
 
