@@ -380,20 +380,33 @@ def plot_curves(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # Left: the whole run; right: the second half zoomed in, where the models separate.
+    fig, (full, late) = plt.subplots(1, 2, figsize=(13, 5))
+    late_losses = []
     for index, row in enumerate(result["models"]):
-        color = f"C{index % 10}"
+        color = f"C{index % 10}" if index < 10 else "black"
         train, val = row["curves"]["train"], row["curves"]["val"]
-        if train:
-            ax.plot([p["tokens"] for p in train], [p["loss"] for p in train], color=color, alpha=0.25, linewidth=0.8)
         label = row["name"] + (" (cut)" if row["cut"] else "")
-        ax.plot([p["tokens"] for p in val], [p["loss"] for p in val], color=color, marker="o", markersize=3,
-                label=label)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss (validation: solid; train: faint)")
-    ax.set_title(f"from scratch on TinyStories, ~{result['baseline_params'] / 1e6:.2f} M parameters each")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for ax in (full, late):
+            if train:
+                ax.plot([p["tokens"] for p in train], [p["loss"] for p in train], color=color, alpha=0.25,
+                        linewidth=0.8)
+            ax.plot([p["tokens"] for p in val], [p["loss"] for p in val], color=color, marker="o", markersize=3,
+                    label=label, linestyle="-" if index < 10 else "--")
+        halfway = row["train_tokens"] / 2
+        late_losses += [p["loss"] for p in val if p["tokens"] >= halfway]
+    if late_losses:
+        ordered = sorted(late_losses)
+        top = ordered[int(0.9 * (len(ordered) - 1))]  # leave far-off outliers out of the zoom
+        late.set_ylim(ordered[0] - 0.05, top + 0.1)
+        late.set_xlim(max(row["train_tokens"] for row in result["models"]) / 2, None)
+    for ax in (full, late):
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    full.set_ylabel("loss (validation: markers; train: faint)")
+    full.set_title(f"from scratch on TinyStories, ~{result['baseline_params'] / 1e6:.2f} M parameters each")
+    late.set_title("second half, zoomed")
+    late.legend(fontsize=8)
     fig.tight_layout()
     partial = path.with_name(path.name + ".partial")
     fig.savefig(partial, format="png")

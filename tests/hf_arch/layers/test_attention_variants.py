@@ -78,8 +78,10 @@ def _assert_same_values_and_gradients(out, expected, parameters):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_differential_attention_is_signal_minus_lambda_shared_noise():
-    model = build("diff_attention", num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+@pytest.mark.parametrize("head_norm", [True, False])
+def test_grouped_differential_attention_is_signal_minus_lambda_shared_noise(head_norm):
+    model = build("diff_attention", num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                  diff_attn_head_norm=head_norm)
     x = torch.randint(0, 64, (2, 9))
     attn, hidden, rope = _layer_inputs(model, x)
     noise = attn.differential
@@ -96,7 +98,9 @@ def test_grouped_differential_attention_is_signal_minus_lambda_shared_noise():
         signal = _causal_softmax(q[:, :, h] @ k[:, :, kv].transpose(1, 2) * attn.scaling)
         noisy = _causal_softmax(qn[:, :, n] @ kn[:, :, n].transpose(1, 2) * attn.scaling)
         mixed = (signal - noise.noise_lambda[h] * noisy) @ v[:, :, kv]
-        heads.append(_rms(mixed, noise.head_norm.weight, noise.head_norm.variance_epsilon) * (1 - noise.lambda_init))
+        if head_norm:  # DIFF's per-head RMSNorm and (1 − λ_init) factor
+            mixed = _rms(mixed, noise.head_norm.weight, noise.head_norm.variance_epsilon) * (1 - noise.lambda_init)
+        heads.append(mixed)
     expected = attn.o_proj(torch.stack(heads, dim=2).flatten(2))
     _assert_same_values_and_gradients(out, expected, [noise.noise_lambda, noise.noise_q_proj.weight,
                                                       attn.q_proj.weight, attn.v_proj.weight])
@@ -173,10 +177,9 @@ def test_geonorm_model_keeps_every_residual_state_on_the_sphere():
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_decode_with_left_padding_equals_the_full_forward(name, implementation):
-    model = build(name, attn_implementation=implementation)
-    if name == "diff_attention":
-        model = build(name, attn_implementation=implementation, attn_output_gate="headwise", move_num_slots=4,
-                      move_init="normal")  # composes with the output gate and MoVE
+    # Each composes with the gated-attention output gate and MoVE's value bank.
+    model = build(name, attn_implementation=implementation, attn_output_gate="headwise", move_num_slots=4,
+                  move_init="normal")
     x = torch.randint(0, 64, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :3] = 0
@@ -262,6 +265,7 @@ def test_growth_from_the_command_line_and_its_bad_inputs(tmp_path, capsys, stori
     (dict(diff_attn_noise_heads=3), r"diff_attn_noise_heads \(3\) must divide num_attention_heads \(4"),
     (dict(diff_attn_noise_heads=-1), "diff_attn_noise_heads must be an integer >= 0"),
     (dict(diff_attn_noise_heads=2, attn_score_function="sa_softmax"), "does not combine"),
+    (dict(diff_attn_noise_heads=2, diff_attn_head_norm="yes"), "diff_attn_head_norm must be a bool"),
     (dict(attn_score_function="krr", krr_ridge=0.0), r"krr_ridge .* must be a finite number > 0, got 0.0"),
     (dict(attn_score_function="krr", krr_ridge=-1.0), "krr_ridge"),
     (dict(attn_score_function="krr", krr_ridge=float("nan")), "krr_ridge"),
