@@ -67,3 +67,12 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     except BaseException:  # KeyboardInterrupt included: an interrupted conversion leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a sibling ``.partial`` file and a rename: readers (and a run that stops
+    mid-write) see the old file or the new one, never half of one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)

@@ -458,9 +458,9 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.attn_affine_init must be 'identity' or 'normal', got {self.attn_affine_init!r}")
         if not isinstance(self.attn_affine, bool):
             raise ValueError(f"{cls}.attn_affine must be a bool, got {self.attn_affine!r}")
-        slots = self.move_num_slots
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
-            raise ValueError(f"{cls}.move_num_slots must be an integer >= 0 (0 = no value bank), got {slots!r}")
+        if not _is_count(self.move_num_slots):
+            raise ValueError(f"{cls}.move_num_slots must be an integer >= 0 (0 = no value bank), got "
+                             f"{self.move_num_slots!r}")
         if self.move_init not in ("identity", "normal"):
             raise ValueError(f"{cls}.move_init must be 'identity' or 'normal', got {self.move_init!r}")
         self._validate_krr()

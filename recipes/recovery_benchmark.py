@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..conversion.checkpoint_io import atomic_write_text
+
 METHODS = {
     # name: (conversion target, conversion options)
     "liger": ("gla", {"method": "liger"}),
@@ -230,9 +232,7 @@ def main(argv=None) -> int:
     for name in args.methods:
         result["methods"].append(run_method(name, args.source, out, args, assets))
         # Written after every method, atomically, so a long run that stops keeps what it measured.
-        partial = out / "recovery.json.partial"
-        partial.write_text(json.dumps(result, indent=2) + "\n")
-        partial.replace(result_path)
+        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
         plot(result["methods"], result["source_eval"], out / "recovery.png")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if all(math.isfinite(p["ppl"]) for r in result["methods"] for p in r["points"]) else 1

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..conversion.checkpoint_io import atomic_write_text
 from .recovery_benchmark import _assets
 
 BASELINE = "llama"
@@ -368,12 +369,6 @@ def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks:
 # ------------------------------------------------------------------------------------------------------- outputs
 
 
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
 def plot_curves(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -433,8 +428,8 @@ def format_table(result: dict) -> str:
 
 def write_outputs(result: dict, out: Path) -> None:
     json_name, md_name, png_name = OUTPUT_NAMES
-    write_atomic(out / json_name, json.dumps(result, indent=2) + "\n")
-    write_atomic(out / md_name, format_table(result) + "\n")
+    atomic_write_text(out / json_name, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / md_name, format_table(result) + "\n")
     plot_curves(result, out / png_name)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..conversion.checkpoint_io import atomic_write_text
 from .recovery_benchmark import _assets
 
 
@@ -271,9 +272,7 @@ def main(argv=None) -> int:
     del source
 
     def save() -> None:
-        partial = out / "sparse.json.partial"
-        partial.write_text(json.dumps(result, indent=2) + "\n")
-        partial.replace(result_path)
+        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
 
     result["seer"] = run_seer(args, assets, windows, train_file)
     save()
@@ -299,9 +298,7 @@ def _retime(args) -> int:
         raise SystemExit(f"--retime: {path} does not exist; run the benchmark first")
     result = json.loads(path.read_text())
     result["attention_time"] = time_attention(args, AutoConfig.from_pretrained(args.source), _densities(result))
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
