@@ -6,6 +6,11 @@ AutoModelForSequenceClassification, so ``AutoModelForCausalLM.from_pretrained(di
 
 __version__ = "0.1.0"
 
+from ._compat import check_transformers_version, ensure_kernels_subpackage
+
+check_transformers_version()
+ensure_kernels_subpackage()
+
 from .configuration import HfArchConfig
 from .models import (
     GatedAttentionConfig,
