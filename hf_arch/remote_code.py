@@ -74,6 +74,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.krr.naive",
     f"{PACKAGE}.kernels.krr.chunk",
     f"{PACKAGE}.kernels.ops",
+    f"{PACKAGE}.models.cache_names",
     f"{PACKAGE}.layers.norm",
     f"{PACKAGE}.layers.rope",
     f"{PACKAGE}.layers.output_gate",

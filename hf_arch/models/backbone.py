@@ -50,6 +50,7 @@ from ..layers.sparse_attention import (
     flux_sparsity_penalty,
 )
 from ..layers.value_bank import ValueBank, ValueGate
+from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
 
 
 class HfArchCache(DynamicCache):
@@ -107,11 +108,14 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         expert_pool: nn.Module | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None).
 
-        ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals)."""
+        ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals).
+        The cache comes as ``cache`` or ``past_key_values`` (transformers' old and new names)."""
+        past_key_values = resolve_cache(cache, past_key_values)
         residual = hidden_states
         mixed, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -141,6 +145,9 @@ class HfArchPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+
+    def _wants_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -195,8 +202,8 @@ class HfArchModel(HfArchPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{MASK_CACHE_ARGUMENT: past_key_values},
         )
         # Linear layers take the 2-D padding mask itself (they zero padded tokens out of their states).
         padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
@@ -248,8 +255,12 @@ class HfArchModel(HfArchPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``; it is returned in the field the
+        installed transformers declares."""
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -304,19 +315,21 @@ class HfArchModel(HfArchPreTrainedModel):
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         if all_router_logits:
-            return MoeModelOutputWithPast(
+            output = MoeModelOutputWithPast(
                 last_hidden_state=hidden_states,
-                past_key_values=past_key_values if use_cache else None,
+                **cache_output(past_key_values if use_cache else None),
                 hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
                 attentions=tuple(all_attentions) if output_attentions else None,
                 router_logits=tuple(all_router_logits),
             )
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
+        else:
+            output = BaseModelOutputWithPast(
+                last_hidden_state=hidden_states,
+                **cache_output(past_key_values if use_cache else None),
+                hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+                attentions=tuple(all_attentions) if output_attentions else None,
+            )
+        return output if self._wants_dict(return_dict) else output.to_tuple()
 
 
 class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
@@ -340,10 +353,11 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a plain DynamicCache; use ours (same layers) so all-linear models can report a length."""
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
-                model_kwargs["past_key_values"] = HfArchCache(config=self.config.get_text_config(decoder=True))
+        for name in ("cache", "past_key_values"):  # the name generate() uses depends on the transformers release
+            cache = model_kwargs.get(name)
+            if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+                if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
+                    model_kwargs[name] = HfArchCache(config=self.config.get_text_config(decoder=True))
         return result
 
     @staticmethod
@@ -372,8 +386,11 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
+        """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``."""
+        past_key_values = resolve_cache(cache, past_key_values)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -383,9 +400,11 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        past = getattr(outputs, CACHE_OUTPUT_FIELD)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
@@ -412,20 +431,20 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
                 loss=loss,
                 aux_loss=aux_loss,
                 logits=logits,
-                past_key_values=outputs.past_key_values,
+                **cache_output(past),
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
                 router_logits=router_logits if want_router_logits else None,
             )
-            return output if return_dict is not False else output.to_tuple()
+            return output if self._wants_dict(return_dict) else output.to_tuple()
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_output(past),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self._wants_dict(return_dict) else output.to_tuple()
 
 
 class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPreTrainedModel):
