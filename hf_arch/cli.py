@@ -155,6 +155,8 @@ def _cmd_eval(args) -> int:
         return 0
     if not args.ppl_file and not args.tasks:
         raise SystemExit("hf-arch eval: give --ppl-file and/or --tasks (or --lm-eval TASKS)")
+    for task in args.tasks or ():  # names and paths checked before the model loads
+        evaluation.resolve_task(task)
     model, tokenizer = evaluation.load_model_and_tokenizer(args.model, dtype=args.dtype)
     results = evaluation.evaluate(
         model,
@@ -385,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-max-tokens", type=int, default=None)
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--stride", type=int, default=None)
-    p.add_argument("--tasks", nargs="*", help="multiple-choice jsonl files (PIQA / ARC-Easy / WinoGrande formats)")
+    p.add_argument("--tasks", nargs="*",
+                   help="multiple-choice tasks: piqa, arc_easy, winogrande (the shared assets' files, found via "
+                        "$HF_ARCH_ASSETS, default ../shared/assets) or jsonl paths (PIQA / ARC-Easy / WinoGrande formats)")
     p.add_argument("--limit", type=int, default=None, help="items per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32")

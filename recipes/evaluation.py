@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "perplexity",
+    "KNOWN_TASKS",
+    "resolve_task",
     "load_multiple_choice",
     "multiple_choice",
     "evaluate",
@@ -27,6 +30,14 @@ __all__ = [
 ]
 
 _DEFAULT_MAX_CONTEXT = 1024
+
+# Task names as lm-eval users type them -> the shared assets' files (relative to the assets folder). PIQA's labels are
+# found beside its jsonl (``piqa_valid_labels.lst``).
+KNOWN_TASKS = {
+    "piqa": "data/piqa_valid.jsonl",
+    "arc_easy": "data/arc_easy_test.jsonl",
+    "winogrande": "data/winogrande_dev.jsonl",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +197,35 @@ def _detect_format(record: dict) -> str | None:
     if {"context_options", "continuation", "gold"} <= record.keys():
         return "winogrande"
     return None
+
+
+def _assets_dir() -> Path:
+    """``$HF_ARCH_ASSETS``, else ``../shared/assets`` seen from the working directory (as the recipes resolve it)."""
+    from .schema import DEFAULT_ENV
+
+    return Path(os.environ.get("HF_ARCH_ASSETS") or DEFAULT_ENV["HF_ARCH_ASSETS"]).resolve()
+
+
+def resolve_task(task) -> tuple[str | None, Path]:
+    """``(name, path)`` for a ``tasks`` entry: an existing file is used as it is (``name`` None: the file stem names
+    it); a known task name (:data:`KNOWN_TASKS`: ``piqa``, ``arc_easy``, ``winogrande``) maps to the shared assets'
+    file under ``$HF_ARCH_ASSETS`` (default ``../shared/assets``). Anything else raises ``FileNotFoundError`` naming
+    it and the known names."""
+    path = Path(task)
+    if path.is_file():
+        return None, path
+    if isinstance(task, str) and task in KNOWN_TASKS:
+        asset = _assets_dir() / KNOWN_TASKS[task]
+        if not asset.is_file():
+            raise FileNotFoundError(
+                f"task {task!r} reads {asset}, which does not exist; set HF_ARCH_ASSETS to the shared assets folder "
+                "(the one holding data/), or pass the task's jsonl path"
+            )
+        return task, asset
+    raise FileNotFoundError(
+        f"task {str(task)!r} is neither an existing file nor a known task name "
+        f"(known: {', '.join(KNOWN_TASKS)}; or pass a PIQA / ARC-Easy / WinoGrande jsonl path)"
+    )
 
 
 def _piqa_labels_path(task_file: Path) -> Path:
@@ -365,10 +405,15 @@ def multiple_choice(
 ) -> dict:
     """Zero-shot accuracy: pick the option with the highest continuation log-likelihood.
 
+    ``task_file`` is a jsonl path or a known task name (``piqa``, ``arc_easy``, ``winogrande``: the shared assets'
+    files, see :func:`resolve_task`); the result's ``task`` is that name, or the file's stem for a path.
+
     ``acc`` compares summed log-likelihoods; ``acc_norm`` divides each by the answer's length in
     characters (lm-eval's convention), which removes the bias towards short answers.
     """
-    name, items = load_multiple_choice(task_file, labels_file=labels_file, limit=limit)
+    known_name, task_path = resolve_task(task_file)
+    name, items = load_multiple_choice(task_path, labels_file=labels_file, limit=limit)
+    name = known_name or name
     requests = [req for item in items for req in _requests(item)]
     scores = _loglikelihoods(model, tokenizer, requests, batch_size, show_progress, desc=f"mc {name}")
 
@@ -403,7 +448,11 @@ def evaluate(
     batch_size: int = 8,
     show_progress: bool = True,
 ) -> dict:
-    """Perplexity on ``ppl_file`` (if given) plus every multiple-choice task file in ``tasks``."""
+    """Perplexity on ``ppl_file`` (if given) plus every multiple-choice task in ``tasks`` (jsonl paths or known task
+    names, see :func:`resolve_task`; all are checked before anything is scored)."""
+    tasks = list(tasks)
+    for task in tasks:
+        resolve_task(task)
     results: dict = {}
     if ppl_file is not None:
         results["perplexity"] = perplexity(

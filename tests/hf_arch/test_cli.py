@@ -66,6 +66,23 @@ def test_eval_bench_card_train_on_a_converted_model(converted, assets, tmp_path,
     assert (tmp_path / "ft" / "final" / "model.safetensors").is_file()
 
 
+def test_eval_takes_lm_eval_task_names_and_paths(stories260k, assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    capsys.readouterr()
+    assert main(["eval", str(stories260k), "--tasks", "piqa", "arc_easy", "winogrande",
+                 str(assets / "data/arc_easy_test.jsonl"), "--limit", "2", "--json"]) == 0
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert list(tasks) == ["piqa", "arc_easy", "winogrande", "arc_easy_test"]
+    assert all(r["n"] == 2 for r in tasks.values())
+    assert {k: v for k, v in tasks["arc_easy"].items() if k != "task"} == \
+        {k: v for k, v in tasks["arc_easy_test"].items() if k != "task"}
+
+    # an unknown name that is no file: exit 2 naming it and the known names, before any model is loaded
+    assert main(["eval", str(tmp_path / "no-model"), "--tasks", "piqa", "hellaswag"]) == 2
+    err = capsys.readouterr().err
+    assert "'hellaswag'" in err and "piqa, arc_easy, winogrande" in err
+
+
 def test_bad_input_exits_2_with_named_problem(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err

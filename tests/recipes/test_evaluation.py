@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,6 +242,46 @@ def test_bad_task_files(tmp_path):
     bad_choices = _write_jsonl(tmp_path / "badchoices.jsonl", [{"query": "Q", "choices": "ab", "gold": 0}])
     with pytest.raises(ValueError, match=r"badchoices\.jsonl:1: malformed"):
         ev.load_multiple_choice(bad_choices)
+
+
+# ------------------------------------------------------------------------------------------------ task names
+
+
+def test_known_task_names_resolve_to_the_shared_assets(model_and_tokenizer, assets, monkeypatch):
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    assert ev.resolve_task("piqa") == ("piqa", (assets / "data/piqa_valid.jsonl").resolve())
+    assert ev.resolve_task("arc_easy") == ("arc_easy", (assets / "data/arc_easy_test.jsonl").resolve())
+    assert ev.resolve_task("winogrande") == ("winogrande", (assets / "data/winogrande_dev.jsonl").resolve())
+    path = assets / "data/arc_easy_test.jsonl"
+    assert ev.resolve_task(path) == (None, path) and ev.resolve_task(str(path)) == (None, path)  # paths still work
+
+    model, tok = model_and_tokenizer
+    by_name = ev.multiple_choice(model, tok, "arc_easy", limit=3, show_progress=False)
+    by_path = ev.multiple_choice(model, tok, path, limit=3, show_progress=False)
+    assert by_name["task"] == "arc_easy" and by_path["task"] == "arc_easy_test"
+    assert {k: v for k, v in by_name.items() if k != "task"} == {k: v for k, v in by_path.items() if k != "task"}
+
+
+def test_task_names_default_to_shared_assets_beside_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_ARCH_ASSETS", raising=False)
+    (tmp_path / "shared/assets/data").mkdir(parents=True)
+    (tmp_path / "shared/assets/data/piqa_valid.jsonl").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert ev.resolve_task("piqa") == ("piqa", (tmp_path / "shared/assets/data/piqa_valid.jsonl").resolve())
+
+
+def test_unknown_task_name_is_named_with_the_known_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'hellaswag'.*piqa, arc_easy, winogrande"):
+        ev.resolve_task("hellaswag")
+    (tmp_path / "piqa").write_text(json.dumps(HAND_BUILT[0]) + "\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="hellaswag"):  # checked before anything is scored
+        ev.evaluate(None, None, tasks=[tmp_path / "piqa", "hellaswag"], show_progress=False)
+    assert ev.resolve_task("piqa") == (None, Path("piqa"))  # an existing file wins over the name
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"'winogrande' reads .*nowhere.*HF_ARCH_ASSETS"):
+        ev.resolve_task("winogrande")
 
 
 # ------------------------------------------------------------------------------------------------ driver, table, loading
