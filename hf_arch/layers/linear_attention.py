@@ -44,8 +44,10 @@ def cached_token_count(past_key_values) -> int:
     if past_key_values is None:
         return 0
     for layer in getattr(past_key_values, "layers", []):
-        if hasattr(layer, "get_seq_length") and hasattr(layer, "keys"):  # an attention (KV) layer
-            return past_key_values.get_seq_length()
+        # The first attention (KV) layer counts: the cache's own get_seq_length() reads layer 0, which may be linear
+        # (transformers >= 5.25 then answers with a counter our layers do not drive).
+        if hasattr(layer, "get_seq_length") and hasattr(layer, "keys"):
+            return int(layer.get_seq_length())
     for layer in getattr(past_key_values, "layers", []):
         if hasattr(layer, SEEN_TOKENS_ATTR):
             return getattr(layer, SEEN_TOKENS_ATTR)

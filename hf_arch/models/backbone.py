@@ -54,13 +54,11 @@ from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, 
 
 
 class HfArchCache(DynamicCache):
-    """``DynamicCache`` whose ``get_seq_length`` also works for all-linear models (transformers counts only
-    attention layers and raises otherwise); generate() calls it during prefill."""
+    """``DynamicCache`` whose ``get_seq_length()`` counts tokens whatever layer 0 is: all-linear models (transformers
+    counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill."""
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if layer_idx == 0 and not any(hasattr(layer, "keys") for layer in self.layers):
-            return cached_token_count(self)
-        return super().get_seq_length(layer_idx)
+        return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
 
 
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:

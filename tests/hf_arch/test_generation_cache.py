@@ -1,0 +1,92 @@
+"""Every registered model type: cached generation equals uncached (greedy and beam search, left-padded batches),
+and the cache is taken under both of transformers' names (`cache` from 5.25 on, `past_key_values` before)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_arch
+from hf_arch.models.cache_names import CACHE_OUTPUT_FIELD
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+# One layout per model type, plus the composed ones that stress the cache most (hybrids, sliding layers, MoE).
+LAYOUTS = {
+    "gated_attention": ("gated_attention", {}),
+    "gated_attention_sliding": ("gated_attention", dict(layer_types=["sliding_attention", "full_attention"],
+                                                        sliding_window=4)),
+    "gla": ("gla", {}),
+    "gla_full_hybrid": ("gla", dict(linear_to_full_ratio=1)),
+    "gated_deltanet": ("gated_deltanet", {}),
+    "gated_deltanet_lizard": ("gated_deltanet", dict(linear_attn_hybrid="lizard", sliding_window=3,
+                                                     linear_attn_num_sinks=2, full_attention_layers=[1])),
+    "moe": ("moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "moe_gdn": ("gated_deltanet", dict(mlp_layer_types=["sparse", "sparse"], num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32)),
+    "sa_softmax": ("sa_softmax", {}),
+    "affine_attention": ("affine_attention", {}),
+    "move": ("move", dict(move_num_slots=8)),
+    "diff_attention": ("diff_attention", dict(diff_attn_noise_heads=2)),
+    "cubit": ("cubit", {}),
+    "sas": ("sas", {}),
+    "geonorm": ("geonorm", {}),
+    "sparse_seer": ("sparse_attention", dict(sparse_attn_method="seer")),
+    "sparse_flux": ("sparse_attention", dict(sparse_attn_method="flux")),
+}
+
+
+def test_every_registered_variant_has_a_layout():
+    assert {variant for variant, _ in LAYOUTS.values()} == set(hf_arch.VARIANTS)
+
+
+def build(name: str):
+    variant, extra = LAYOUTS[name]
+    torch.manual_seed(0)
+    config = hf_arch.get_variant(variant).config_class(**{**TINY, **extra})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def left_padded_batch():
+    ids = torch.randint(3, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = TINY["pad_token_id"], 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@torch.no_grad()
+def test_cached_generation_equals_uncached(name):
+    model = build(name)
+    ids, mask = left_padded_batch()
+    for options in (dict(max_new_tokens=8), dict(max_new_tokens=5, num_beams=3)):
+        cached = model.generate(ids, attention_mask=mask, do_sample=False, use_cache=True, **options)
+        uncached = model.generate(ids, attention_mask=mask, do_sample=False, use_cache=False, **options)
+        assert torch.equal(cached, uncached), f"{name} {options}: cached {cached.tolist()} vs {uncached.tolist()}"
+
+
+@pytest.mark.parametrize("name", ["gated_attention", "gla_full_hybrid", "moe", "diff_attention"])
+@torch.no_grad()
+def test_cache_under_either_name_continues_the_sequence(name):
+    model = build(name)
+    ids, mask = left_padded_batch()
+    full = model(ids, attention_mask=mask).logits
+    for keyword in ("cache", "past_key_values"):
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache = getattr(out, CACHE_OUTPUT_FIELD)
+        assert cache is not None
+        step = model(ids[:, 6:], attention_mask=mask, use_cache=True, **{keyword: cache}).logits
+        torch.testing.assert_close(step, full[:, 6:], rtol=1e-4, atol=1e-4, msg=f"{keyword}=")
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, 6:], cache=cache, past_key_values=type(cache)(config=model.config))
+
+
+@torch.no_grad()
+def test_return_dict_false_gives_tuples_on_base_and_causal_lm():
+    model = build("gated_attention")
+    ids, _ = left_padded_batch()
+    out = model(ids, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], model(ids).logits)
+    base = model.model(ids, return_dict=False)
+    assert isinstance(base, tuple) and torch.equal(base[0], model.model(ids).last_hidden_state)
