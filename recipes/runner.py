@@ -10,8 +10,9 @@ Layout of ``output_dir``::
 
 Modes (``training.mode``): ``full`` trains everything, ``lora`` trains a peft LoRA adapter on the variant's
 projections, ``new_params`` trains only the parameters the variant adds to a Llama-family source
-(``hf_arch.new_parameter_names``). Parameters whose name contains ``output_gate`` get
-``learning_rate × config.attn_output_gate_lr_scale``.
+(``hf_arch.new_parameter_names``). The parameters of the softmax attention's output gate (its
+``AttentionOutputGate`` module, LoRA factors on it included) get ``learning_rate × config.attn_output_gate_lr_scale``;
+the linear-attention layers' ``output_gate_proj`` keeps the base learning rate.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from .objectives import (
 )
 from .schema import Recipe, load_recipe
 
-GATE_PATTERN = "output_gate"
 MULTIPLIER_PATTERN = "sparsity_multipliers"  # Flux Lagrange multipliers: own learning rate, no decay
 FINAL_DIR = "final"
 PARTIAL_DIR = ".final.partial"
@@ -79,19 +79,37 @@ class NanLossCallback(TrainerCallback):
             )
 
 
+def _is_attention_output_gate(module: torch.nn.Module) -> bool:
+    """The softmax attention's output gate: ``hf_arch.layers.output_gate.AttentionOutputGate``, or the same class in a
+    checkpoint's flat remote-code file (loaded with ``trust_remote_code``, where it is a different class object)."""
+    from ..layers.output_gate import AttentionOutputGate
+
+    return isinstance(module, AttentionOutputGate) or any(
+        cls.__name__ == AttentionOutputGate.__name__ for cls in type(module).__mro__
+    )
+
+
+def output_gate_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """``id`` of every parameter that belongs to an attention output gate module (decided by the module, not by the
+    parameter's name: the linear-attention layers' ``output_gate_proj`` is not one)."""
+    return {id(p) for module in model.modules() if _is_attention_output_gate(module) for p in module.parameters()}
+
+
 def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_decay: float, gate_lr_scale: float,
                        decay_names: Iterable[str] | None = None, multiplier_lr_scale: float = 1.0) -> list[dict]:
-    """Optimizer groups: output-gate parameters at ``learning_rate × gate_lr_scale``; the Flux Lagrange multipliers
+    """Optimizer groups: the attention output gates' parameters (see :func:`output_gate_parameter_ids`) at
+    ``learning_rate × gate_lr_scale``; the Flux Lagrange multipliers
     at ``learning_rate × multiplier_lr_scale`` and never decayed; weight decay only on ``decay_names`` (default:
     parameters with ≥ 2 dims). Frozen parameters are left out; empty groups dropped."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = set(decay_names) if decay_names is not None else {n for n, p in named if p.ndim >= 2}
     multipliers = [p for n, p in named if MULTIPLIER_PATTERN in n]
     named = [(n, p) for n, p in named if MULTIPLIER_PATTERN not in n]
+    gate_ids = output_gate_parameter_ids(model)
     groups = []
     for is_gate in (False, True):
         for use_decay in (True, False):
-            params = [p for n, p in named if (GATE_PATTERN in n) == is_gate and (n in decay) == use_decay]
+            params = [p for n, p in named if (id(p) in gate_ids) == is_gate and (n in decay) == use_decay]
             if params:
                 groups.append({
                     "params": params,

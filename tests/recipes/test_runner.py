@@ -258,6 +258,33 @@ def test_param_groups_scale_gate_lr(gated_dir):
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_param_groups_scale_only_the_softmax_attention_output_gate():
+    """A hybrid GLA model: the linear layer's ``output_gate_proj`` (its gated RMSNorm) keeps the base LR; only the
+    softmax layer's ``AttentionOutputGate`` (here low rank: two linears) is scaled."""
+    import hf_arch
+    from transformers import AutoModelForCausalLM
+
+    from hf_arch.layers.output_gate import AttentionOutputGate
+
+    config = hf_arch.GLAConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, full_attention_layers=[1], attn_output_gate="headwise", attn_output_gate_rank=2,
+        attn_output_gate_lr_scale=GATE_LR_SCALE,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    linear_gate = model.model.layers[0].self_attn.output_gate_proj
+    softmax_gate = model.model.layers[1].self_attn.output_gate
+    assert isinstance(linear_gate, torch.nn.Linear) and isinstance(softmax_gate, AttentionOutputGate)
+
+    groups = build_param_groups(model, 1e-3, 0.1, config.attn_output_gate_lr_scale)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    scaled = {id(p) for g in groups if g["name"].startswith("output_gate") for p in g["params"]}
+    assert scaled == {id(p) for p in softmax_gate.parameters()} and len(scaled) == 2
+    assert all(lr_of[id(p)] == pytest.approx(1e-3 * GATE_LR_SCALE) for p in softmax_gate.parameters())
+    assert lr_of[id(linear_gate.weight)] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def test_nan_callback_message():
     class State:
         global_step = 7
