@@ -67,3 +67,26 @@ def tiny_gated_model(tiny_gated_config):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_gated_config).eval()
+
+
+# The subset CI also runs on the floor of the supported transformers range (`pytest -m floor` in .ci/run): every
+# model type's generate / cache / padding / packing / remote code, and transformers' own model tests.
+FLOOR_SUBSET = (
+    "hf_arch/test_packaging.py",
+    "hf_arch/test_generation_cache.py",
+    "hf_arch/test_gated_attention_model.py",
+    "hf_arch/test_linear_models.py",
+    "hf_arch/test_moe_models.py",
+    "hf_arch/test_remote_code.py",
+    "hf_arch/test_transformers_contract.py",
+    "hf_arch/layers/",
+    "conversion/test_gate_insertion.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_root = Path(__file__).resolve().parent
+    for item in items:
+        relative = Path(item.fspath).resolve().relative_to(tests_root).as_posix()
+        if relative.startswith(FLOOR_SUBSET):
+            item.add_marker(pytest.mark.floor)
