@@ -16,6 +16,8 @@ __all__ = ["AffineAttentionScale", "mean_attended_values"]
 
 
 class AffineAttentionScale(nn.Module):
+    new_parameters = ("*",)  # read by hf_arch.peft_utils
+
     def __init__(self, config) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -38,20 +40,25 @@ class AffineAttentionScale(nn.Module):
 
 
 def mean_attended_values(values: torch.Tensor, num_queries: int, key_mask: torch.Tensor | None,
-                         groups: int) -> torch.Tensor:
-    """Mean of the values each of the last ``num_queries`` positions attends causally.
+                         groups: int, window: int | None = None) -> torch.Tensor:
+    """Mean of the values each of the last ``num_queries`` positions attends causally (its last ``window`` keys,
+    itself included, on a sliding-window layer).
 
-    values ``[B, H_kv, S, D]`` (the cache included), key_mask ``[B, S]`` (1 = real token) or None → ``[B, T, H, D]``.
-    Padded keys are left out; a query with no real key gets 0."""
+    values ``[B, H_kv, S, D]``: what the layer attends this step (the cache included; a sliding cache hands back only
+    its window), key_mask ``[B, ≥S]`` (1 = real token; its last S columns belong to ``values``) or None →
+    ``[B, T, H, D]``. Padded keys are left out; a query with no real key gets 0."""
     B, H_kv, S, D = values.shape
     v = values.float()
     if key_mask is not None:
-        keep = key_mask[:, None, :S, None].to(v.dtype)
+        keep = key_mask[:, None, -S:, None].to(v.dtype)
         v = v * keep
-        counts = keep.cumsum(dim=2)
     else:
-        counts = torch.arange(1, S + 1, device=values.device, dtype=v.dtype).view(1, 1, S, 1)
-    running = v.cumsum(dim=2) / counts.clamp(min=1)
-    running = running[:, :, S - num_queries:]  # [B, H_kv, T, D]
-    running = running.repeat_interleave(groups, dim=1) if groups > 1 else running
+        keep = v.new_ones(1, 1, S, 1)
+    # Prefix sums with a leading zero: the sum over keys (lo, hi] is sums[hi] - sums[lo].
+    sums = nn.functional.pad(v.cumsum(dim=2), (0, 0, 1, 0))
+    counts = nn.functional.pad(keep.cumsum(dim=2), (0, 0, 1, 0))
+    hi = torch.arange(S - num_queries + 1, S + 1, device=values.device)
+    lo = (hi - window).clamp(min=0) if window is not None else torch.zeros_like(hi)
+    running = (sums[:, :, hi] - sums[:, :, lo]) / (counts[:, :, hi] - counts[:, :, lo]).clamp(min=1)
+    running = running.repeat_interleave(groups, dim=1) if groups > 1 else running  # [B, H, T, D]
     return running.transpose(1, 2).to(values.dtype)

@@ -50,6 +50,10 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class HfArchAttention(nn.Module):
+    # Read by hf_arch.peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
+    # head variants' modules (output_gate, differential, …) declare their own.
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -147,22 +151,26 @@ class HfArchAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
             value = value.transpose(1, 2)
         if self.score_function != "softmax":
-            attn_output, attn_weights = self.attend_by_score_op(query, key, value, padding_mask, past_key_values), None
+            attn_output, value = self.attend_by_score_op(query, key, value, padding_mask, past_key_values)
+            attn_weights = None
         elif self.differential is not None:
             attn_output, attn_weights = self.attend_differential(hidden_states, query, key, value, attention_mask,
                                                                  position_embeddings, past_key_values, **kwargs)
         else:
-            attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
+            if past_key_values is not None:  # value: what this step attends (a sliding cache returns its window)
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            attn_output, attn_weights = self.attend(query, key, value, attention_mask, **kwargs)
         if self.simulated is not None:
             attn_output = self.simulated.aggregate_heads(attn_output)
         if self.affine is not None:
-            values = past_key_values.layers[self.layer_idx].values if past_key_values is not None else value
-            mean = mean_attended_values(values, hidden_states.shape[1], padding_mask, self.num_key_value_groups)
+            mean = mean_attended_values(value, hidden_states.shape[1], padding_mask, self.num_key_value_groups,
+                                        window=self.sliding_window)
             attn_output = self.affine(hidden_states, attn_output, mean)
         return self.finish(hidden_states, attn_output), attn_weights
 
-    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None) -> torch.Tensor:
-        """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → ``[B, T, H, D]``."""
+    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None):
+        """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → (``[B, T, H, D]``, the
+        ``[B, H_kv, S, D]`` values attended)."""
         if self.sliding_window is not None:
             raise ValueError(f"layer {self.layer_idx}: attn_score_function={self.score_function!r} is implemented "
                              "for full_attention layers, not sliding_attention")
@@ -175,9 +183,9 @@ class HfArchAttention(nn.Module):
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.score_function == "krr":
             return krr_attention(q, k, v, ridge=self.config.krr_ridge, temperature=self.config.krr_temperature,
-                                 attention_mask=padding_mask)
+                                 attention_mask=padding_mask), value
         mode = "plain" if self.score_function == "sa_softmax" else "normalized"
-        return sa_softmax_attention(q, k, v, mode=mode, scale=self.scaling, attention_mask=padding_mask)
+        return sa_softmax_attention(q, k, v, mode=mode, scale=self.scaling, attention_mask=padding_mask), value
 
     def attend_differential(self, hidden_states, query, key, value, attention_mask, position_embeddings,
                             past_key_values=None, **kwargs):

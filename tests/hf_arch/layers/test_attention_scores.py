@@ -47,6 +47,48 @@ def test_mean_attended_values_is_the_running_mean_of_real_keys():
                 torch.testing.assert_close(out[b, t, h], expected)
 
 
+def test_mean_attended_values_on_a_window_averages_only_the_last_window_keys():
+    values = torch.randn(2, 2, 7, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 1, 1]])
+    window = 3
+    out = mean_attended_values(values, num_queries=5, key_mask=mask, groups=1, window=window)
+    for b in range(2):
+        for t, pos in enumerate(range(2, 7)):
+            keys = [s for s in range(max(0, pos - window + 1), pos + 1) if mask[b, s]]
+            for h in range(2):
+                expected = values[b, h, keys].mean(0) if keys else torch.zeros(3)
+                torch.testing.assert_close(out[b, t, h], expected)
+    # A sliding cache hands back only its window: the mask's last columns belong to the values.
+    tail = mean_attended_values(values[:, :, -4:], num_queries=1, key_mask=mask, groups=1, window=window)
+    torch.testing.assert_close(tail, out[:, -1:])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@torch.no_grad()
+def test_affine_on_sliding_window_layers_decodes_past_the_window_like_the_full_forward(implementation):
+    """The β term reads the window a sliding layer attends; a cache that keeps only the window cannot break it."""
+    torch.manual_seed(0)
+    config = AffineAttentionConfig(attn_affine_init="normal", initializer_range=0.5, sliding_window=3,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   attn_implementation=implementation, **BASE)
+    model = AffineAttentionForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = model(ids, attention_mask=mask).logits
+    out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+    pieces, cache = [out.logits], out.past_key_values
+    for t in range(6, 14):
+        pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                            use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1)[1], full[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(pieces, 1)[0, 2:], full[0, 2:], rtol=1e-4, atol=1e-4)
+    # Without a cache the window matters too: a window covering everything changes the β term.
+    wide = AffineAttentionForCausalLM(AffineAttentionConfig(**{**config.to_dict(), "sliding_window": 64})).eval()
+    wide.load_state_dict(model.state_dict())
+    assert (wide(ids, attention_mask=mask).logits - full).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("function, mode", [("sa_softmax", "plain"), ("sa_softmax_normalized", "normalized")])
 def test_sa_softmax_layer_computes_the_reference_weights_and_decodes_like_the_full_forward(function, mode):
     torch.manual_seed(0)
