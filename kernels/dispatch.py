@@ -31,7 +31,7 @@ def select_backend(op: str, implementations: dict[str, Callable], tensor: torch.
             f"choose one of {sorted(implementations)}"
         )
     key = (op, requested, tensor.device.type)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():  # logging would break a fullgraph trace
         _logged.add(key)
         slow = " (pure-PyTorch fallback)" if tensor.is_cuda and requested != "triton" else ""
         logger.info("%s: using the %s backend on %s%s", op, requested, tensor.device.type, slow)

@@ -13,8 +13,6 @@ variants replace or extend it (each in its own module under ``layers/``):
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -50,7 +48,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class HfArchAttention(nn.Module):
-    # Read by hf_arch.peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
+    # Read by peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
     # head variants' modules (output_gate, differential, …) declare their own.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -206,8 +204,6 @@ class HfArchAttention(nn.Module):
         signal, weights = self.attend(query, key, value, attention_mask, **kwargs)
         grouped = group_values_by_noise_head(value, self.num_heads, noise.num_noise_heads)
         # One map per noise head: the backend sees H_n query heads and H_n key heads (no further grouping).
-        view = SimpleNamespace(num_key_value_groups=1, is_causal=True, training=self.training,
-                               layer_idx=self.layer_idx, config=self.config)
-        noise_out, _ = self.attend(noise_query, noise_key, grouped, attention_mask, module=view, **kwargs)
+        noise_out, _ = self.attend(noise_query, noise_key, grouped, attention_mask, module=noise, **kwargs)
         noise_out = noise_out.reshape(*signal.shape)
         return noise.combine(signal, noise_out), weights

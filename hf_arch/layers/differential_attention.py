@@ -30,6 +30,9 @@ def default_lambda_init(layer_idx: int) -> float:
 class DifferentialNoise(nn.Module):
     """The noise branch of one layer: ``noise_q_proj``/``noise_k_proj`` (``H_n`` heads), ``λ [H]`` and the head norm."""
 
+    lora_targets = ("noise_q_proj", "noise_k_proj")  # read by peft_utils
+    new_parameters = ("*",)
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -42,6 +45,12 @@ class DifferentialNoise(nn.Module):
         self.noise_k_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.noise_lambda = nn.Parameter(torch.empty(self.num_heads))
         self.head_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.diff_attn_head_norm else None
+        # What transformers' attention backends read from the module they are handed: the noise call passes this
+        # one (H_n query heads over H_n key heads, no further grouping).
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_key_value_groups = 1
+        self.is_causal = True
 
     def init_parameters(self, init=nn.init) -> None:
         init.constant_(self.noise_lambda, self.lambda_init)

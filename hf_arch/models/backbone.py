@@ -61,6 +61,17 @@ class HfArchCache(DynamicCache):
         return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
 
 
+def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
+    """What in this config reads data-dependent sizes in forward, so ``torch.compile(fullgraph=True)`` cannot trace it
+    (tested for every other layout in tests/hf_arch/test_generation_cache.py)."""
+    blockers = []
+    if "sparse" in config.mlp_layer_types:
+        blockers.append("MoE layers group tokens by expert (per-expert counts)")
+    if config.sparse_attn_method == "flux":
+        blockers.append("Flux routes each input to full or sparse attention")
+    return blockers
+
+
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     layer_type = config.layer_types[layer_idx]
     if layer_type == "full_attention" and config.sparse_attn_method is not None:
@@ -138,14 +149,90 @@ class HfArchPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HfArchDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_flash_attn = True
     _supports_sdpa = True
-    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # Read by peft_utils: Flux's Lagrange multipliers (model.sparsity_multipliers) are new parameters.
+    new_parameters = ("sparsity_multipliers",)
+
+    class _SupportedByConfig:
+        """``_supports_flash_attn`` / ``_supports_flex_attn`` from what the config builds, not from the class: flash and
+        flex kernels cannot run SA-Softmax / KRR scores, differential noise maps or simulated heads, whichever variant
+        turns them on (``HfArchConfig.attention_kernel_conflicts``). On the class: what its default config builds."""
+
+        def __set_name__(self, owner, name):
+            self.name = name
+
+        def __get__(self, model, owner):
+            config = model.__dict__.get("config") if model is not None else None
+            if config is None:
+                cached = owner.__dict__.get("_default_attention_kernel_conflicts")
+                if cached is None:
+                    cached = owner.config_class().attention_kernel_conflicts()
+                    setattr(owner, "_default_attention_kernel_conflicts", cached)
+                return not cached
+            return not config.attention_kernel_conflicts()
+
+    _supports_flash_attn = _SupportedByConfig()
+    _supports_flex_attn = _SupportedByConfig()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Refuse flash / flex kernels by the feature that rules them out, before transformers' generic "does not
+        support Flash Attention" (or a missing-package error) hides why."""
+        if isinstance(attn_implementation, str) and ("flash" in attn_implementation or "flex" in attn_implementation):
+            conflicts = self.config.attention_kernel_conflicts()
+            if conflicts:
+                raise ValueError(
+                    f"{type(self).__name__} ({self.config.model_type}): attn_implementation={attn_implementation!r} "
+                    f"cannot run this config's attention: {'; '.join(conflicts)}. Use attn_implementation='sdpa' or "
+                    "'eager'."
+                )
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+
+    def __init__(self, config: HfArchConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # The config's composition decides (the class flag describes the variant's default layout).
+        self._can_compile_fullgraph = not fullgraph_compile_blockers(config)
 
     def _wants_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
+
+    def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, then the flat remote-code files and the ``auto_map`` in the same directory
+        (the package's ``remote_code.export_remote_code``), as ``register_for_auto_class`` does for custom models: every
+        save (Trainer checkpoints, ``push_to_hub``) then loads with ``trust_remote_code=True`` where the package is not
+        installed. Only the process that writes the checkpoint writes them (``is_main_process``, torch.distributed rank
+        0). ``remote_code=False`` leaves them out; adapter-only saves and unregistered model types add nothing, nor does
+        this class where it was itself loaded from those files (transformers copies them on save)."""
+        import importlib
+        import inspect
+        import os
+
+        bound = inspect.signature(PreTrainedModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        should_save = getattr(self, "should_save_on_this_rank", lambda is_main_process: is_main_process)
+        package, _, module = __name__.partition(".")  # in the flat remote-code file: no package module to call
+        exporter = None
+        if remote_code and module == "models.backbone" and should_save(bound.arguments.get("is_main_process", True)) \
+                and not getattr(self, "_hf_peft_config_loaded", False):
+            exporter = importlib.import_module(f"{package}.remote_code")
+        if exporter is None or self.config.model_type not in {v.model_type for v in exporter.VARIANTS.values()}:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if not bound.arguments.get("push_to_hub", False):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+            if os.path.isdir(save_directory):  # for a file path the parent only logs an error
+                exporter.export_remote_code(save_directory)
+            return result
+        upload = self._upload_modified_files  # the parent uploads before it returns: write the files just before
+
+        def upload_with_remote_code(working_dir, *upload_args, **upload_kwargs):
+            exporter.export_remote_code(working_dir)
+            return upload(working_dir, *upload_args, **upload_kwargs)
+
+        self._upload_modified_files = upload_with_remote_code
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self._upload_modified_files
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -274,9 +361,11 @@ class HfArchModel(HfArchPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = HfArchCache(config=self.config)
         past_seen = cached_token_count(past_key_values)
+        # Packed rows show in the caller's position_ids only (a forward that made its own has nothing to detect).
+        packed_positions = position_ids
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
-        cu_seqlens = self._packed_sequences(position_ids, attention_mask, past_seen, kwargs)
+        cu_seqlens = self._packed_sequences(packed_positions, attention_mask, past_seen, kwargs)
 
         masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = project_to_sphere(inputs_embeds) if self.config.residual_update == "geodesic" else inputs_embeds
