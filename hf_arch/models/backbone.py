@@ -63,7 +63,7 @@ class HfArchCache(DynamicCache):
 
 def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
     """What in this config reads data-dependent sizes in forward, so ``torch.compile(fullgraph=True)`` cannot trace it
-    (tested for every other layout in tests/hf_arch/test_generation_cache.py)."""
+    (every other layout is traced in the generation-cache tests)."""
     blockers = []
     if "sparse" in config.mlp_layer_types:
         blockers.append("MoE layers group tokens by expert (per-expert counts)")
