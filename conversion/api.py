@@ -187,14 +187,11 @@ def convert(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        target.to(save_dtype).save_pretrained(tmp)
+        # Every hf-arch save writes the flat remote-code files and auto_map (HfArchPreTrainedModel.save_pretrained).
+        target.to(save_dtype).save_pretrained(tmp, remote_code=remote_code)
         try:
             AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         except (OSError, ValueError) as error:
             logger.warning("No tokenizer saved: could not load one from %s (%s)", src, error)
-        if remote_code:
-            from hf_arch.remote_code import export_remote_code
-
-            export_remote_code(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return ConversionResult(output_dir=out, record=record)

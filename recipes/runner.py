@@ -408,13 +408,8 @@ def _save_final(trainer: Trainer, tokenizer, recipe: Recipe, summary: dict, mode
             model = model.merge_and_unload()
         else:
             adapter_only = True
-    model.save_pretrained(str(partial))
+    model.save_pretrained(str(partial))  # an hf-arch model's save writes the flat remote-code files and auto_map too
     tokenizer.save_pretrained(str(partial))
-    if not adapter_only and _is_hf_arch_model(model):
-        # Re-saving from the installed package keeps auto_map but not the flat modeling files: write them again.
-        from ..remote_code import export_remote_code
-
-        export_remote_code(partial)
     conversion = model_dir / CONVERSION_JSON
     if conversion.is_file():
         shutil.copy2(conversion, partial / CONVERSION_JSON)
@@ -439,12 +434,6 @@ def _save_final(trainer: Trainer, tokenizer, recipe: Recipe, summary: dict, mode
         shutil.rmtree(old)
     else:
         partial.rename(final)
-
-
-def _is_hf_arch_model(model) -> bool:
-    from ..registry import VARIANTS
-
-    return model.config.model_type in {v.model_type for v in VARIANTS.values()}
 
 
 def _versions() -> dict:

@@ -86,6 +86,26 @@ def test_bad_sources_get_clear_errors(tmp_path, stories260k):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("remote_code", [True, False])
+def test_convert_writes_remote_code_once_or_not_at_all(tmp_path, monkeypatch, remote_code):
+    """The save writes the flat remote-code files (every hf-arch save does); convert adds no second export, and
+    ``remote_code=False`` (``--no-remote-code``) still leaves them and the auto_map out."""
+    from hf_arch import remote_code as remote_code_module
+
+    exports = []
+    export = remote_code_module.export_remote_code
+    monkeypatch.setattr(remote_code_module, "export_remote_code", lambda d: exports.append(d) or export(d))
+    src = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    convert(src, tmp_path / "out", granularity="headwise", remote_code=remote_code)
+    assert len(exports) == int(remote_code)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert ({remote_code_module.CONFIG_FILENAME, remote_code_module.MODELING_FILENAME} <= names) == remote_code
+    assert ("auto_map" in json.loads((tmp_path / "out" / "config.json").read_text())) == remote_code
+
+
 def test_bf16_source_keeps_dtype(tmp_path):
     src = tmp_path / "llama-bf16"
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

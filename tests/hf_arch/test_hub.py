@@ -48,7 +48,8 @@ def test_push_then_load_gives_identical_logits(hub_env, saved_model, tiny_gated_
     url = push_to_hub(saved_model, "fake-user/tiny-gated", token=TOKEN)
     assert url.startswith(f"{hub_env}/fake-user/tiny-gated/commit/")
     files = hub_env.files("fake-user/tiny-gated")
-    assert sorted(files) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(files) == ["README.md", "config.json", "configuration_hf_arch.py", "generation_config.json",
+                             "model.safetensors", "modeling_hf_arch.py"]  # the save wrote the remote code
     assert files["model.safetensors"] == (saved_model / "model.safetensors").read_bytes()
     assert b"base_model" not in files["README.md"] and b"- hf-arch" in files["README.md"]
     assert all(r.authorization == f"Bearer {TOKEN}" for r in hub_env.requests if r.method == "POST"
@@ -75,6 +76,26 @@ def test_transformers_push_to_hub_works_against_fake_hub(hub_env, tiny_gated_mod
     assert "model.safetensors" in hub_env.files("fake-user/tiny-gated-tf")
     loaded = AutoModelForCausalLM.from_pretrained("fake-user/tiny-gated-tf").eval()
     assert torch.equal(_logits(loaded), _logits(tiny_gated_model))
+    assert not hub_env.unhandled
+
+
+def test_transformers_pushes_carry_remote_code(hub_env, tiny_gated_model, tmp_path):
+    """``push_to_hub`` and ``save_pretrained(push_to_hub=True)`` (which uploads before it returns) both upload the flat
+    remote-code files and a config.json with the auto_map."""
+    import json
+
+    from hf_arch.remote_code import CONFIG_FILENAME, MODELING_FILENAME, auto_map_for
+
+    tiny_gated_model.push_to_hub("fake-user/pushed", token=TOKEN)
+    tiny_gated_model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="fake-user/saved", token=TOKEN)
+    for repo_id in ("fake-user/pushed", "fake-user/saved"):
+        files = hub_env.files(repo_id)
+        assert {CONFIG_FILENAME, MODELING_FILENAME, "config.json", "model.safetensors"} <= set(files), repo_id
+        assert json.loads(files["config.json"])["auto_map"] == auto_map_for("gated_attention")
+    local = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    assert {name: files[name] for name in (CONFIG_FILENAME, MODELING_FILENAME, "config.json")} == \
+        {name: local[name] for name in (CONFIG_FILENAME, MODELING_FILENAME, "config.json")}
+    assert "_upload_modified_files" not in vars(tiny_gated_model)  # the per-call upload hook is gone again
     assert not hub_env.unhandled
 
 

@@ -179,8 +179,11 @@ def test_remote_code_matches_installed_package(tmp_path, name):
     written = export_remote_code(model_dir)
     assert [p.name for p in written] == [CONFIG_FILENAME, MODELING_FILENAME, "config.json"]
 
-    result = _run_hidden(tmp_path, model_dir)
+    _assert_hidden_load_matches(model, _run_hidden(tmp_path, model_dir))
 
+
+def _assert_hidden_load_matches(model, result: dict) -> None:
+    """The subprocess loaded the flat remote code (not hf_arch) and reproduced ``model``'s logits and greedy tokens."""
     assert "hf_arch hidden" in result["hidden"]
     assert result["leaked"] == []
     for key in ("config_module", "model_module", "inner_module"):
@@ -200,6 +203,56 @@ def test_remote_code_matches_installed_package(tmp_path, name):
     assert (remote_logits - expected_logits).abs().max().item() <= 1e-5
     assert result["tokens"] == expected_tokens.tolist()
     assert len(result["tokens"][0]) == len(INPUT_IDS[0]) + NEW_TOKENS
+
+
+# A softmax variant, a linear hybrid and an MoE: the three families of flattened code.
+SAVED_WITHOUT_EXPORT = ["headwise_tied", "gated_deltanet_lizard_hybrid", "moe_unipool_dense_first"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SAVED_WITHOUT_EXPORT)
+def test_plain_save_pretrained_carries_remote_code(tmp_path, name):
+    """No ``hf-arch convert`` and no export call: ``save_pretrained`` of a from-config model alone loads with
+    ``trust_remote_code=True`` where hf_arch cannot be imported, with the same logits."""
+    model, model_dir = _save_tiny(tmp_path, CONFIGS[name])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"] == remote_code.auto_map_for(model.config.model_type)
+    sources = build_remote_code_sources(model.config.model_type)
+    for filename in (CONFIG_FILENAME, MODELING_FILENAME):
+        assert (model_dir / filename).read_text() == sources[filename]
+    _assert_hidden_load_matches(model, _run_hidden(tmp_path, model_dir))
+
+
+def test_save_pretrained_writes_remote_code_only_where_asked(tmp_path, tiny_gated_model):
+    def saved(directory, *args, **kwargs):
+        tiny_gated_model.save_pretrained(directory, *args, **kwargs)
+        config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+        return sorted(p.name for p in directory.iterdir() if p.suffix == ".py"), "auto_map" in config
+
+    assert saved(tmp_path / "main") == ([CONFIG_FILENAME, MODELING_FILENAME], True)
+    assert saved(tmp_path / "not_main", is_main_process=False) == ([], False)  # other ranks: the parent's rules
+    assert saved(tmp_path / "opt_out", remote_code=False) == ([], False)
+    assert saved(tmp_path / "positional", False) == ([], False)  # is_main_process passed positionally
+    assert not [p.name for p in (tmp_path / "main").iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_trainer_checkpoints_carry_remote_code_and_resume(tmp_path, tiny_gated_model):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    ids = torch.randint(0, tiny_gated_model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, save_steps=1,
+                report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True)
+    Trainer(model=tiny_gated_model.train(), args=TrainingArguments(**args), train_dataset=data).train()
+    for step in (1, 2):
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        assert (checkpoint / MODELING_FILENAME).is_file() and (checkpoint / CONFIG_FILENAME).is_file()
+        assert "auto_map" in json.loads((checkpoint / "config.json").read_text())
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-1").train()
+    args.update(max_steps=3)
+    Trainer(model=resumed, args=TrainingArguments(**args), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert (tmp_path / "run" / "checkpoint-3" / MODELING_FILENAME).is_file()
 
 
 def test_installed_package_still_wins_without_trust_remote_code(tmp_path, tiny_gated_model):
