@@ -1,0 +1,291 @@
+"""transformers' common model tests on every hf-arch model type.
+
+One ``…ModelTester`` (a ``CausalLMModelTester``: tiny config, hidden 32, 2 layers, vocab 99) and one
+``unittest.TestCase`` (a ``CausalLMModelTest``: transformers' ``ModelTesterMixin`` and ``TrainingTesterMixin`` from the
+5.25 sdist, plus ``GenerationTesterMixin``) per model type and per composed layout the other tests use, the way
+transformers tests LlamaModel / Qwen3NextModel / Qwen3MoeModel. See tests/transformers_common/ for where each mixin
+comes from.
+
+A test is skipped here only where transformers skips the same test for its analogous built-in model (the reason
+names that test class); tests needing a GPU, flash-attn, deepspeed, … skip themselves through transformers' own
+decorators. Every other failure is a bug in hf_arch.
+
+Run: ``pytest tests/hf_arch/test_transformers_contract.py -p no:cacheprovider`` (add ``-k GLAModelTest`` for one
+class; ``-m "not torch_compile_test"`` leaves out the CPU-heavy torch.compile tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import unittest
+from pathlib import Path
+
+import pytest
+
+# transformers' test files decorate with these marks (transformers registers them in its own conftest). They must be
+# known before the modules below are imported, or every use warns; pytest.mark keeps the running config.
+_MARKERS = (
+    "generate: generation tests (transformers)",
+    "torch_compile_test: runs torch.compile (transformers)",
+    "torch_export_test: runs torch.export (transformers)",
+    "flash_attn_test: needs flash-attn (transformers)",
+    "flash_attn_3_test: needs flash-attn 3 (transformers)",
+    "flash_attn_4_test: needs flash-attn 4 (transformers)",
+    "accelerate_tests: needs accelerate multi-device (transformers)",
+    "is_pipeline_test: pipeline test (transformers)",
+    "is_training_test: training overfit test (transformers)",
+)
+_pytest_config = getattr(pytest.mark, "_config", None)
+if _pytest_config is not None:
+    for _line in _MARKERS:
+        _pytest_config.addinivalue_line("markers", _line)
+
+
+def _load_transformers_common():
+    """tests/transformers_common as the package ``transformers_common`` (its files use relative imports; pytest runs
+    with --import-mode=importlib, so tests/ is not on sys.path)."""
+    name = "transformers_common"
+    if name not in sys.modules:
+        root = Path(__file__).resolve().parents[1] / "transformers_common"
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_load_transformers_common()
+
+import torch  # noqa: E402,F401
+from transformers.models.auto import modeling_auto  # noqa: E402
+from transformers.testing_utils import require_torch, torch_device  # noqa: E402
+from transformers_common.causal_lm_tester import CausalLMModelTest, CausalLMModelTester  # noqa: E402
+
+import hf_arch  # noqa: E402
+from hf_arch.layers.rope import HfArchRotaryEmbedding  # noqa: E402
+
+
+# transformers' tests tell a base model from a head by its class name in the built-in *_MAPPING_NAMES (e.g. the
+# training tests leave base models out, _prepare_for_class adds labels for heads). Our classes are registered through
+# Auto*.register, which those name tables do not see: list them there for this module's run.
+_NAME_TABLES = {
+    "model_class": modeling_auto.MODEL_MAPPING_NAMES,
+    "causal_lm_class": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "sequence_classification_class": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hf_arch_in_transformers_name_tables():
+    added = []
+    for variant in _variants():
+        model_type = variant.config_class.model_type
+        for attribute, table in _NAME_TABLES.items():
+            model_class = getattr(variant, attribute, None)
+            if model_class is not None and model_type not in table:
+                table[model_type] = model_class.__name__
+                added.append((table, model_type))
+    yield
+    for table, model_type in added:
+        table.pop(model_type, None)
+
+
+def _variants():
+    from hf_arch.models import (
+        AFFINE_ATTENTION, CUBIT, DIFF_ATTENTION, GATED_ATTENTION, GATED_DELTANET, GEONORM, GLA, MOE, MOVE, SA_SOFTMAX,
+        SAS, SPARSE_ATTENTION,
+    )
+
+    return [GATED_ATTENTION, GLA, GATED_DELTANET, MOE, SA_SOFTMAX, AFFINE_ATTENTION, MOVE, DIFF_ATTENTION, CUBIT, SAS,
+            GEONORM, SPARSE_ATTENTION]
+
+
+# ----------------------------------------------------------------------------------------------------- testers
+
+class HfArchModelTester(CausalLMModelTester):
+    """Tiny models: hidden 32, 2 layers, 2 heads (head_dim 16), vocab 99. max_position_embeddings 64 keeps the RoPE
+    tests' 1.5 × max_position_embeddings inputs short (Cubit is O(T³))."""
+
+    def __init__(self, parent, **kwargs):
+        kwargs.setdefault("max_position_embeddings", 64)
+        super().__init__(parent, **kwargs)
+
+
+def _tester(name, variant, **overrides):
+    """A CausalLMModelTester for ``variant`` whose config gets ``overrides`` on top of the tiny defaults."""
+
+    def __init__(self, parent):
+        HfArchModelTester.__init__(self, parent, **{k: v for k, v in overrides.items() if k in _TESTER_ARGS})
+        for key, value in overrides.items():
+            if key not in _TESTER_ARGS:
+                setattr(self, key, value)
+
+    return type(name, (HfArchModelTester,), {
+        "config_class": variant.config_class,
+        "base_model_class": variant.model_class,
+        "causal_lm_class": variant.causal_lm_class,
+        "sequence_classification_class": variant.sequence_classification_class,
+        "__init__": __init__,
+    })
+
+
+_TESTER_ARGS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size", "max_position_embeddings", "seq_length", "batch_size"}
+
+V = hf_arch.models
+
+GatedAttentionModelTester = _tester("GatedAttentionModelTester", V.GATED_ATTENTION)
+GLAModelTester = _tester("GLAModelTester", V.GLA)
+GatedDeltaNetModelTester = _tester("GatedDeltaNetModelTester", V.GATED_DELTANET)
+GatedDeltaNetHybridModelTester = _tester(
+    "GatedDeltaNetHybridModelTester", V.GATED_DELTANET, layer_types=["linear_attention", "full_attention"]
+)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12)
+MoEModelTester = _tester("MoEModelTester", V.MOE, **_MOE)
+MoEQwenMoEModelTester = _tester("MoEQwenMoEModelTester", V.MOE, moe_preset="qwen_moe", **_MOE)
+MoEPlusPlusModelTester = _tester("MoEPlusPlusModelTester", V.MOE, moe_preset="moe_plus_plus", **_MOE)
+SASoftmaxModelTester = _tester("SASoftmaxModelTester", V.SA_SOFTMAX)
+AffineAttentionModelTester = _tester("AffineAttentionModelTester", V.AFFINE_ATTENTION)
+MoVEModelTester = _tester("MoVEModelTester", V.MOVE, move_num_slots=8)
+DiffAttentionModelTester = _tester("DiffAttentionModelTester", V.DIFF_ATTENTION, num_attention_heads=4,
+                                   num_key_value_heads=2)
+CubitModelTester = _tester("CubitModelTester", V.CUBIT)
+SASModelTester = _tester("SASModelTester", V.SAS)
+GeoNormModelTester = _tester("GeoNormModelTester", V.GEONORM)
+_SPARSE = dict(sparse_attn_block_size=4, sparse_attn_window_blocks=1, sparse_attn_router_hidden=16)
+SeerAttentionModelTester = _tester("SeerAttentionModelTester", V.SPARSE_ATTENTION, sparse_attn_method="seer", **_SPARSE)
+FluxAttentionModelTester = _tester("FluxAttentionModelTester", V.SPARSE_ATTENTION, sparse_attn_method="flux", **_SPARSE)
+
+
+# ------------------------------------------------------------------------------------------------- test classes
+
+class HfArchModelTest(CausalLMModelTest):
+    rotary_embedding_layer = HfArchRotaryEmbedding
+
+
+@require_torch
+class GatedAttentionModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = GatedAttentionModelTester
+
+
+@require_torch
+class GLAModelTest(HfArchModelTest, unittest.TestCase):
+    """All-linear GLA (no layer uses RoPE)."""
+
+    model_tester_class = GLAModelTester
+    rotary_embedding_layer = None
+    has_attentions = False  # as MambaModelTest / Mamba2ModelTest: no layer computes an attention map
+
+
+@require_torch
+class GatedDeltaNetModelTest(HfArchModelTest, unittest.TestCase):
+    """All-linear Gated DeltaNet (no layer uses RoPE)."""
+
+    model_tester_class = GatedDeltaNetModelTester
+    rotary_embedding_layer = None
+    has_attentions = False  # as MambaModelTest / Mamba2ModelTest: no layer computes an attention map
+
+
+@require_torch
+class GatedDeltaNetHybridModelTest(HfArchModelTest, unittest.TestCase):
+    """Gated DeltaNet + full attention, Qwen3-Next's layout."""
+
+    model_tester_class = GatedDeltaNetHybridModelTester
+
+    def test_attention_outputs(self):
+        """Replaces the common test as Qwen3NextModelTest does for its hybrid: only the full-attention layers give an
+        attention map, so ``attentions`` has one entry per full-attention layer."""
+        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        config.return_dict = True
+        seq_len = self.model_tester.seq_length
+        num_full = sum(layer_type == "full_attention" for layer_type in config.layer_types)
+        expected = [config.num_attention_heads, seq_len, seq_len]
+        for model_class in self.all_model_classes:
+            inputs = self._prepare_for_class(inputs_dict, model_class)
+            model = model_class._from_config(config, attn_implementation="eager").to(torch_device).eval()
+            with torch.no_grad():
+                outputs = model(**inputs, output_attentions=True, output_hidden_states=False)
+            self.assertEqual(len(outputs.attentions), num_full)
+            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+
+            # output_attentions from the config, and the attentions stay the last output
+            by_config = copy.deepcopy(model.config)
+            by_config.output_attentions = True
+            model = model_class(by_config).to(torch_device).eval()
+            with torch.no_grad():
+                outputs = model(**inputs)
+            self.assertEqual(len(outputs.attentions), num_full)
+            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+            out_len = len(outputs)
+            with torch.no_grad():
+                outputs = model(**inputs, output_hidden_states=True)
+            self.assertEqual(out_len + 1, len(outputs))
+            self.assertEqual(len(outputs.attentions), num_full)
+            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+
+
+@require_torch
+class MoEModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = MoEModelTester
+    # As Qwen3MoeModelTest / Qwen2MoeModelTest: experts a batch does not route to get no gradient.
+    test_all_params_have_gradient = False
+
+
+@require_torch
+class MoEQwenMoEModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = MoEQwenMoEModelTester
+    test_all_params_have_gradient = False  # as Qwen2MoeModelTest
+
+
+@require_torch
+class MoEPlusPlusModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = MoEPlusPlusModelTester
+    test_all_params_have_gradient = False  # as Qwen3MoeModelTest
+
+
+@require_torch
+class SASoftmaxModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = SASoftmaxModelTester
+
+
+@require_torch
+class AffineAttentionModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = AffineAttentionModelTester
+
+
+@require_torch
+class MoVEModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = MoVEModelTester
+
+
+@require_torch
+class DiffAttentionModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = DiffAttentionModelTester
+
+
+@require_torch
+class CubitModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = CubitModelTester
+
+
+@require_torch
+class SASModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = SASModelTester
+
+
+@require_torch
+class GeoNormModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = GeoNormModelTester
+
+
+@require_torch
+class SeerAttentionModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = SeerAttentionModelTester
+
+
+@require_torch
+class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
+    model_tester_class = FluxAttentionModelTester
+

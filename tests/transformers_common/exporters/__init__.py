@@ -1,0 +1,1 @@
+"""ExportTesterMixin (hf-arch's own; see test_export.py)."""

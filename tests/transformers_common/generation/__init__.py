@@ -1,0 +1,1 @@
+"""GenerationTesterMixin (hf-arch's own; see test_utils.py)."""
