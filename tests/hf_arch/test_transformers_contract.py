@@ -229,14 +229,14 @@ class GatedDeltaNetHybridModelTest(HfArchModelTest, unittest.TestCase):
 @require_torch
 class MoEModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = MoEModelTester
-    # As Qwen3MoeModelTest / Qwen2MoeModelTest: experts a batch does not route to get no gradient.
+    # As Qwen3MoeModelTest: experts a batch does not route to get no gradient.
     test_all_params_have_gradient = False
 
 
 @require_torch
 class MoEQwenMoEModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = MoEQwenMoEModelTester
-    test_all_params_have_gradient = False  # as Qwen2MoeModelTest
+    test_all_params_have_gradient = False  # as Qwen3MoeModelTest
 
 
 @require_torch
