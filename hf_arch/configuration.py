@@ -566,6 +566,21 @@ class HfArchConfig(PreTrainedConfig):
         return (self.sparse_attn_method is not None or self.attn_affine
                 or self.attn_score_function != "softmax")
 
+    def attention_kernel_conflicts(self) -> list[str]:
+        """What this config builds that transformers' flash / flex attention kernels cannot run, one line each (empty:
+        they can). The models read their ``_supports_flash_attn`` / ``_supports_flex_attn`` from it."""
+        conflicts = []
+        if self.attn_score_function != "softmax":
+            conflicts.append(f"attn_score_function={self.attn_score_function!r} (SA-Softmax / KRR scores run in "
+                             "the package's own ops, not in an attention backend)")
+        if self.diff_attn_noise_heads:
+            conflicts.append(f"diff_attn_noise_heads={self.diff_attn_noise_heads} (Grouped Differential Attention: the "
+                             "noise call reads values wider than its keys, a group's values side by side)")
+        if self.sas_num_heads:
+            conflicts.append(f"sas_num_heads={self.sas_num_heads} (Simulated Attention Score: the simulated queries / "
+                             "keys are wider than the values)")
+        return conflicts
+
     @property
     def num_zero_computation_experts(self) -> int:
         return self.moe_zero_experts + self.moe_copy_experts + self.moe_constant_experts

@@ -18,12 +18,8 @@ class Variant:
     sequence_classification_class: type
     summary: str  # one line for `hf-arch variants`
     paper: str
-    # LoRA targets that cover the variant's projections (peft's defaults silently skip non-Llama names).
-    lora_target_modules: tuple[str, ...]
-    # 3-D expert weights LoRA reaches through ``LoraConfig(target_parameters=...)`` (they are not nn.Linear).
-    lora_target_parameters: tuple[str, ...] = field(default_factory=tuple)
-    # Parameters a conversion adds (regexes on parameter names): what "train only the new parameters" trains.
-    new_parameter_patterns: tuple[str, ...] = field(default_factory=tuple)
+    # LoRA targets and the parameters a conversion adds are not listed here: they come from the modules a model
+    # has (hf_arch.peft_utils), so configs that compose several variants' mechanisms get all of them.
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property

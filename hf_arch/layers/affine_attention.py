@@ -16,7 +16,7 @@ __all__ = ["AffineAttentionScale", "mean_attended_values"]
 
 
 class AffineAttentionScale(nn.Module):
-    new_parameters = ("*",)  # read by hf_arch.peft_utils
+    new_parameters = ("*",)  # read by peft_utils
 
     def __init__(self, config) -> None:
         super().__init__()

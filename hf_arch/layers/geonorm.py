@@ -27,6 +27,8 @@ def project_to_sphere(hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 class GeodesicUpdate(nn.Module):
+    new_parameters = ("*",)  # read by peft_utils
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.step = nn.Parameter(torch.empty(()))

@@ -73,6 +73,13 @@ def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class HfArchLinearAttention(nn.Module):
+    # Read by peft_utils (names relative to this module). q/k/v/o keep the attention layer's names and come
+    # from the source checkpoint; the small gate projections (H outputs) are no LoRA targets. The short conv declares
+    # itself new (ShortConvolution).
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "output_gate_proj")
+    new_parameters = ("forget_proj", "decay_proj", "beta_proj", "A_log", "dt_bias", "out_norm", "output_gate_proj",
+                      "window_weight", "sink_logits", "q_feature_map", "k_feature_map")
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.config = config

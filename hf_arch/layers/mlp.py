@@ -8,6 +8,8 @@ from transformers.activations import ACT2FN
 
 
 class HfArchMLP(nn.Module):
+    lora_targets = ("gate_proj", "up_proj", "down_proj")  # read by peft_utils
+
     def __init__(self, config, intermediate_size: int | None = None) -> None:
         super().__init__()
         width = config.intermediate_size if intermediate_size is None else intermediate_size

@@ -22,6 +22,10 @@ __all__ = ["HfArchMoE"]
 
 
 class HfArchMoE(nn.Module):
+    # Read by peft_utils: the router and experts declare themselves; the shared expert is an HfArchMLP (its
+    # projections are LoRA targets, copied from the dense FFN by a conversion); its gate is new.
+    new_parameters = ("shared_expert_gate",)
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

@@ -17,6 +17,12 @@ __all__ = ["HfArchExperts", "ZeroComputationExperts"]
 
 
 class HfArchExperts(nn.Module):
+    # Read by peft_utils: peft reaches the 3-D weights through LoraConfig(target_parameters=...), named with
+    # this module's attribute ("experts.gate_up_proj", or "expert_pool.gate_up_proj" for a global pool).
+    lora_target_parameters = ("gate_up_proj", "down_proj")
+    lora_targets_qualified = True
+    new_parameters = ("*",)
+
     def __init__(self, config, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -42,6 +48,8 @@ class ZeroComputationExperts(nn.Module):
     zero → 0 (the token is dropped from this layer's FFN), copy → x (the token skips it),
     constant j → ``a₁·x + a₂·v_j`` with ``[a₁, a₂] = softmax(W_j x)`` and ``v_j`` learned.
     """
+
+    new_parameters = ("*",)  # read by peft_utils
 
     def __init__(self, config) -> None:
         super().__init__()

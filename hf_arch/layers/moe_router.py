@@ -57,6 +57,8 @@ def selected_mask(logits: torch.Tensor, router: str, top_k: int) -> torch.Tensor
 class MoERouter(nn.Module):
     """Router of one sparse layer over ``num_routed`` experts (``config.num_routed_experts``)."""
 
+    new_parameters = ("*",)  # read by peft_utils
+
     def __init__(self, config, num_routed: int, gating_residual: bool) -> None:
         super().__init__()
         self.kind = config.moe_router

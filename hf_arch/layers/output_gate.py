@@ -11,6 +11,13 @@ from transformers import initialization as init  # flag-aware: never overwrites 
 
 
 class AttentionOutputGate(nn.Module):
+    # Read by peft_utils: LoRA adapts a full-rank gate projection (a low-rank one is an nn.Sequential and is
+    # left out); every parameter is new to a Llama checkpoint. "proj" alone says little, so LoRA names carry this
+    # module's attribute name ("output_gate.proj").
+    lora_targets = ("proj",)
+    lora_targets_qualified = True
+    new_parameters = ("*",)
+
     def __init__(self, config) -> None:
         super().__init__()
         self.granularity = config.attn_output_gate

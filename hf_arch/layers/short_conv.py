@@ -14,6 +14,8 @@ from torch import nn
 
 
 class ShortConvolution(nn.Module):
+    new_parameters = ("*",)  # read by peft_utils: a Llama layer has no conv
+
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
         self.kernel_size = kernel_size

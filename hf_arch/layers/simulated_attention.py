@@ -20,6 +20,8 @@ __all__ = ["SimulatedHeads"]
 
 
 class SimulatedHeads(nn.Module):
+    new_parameters = ("*",)  # read by peft_utils
+
     def __init__(self, config) -> None:
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -86,6 +86,8 @@ def _rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Te
 class BlockGate(nn.Module):
     """SeerAttention's gate: ``log p[b, h, i, j]`` over key blocks ``j <= i`` for every query block ``i``."""
 
+    new_parameters = ("*",)  # read by peft_utils
+
     def __init__(self, config) -> None:
         super().__init__()
         self.block_size = config.sparse_attn_block_size
@@ -153,6 +155,8 @@ class LayerRouter(nn.Module):
     """Flux's per-layer router: mean q/k states of the input → MLP → logits ``[B, 2]`` for (full, sparse).
 
     Parameters are held directly (not in ``nn.Linear`` children) so ``_init_weights`` reaches them."""
+
+    new_parameters = ("*",)  # read by peft_utils
 
     def __init__(self, config) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ __all__ = ["ValueBank", "ValueGate"]
 class ValueBank(nn.Module):
     """``weight [slots, H_kv·D]``: one value embedding per slot, stored once on the model."""
 
+    new_parameters = ("*",)  # read by peft_utils
+
     def __init__(self, config) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.move_num_slots, config.num_key_value_heads * config.head_dim))
@@ -28,6 +30,8 @@ class ValueBank(nn.Module):
 
 class ValueGate(nn.Module):
     """Per layer: the slot router ``W_r [slots, hidden]`` and the per-kv-head scale ``w_s [H_kv, hidden]``."""
+
+    new_parameters = ("*",)
 
     def __init__(self, config) -> None:
         super().__init__()

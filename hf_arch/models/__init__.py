@@ -66,8 +66,6 @@ from .sparse_attention import (
     SparseAttentionModel,
 )
 
-_ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 GATED_ATTENTION = register_variant(
     Variant(
         name="gated_attention",
@@ -77,19 +75,8 @@ GATED_ATTENTION = register_variant(
         sequence_classification_class=GatedAttentionForSequenceClassification,
         summary="softmax attention with a query-dependent sigmoid output gate (headwise or elementwise, G1)",
         paper="Qiu et al., Gated Attention for Large Language Models (arXiv 2505.06708)",
-        lora_target_modules=_ATTENTION_LORA_TARGETS + ("output_gate.proj",),
-        new_parameter_patterns=(r"\.output_gate\.",),
         tags=("gated-attention",),
     )
-)
-
-# Linear layers keep the attention projections' names; the small gate projections (H outputs) are left out.
-_LINEAR_LORA_TARGETS = _ATTENTION_LORA_TARGETS + ("output_gate_proj",)
-# Parameters a Llama-family checkpoint does not have (what a linearization adds).
-_LINEAR_NEW_PARAMETERS = (
-    r"\.forget_proj\.", r"\.decay_proj\.", r"\.beta_proj\.", r"\.A_log$", r"\.dt_bias$", r"\.conv\.",
-    r"\.out_norm\.", r"\.output_gate_proj\.", r"\.window_weight$", r"\.sink_logits$",
-    r"\.q_feature_map$", r"\.k_feature_map$",
 )
 
 GLA = register_variant(
@@ -101,8 +88,6 @@ GLA = register_variant(
         sequence_classification_class=GLAForSequenceClassification,
         summary="gated linear attention (data-dependent per-channel forget gate); layer and intra-layer hybrids",
         paper="Yang et al., Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv 2312.06635)",
-        lora_target_modules=_LINEAR_LORA_TARGETS,
-        new_parameter_patterns=_LINEAR_NEW_PARAMETERS,
         tags=("linear-attention", "gla"),
     )
 )
@@ -116,8 +101,6 @@ GATED_DELTANET = register_variant(
         sequence_classification_class=GatedDeltaNetForSequenceClassification,
         summary="gated delta rule (scalar decay + write strength, short conv, L2 q/k); layer and intra-layer hybrids",
         paper="Yang et al., Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv 2412.06464)",
-        lora_target_modules=_LINEAR_LORA_TARGETS,
-        new_parameter_patterns=_LINEAR_NEW_PARAMETERS,
         tags=("linear-attention", "gated-deltanet"),
     )
 )
@@ -133,12 +116,6 @@ MOE = register_variant(
                 "UniPool global expert pool, BlockFFN sparsity losses (presets: " + ", ".join(MOE_PRESETS) + ")",
         paper="Jin et al., MoE++ (arXiv 2410.07348); UniPool (arXiv 2605.06665); Song et al., BlockFFN "
               "(arXiv 2507.08771)",
-        # Attention, dense MLPs and the shared expert are nn.Linear; the routed experts are 3-D parameters.
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        lora_target_parameters=("experts.gate_up_proj", "experts.down_proj",
-                                "expert_pool.gate_up_proj", "expert_pool.down_proj"),
-        new_parameter_patterns=(r"\.router\.", r"\.experts\.", r"^model\.expert_pool\.", r"\.zero_computation\.",
-                                r"\.shared_expert_gate\."),
         tags=("moe", "mixture-of-experts"),
     )
 )
@@ -152,8 +129,6 @@ SA_SOFTMAX = register_variant(
         sequence_classification_class=SASoftmaxForSequenceClassification,
         summary="Self-Adjust Softmax attention weights x·softmax(x) (plain or normalised by the row's range)",
         paper="Self-Adjust Softmax (SA-Softmax)",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(),
         tags=("sa-softmax",),
     )
 )
@@ -167,8 +142,6 @@ AFFINE_ATTENTION = register_variant(
         sequence_classification_class=AffineAttentionForSequenceClassification,
         summary="affine-scaled attention (α(x)·softmax + β(x)) V per head and query; exact insertion at α=1, β=0",
         paper="Affine-Scaled Attention: Towards Flexible and Stable Transformer Attention",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(r"\.affine\.",),
         tags=("affine-attention",),
     )
 )
@@ -183,8 +156,6 @@ MOVE = register_variant(
         summary="MoVE: one bank of learned value embeddings mixed into every attention layer's values by a soft gate "
                 "(exact insertion at zero gate scale)",
         paper="MoVE: Mixture of Value Embeddings — A New Axis for Scaling Parametric Memory in Autoregressive Models",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(r"\.value_gate\.", r"^model\.value_bank\."),
         tags=("move", "value-embeddings"),
     )
 )
@@ -199,8 +170,6 @@ DIFF_ATTENTION = register_variant(
         summary="Grouped Differential Attention: signal map minus λ·noise map, fewer noise heads shared GQA-style; "
                 "exact growth by copying signal heads",
         paper="Grouped Differential Attention; Ye et al., Differential Transformer (arXiv 2410.05258)",
-        lora_target_modules=_ATTENTION_LORA_TARGETS + ("noise_q_proj", "noise_k_proj"),
-        new_parameter_patterns=(r"\.differential\.",),
         tags=("differential-attention",),
     )
 )
@@ -215,8 +184,6 @@ CUBIT = register_variant(
         summary="Cubit: attention as causal kernel ridge regression κ(Q,K)(κ(K,K)+λI)⁻¹V with Limited-Range Rescale "
                 "of the values (O(T³) per head)",
         paper="Cubit: kernel ridge regression attention",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(),
         tags=("krr-attention",),
     )
 )
@@ -231,8 +198,6 @@ SAS = register_variant(
         summary="Simulated Attention Score: attention over more, wider heads mixed from the real ones, aggregated back "
                 "by PEAA",
         paper="SAS: Simulated Attention Score",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(r"\.simulated\.",),
         tags=("simulated-attention",),
     )
 )
@@ -246,8 +211,6 @@ GEONORM = register_variant(
         sequence_classification_class=GeoNormForSequenceClassification,
         summary="GeoNorm: geodesic residual updates on the sphere with a layer-wise update decay",
         paper="GeoNorm: geodesic updates for transformer normalization",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(r"\.attn_update\.", r"\.mlp_update\."),
         tags=("geonorm",),
     )
 )
@@ -262,8 +225,6 @@ SPARSE_ATTENTION = register_variant(
         summary="learned sparse attention on a frozen model: SeerAttention block gates (block-sparse prefill) or a "
                 "Flux layer router (full vs sink + sliding window per input)",
         paper="Gao et al., SeerAttention (arXiv 2410.13276); Qiu et al., Flux Attention (arXiv 2604.07394)",
-        lora_target_modules=_ATTENTION_LORA_TARGETS,
-        new_parameter_patterns=(r"\.block_gate\.", r"\.layer_router\.", r"^model\.sparsity_multipliers$"),
         tags=("sparse-attention",),
     )
 )

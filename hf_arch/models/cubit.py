@@ -20,9 +20,6 @@ class CubitConfig(HfArchConfig):
 
 class CubitPreTrainedModel(HfArchPreTrainedModel):
     config_class = CubitConfig
-    # The regression runs in our op, not in transformers' attention backends.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
 
 
 class CubitModel(CubitPreTrainedModel, HfArchModel):

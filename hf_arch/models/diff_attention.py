@@ -30,9 +30,6 @@ class DiffAttentionConfig(HfArchConfig):
 
 class DiffAttentionPreTrainedModel(HfArchPreTrainedModel):
     config_class = DiffAttentionConfig
-    # The noise call reads wider values than keys (a group's values side by side); flash kernels need equal widths.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
 
 
 class DiffAttentionModel(DiffAttentionPreTrainedModel, HfArchModel):

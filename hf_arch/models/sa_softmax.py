@@ -21,9 +21,6 @@ class SASoftmaxConfig(HfArchConfig):
 
 class SASoftmaxPreTrainedModel(HfArchPreTrainedModel):
     config_class = SASoftmaxConfig
-    # The score function runs in our kernel, not in transformers' attention backends.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
 
 
 class SASoftmaxModel(SASoftmaxPreTrainedModel, HfArchModel):

@@ -22,9 +22,6 @@ class SASConfig(HfArchConfig):
 
 class SASPreTrainedModel(HfArchPreTrainedModel):
     config_class = SASConfig
-    # Simulated queries/keys are wider than the values; flash and flex kernels want one width.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
 
 
 class SASModel(SASPreTrainedModel, HfArchModel):
