@@ -80,3 +80,14 @@ def causal_key_mask(T: int, attention_mask: torch.Tensor | None, device: torch.d
     if attention_mask is not None:
         allowed = allowed & (attention_mask != 0)[:, None, None, :]
     return allowed
+
+
+def trailing_causal_key_mask(T_q: int, attention_mask: torch.Tensor | None, S: int,
+                             device: torch.device) -> torch.Tensor:
+    """``[B or 1, 1, T_q, S]`` bool for queries that are the last ``T_q`` of ``S`` positions (decode over a cache):
+    key s visible to query t when s <= S - T_q + t and the key is not padding (attention_mask ``[B, S]``)."""
+    t = torch.arange(T_q, device=device)[:, None] + (S - T_q)
+    allowed = (torch.arange(S, device=device)[None, :] <= t)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask != 0)[:, None, None, :]
+    return allowed

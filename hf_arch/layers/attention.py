@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.krr.naive import naive_krr_attention_weights
 from ..kernels.ops import krr_attention, sa_softmax_attention
+from ..kernels.sa_softmax.naive import sa_softmax_attention_weights
 from .affine_attention import AffineAttentionScale, mean_attended_values
 from .differential_attention import DifferentialNoise, group_values_by_noise_head
 from .norm import HfArchRMSNorm
@@ -137,6 +139,7 @@ class HfArchAttention(nn.Module):
         position_in_sequence=None,
         padding_mask: torch.Tensor | None = None,
         value_bank=None,
+        output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
@@ -149,8 +152,8 @@ class HfArchAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
             value = value.transpose(1, 2)
         if self.score_function != "softmax":
-            attn_output, value = self.attend_by_score_op(query, key, value, padding_mask, past_key_values)
-            attn_weights = None
+            attn_output, value, attn_weights = self.attend_by_score_op(query, key, value, padding_mask,
+                                                                       past_key_values, output_attentions)
         elif self.differential is not None:
             attn_output, attn_weights = self.attend_differential(hidden_states, query, key, value, attention_mask,
                                                                  position_embeddings, past_key_values, **kwargs)
@@ -166,9 +169,9 @@ class HfArchAttention(nn.Module):
             attn_output = self.affine(hidden_states, attn_output, mean)
         return self.finish(hidden_states, attn_output), attn_weights
 
-    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None):
+    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None, output_attentions=False):
         """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → (``[B, T, H, D]``, the
-        ``[B, H_kv, S, D]`` values attended)."""
+        ``[B, H_kv, S, D]`` values attended, the ``[B, H, T, S]`` weight maps when asked for, else None)."""
         if self.sliding_window is not None:
             raise ValueError(f"layer {self.layer_idx}: attn_score_function={self.score_function!r} is implemented "
                              "for full_attention layers, not sliding_attention")
@@ -180,10 +183,13 @@ class HfArchAttention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.score_function == "krr":
-            return krr_attention(q, k, v, ridge=self.config.krr_ridge, temperature=self.config.krr_temperature,
-                                 attention_mask=padding_mask), value
+            krr = dict(ridge=self.config.krr_ridge, temperature=self.config.krr_temperature, attention_mask=padding_mask)
+            weights = naive_krr_attention_weights(q, k, **krr) if output_attentions else None
+            return krr_attention(q, k, v, **krr), value, weights
         mode = "plain" if self.score_function == "sa_softmax" else "normalized"
-        return sa_softmax_attention(q, k, v, mode=mode, scale=self.scaling, attention_mask=padding_mask), value
+        options = dict(mode=mode, scale=self.scaling, attention_mask=padding_mask)
+        weights = sa_softmax_attention_weights(q, k, **options) if output_attentions else None
+        return sa_softmax_attention(q, k, v, **options), value, weights
 
     def attend_differential(self, hidden_states, query, key, value, attention_mask, position_embeddings,
                             past_key_values=None, **kwargs):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.block_sparse.naive import block_sparse_attention_weights
 from ..kernels.ops import block_sparse_attention, pooled_attention_scores
 from .attention import HfArchAttention, repeat_kv
 from .rope import apply_rotary_pos_emb
@@ -226,6 +227,7 @@ class HfArchSparseAttention(HfArchAttention):
         cu_seqlens=None,
         position_in_sequence=None,
         padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token) the backbone passes to sparse layers."""
@@ -250,7 +252,11 @@ class HfArchSparseAttention(HfArchAttention):
             out = self._block_sparse(rq, rk, value, mask, token)
             if past_key_values is not None:
                 past_key_values.update(rk, value.transpose(1, 2), self.layer_idx)
-            return self.finish(hidden_states, out), None
+            weights = None
+            if output_attentions:  # the block-sparse map the prefill computed
+                weights = block_sparse_attention_weights(rq.transpose(1, 2), rk.transpose(1, 2), mask, self.block_size,
+                                                         self.scaling, token).to(rq.dtype)
+            return self.finish(hidden_states, out), weights
         return self._flux(hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense)
 
     # -- seer -----------------------------------------------------------------------------------------------------

@@ -391,9 +391,11 @@ class HfArchModel(HfArchPreTrainedModel):
                 position_ids=position_ids,
                 cu_seqlens=cu_seqlens,
                 position_in_sequence=position_ids if cu_seqlens is not None else None,
+                output_attentions=output_attentions,
                 **kwargs,
             )
-            if output_attentions:
+            # One map per attention layer; linear layers have none (transformers' convention for hybrids).
+            if output_attentions and layer.layer_type not in LINEAR_LAYER_TYPES:
                 all_attentions.append(attn_weights)
             if layer_router_logits is not None:
                 router_logits = layer_router_logits

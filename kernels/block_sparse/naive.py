@@ -106,6 +106,19 @@ def _dense_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return torch.matmul(qf, kf.transpose(-1, -2)) * scale
 
 
+def block_sparse_attention_weights(q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, block_size: int,
+                                   scale: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[B, H, T, T]`` probabilities of block-sparse causal attention (fp32 or wider; what
+    ``output_attentions`` returns): softmax over the keys in selected blocks, causal and not padding."""
+    T = q.shape[1]
+    scores = _dense_scores(q, k, scale)  # [B, H, T, T]
+    # Block mask -> per-position mask: query t is in block t // bs, key s in block s // bs.
+    block_of = torch.arange(T, device=q.device) // block_size
+    allowed = block_mask[:, :, block_of][:, :, :, block_of]  # [B, H, T, T]
+    allowed = allowed & causal_key_mask(T, attention_mask, q.device)
+    return _softmax_rows(scores.masked_fill(~allowed, float("-inf")))
+
+
 def naive_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,17 +135,9 @@ def naive_block_sparse_attention(
     Returns ``[B, T, H, D]`` in q's dtype.
     """
     scale = validate_block_sparse_inputs(q, k, v, block_mask, block_size, scale, attention_mask)
-    T, H = q.shape[1], q.shape[2]
-    group = H // k.shape[2]
+    group = q.shape[2] // k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = _dense_scores(q, k, scale)  # [B, H, T, T]
-
-    # Block mask -> per-position mask: query t is in block t // bs, key s in block s // bs.
-    block_of = torch.arange(T, device=q.device) // block_size
-    allowed = block_mask[:, :, block_of][:, :, :, block_of]  # [B, H, T, T]
-    allowed = allowed & causal_key_mask(T, attention_mask, q.device)
-    probs = _softmax_rows(scores.masked_fill(~allowed, float("-inf")))
-
+    probs = block_sparse_attention_weights(q, k, block_mask, block_size, scale, attention_mask)
     vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
     out = torch.matmul(probs, vf)  # [B, H, T, D]
     return out.transpose(1, 2).to(q.dtype)

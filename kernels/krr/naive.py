@@ -100,3 +100,27 @@ def naive_krr_attention(
                 alpha = torch.linalg.solve(gram, V)
                 rows.append(krr_kernel(qd[b, t, h][None], K, temperature)[0] @ alpha)
     return torch.stack(rows).view(B, Tq, H, Dv).to(q.dtype)
+
+
+def naive_krr_attention_weights(q: torch.Tensor, k: torch.Tensor, *, ridge: float, temperature: float,
+                                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[B, H, T_q, S]`` maps W with ``output = W V`` (``κ(q, K)(κ(K, K) + λI)⁻¹`` over each query's causal
+    prefix of real keys; zeros elsewhere): what ``output_attentions`` returns. q are the last T_q of the S positions
+    of k. Math in float64, one solve per query and head (diagnostics, not a training path)."""
+    B, Tq, H, _ = q.shape
+    S, H_kv = k.shape[1], k.shape[2]
+    group = H // H_kv
+    real = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.cpu() != 0
+    qd, kd = q.double(), k.double()
+    weights = qd.new_zeros(B, H, Tq, S)
+    for b in range(B):
+        for t in range(Tq):
+            keys = [j for j in range(S - Tq + t + 1) if real[b, j]]
+            if not keys:
+                continue
+            for h in range(H):
+                K = kd[b, keys, h // group]
+                gram = krr_kernel(K, K, temperature) + ridge * torch.eye(len(keys), dtype=K.dtype, device=K.device)
+                row = torch.linalg.solve(gram, krr_kernel(K, qd[b, t, h][None], temperature))[:, 0]  # gram symmetric
+                weights[b, h, t, keys] = row
+    return weights.to(q.dtype)

@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from ..attention_checks import causal_key_mask, check_attention_mask, check_qkv, resolve_scale
+from ..attention_checks import (
+    causal_key_mask,
+    check_attention_mask,
+    check_qkv,
+    resolve_scale,
+    trailing_causal_key_mask,
+)
 
 __all__ = ["EPS", "SA_MODES", "naive_sa_softmax_attention", "validate_sa_softmax_inputs"]
 
@@ -105,3 +111,16 @@ def naive_sa_softmax_attention(
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, H, T, T]
     weights = sa_softmax_weights(scores, causal_key_mask(T, attention_mask, q.device), mode)
     return torch.matmul(weights, vf).transpose(1, 2).to(q.dtype)
+
+
+def sa_softmax_attention_weights(q: torch.Tensor, k: torch.Tensor, *, mode: str, scale: float,
+                                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[B, H, T_q, S]`` SA-Softmax weight maps (what ``output_attentions`` returns); q ``[B, T_q, H, D]`` are
+    the last T_q of the S positions of k ``[B, S, H_kv, D]``; attention_mask ``[B, S]`` or None."""
+    group = q.shape[2] // k.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc).transpose(1, 2)
+    kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    allowed = trailing_causal_key_mask(q.shape[1], attention_mask, k.shape[1], q.device)
+    return sa_softmax_weights(scores, allowed, mode).to(q.dtype)
