@@ -122,6 +122,17 @@ class HfArchAttention(nn.Module):
             **kwargs,
         )
 
+    def filled_length(self, past_key_values, num_new: int, padding_mask=None) -> int | None:
+        """How many of the positions the cache will hand back are real, where that can be fewer than it returns (a
+        static cache returns all its slots); None when every returned position is real. The mixers that read keys or
+        values themselves (score ops, affine value means) must not see the empty slots; the backends mask them."""
+        layer = past_key_values.layers[self.layer_idx]
+        if getattr(layer, "max_cache_len", None) is None or self.sliding_window is not None:
+            return None
+        if padding_mask is not None:
+            return padding_mask.shape[-1]
+        return int(past_key_values.get_seq_length(self.layer_idx)) + num_new
+
     def finish(self, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """``[B, T, H, D]`` attention output → gate (if any) → o_proj."""
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
@@ -159,8 +170,13 @@ class HfArchAttention(nn.Module):
                                                                  position_embeddings, past_key_values, **kwargs)
         else:
             if past_key_values is not None:  # value: what this step attends (a sliding cache returns its window)
+                filled = self.filled_length(past_key_values, key.shape[2], padding_mask)
                 key, value = past_key_values.update(key, value, self.layer_idx)
+                value_seen = value[:, :, :filled] if filled is not None else value  # the backend masks empty slots
+            else:
+                value_seen = value
             attn_output, attn_weights = self.attend(query, key, value, attention_mask, **kwargs)
+            value = value_seen
         if self.simulated is not None:
             attn_output = self.simulated.aggregate_heads(attn_output)
         if self.affine is not None:
@@ -180,7 +196,10 @@ class HfArchAttention(nn.Module):
             bound = self.config.krr_value_range
             value = bound * torch.tanh(value / bound)
         if past_key_values is not None:
+            filled = self.filled_length(past_key_values, key.shape[2], padding_mask)
             key, value = past_key_values.update(key, value, self.layer_idx)
+            if filled is not None:
+                key, value = key[:, :, :filled], value[:, :, :filled]
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.score_function == "krr":
             krr = dict(ridge=self.config.krr_ridge, temperature=self.config.krr_temperature, attention_mask=padding_mask)
@@ -204,6 +223,10 @@ class HfArchAttention(nn.Module):
         noise_query, noise_key = apply_rotary_pos_emb(noise_query.transpose(1, 2), noise_key.transpose(1, 2),
                                                       *position_embeddings)
         keys = torch.cat([key, noise_key], dim=1)
+        if past_key_values is not None and getattr(past_key_values.layers[self.layer_idx], "max_cache_len", None):
+            raise ValueError(f"layer {self.layer_idx}: Grouped Differential Attention keeps its noise keys beside the "
+                             "signal keys in one cache entry, which a static cache (preallocated for "
+                             "num_key_value_heads) cannot hold; use the default dynamic cache")
         if past_key_values is not None:
             keys, value = past_key_values.update(keys, value, self.layer_idx)
         key, noise_key = keys.split([self.num_key_value_heads, noise.num_noise_heads], dim=1)

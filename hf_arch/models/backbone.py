@@ -60,6 +60,14 @@ class HfArchCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
 
+    @property
+    def is_croppable(self) -> bool:
+        """Our linear mixers keep only the state after a whole forward, not one per token, so a rollback to a point
+        inside a verified draft (assisted decoding) cannot be exact: say so, and generate() refuses by name."""
+        if any(hasattr(layer, "recurrent_states") for layer in self.layers):
+            return False
+        return all(getattr(layer, "is_croppable", True) for layer in self.layers)
+
 
 def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
     """What in this config reads data-dependent sizes in forward, so ``torch.compile(fullgraph=True)`` cannot trace it
@@ -69,6 +77,8 @@ def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
         blockers.append("MoE layers group tokens by expert (per-expert counts)")
     if config.sparse_attn_method == "flux":
         blockers.append("Flux routes each input to full or sparse attention")
+    if config.diff_attn_noise_heads:
+        blockers.append("GDA's noise keys share a cache entry that a static cache cannot hold")
     return blockers
 
 
@@ -446,7 +456,11 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
             cache = model_kwargs.get(name)
             if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
                 if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
-                    model_kwargs[name] = HfArchCache(config=self.config.get_text_config(decoder=True))
+                    ours = HfArchCache(config=self.config.get_text_config(decoder=True))
+                    if generation_config.is_assistant and hasattr(ours, "activate_past_recording"):
+                        # generate() armed the cache it made for rolling back an assistant's drafts; arm ours too.
+                        ours.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
+                    model_kwargs[name] = ours
         return result
 
     @staticmethod

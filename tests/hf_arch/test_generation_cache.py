@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_arch
+from hf_arch.configuration import LINEAR_LAYER_TYPES
 from hf_arch.models.cache_names import CACHE_OUTPUT_FIELD
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -100,7 +101,7 @@ def test_fullgraph_compile_claim_is_honest(name):
     (backend="eager"): lowering is the compiler's business, graph breaks are ours."""
     model = build(name)
     if not model._can_compile_fullgraph:
-        assert name.startswith(("moe", "sparse_flux")), f"{name} lost its fullgraph claim"
+        assert name.startswith(("moe", "sparse_flux", "diff_attention")), f"{name} lost its fullgraph claim"
         return
     ids, mask = left_padded_batch()
     torch._dynamo.reset()
@@ -113,3 +114,36 @@ def test_fullgraph_compile_claim_is_honest(name):
     eager_step = model(ids[:, -1:], attention_mask=mask, use_cache=True,
                        **{CACHE_OUTPUT_FIELD: getattr(eager_prefill, CACHE_OUTPUT_FIELD)})
     torch.testing.assert_close(step.logits, eager_step.logits, rtol=1e-5, atol=1e-5)
+
+
+def _has_linear_layers(model) -> bool:
+    return any(t in LINEAR_LAYER_TYPES for t in model.config.layer_types)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@torch.no_grad()
+def test_prompt_lookup_decoding_equals_greedy_or_is_refused_by_name(name):
+    """Assisted decoding rolls the cache back after each draft. Attention caches crop exactly; our linear layers keep
+    one state per forward, not per token, so their cache says it cannot crop and generate() refuses."""
+    model = build(name)
+    ids = left_padded_batch()[0][1:]
+    if _has_linear_layers(model):
+        with pytest.raises(ValueError, match="cache that can be cropped"):
+            model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
+        return
+    assisted = model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
+    assert torch.equal(assisted, model.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@torch.no_grad()
+def test_static_cache_generation_equals_uncached_or_is_refused_by_name(name):
+    model = build(name)
+    ids, mask = left_padded_batch()
+    if model.config.diff_attn_noise_heads:
+        with pytest.raises(ValueError, match="static cache"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        return
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                              use_cache=False))
