@@ -125,6 +125,9 @@ def linearized_config_from(source_config, options: LinearizeOptions):
     source_types = list(kwargs.pop("layer_types", None) or ["full_attention"] * n)
     source_window = kwargs.pop("sliding_window", None)
     layer_types = [source_types[i] if i in kept else "linear_attention" for i in range(n)]
+    if "linear_attention" not in layer_types:
+        # Every layer kept: the method's linear-layer options would configure no layer (the config refuses them).
+        overrides = {"linear_attn_hybrid": "none"}
     hybrid = overrides["linear_attn_hybrid"] != "none"
     window = options.window if hybrid else None
     if any(layer_types[i] == "sliding_attention" for i in kept):

@@ -2,11 +2,14 @@
 
 Every variant is a subclass with its own ``model_type`` (prefix ``hfa_``) and defaults. The fields here are the
 Llama-family ones (so a Llama/Mistral/Qwen2/Qwen3 config maps onto them field by field) plus the options of the
-mixers the backbone knows. Each mixer reads only its own slice (``attn_output_gate*`` for the output gate, …).
+mixers the backbone knows. Each mixer reads only its own slice (``attn_output_gate*`` for the output gate, …), and a
+config refuses a field of a mechanism it leaves off unless the field keeps its default (``_MECHANISM_OPTIONS``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 try:  # transformers >= 5 renamed the base class; keep the old name working for remote-code users.
@@ -38,6 +41,70 @@ LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
 LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
+
+
+# Options that only matter while their mechanism is on: (the mechanism, is it on?, the fields only it reads). A config
+# that leaves a mechanism off must leave those fields at their defaults (the config class's own defaults, e.g.
+# GatedDeltaNetConfig's conv size), so an option of a mechanism the model does not build (another variant's, say) is
+# refused instead of silently ignored. Saved configs hold every field at its default, so they keep loading.
+_MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
+    ("the attention output gate (attn_output_gate set)", lambda c: c.attn_output_gate is not None,
+     ("attn_output_gate_bias", "attn_output_gate_rank", "attn_output_gate_activation", "attn_output_gate_scale",
+      "attn_output_gate_init", "attn_output_gate_lr_scale")),
+    ("a gate bias (attn_output_gate_bias=True)", lambda c: c.attn_output_gate is not None and c.attn_output_gate_bias,
+     ("attn_output_gate_bias_init",)),
+    ("Cubit's kernel ridge regression (attn_score_function='krr')", lambda c: c.attn_score_function == "krr",
+     ("krr_ridge", "krr_temperature", "krr_value_range")),
+    ("affine-scaled attention (attn_affine=True)", lambda c: c.attn_affine, ("attn_affine_init",)),
+    ("a MoVE value bank (move_num_slots > 0)", lambda c: c.move_num_slots > 0, ("move_init",)),
+    ("Grouped Differential Attention (diff_attn_noise_heads > 0)", lambda c: c.diff_attn_noise_heads > 0,
+     ("diff_attn_lambda_init", "diff_attn_head_norm")),
+    ("Simulated Attention Score (sas_num_heads > 0)", lambda c: c.sas_num_heads > 0, ("sas_qk_dim",)),
+    ("GeoNorm (residual_update='geodesic')", lambda c: c.residual_update == "geodesic",
+     ("geonorm_step_init", "geonorm_layer_decay")),
+    ("learned sparse attention (sparse_attn_method set)", lambda c: c.sparse_attn_method is not None,
+     ("sparse_attn_block_size",)),
+    ("SeerAttention block gates (sparse_attn_method='seer')", lambda c: c.sparse_attn_method == "seer",
+     ("sparse_attn_gate_dim", "sparse_attn_selection", "sparse_attn_threshold", "sparse_attn_topk",
+      "sparse_attn_token_budget")),
+    ("Flux layer routers (sparse_attn_method='flux')", lambda c: c.sparse_attn_method == "flux",
+     ("sparse_attn_router_hidden", "sparse_attn_router_bias", "sparse_attn_sink_blocks", "sparse_attn_window_blocks",
+      "sparse_attn_gumbel_tau", "sparse_attn_target_sparsity", "sparse_attn_lagrangian_lr_scale")),
+    ("sliding-window attention (sliding_attention or hybrid_sliding in layer_types)",
+     lambda c: "sliding_attention" in c.layer_types or "hybrid_sliding" in c.layer_types, ("sliding_window",)),
+    ("linear-attention layers (linear_attention or hybrid_sliding in layer_types)",
+     lambda c: any(t in LINEAR_LAYER_TYPES for t in c.layer_types),
+     ("linear_attn_type", "linear_attn_gate", "linear_attn_gate_low_rank_dim", "linear_attn_gate_normalizer",
+      "linear_attn_conv_size", "linear_attn_qk_norm", "linear_attn_output_norm", "linear_attn_use_rope",
+      "linear_attn_chunk_size", "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
+      "linear_attn_feature_map", "linear_attn_normalize")),
+    ("an intra-layer hybrid (linear_attn_hybrid 'liger' or 'lizard')", lambda c: c.linear_attn_hybrid != "none",
+     ("linear_attn_mix_weights",)),
+    ("GLA's low-rank forget gate (linear_attn_type='gla' with linear_attn_gate='low_rank')",
+     lambda c: c.linear_attn_type == "gla" and c.linear_attn_gate == "low_rank", ("linear_attn_gate_low_rank_dim",)),
+    ("a GLA or key-pooled forget gate (linear_attn_type='gla' with a gate, or linear_attn_gate='key_pooled')",
+     lambda c: (c.linear_attn_type == "gla" and c.linear_attn_gate != "none") or c.linear_attn_gate == "key_pooled",
+     ("linear_attn_gate_normalizer",)),
+    ("Mixture-of-Experts layers ('sparse' in mlp_layer_types)", lambda c: "sparse" in c.mlp_layer_types,
+     ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts",
+      "shared_expert_intermediate_size", "shared_expert_gate", "moe_router", "moe_norm_topk_prob", "moe_routed_scale",
+      "moe_norm_router_scale", "moe_zero_experts", "moe_copy_experts", "moe_constant_experts", "moe_gating_residual",
+      "moe_router_bias", "moe_expert_pool", "moe_pool_size", "moe_load_balance_coef", "moe_load_balance_scope",
+      "moe_zc_balance_weight", "moe_z_loss_coef", "moe_tls_coef", "moe_cls_coef", "moe_cls_chunk_size",
+      "output_router_logits")),
+    ("a shared expert (num_shared_experts > 0)", lambda c: c.num_shared_experts > 0,
+     ("shared_expert_intermediate_size", "shared_expert_gate")),
+    ("a top-k router (moe_router 'softmax_topk', 'sigmoid_topk' or 'norm_router')",
+     lambda c: c.moe_router != "relu_rmsnorm", ("moe_norm_topk_prob",)),
+    ("the NormRouter (moe_router='norm_router')", lambda c: c.moe_router == "norm_router", ("moe_norm_router_scale",)),
+    ("a global expert pool (moe_expert_pool='global')", lambda c: c.moe_expert_pool == "global", ("moe_pool_size",)),
+    ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
+     lambda c: c.num_zero_computation_experts > 0, ("moe_zc_balance_weight",)),
+)
+# Token-mixer switches only softmax attention layers read (full_attention / sliding_attention): with none of those
+# layers, anything but their off value builds nothing.
+ATTENTION_ONLY_SWITCHES = ("attn_output_gate", "attn_score_function", "attn_affine", "move_num_slots",
+                           "diff_attn_noise_heads", "sas_num_heads")
 
 
 class HfArchConfig(PreTrainedConfig):
@@ -448,6 +515,48 @@ class HfArchConfig(PreTrainedConfig):
             self._validate_moe()
         if self.sparse_attn_method is not None:
             self._validate_sparse_attention()
+        self._validate_attention_only_switches()
+        self._validate_mechanism_options()
+
+    def _validate_attention_only_switches(self) -> None:
+        if any(t in ATTENTION_LAYER_TYPES for t in self.layer_types):
+            return
+        off = _declared_defaults(HfArchConfig)
+        for field in ATTENTION_ONLY_SWITCHES:
+            value = getattr(self, field)
+            if not _same_value(value, off[field]):
+                raise ValueError(
+                    f"{type(self).__name__} ({self.model_type}): {field}={value!r} acts on softmax attention layers "
+                    f"(full_attention / sliding_attention) and layer_types has none ({sorted(set(self.layer_types))})"
+                )
+
+    def _validate_mechanism_options(self) -> None:
+        """Refuse a field set away from its default while the mechanism that reads it is off (``_MECHANISM_OPTIONS``)."""
+        defaults = _declared_defaults(type(self))
+        for mechanism, is_on, fields in _MECHANISM_OPTIONS:
+            if is_on(self):
+                continue
+            for field in fields:
+                value, default = getattr(self, field), self._option_default(field, defaults)
+                if not _same_value(value, default):
+                    raise ValueError(
+                        f"{type(self).__name__} ({self.model_type}): {field}={value!r} is an option of {mechanism}, "
+                        f"which this config does not have; leave {field} at its default ({default!r}) or turn that "
+                        "mechanism on"
+                    )
+
+    def _option_default(self, field: str, declared: dict):
+        """A field's default: the declared one, or for fields derived from others when not given, the derived value
+        (what a saved config holds)."""
+        if field == "moe_intermediate_size":
+            return self.intermediate_size
+        if field == "shared_expert_intermediate_size":
+            return self.num_shared_experts * self.moe_intermediate_size
+        if field == "moe_pool_size":
+            return self.num_experts
+        if field == "moe_load_balance_scope":
+            return "pool" if self.moe_expert_pool == "global" else "layer"
+        return declared[field]
 
     def _validate_attention_scores(self) -> None:
         cls = type(self).__name__
@@ -745,6 +854,28 @@ def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_
     if getattr(config, "linear_attn_hybrid", "none") in ("liger", "lizard"):
         layer_types = ["hybrid_sliding" if t == "linear_attention" else t for t in layer_types]
     return layer_types
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_defaults(cls) -> dict:
+    """Each ``__init__`` argument's default, a subclass's own winning (``GatedDeltaNetConfig``: conv size 4, …)."""
+    defaults = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            continue
+        defaults.update({name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty})
+    return defaults
+
+
+def _same_value(value, default) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):  # JSON turns tuples into lists
+        return list(value) == list(default)
+    return value == default
 
 
 def _is_number(value) -> bool:

@@ -13,9 +13,11 @@ class SASoftmaxConfig(HfArchConfig):
     model_type = "hfa_sa_softmax"
 
     def __init__(self, attn_score_function: str = "sa_softmax_normalized", **kwargs):
-        if attn_score_function == "softmax":
-            raise ValueError("SASoftmaxConfig.attn_score_function must be 'sa_softmax' or 'sa_softmax_normalized' "
-                             "(with 'softmax' the model is plain attention)")
+        if attn_score_function not in ("sa_softmax", "sa_softmax_normalized"):
+            why = {"softmax": " (with 'softmax' the model is plain attention)",
+                   "krr": " ('krr' is Cubit's kernel ridge regression: use CubitConfig, model_type hfa_cubit)"}
+            raise ValueError("SASoftmaxConfig (hfa_sa_softmax).attn_score_function must be 'sa_softmax' or "
+                             f"'sa_softmax_normalized', got {attn_score_function!r}{why.get(attn_score_function, '')}")
         super().__init__(attn_score_function=attn_score_function, **kwargs)
 
 

@@ -237,7 +237,8 @@ def test_bad_moe_configs_fail_at_config_time(overrides, message):
 def test_sparse_step_and_explicit_layout():
     assert MoEConfig(**TINY, moe_sparse_step=2).mlp_layer_types == ["dense", "sparse", "dense"]
     assert MoEConfig(**TINY).mlp_layer_types == ["sparse"] * 3
-    assert hf_arch.GatedAttentionConfig(**TINY).mlp_layer_types == ["dense"] * 3
+    dense = {k: v for k, v in TINY.items() if k != "moe_intermediate_size"}  # a dense model refuses MoE options
+    assert hf_arch.GatedAttentionConfig(**dense).mlp_layer_types == ["dense"] * 3
 
 
 def test_triton_expert_backend_matches_torch_in_the_model(monkeypatch):

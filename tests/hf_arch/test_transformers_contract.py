@@ -154,9 +154,10 @@ DiffAttentionModelTester = _tester("DiffAttentionModelTester", V.DIFF_ATTENTION,
 CubitModelTester = _tester("CubitModelTester", V.CUBIT)
 SASModelTester = _tester("SASModelTester", V.SAS)
 GeoNormModelTester = _tester("GeoNormModelTester", V.GEONORM)
-_SPARSE = dict(sparse_attn_block_size=4, sparse_attn_window_blocks=1, sparse_attn_router_hidden=16)
+_SPARSE = dict(sparse_attn_block_size=4)
+_FLUX = dict(_SPARSE, sparse_attn_window_blocks=1, sparse_attn_router_hidden=16)  # Flux-only: a Seer config refuses them
 SeerAttentionModelTester = _tester("SeerAttentionModelTester", V.SPARSE_ATTENTION, sparse_attn_method="seer", **_SPARSE)
-FluxAttentionModelTester = _tester("FluxAttentionModelTester", V.SPARSE_ATTENTION, sparse_attn_method="flux", **_SPARSE)
+FluxAttentionModelTester = _tester("FluxAttentionModelTester", V.SPARSE_ATTENTION, sparse_attn_method="flux", **_FLUX)
 
 
 # ------------------------------------------------------------------------------------------------- test classes
