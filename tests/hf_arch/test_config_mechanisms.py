@@ -33,7 +33,6 @@ SWITCHES = {
     "learned sparse attention": ({}, dict(sparse_attn_method="seer")),
     "SeerAttention block gates": (dict(sparse_attn_method="flux"), dict(sparse_attn_method="seer")),
     "Flux layer routers": (dict(sparse_attn_method="seer"), dict(sparse_attn_method="flux")),
-    "sliding-window attention": ({}, dict(layer_types=["sliding_attention"] * 2)),
     "linear-attention layers": ({}, LINEAR),
     "an intra-layer hybrid": (LINEAR, dict(LINEAR, linear_attn_hybrid="liger", sliding_window=8)),
     "GLA's low-rank forget gate": (dict(LINEAR, linear_attn_gate="scalar"), LINEAR),
@@ -60,7 +59,6 @@ OPTION_VALUES = {
     "sparse_attn_router_hidden": (32, {}), "sparse_attn_router_bias": (1.0, {}), "sparse_attn_sink_blocks": (2, {}),
     "sparse_attn_window_blocks": (2, {}), "sparse_attn_gumbel_tau": (0.5, {}),
     "sparse_attn_target_sparsity": (0.3, {}), "sparse_attn_lagrangian_lr_scale": (5.0, {}),
-    "sliding_window": (16, {}),
     "linear_attn_type": ("gated_deltanet", {}), "linear_attn_gate": ("scalar", {}),
     "linear_attn_gate_low_rank_dim": (8, {}), "linear_attn_gate_normalizer": (8.0, {}),
     "linear_attn_conv_size": (4, {}), "linear_attn_qk_norm": ("l2", {}), "linear_attn_output_norm": ("rmsnorm", {}),
@@ -160,6 +158,8 @@ def test_compositions_and_variant_defaults_are_accepted():
     hf_arch.GatedDeltaNetConfig(layer_types=["full_attention"] * 2, **TINY)
     for preset in MOE_PRESETS:
         hf_arch.MoEConfig(moe_preset=preset, **TINY)
+    # a Llama-family field transformers sets on any config that has it (its common tests do, then save and reload)
+    hf_arch.GatedAttentionConfig(sliding_window=2, **TINY)
 
 
 COMPOSED = {
