@@ -153,7 +153,7 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert type(loaded) is type(model)
-    meta = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "model_type"}
+    meta = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "model_type", "auto_map"}  # saves add auto_map
     fields = lambda c: {k: v for k, v in c.to_dict().items() if k not in meta}  # noqa: E731
     assert fields(loaded.config) == fields(model.config)
     assert loaded.config.layer_types == ["hybrid_sliding", "hybrid_sliding", "full_attention"]
