@@ -19,6 +19,7 @@ and the missing name, when a module imports from our package something that is i
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import json
@@ -325,12 +326,22 @@ def _check_generated(filename: str, text: str, allowed_relative: set[str]) -> No
 def build_remote_code_sources(variant_name_or_model_type: str) -> dict[str, str]:
     """``{"configuration_hf_arch.py": ..., "modeling_hf_arch.py": ...}`` for one variant.
 
+    Built once per variant and module table in a process (every save_pretrained writes them; flattening takes ~1 s).
+    """
+    variant = get_variant(variant_name_or_model_type)
+    return dict(_build_sources(variant.model_type, tuple(CONFIG_MODULES), tuple(MODELING_MODULES)))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_modules: tuple[str, ...]) -> dict:
+    """The uncached builder of ``build_remote_code_sources`` (the tables are part of the key).
+
     The configuration file holds the backbone config base class and the variant's config class; the modeling file
     holds the layers, the backbone and the variant's Model / ForCausalLM classes (no ForSequenceClassification: it
     needs the AutoModel registration of the package) and imports its config classes from the configuration file.
     Raises ``KeyError`` for an unknown variant and ``RemoteCodeError`` if the sources cannot be flattened.
     """
-    variant = get_variant(variant_name_or_model_type)
+    variant = get_variant(model_type)
 
     # ---- configuration file: CONFIG_MODULES whole, then only the config classes of the variant's module(s).
     config = _FileBuilder(CONFIG_FILENAME)

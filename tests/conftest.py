@@ -78,7 +78,6 @@ FLOOR_SUBSET = (
     "hf_arch/test_linear_models.py",
     "hf_arch/test_moe_models.py",
     "hf_arch/test_remote_code.py",
-    "hf_arch/test_transformers_contract.py",
     "hf_arch/layers/",
     "conversion/test_gate_insertion.py",
 )

@@ -49,6 +49,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, S]`` maps times ``[B, H_kv, S, D]`` values (kv heads repeated) → ``[B, T, H, D]``."""
+    value = repeat_kv(value, weights.shape[1] // value.shape[1])
+    return torch.matmul(weights, value.to(weights.dtype)).transpose(1, 2).to(value.dtype)
+
+
 class HfArchAttention(nn.Module):
     # Read by peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
     # head variants' modules (output_gate, differential, …) declare their own.
@@ -203,12 +209,16 @@ class HfArchAttention(nn.Module):
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.score_function == "krr":
             krr = dict(ridge=self.config.krr_ridge, temperature=self.config.krr_temperature, attention_mask=padding_mask)
-            weights = naive_krr_attention_weights(q, k, **krr) if output_attentions else None
-            return krr_attention(q, k, v, **krr), value, weights
+            if output_attentions:  # the output is computed from the returned maps, so gradients reach them
+                weights = naive_krr_attention_weights(q, k, **krr)
+                return weighted_values(weights, value), value, weights
+            return krr_attention(q, k, v, **krr), value, None
         mode = "plain" if self.score_function == "sa_softmax" else "normalized"
         options = dict(mode=mode, scale=self.scaling, attention_mask=padding_mask)
-        weights = sa_softmax_attention_weights(q, k, **options) if output_attentions else None
-        return sa_softmax_attention(q, k, v, **options), value, weights
+        if output_attentions:
+            weights = sa_softmax_attention_weights(q, k, **options)
+            return weighted_values(weights, value), value, weights
+        return sa_softmax_attention(q, k, v, **options), value, None
 
     def attend_differential(self, hidden_states, query, key, value, attention_mask, position_embeddings,
                             past_key_values=None, **kwargs):

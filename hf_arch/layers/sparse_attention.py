@@ -24,7 +24,7 @@ from torch import nn
 
 from ..kernels.block_sparse.naive import block_sparse_attention_weights
 from ..kernels.ops import block_sparse_attention, pooled_attention_scores
-from .attention import HfArchAttention, repeat_kv
+from .attention import HfArchAttention, repeat_kv, weighted_values
 from .rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -249,14 +249,14 @@ class HfArchSparseAttention(HfArchAttention):
             log_probs = self.block_gate(query, key, token)
             mask = select_blocks(log_probs.exp(), self.config, T)
             self._record_density(mask)
-            out = self._block_sparse(rq, rk, value, mask, token)
             if past_key_values is not None:
                 past_key_values.update(rk, value.transpose(1, 2), self.layer_idx)
-            weights = None
-            if output_attentions:  # the block-sparse map the prefill computed
+            if output_attentions:  # the block-sparse maps, with the output computed from them (gradients reach them)
                 weights = block_sparse_attention_weights(rq.transpose(1, 2), rk.transpose(1, 2), mask, self.block_size,
                                                          self.scaling, token).to(rq.dtype)
-            return self.finish(hidden_states, out), weights
+                return self.finish(hidden_states, weighted_values(weights, value.transpose(1, 2))), weights
+            out = self._block_sparse(rq, rk, value, mask, token)
+            return self.finish(hidden_states, out), None
         return self._flux(hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense)
 
     # -- seer -----------------------------------------------------------------------------------------------------

@@ -203,6 +203,8 @@ class HfArchPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         # The config's composition decides (the class flag describes the variant's default layout).
         self._can_compile_fullgraph = not fullgraph_compile_blockers(config)
+        # Linear layers carry a recurrent state that cannot be rolled back token by token (no assisted decoding).
+        self._is_stateful = any(t in LINEAR_LAYER_TYPES for t in config.layer_types)
 
     def _wants_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict

@@ -30,6 +30,8 @@ class DiffAttentionConfig(HfArchConfig):
 
 class DiffAttentionPreTrainedModel(HfArchPreTrainedModel):
     config_class = DiffAttentionConfig
+    # The noise keys share the signal keys' cache entry, which a static cache cannot hold (backbone's compile blockers).
+    _can_compile_fullgraph = False
 
 
 class DiffAttentionModel(DiffAttentionPreTrainedModel, HfArchModel):

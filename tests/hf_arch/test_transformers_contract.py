@@ -290,3 +290,38 @@ class SeerAttentionModelTest(HfArchModelTest, unittest.TestCase):
 class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = FluxAttentionModelTester
 
+
+
+# Known failures, each a bug in hf_arch still open (issue 15 closing note). strict=True: a fix makes the run fail until
+# the entry is removed, so this list can only shrink.
+_GDA_CACHE = ("GDA keeps its noise keys beside the signal keys in one cache entry (num_key_value_heads + noise heads "
+              "keys, num_key_value_heads values): transformers' cache-format checks and crop see a non-standard layer")
+_SAS_GEOMETRY = ("SAS caches and returns the simulated heads (sas_num_heads, sas_qk_dim) instead of the model's "
+                 "num_attention_heads / num_key_value_heads / head_dim")
+KNOWN_FAILURES = {
+    DiffAttentionModelTest: (_GDA_CACHE, (
+        "test_assisted_decoding_matches_greedy_search", "test_assisted_decoding_sample",
+        "test_beam_search_generate_dict_outputs_use_cache", "test_greedy_generate_dict_outputs_use_cache",
+        "test_past_key_values_format", "test_prompt_lookup_decoding_matches_greedy_search")),
+    SASModelTest: (_SAS_GEOMETRY, (
+        "test_assisted_decoding_matches_greedy_search", "test_assisted_decoding_sample", "test_attention_outputs",
+        "test_beam_sample_generate_dict_output", "test_beam_search_generate_dict_output",
+        "test_beam_search_generate_dict_outputs_use_cache", "test_generate_from_inputs_embeds_with_static_cache",
+        "test_generate_with_static_cache", "test_greedy_generate_dict_outputs",
+        "test_greedy_generate_dict_outputs_use_cache", "test_past_key_values_format",
+        "test_prompt_lookup_decoding_matches_greedy_search", "test_sample_generate_dict_output")),
+}
+
+
+def _mark_known_failures():
+    for test_class, (reason, prefixes) in KNOWN_FAILURES.items():
+        names = dir(test_class)
+        for name in names:
+            # parameterized.expand leaves the bare name behind as a passing placeholder: mark the expanded cases.
+            placeholder = name in prefixes and any(other.startswith(name + "_") for other in names)
+            if name.startswith(prefixes) and callable(getattr(test_class, name)) and not placeholder:
+                marked = pytest.mark.xfail(strict=True, reason=reason)(getattr(test_class, name))
+                setattr(test_class, name, marked)
+
+
+_mark_known_failures()
