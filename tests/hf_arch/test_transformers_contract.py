@@ -56,6 +56,13 @@ def _load_transformers_common():
     return sys.modules[name]
 
 
+import transformers  # noqa: E402
+
+# The vendored mixins are transformers 5.25's; older releases lack what they import (e.g. require_flex_attention).
+if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
+    pytest.skip(f"transformers' 5.25 common model tests need transformers >= 5.25 (installed "
+                f"{transformers.__version__})", allow_module_level=True)
+
 _load_transformers_common()
 
 import torch  # noqa: E402,F401
