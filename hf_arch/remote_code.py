@@ -82,6 +82,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.layers.affine_attention",
     f"{PACKAGE}.layers.value_bank",
     f"{PACKAGE}.layers.differential_attention",
+    f"{PACKAGE}.layers.noise_key_cache",
     f"{PACKAGE}.layers.simulated_attention",
     f"{PACKAGE}.layers.attention",
     f"{PACKAGE}.layers.mlp",
@@ -424,11 +425,21 @@ def _config_class_only(builder: _FileBuilder, module_name: str, keep) -> None:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 imported[(alias.asname or alias.name).split(".")[0]] = node
+    defined_here = {name for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom))
+                    for name in _statement_bindings(node)}
+    kept = {node.name for node in tree.body
+            if isinstance(node, ast.ClassDef) and keep(node.name, getattr(module, node.name, None))}
     for node in tree.body:
-        if not (isinstance(node, ast.ClassDef) and keep(node.name, getattr(module, node.name, None))):
+        if not (isinstance(node, ast.ClassDef) and node.name in kept):
             continue
         # Names the class uses that the module imports: bring those imports along (own ones must resolve in the file).
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        left_behind = sorted((used & defined_here) - kept)
+        if left_behind:
+            raise RemoteCodeError(
+                f"{node.name} (in {module_name}) uses {left_behind}, defined beside it; only the config classes of that "
+                f"module go to {CONFIG_FILENAME}: move them into the class or into a module in CONFIG_MODULES"
+            )
         for name in sorted(used & set(imported)):
             imp = imported[name]
             if isinstance(imp, ast.ImportFrom) and imp.module == "__future__":

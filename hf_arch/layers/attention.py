@@ -22,6 +22,7 @@ from ..kernels.ops import krr_attention, sa_softmax_attention
 from ..kernels.sa_softmax.naive import sa_softmax_attention_weights
 from .affine_attention import AffineAttentionScale, mean_attended_values
 from .differential_attention import DifferentialNoise, group_values_by_noise_head
+from .noise_key_cache import attach_noise_key_layers
 from .norm import HfArchRMSNorm
 from .output_gate import AttentionOutputGate
 from .rope import apply_rotary_pos_emb
@@ -224,22 +225,18 @@ class HfArchAttention(nn.Module):
                             past_key_values=None, **kwargs):
         """Grouped Differential Attention on ``[B, heads, T, D]`` tensors → (``[B, T, H, D]``, signal weights).
 
-        The noise keys ride in the same cache entry as the signal keys (concatenated over heads), so decode reads
-        both from one ``DynamicCache`` layer."""
+        The noise keys live in a companion of this layer's cache entry (``noise_key_cache``), so the entry itself keeps
+        transformers' key/value shapes and any cache kind (dynamic, sliding, static) works."""
         noise = self.differential
         noise_query, noise_key = noise.project(hidden_states)
         if self.q_norm is not None:
             noise_query, noise_key = self.q_norm(noise_query), self.k_norm(noise_key)
         noise_query, noise_key = apply_rotary_pos_emb(noise_query.transpose(1, 2), noise_key.transpose(1, 2),
                                                       *position_embeddings)
-        keys = torch.cat([key, noise_key], dim=1)
-        if past_key_values is not None and getattr(past_key_values.layers[self.layer_idx], "max_cache_len", None):
-            raise ValueError(f"layer {self.layer_idx}: Grouped Differential Attention keeps its noise keys beside the "
-                             "signal keys in one cache entry, which a static cache (preallocated for "
-                             "num_key_value_heads) cannot hold; use the default dynamic cache")
         if past_key_values is not None:
-            keys, value = past_key_values.update(keys, value, self.layer_idx)
-        key, noise_key = keys.split([self.num_key_value_heads, noise.num_noise_heads], dim=1)
+            attach_noise_key_layers(past_key_values, (self.layer_idx,))
+            key, value = past_key_values.update(key, value, self.layer_idx)
+            noise_key = past_key_values.layers[self.layer_idx].update_noise_keys(noise_key)
         signal, weights = self.attend(query, key, value, attention_mask, **kwargs)
         grouped = group_values_by_noise_head(value, self.num_heads, noise.num_noise_heads)
         # One map per noise head: the backend sees H_n query heads and H_n key heads (no further grouping).

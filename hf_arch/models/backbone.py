@@ -38,6 +38,7 @@ from ..layers.moe import HfArchMoE
 from ..layers.moe_experts import HfArchExperts, ZeroComputationExperts
 from ..layers.moe_losses import moe_auxiliary_losses
 from ..layers.moe_router import MoERouter
+from ..layers.noise_key_cache import attach_noise_key_layers
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
@@ -55,7 +56,14 @@ from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, 
 
 class HfArchCache(DynamicCache):
     """``DynamicCache`` whose ``get_seq_length()`` counts tokens whatever layer 0 is: all-linear models (transformers
-    counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill."""
+    counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill. Grouped
+    Differential Attention layers get a noise-key companion from the start (the layer adds it to other caches)."""
+
+    def __init__(self, *args, config: HfArchConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, config=config, **kwargs)
+        if config is not None and getattr(config, "diff_attn_noise_heads", 0):
+            attach_noise_key_layers(self, [i for i, kind in enumerate(config.layer_types)
+                                           if kind in ATTENTION_LAYER_TYPES])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
@@ -77,8 +85,6 @@ def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
         blockers.append("MoE layers group tokens by expert (per-expert counts)")
     if config.sparse_attn_method == "flux":
         blockers.append("Flux routes each input to full or sparse attention")
-    if config.diff_attn_noise_heads:
-        blockers.append("GDA's noise keys share a cache entry that a static cache cannot hold")
     return blockers
 
 

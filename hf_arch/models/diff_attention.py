@@ -10,17 +10,18 @@ from ..configuration import HfArchConfig
 from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
 
 
-def default_noise_heads(num_attention_heads: int) -> int:
-    """The largest divisor of the head count that is at most half of it (a 2:1 or steeper signal:noise split)."""
-    return max([d for d in range(1, num_attention_heads // 2 + 1) if num_attention_heads % d == 0], default=1)
-
-
 class DiffAttentionConfig(HfArchConfig):
     model_type = "hfa_diff_attention"
 
+    @staticmethod
+    def default_noise_heads(num_attention_heads: int) -> int:
+        """The largest divisor of the head count that is at most half of it (a 2:1 or steeper signal:noise split).
+        A method, not a module function: only the config class goes to the remote-code configuration file."""
+        return max([d for d in range(1, num_attention_heads // 2 + 1) if num_attention_heads % d == 0], default=1)
+
     def __init__(self, diff_attn_noise_heads: int | None = None, num_attention_heads: int = 12, **kwargs):
         if diff_attn_noise_heads is None:
-            diff_attn_noise_heads = default_noise_heads(num_attention_heads) if isinstance(num_attention_heads, int) else 1
+            diff_attn_noise_heads = self.default_noise_heads(num_attention_heads) if isinstance(num_attention_heads, int) else 1
         if diff_attn_noise_heads == 0:
             raise ValueError("DiffAttentionConfig.diff_attn_noise_heads must be >= 1 (with 0 noise heads the model is "
                              "plain attention)")
@@ -30,8 +31,6 @@ class DiffAttentionConfig(HfArchConfig):
 
 class DiffAttentionPreTrainedModel(HfArchPreTrainedModel):
     config_class = DiffAttentionConfig
-    # The noise keys share the signal keys' cache entry, which a static cache cannot hold (backbone's compile blockers).
-    _can_compile_fullgraph = False
 
 
 class DiffAttentionModel(DiffAttentionPreTrainedModel, HfArchModel):

@@ -379,6 +379,27 @@ def test_generator_names_a_module_missing_from_the_table(monkeypatch):
         build_remote_code_sources("gated_attention")
 
 
+def test_generator_names_a_helper_a_config_class_leaves_behind(tmp_path, monkeypatch):
+    """Only the config classes of a variant module go to the configuration file; a module-level helper they call
+    would be a NameError at remote load (GDA's default noise heads were, on transformers 5.17)."""
+    (tmp_path / "variant_with_helper.py").write_text(textwrap.dedent("""
+        from transformers import PretrainedConfig
+
+        def default_width(n):
+            return 2 * n
+
+        class HelperConfig(PretrainedConfig):
+            def __init__(self, width=None, **kwargs):
+                self.width = default_width(4) if width is None else width
+                super().__init__(**kwargs)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    builder = remote_code._FileBuilder(CONFIG_FILENAME)
+    with pytest.raises(RemoteCodeError, match=r"HelperConfig .*\['default_width'\], defined beside it"):
+        remote_code._config_class_only(builder, "variant_with_helper", keep=lambda name, obj: name == "HelperConfig")
+    sys.modules.pop("variant_with_helper", None)
+
+
 def test_unknown_variant():
     with pytest.raises(KeyError, match="nope"):
         build_remote_code_sources("nope")

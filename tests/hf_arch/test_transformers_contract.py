@@ -301,8 +301,6 @@ class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
 
 # Known failures, each a bug in hf_arch still open (issue 15 closing note). strict=True: a fix makes the run fail until
 # the entry is removed, so this list can only shrink.
-_GDA_CACHE = ("GDA keeps its noise keys beside the signal keys in one cache entry (num_key_value_heads + noise heads "
-              "keys, num_key_value_heads values): transformers' cache-format checks and crop see a non-standard layer")
 _SAS_GEOMETRY = ("SAS caches and returns the simulated heads (sas_num_heads, sas_qk_dim) instead of the model's "
                  "num_attention_heads / num_key_value_heads / head_dim")
 # Open bug, not a transformers skip: its check runs as subtests, which an xfail mark cannot hold, so the flag is off
@@ -311,10 +309,6 @@ _NO_TASK_GRADIENT = ("Seer's block gates (trained by gate distillation) and Flux
                      "causal-LM sparsity penalty) get no gradient from a plain task loss; DDP without "
                      "find_unused_parameters would refuse them")
 KNOWN_FAILURES = {
-    DiffAttentionModelTest: (_GDA_CACHE, (
-        "test_assisted_decoding_matches_greedy_search", "test_assisted_decoding_sample",
-        "test_beam_search_generate_dict_outputs_use_cache", "test_greedy_generate_dict_outputs_use_cache",
-        "test_past_key_values_format", "test_prompt_lookup_decoding_matches_greedy_search")),
     SASModelTest: (_SAS_GEOMETRY, (
         "test_assisted_decoding_matches_greedy_search", "test_assisted_decoding_sample", "test_attention_outputs",
         "test_beam_sample_generate_dict_output", "test_beam_search_generate_dict_output",
