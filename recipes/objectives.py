@@ -43,7 +43,8 @@ def attention_transfer_loss(model, inputs: dict) -> torch.Tensor:
 
 def gate_distillation_loss(model, inputs: dict) -> torch.Tensor:
     """Mean over seer layers of ``KL(pooled attention ‖ gate)`` on this batch."""
-    from ..layers.sparse_attention import gate_distillation_losses, sparse_attention_layers
+    from ..layers.sparse_attention import sparse_attention_layers
+    from ..models.backbone import HfArchModel
 
     layers = [layer for layer in sparse_attention_layers(model) if layer.block_gate is not None]
     if not layers:
@@ -54,11 +55,13 @@ def gate_distillation_loss(model, inputs: dict) -> torch.Tensor:
         layer.gate_distillation = True
     try:
         model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        losses = gate_distillation_losses(model)
+        # The backbone's mean gate KL (taken from the decoder layers' outputs, so it survives checkpointing).
+        backbone = next(m for m in model.modules() if isinstance(m, HfArchModel))
+        loss = backbone.last_auxiliary_loss
     finally:
         for layer in layers:
             layer.gate_distillation = False
-    return torch.stack(losses).mean()
+    return loss
 
 
 @contextlib.contextmanager
@@ -120,14 +123,14 @@ class DistillationTeacher:
 
 
 def training_regularizer(model, outputs):
-    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss and the Flux sparsity
-    Lagrangian (0 when neither applies)."""
+    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss and the sparse-attention
+    terms (seer gate self-distillation, flux Lagrangian); 0 when none applies."""
     total = 0.0
     aux = getattr(outputs, "aux_loss", None)
     if aux is not None:
         total = total + aux
     for module in model.modules():
-        penalty = getattr(module, "last_sparsity_penalty", None)
+        penalty = getattr(module, "last_auxiliary_loss", None)
         if isinstance(penalty, torch.Tensor):
             total = total + penalty
     return total

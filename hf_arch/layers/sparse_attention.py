@@ -33,7 +33,7 @@ __all__ = [
     "HfArchSparseAttention",
     "select_blocks",
     "sparse_attention_layers",
-    "gate_distillation_losses",
+    "sparse_attention_auxiliary_loss",
     "flux_sparsity_penalty",
     "attention_density",
     "flux_sparse_share",
@@ -232,6 +232,7 @@ class HfArchSparseAttention(HfArchAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token) the backbone passes to sparse layers."""
         B, T, _ = hidden_states.shape
+        self.gate_loss = self.sparse_probability = None  # this forward's terms only (the decoder layer returns them)
         query, key, value = self.project(hidden_states)
         rq, rk = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
         past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
@@ -246,7 +247,12 @@ class HfArchSparseAttention(HfArchAttention):
         if self.method == "seer":
             if self.gate_distillation:
                 return self._distill_gate(hidden_states, query, key, rq, rk, token, dense)
-            log_probs = self.block_gate(query, key, token)
+            learning = self.training  # (not is_grad_enabled: a reentrant checkpoint runs the first pass without)
+            # The gate sees detached q/k: its loss trains the gate only, never the attention it imitates.
+            log_probs = self.block_gate(query.detach(), key.detach(), token) if learning else \
+                self.block_gate(query, key, token)
+            if learning:  # SeerAttention's self-distillation, alongside whatever loss trains the model
+                self.gate_loss = gate_kl(self._gate_target(rq, rk, token), log_probs, token, self.block_size)
             mask = select_blocks(log_probs.exp(), self.config, T)
             self._record_density(mask)
             if past_key_values is not None:
@@ -269,13 +275,16 @@ class HfArchSparseAttention(HfArchAttention):
         if T < self.block_size:
             raise ValueError(f"layer {self.layer_idx}: gate distillation needs at least one block of context "
                              f"(sparse_attn_block_size={self.block_size}), got {T} tokens")
-        with torch.no_grad():
-            target = pooled_attention_scores(rq.transpose(1, 2).detach(), rk.transpose(1, 2).detach(),
-                                             self.block_size, scale=self.scaling, attention_mask=token)
         log_gate = self.block_gate(query.detach(), key.detach(), token)
-        self.gate_loss = gate_kl(target, log_gate, token, self.block_size)
+        self.gate_loss = gate_kl(self._gate_target(rq, rk, token), log_gate, token, self.block_size)
         out, weights = dense()
         return self.finish(hidden_states, out), weights
+
+    @torch.no_grad()
+    def _gate_target(self, rq, rk, token):
+        """What the gate learns to predict: the dense attention mass per (query block, key block)."""
+        return pooled_attention_scores(rq.transpose(1, 2), rk.transpose(1, 2), self.block_size, scale=self.scaling,
+                                       attention_mask=token)
 
     def _record_density(self, mask) -> None:
         N = mask.shape[-1]
@@ -355,16 +364,6 @@ def sparse_attention_layers(model: nn.Module) -> list[HfArchSparseAttention]:
     return [m for m in model.modules() if isinstance(m, HfArchSparseAttention)]
 
 
-def gate_distillation_losses(model: nn.Module) -> list[torch.Tensor]:
-    """Collect (and clear) every seer layer's ``gate_loss`` from the last forward in distillation mode."""
-    losses = []
-    for layer in sparse_attention_layers(model):
-        if layer.gate_loss is not None:
-            losses.append(layer.gate_loss)
-            layer.gate_loss = None
-    return losses
-
-
 class _ReverseGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -375,15 +374,25 @@ class _ReverseGradient(torch.autograd.Function):
         return -grad
 
 
-def flux_sparsity_penalty(model: nn.Module, multipliers: torch.Tensor, target: float) -> torch.Tensor | None:
-    """PruLong-style Lagrangian ``λ₁(s − t) + λ₂(s − t)²`` with ``s`` the expected share of sparse choices in the last
-    forward. The multipliers see a reversed gradient, so one minimiser ascends on λ while it descends on the
-    routers. None when no router ran."""
-    probabilities = [layer.sparse_probability for layer in sparse_attention_layers(model)
-                     if layer.sparse_probability is not None]
-    if not probabilities:
-        return None
-    gap = torch.cat(probabilities).mean() - target
+def sparse_attention_auxiliary_loss(gate_losses, sparse_probabilities, multipliers: torch.Tensor | None,
+                                    target: float) -> torch.Tensor | None:
+    """What a training loss adds for sparse-attention layers, so every parameter they own learns from the loss the
+    model returns: the mean block-gate self-distillation KL over the seer layers (gradients reach the gates only)
+    plus the Flux sparsity Lagrangian (routers and multipliers). The terms come from the decoder layers' outputs, so
+    they survive gradient checkpointing. None when neither applies."""
+    terms = []
+    if gate_losses:
+        terms.append(torch.stack(gate_losses).mean())
+    if multipliers is not None and sparse_probabilities:
+        terms.append(flux_sparsity_penalty(sparse_probabilities, multipliers, target))
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def flux_sparsity_penalty(sparse_probabilities, multipliers: torch.Tensor, target: float) -> torch.Tensor:
+    """PruLong-style Lagrangian ``λ₁(s − t) + λ₂(s − t)²`` with ``s`` the mean of the routers' ``P(sparse)`` (one
+    ``[B]`` tensor per flux layer). The multipliers see a reversed gradient, so one minimiser ascends on λ while it
+    descends on the routers."""
+    gap = torch.cat(list(sparse_probabilities)).mean() - target
     lam = _ReverseGradient.apply(multipliers.float())
     return lam[0] * gap + lam[1] * gap * gap
 

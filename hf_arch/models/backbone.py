@@ -48,7 +48,7 @@ from ..layers.sparse_attention import (
     BlockGate,
     HfArchSparseAttention,
     LayerRouter,
-    flux_sparsity_penalty,
+    sparse_attention_auxiliary_loss,
 )
 from ..layers.value_bank import ValueBank, ValueGate
 from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
@@ -136,7 +136,8 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None).
+        """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None, a seer
+        layer's gate self-distillation loss or None, a flux layer's ``[B]`` P(sparse) or None).
 
         ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals).
         The cache comes as ``cache`` or ``past_key_values`` (transformers' old and new names)."""
@@ -156,7 +157,12 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool)
         else:
             mixed = self.mlp(normed)
-        return self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits
+        # Sparse attention's training terms leave as outputs, not attributes: a (reentrant) checkpointed layer only
+        # carries gradients through what it returns.
+        gate_loss = getattr(self.self_attn, "gate_loss", None)
+        sparse_probability = getattr(self.self_attn, "sparse_probability", None)
+        return (self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits, gate_loss,
+                sparse_probability)
 
 
 class HfArchPreTrainedModel(PreTrainedModel):
@@ -214,6 +220,16 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def _wants_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
+
+    def _add_auxiliary_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """A training task loss plus the sparse-attention layers' own terms (seer gate self-distillation, flux
+        Lagrangian), so their parameters learn from the loss the model returns (as the MoE router's aux loss)."""
+        self.last_auxiliary_loss = None
+        auxiliary = self.model.last_auxiliary_loss if self.training else None
+        if auxiliary is None:
+            return loss
+        self.last_auxiliary_loss = auxiliary
+        return loss + auxiliary.to(loss.device)
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
         """``PreTrainedModel.save_pretrained``, then the flat remote-code files and the ``auto_map`` in the same directory
@@ -288,6 +304,7 @@ class HfArchModel(HfArchPreTrainedModel):
         self.value_bank = ValueBank(config) if config.move_num_slots else None
         # Flux: the Lagrange multipliers of the sparsity target (trained by gradient ascent; unused at inference).
         self.sparsity_multipliers = nn.Parameter(torch.zeros(2)) if config.sparse_attn_method == "flux" else None
+        self.last_auxiliary_loss: torch.Tensor | None = None  # sparse attention's training terms of the last forward
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -395,11 +412,12 @@ class HfArchModel(HfArchPreTrainedModel):
             kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
                 attention_mask.dim() == 2 else None
         all_hidden_states, all_attentions, all_router_logits = [], [], []
+        gate_losses, sparse_probabilities = [], []
         router_logits = None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, attn_weights, layer_router_logits = layer(
+            hidden_states, attn_weights, layer_router_logits, gate_loss, sparse_probability = layer(
                 hidden_states,
                 router_logits,
                 attention_mask=masks.get(layer.layer_type),
@@ -418,6 +436,14 @@ class HfArchModel(HfArchPreTrainedModel):
             if layer_router_logits is not None:
                 router_logits = layer_router_logits
                 all_router_logits.append(layer_router_logits)
+            if gate_loss is not None:
+                gate_losses.append(gate_loss)
+            if sparse_probability is not None:
+                sparse_probabilities.append(sparse_probability)
+        # Read by the heads right after this call (and by the gate-distillation objective).
+        self.last_auxiliary_loss = sparse_attention_auxiliary_loss(
+            gate_losses, sparse_probabilities if self.training else [], self.sparsity_multipliers,
+            self.config.sparse_attn_target_sparsity)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -448,7 +474,9 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.last_sparsity_penalty: torch.Tensor | None = None  # flux: the Lagrangian term of the last training loss
+        # The sparse-attention term of the last training loss (seer gate KL, flux Lagrangian), kept apart too so a
+        # distillation loss can reweight the CE alone.
+        self.last_auxiliary_loss: torch.Tensor | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -519,15 +547,10 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        self.last_sparsity_penalty = None
+        self.last_auxiliary_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if self.training and self.model.sparsity_multipliers is not None:
-                penalty = flux_sparsity_penalty(self.model, self.model.sparsity_multipliers,
-                                                self.config.sparse_attn_target_sparsity)
-                if penalty is not None:  # kept apart too, so a distillation loss can reweight the CE alone
-                    self.last_sparsity_penalty = penalty
-                    loss = loss + penalty.to(loss.device)
+            loss = self._add_auxiliary_loss(loss)
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:
             want_router_logits = (
@@ -560,3 +583,17 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
 
 class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPreTrainedModel):
     """Last-token classification head over the backbone (built through AutoModel, so registration must come first)."""
+
+    last_auxiliary_loss = None
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
+        """transformers' generic head (whose fourth argument is the cache under the installed release's name); a
+        training loss also carries the sparse-attention terms (see ``_add_auxiliary_loss``)."""
+        output = super().forward(input_ids, attention_mask, position_ids, *args, **kwargs)
+        labels = kwargs.get("labels", args[2] if len(args) > 2 else None)
+        if labels is None:
+            return output
+        if isinstance(output, tuple):
+            return (self._add_auxiliary_loss(output[0]), *output[1:])
+        output.loss = self._add_auxiliary_loss(output.loss)
+        return output

@@ -318,32 +318,3 @@ class SeerAttentionModelTest(HfArchModelTest, unittest.TestCase):
 @require_torch
 class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = FluxAttentionModelTester
-
-
-
-# Known failures, each a bug in hf_arch still open (issue 15 closing note). strict=True: a fix makes the run fail until
-# the entry is removed, so this list can only shrink.
-# Open bug, not a transformers skip: its check runs as subtests, which an xfail mark cannot hold, so the flag is off
-# (as Qwen3MoeModelTest turns it off for experts a batch leaves unused).
-_NO_TASK_GRADIENT = ("Seer's block gates (trained by gate distillation) and Flux's Lagrange multipliers (trained by the "
-                     "causal-LM sparsity penalty) get no gradient from a plain task loss; DDP without "
-                     "find_unused_parameters would refuse them")
-KNOWN_FAILURES = {}
-
-
-def _mark_known_failures():
-    for test_class, (reason, prefixes) in KNOWN_FAILURES.items():
-        names = dir(test_class)
-        for name in names:
-            # parameterized.expand leaves the bare name behind as a passing placeholder: mark the expanded cases.
-            placeholder = name in prefixes and any(other.startswith(name + "_") and other[len(name) + 1].isdigit()
-                                                   for other in names if len(other) > len(name) + 1)
-            if name.startswith(prefixes) and callable(getattr(test_class, name)) and not placeholder:
-                marked = pytest.mark.xfail(strict=True, reason=reason)(getattr(test_class, name))
-                setattr(test_class, name, marked)
-
-
-_mark_known_failures()
-
-for _test_class in (SeerAttentionModelTest, FluxAttentionModelTest):
-    _test_class.test_all_params_have_gradient = False  # _NO_TASK_GRADIENT

@@ -14,7 +14,6 @@ from hf_arch.layers.sparse_attention import (
     attention_density,
     flux_sparse_share,
     flux_sparsity_penalty,
-    gate_distillation_losses,
     select_blocks,
     sparse_attention_layers,
 )
@@ -166,8 +165,9 @@ def test_gate_distillation_loss_is_the_kl_to_the_brute_force_pooled_attention_ma
         model(x, use_cache=False)
     finally:
         hook.remove()
-    losses = gate_distillation_losses(model)
+    losses = [layer.gate_loss for layer in sparse_attention_layers(model)]
     assert len(losses) == 2 and all(loss.requires_grad for loss in losses)
+    torch.testing.assert_close(model.model.last_auxiliary_loss, torch.stack(losses).mean())
     target = _brute_force_pooled(attentions[0].float(), BLOCK)
     q, k, _ = layer0.self_attn.project(captured["h"])
     log_gate = layer0.self_attn.block_gate(q, k)
@@ -188,12 +188,35 @@ def test_gate_distillation_lowers_the_kl_and_trains_only_gates():
         layer.gate_distillation = True
     for _ in range(25):
         model(x, use_cache=False)
-        loss = torch.stack(gate_distillation_losses(model)).mean()
+        loss = model.model.last_auxiliary_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         curve.append(loss.item())
     assert curve[-1] < 0.6 * curve[0], curve
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_task_loss_trains_seer_gates_and_flux_routers_through_checkpointing(reentrant):
+    """A training loss with labels carries the gates' self-distillation KL and the flux Lagrangian, so no parameter
+    is left without a gradient (DDP would refuse it), also when a reentrant checkpoint drops side effects."""
+    for method in ("seer", "flux"):
+        model = model_for(method)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        x = ids()
+        plain = model(x, labels=x)
+        assert model.last_auxiliary_loss is not None and model.last_auxiliary_loss.requires_grad
+        plain.loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, (method, missing)
+        if method == "seer":  # the KL reaches the gates only: q/k/v/o gradients are the task loss's alone
+            gate_grads = {n: p.grad.clone() for n, p in model.named_parameters() if "block_gate" in n}
+            model.zero_grad()
+            model(x, labels=x)
+            model.last_auxiliary_loss.backward()
+            assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if "block_gate" not in n)
+            assert all(torch.allclose(p.grad, gate_grads[n]) for n, p in model.named_parameters() if "block_gate" in n)
 
 
 def test_gate_distillation_needs_a_block_of_context():
@@ -249,7 +272,7 @@ def test_flux_training_uses_a_straight_through_choice_and_the_lagrangian_ascends
     model.train()
     x = ids()
     out = model(x, labels=x)
-    penalty = model.last_sparsity_penalty
+    penalty = model.last_auxiliary_loss
     assert penalty is not None and penalty.item() == 0.0  # the multipliers start at 0
     out.loss.backward()
     multipliers = model.model.sparsity_multipliers
@@ -259,6 +282,7 @@ def test_flux_training_uses_a_straight_through_choice_and_the_lagrangian_ascends
     assert all(r.out_bias.grad is not None for r in routers)  # gradient reaches the routers through the soft choice
     with torch.no_grad():
         multipliers.copy_(torch.tensor([2.0, 3.0]))
-    value = flux_sparsity_penalty(model, multipliers, 0.9)
-    share = torch.cat([layer.sparse_probability for layer in sparse_attention_layers(model)]).mean()
+    probabilities = [layer.sparse_probability for layer in sparse_attention_layers(model)]
+    value = flux_sparsity_penalty(probabilities, multipliers, 0.9)
+    share = torch.cat(probabilities).mean()
     torch.testing.assert_close(value, 2.0 * (share - 0.9) + 3.0 * (share - 0.9) ** 2)
