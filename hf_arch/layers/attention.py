@@ -162,6 +162,9 @@ class HfArchAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
         need it; ``value_bank``: the model's MoVE bank."""
+        if cu_seqlens is not None and past_key_values is None and self.config.attention_needs_padding_mask:
+            return self.forward_per_sequence(hidden_states, position_embeddings, attention_mask, cu_seqlens,
+                                             output_attentions=output_attentions, value_bank=value_bank, **kwargs)
         query, key, value = self.project(hidden_states, value_bank)
         if self.simulated is not None:
             query, key = self.simulated.queries_and_keys(query, key, position_embeddings)
@@ -191,6 +194,36 @@ class HfArchAttention(nn.Module):
                                         window=self.sliding_window)
             attn_output = self.affine(hidden_states, attn_output, mean)
         return self.finish(hidden_states, attn_output), attn_weights
+
+    def forward_per_sequence(self, hidden_states, position_embeddings, attention_mask, cu_seqlens,
+                             output_attentions=False, **kwargs):
+        """Packed rows (``B = 1``, sequences back to back at ``cu_seqlens``) for mixers that read positions themselves
+        (score ops, affine value means, sparse block layouts and routes): run each sequence on its own, as if it
+        were a row, so none sees another. The 4-D mask is cut to each sequence's block (causal there); the maps, if
+        asked for, come back block-diagonal. Per-forward training terms (a sparse layer's gate loss and routing
+        probabilities) are combined over the sequences."""
+        bounds = [int(b) for b in cu_seqlens]
+        T = hidden_states.shape[1]
+        outputs, maps, gate_losses, probabilities = [], [], [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            mask = attention_mask[..., start:end, start:end] if isinstance(attention_mask, torch.Tensor) else None
+            out, weights = self.forward(hidden_states[:, start:end], tuple(p[:, start:end] for p in position_embeddings),
+                                        attention_mask=mask, output_attentions=output_attentions, **kwargs)
+            outputs.append(out)
+            maps.append(weights)
+            if getattr(self, "gate_loss", None) is not None:
+                gate_losses.append(self.gate_loss)
+            if getattr(self, "sparse_probability", None) is not None:
+                probabilities.append(self.sparse_probability)
+        if hasattr(self, "gate_loss"):
+            self.gate_loss = torch.stack(gate_losses).mean() if gate_losses else None
+            self.sparse_probability = torch.cat(probabilities) if probabilities else None
+        weights = None
+        if output_attentions and all(m is not None for m in maps):
+            weights = maps[0].new_zeros(*maps[0].shape[:2], T, T)
+            for (start, end), block in zip(zip(bounds[:-1], bounds[1:]), maps):
+                weights[..., start:end, start:end] = block
+        return torch.cat(outputs, dim=1), weights
 
     def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None, output_attentions=False):
         """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → (``[B, T, H, D]``, the

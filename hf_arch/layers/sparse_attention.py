@@ -231,6 +231,9 @@ class HfArchSparseAttention(HfArchAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token) the backbone passes to sparse layers."""
+        if cu_seqlens is not None and past_key_values is None:  # packed rows: blocks and routes per sequence
+            return self.forward_per_sequence(hidden_states, position_embeddings, attention_mask, cu_seqlens,
+                                             output_attentions=output_attentions, **kwargs)
         B, T, _ = hidden_states.shape
         self.gate_loss = self.sparse_probability = None  # this forward's terms only (the decoder layer returns them)
         query, key, value = self.project(hidden_states)

@@ -346,9 +346,11 @@ class HfArchModel(HfArchPreTrainedModel):
         """``cu_seqlens`` of packed training rows (B = 1, no padding mask, positions restarting at 0), else None.
 
         Explicit flash-attention-style ``cu_seq_lens_q`` (transformers' DataCollatorWithFlattening) wins.
-        Attention layers find the packing from position_ids themselves; linear layers need the boundaries.
+        Softmax attention through a backend finds the packing in its mask; linear layers and the mixers that read
+        positions themselves (score ops, affine means, sparse attention) need the boundaries.
         """
-        if not any(t in LINEAR_LAYER_TYPES for t in self.config.layer_types):
+        if not (any(t in LINEAR_LAYER_TYPES for t in self.config.layer_types)
+                or self.config.attention_needs_padding_mask):
             return None
         explicit = kwargs.get("cu_seq_lens_q")
         if explicit is not None:
