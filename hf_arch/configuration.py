@@ -179,6 +179,9 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_qk_norm: ``"l2"`` normalises q and k per head (Gated DeltaNet); ``"none"``.
         linear_attn_output_norm: ``"gated_rmsnorm"`` (``RMSNorm(o) · SiLU(x W)``, per head), ``"rmsnorm"``, ``"none"``.
         linear_attn_use_rope: rotate q/k of the linear branch (off by default: the decay carries position).
+            ``rope_parameters`` are read by attention layers, by linear layers with ``linear_attn_use_rope`` or an
+            intra-layer hybrid, and by attention transfer's softmax teacher (a converted layer's source attention):
+            an all-linear model keeps them for that teacher, so they are not refused there.
         linear_attn_chunk_size: chunk length of the chunked kernels.
         linear_attn_hybrid: intra-layer hybrid: ``"none"``; ``"liger"`` (``w_lin·linear + w_win·SWA`` with the same
             q/k/v); ``"lizard"`` (SWA with ``linear_attn_num_sinks`` learnable sink logits, ``linear + α·SWA`` with α
