@@ -66,6 +66,7 @@ MODELING_MODULES: list[str] = [
     f"{PACKAGE}.kernels.moe.permute",
     f"{PACKAGE}.kernels.moe.grouped",
     f"{PACKAGE}.kernels.moe.weighted",
+    f"{PACKAGE}.kernels.moe.traceable",
     f"{PACKAGE}.kernels.block_sparse.naive",
     f"{PACKAGE}.kernels.block_sparse.chunk",
     f"{PACKAGE}.kernels.block_sparse.pooled_scores",

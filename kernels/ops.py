@@ -22,6 +22,7 @@ from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .krr.chunk import krr_attention_torch
 from .moe.grouped import grouped_expert_mlp
+from .moe.traceable import traceable_weighted_expert_mlp
 from .moe.weighted import grouped_weighted_expert_mlp
 from .sa_softmax.cached import sa_softmax_attention_over_cache
 from .sa_softmax.chunk import chunk_sa_softmax_attention
@@ -236,6 +237,10 @@ def weighted_expert_mlp(
     Same inputs as :func:`expert_mlp` plus the routing weights ``[A]``; differentiable in x, weight and the experts.
     """
     impl = select_backend("weighted_expert_mlp", _WEIGHTED_MOE_IMPLS, x, backend)
+    if torch.compiler.is_compiling():
+        # A traced graph cannot hold the per-expert row counts: the PyTorch path as one opaque op (Triton's
+        # launches read the counts on the host too).
+        return traceable_weighted_expert_mlp(x, token_idx, expert_idx, weight, gate_up, down)
     return impl(x, token_idx, expert_idx, weight, gate_up, down)
 
 

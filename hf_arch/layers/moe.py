@@ -72,10 +72,19 @@ class HfArchMoE(nn.Module):
         zero_computation_out = None
         if self.zero_computation is not None:  # split off what goes to zero-computation experts
             is_ffn = chosen < self.num_ffn
-            rest = ~is_ffn
             zero_computation_out = torch.zeros_like(x)
-            self.zero_computation(x, tokens[rest], chosen[rest] - self.num_ffn, weight[rest], zero_computation_out)
-            tokens, chosen, weight = tokens[is_ffn], chosen[is_ffn], weight[is_ffn]
+            if torch.compiler.is_compiling():
+                # Static shapes for a traced graph: every assignment goes to both sides, weighted 0 where it does not
+                # belong (the FFN side sends the others to expert 0 at weight 0).
+                zero = torch.zeros_like(weight)
+                self.zero_computation(x, tokens, (chosen - self.num_ffn).clamp(min=0),
+                                      torch.where(is_ffn, zero, weight), zero_computation_out)
+                chosen, weight = torch.where(is_ffn, chosen, 0), torch.where(is_ffn, weight, zero)
+            else:
+                rest = ~is_ffn
+                self.zero_computation(x, tokens[rest], chosen[rest] - self.num_ffn, weight[rest],
+                                      zero_computation_out)
+                tokens, chosen, weight = tokens[is_ffn], chosen[is_ffn], weight[is_ffn]
         out = experts(x, tokens, chosen, weight)
         if zero_computation_out is not None:
             out = out + zero_computation_out

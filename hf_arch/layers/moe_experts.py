@@ -69,6 +69,9 @@ class ZeroComputationExperts(nn.Module):
                 weight: torch.Tensor, out: torch.Tensor) -> None:
         """Add ``weight · expert(x)`` into ``out [N, H]`` for assignments to zero-computation experts
         (``expert_idx`` relative to the first of them). Zero experts add nothing and cost nothing."""
+        if torch.compiler.is_compiling():
+            self._add_static(x, token_idx, expert_idx, weight, out)
+            return
         is_copy = (expert_idx >= self.num_zero) & (expert_idx < self.num_zero + self.num_copy)
         if is_copy.any():
             tokens = token_idx[is_copy]
@@ -82,3 +85,19 @@ class ZeroComputationExperts(nn.Module):
             mix = mix[torch.arange(j.numel(), device=j.device), j].to(x.dtype)  # [A_c, 2]
             value = mix[:, :1] * x_c + mix[:, 1:] * self.constant_vectors[j].to(x.dtype)
             out.index_add_(0, tokens, value * weight[is_constant, None].to(x.dtype))
+
+    def _add_static(self, x, token_idx, expert_idx, weight, out) -> None:
+        """The same sums over every assignment with masks instead of selections (no data-dependent shapes, for a
+        traced graph): each kind's weight is 0 on the other kinds' assignments."""
+        zero = torch.zeros_like(weight)
+        is_copy = (expert_idx >= self.num_zero) & (expert_idx < self.num_zero + self.num_copy)
+        x_a = x.index_select(0, token_idx)
+        if self.num_copy:
+            out.index_add_(0, token_idx, x_a * torch.where(is_copy, weight, zero)[:, None].to(x.dtype))
+        if self.num_constant:
+            is_constant = expert_idx >= self.num_zero + self.num_copy
+            j = (expert_idx - (self.num_zero + self.num_copy)).clamp(0, self.num_constant - 1)
+            mix = self.constant_mix(x_a).view(-1, self.num_constant, 2).float().softmax(dim=-1)
+            mix = mix.gather(1, j[:, None, None].expand(-1, 1, 2)).squeeze(1).to(x.dtype)  # [A, 2]
+            value = mix[:, :1] * x_a + mix[:, 1:] * self.constant_vectors[j].to(x.dtype)
+            out.index_add_(0, token_idx, value * torch.where(is_constant, weight, zero)[:, None].to(x.dtype))

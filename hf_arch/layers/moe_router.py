@@ -107,6 +107,12 @@ class MoERouter(nn.Module):
             active = F.relu(logits)
             rms = active.pow(2).mean(dim=-1, keepdim=True).add(self.eps).rsqrt()
             weights = active * rms * self.norm_weight.to(logits.dtype)
+            if torch.compiler.is_compiling():
+                # A traced graph cannot hold a data-dependent count of active pairs: every (token, expert) pair,
+                # the inactive ones weighted 0 (exact, at dense cost).
+                E = logits.shape[1]
+                token_idx = torch.arange(N, device=logits.device).repeat_interleave(E)
+                return Routing(logits, token_idx, torch.arange(E, device=logits.device).repeat(N), weights.reshape(-1))
             token_idx, expert_idx = (active > 0).nonzero(as_tuple=True)
             return Routing(logits, token_idx, expert_idx, weights[token_idx, expert_idx])
         scores = torch.sigmoid(logits) if self.kind == "sigmoid_topk" else logits.softmax(dim=-1)

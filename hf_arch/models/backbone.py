@@ -81,8 +81,6 @@ def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
     """What in this config reads data-dependent sizes in forward, so ``torch.compile(fullgraph=True)`` cannot trace it
     (every other layout is traced in the generation-cache tests)."""
     blockers = []
-    if "sparse" in config.mlp_layer_types:
-        blockers.append("MoE layers group tokens by expert (per-expert counts)")
     if config.sparse_attn_method == "flux":
         blockers.append("Flux routes each input to full or sparse attention")
     return blockers

@@ -40,8 +40,6 @@ class MoEConfig(HfArchConfig):
 
 class MoEPreTrainedModel(HfArchPreTrainedModel):
     config_class = MoEConfig
-    # Routing decides tensor sizes on the host (expert segment lengths): no fullgraph torch.compile.
-    _can_compile_fullgraph = False
 
 
 class MoEModel(MoEPreTrainedModel, HfArchModel):

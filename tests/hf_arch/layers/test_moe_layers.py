@@ -337,3 +337,27 @@ def test_routing_stats_count_what_the_router_chose():
     # One whole real chunk (tokens 0-1) uses FFN {0, 1} of 3; chunk 2-3 holds padding and is skipped.
     assert summary["moe/chunk_level_sparsity_2"] == pytest.approx(1 - 2 / 3)
     assert stats.per_layer_load()[0] == pytest.approx([2 / 6, 1 / 6, 1 / 6, 1 / 6, 1 / 6])
+
+
+@pytest.mark.parametrize("kind", ["softmax_topk", "relu_rmsnorm"])
+@pytest.mark.parametrize("zero_computation", [False, True], ids=["ffn_only", "moe_plus_plus"])
+def test_layer_traces_as_one_static_graph_with_eager_outputs_and_gradients(kind, zero_computation):
+    """Under graph capture the layer swaps data-dependent selections for masks and runs the grouped experts as one
+    opaque op (forward and backward): a fullgraph trace gives the eager output and parameter gradients."""
+    extra = dict(moe_zero_experts=1, moe_copy_experts=1, moe_constant_experts=2) if zero_computation else {}
+    layer = moe_layer(moe_router=kind, **extra)
+    x = torch.randn(2, 7, H, generator=torch.Generator().manual_seed(4))
+
+    def run(fn):
+        layer.zero_grad()
+        out, logits = fn(x)
+        (out.square().sum() + logits.sum()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    eager_out, eager_grads = run(layer)
+    torch._dynamo.reset()
+    traced_out, traced_grads = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(traced_out, eager_out, rtol=1e-5, atol=1e-6)
+    assert traced_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(traced_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
