@@ -290,6 +290,8 @@ class HfArchSparseAttention(HfArchAttention):
                                        attention_mask=token)
 
     def _record_density(self, mask) -> None:
+        if torch.compiler.is_compiling():  # a host-side statistic; a traced graph keeps none
+            return
         N = mask.shape[-1]
         causal = mask.shape[0] * mask.shape[1] * N * (N + 1) // 2
         self.last_density = (int(mask.sum()), causal)
@@ -313,7 +315,8 @@ class HfArchSparseAttention(HfArchAttention):
                 setattr(layer, FLUX_CHOICE_ATTR, sparse)
         N = math.ceil((past + T) / self.block_size)
         self.last_choice = sparse
-        if not bool(sparse.any()) and soft is None:
+        # Skipping the sparse branch when no input takes it is a host-side decision: a traced graph runs both.
+        if soft is None and not torch.compiler.is_compiling() and not bool(sparse.any()):
             out, weights = dense()
             return self.finish(hidden_states, out), weights
         full_out, weights = dense()  # also appends k/v to the cache, which the sparse branch then reads

@@ -77,15 +77,6 @@ class HfArchCache(DynamicCache):
         return all(getattr(layer, "is_croppable", True) for layer in self.layers)
 
 
-def fullgraph_compile_blockers(config: HfArchConfig) -> list[str]:
-    """What in this config reads data-dependent sizes in forward, so ``torch.compile(fullgraph=True)`` cannot trace it
-    (every other layout is traced in the generation-cache tests)."""
-    blockers = []
-    if config.sparse_attn_method == "flux":
-        blockers.append("Flux routes each input to full or sparse attention")
-    return blockers
-
-
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     layer_type = config.layer_types[layer_idx]
     if layer_type == "full_attention" and config.sparse_attn_method is not None:
@@ -211,8 +202,6 @@ class HfArchPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: HfArchConfig, *inputs, **kwargs) -> None:
         super().__init__(config, *inputs, **kwargs)
-        # The config's composition decides (the class flag describes the variant's default layout).
-        self._can_compile_fullgraph = not fullgraph_compile_blockers(config)
         # Linear layers carry a recurrent state that cannot be rolled back token by token (no assisted decoding).
         self._is_stateful = any(t in LINEAR_LAYER_TYPES for t in config.layer_types)
 

@@ -22,7 +22,6 @@ class SparseAttentionConfig(HfArchConfig):
 
 class SparseAttentionPreTrainedModel(HfArchPreTrainedModel):
     config_class = SparseAttentionConfig
-    _can_compile_fullgraph = False  # block selection and the per-input route are decided on the host
 
 
 class SparseAttentionModel(SparseAttentionPreTrainedModel, HfArchModel):

@@ -69,7 +69,8 @@ def chunk_block_sparse_attention(
         rows = stop - start
         # At least one (then unused) slot: a block selecting nothing still flows through the masked softmax (zeros)
         # and stays connected to autograd.
-        width = max(int(counts[:, :, i].max()), 1)
+        # A traced graph cannot size by the count: it takes every causal block (the unselected ones masked).
+        width = i + 1 if torch.compiler.is_compiling() else max(int(counts[:, :, i].max()), 1)
         idx = indices[:, :, i, :width]  # [B, H, K]
         slot_used = torch.arange(width, device=device) < counts[:, :, i, None]  # [B, H, K]
         keys = kb[b_idx, kv_head, idx].reshape(B, H, width * bs, D)
