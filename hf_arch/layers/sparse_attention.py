@@ -244,7 +244,8 @@ class HfArchSparseAttention(HfArchAttention):
         def dense():
             return self.attend(rq, rk, value.transpose(1, 2), attention_mask, past_key_values, **kwargs)
 
-        if self.force_dense or (self.method == "seer" and not self.gate_distillation and (past or T < self.block_size)):
+        # T first: a decode step is decided by its shape, never by the (static caches': tensor) cache length.
+        if self.force_dense or (self.method == "seer" and not self.gate_distillation and (T < self.block_size or past)):
             out, weights = dense()
             return self.finish(hidden_states, out), weights
         if self.method == "seer":
@@ -300,7 +301,10 @@ class HfArchSparseAttention(HfArchAttention):
     def _flux(self, hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense):
         B, T = hidden_states.shape[:2]
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        if past and layer is not None and getattr(layer, FLUX_CHOICE_ATTR, None) is not None:
+        # Decoding = continuing a cache whose prompt was routed (not a test of the cache length, which a static cache
+        # holds as a tensor a traced graph cannot branch on).
+        decoding = layer is not None and getattr(layer, FLUX_CHOICE_ATTR, None) is not None
+        if decoding:
             sparse = getattr(layer, FLUX_CHOICE_ATTR)  # decided on the prompt
             soft = None
         else:
@@ -313,16 +317,17 @@ class HfArchSparseAttention(HfArchAttention):
                 soft, sparse = None, logits[:, 1] > logits[:, 0]
             if layer is not None:
                 setattr(layer, FLUX_CHOICE_ATTR, sparse)
-        N = math.ceil((past + T) / self.block_size)
         self.last_choice = sparse
         # Skipping the sparse branch when no input takes it is a host-side decision: a traced graph runs both.
         if soft is None and not torch.compiler.is_compiling() and not bool(sparse.any()):
             out, weights = dense()
             return self.finish(hidden_states, out), weights
         full_out, weights = dense()  # also appends k/v to the cache, which the sparse branch then reads
-        if past:
+        # Over the cache when continuing one (a routed prompt, or a prompt chunk after others: eager only).
+        if decoding or (not torch.compiler.is_compiling() and past):
             sparse_out = self._sink_window_over_cache(rq, past_key_values, past, padding_mask)
         else:
+            N = math.ceil(T / self.block_size)
             mask = sink_window_block_mask(N, self.config, B, self.num_heads, hidden_states.device)
             sparse_out = self._block_sparse(rq, rk, value, mask, token)
         if soft is not None:  # straight-through: the forward uses the hard choice, the gradient the soft one
@@ -337,14 +342,17 @@ class HfArchSparseAttention(HfArchAttention):
         keys = past_key_values.layers[self.layer_idx].keys
         values = past_key_values.layers[self.layer_idx].values
         T, S = rq.shape[2], keys.shape[2]
-        t = torch.arange(past, past + T, device=rq.device)[:, None] // self.block_size
+        query_pos = (torch.arange(T, device=rq.device) + past)[:, None]
+        t = query_pos // self.block_size
         s = torch.arange(S, device=rq.device)[None, :]
         sb = s // self.block_size
-        allowed = (s <= torch.arange(past, past + T, device=rq.device)[:, None]) & (
+        allowed = (s <= query_pos) & (
             (sb < self.config.sparse_attn_sink_blocks) | (sb > t - self.config.sparse_attn_window_blocks))
         allowed = allowed[None, None]
         if padding_mask is not None:  # padded cache entries are never attended
-            allowed = allowed & padding_mask[:, None, None, :S].to(torch.bool)
+            real = padding_mask[:, :S].to(torch.bool)
+            real = F.pad(real, (0, S - real.shape[-1]), value=False)  # a static cache's slots past the mask: empty
+            allowed = allowed & real[:, None, None, :]
         k = repeat_kv(keys, self.num_key_value_groups)
         v = repeat_kv(values, self.num_key_value_groups)
         out = F.scaled_dot_product_attention(rq, k.to(rq.dtype), v.to(rq.dtype), attn_mask=allowed,
