@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     create_causal_mask,
@@ -54,7 +54,19 @@ from ..layers.value_bank import ValueBank, ValueGate
 from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
 
 
-class HfArchCache(DynamicCache):
+class _CountsTokensOnAnyLayout:
+    """``get_seq_length()`` that counts tokens whatever layer 0 is: all-linear models (transformers counts attention
+    layers only; 5.17 raises) and hybrids whose first layer is linear; generate() calls it during prefill."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
+
+
+class HfArchStaticCache(_CountsTokensOnAnyLayout, StaticCache):
+    """transformers' ``StaticCache`` (what ``cache_implementation="static"`` builds), counting tokens on any layout."""
+
+
+class HfArchCache(_CountsTokensOnAnyLayout, DynamicCache):
     """``DynamicCache`` whose ``get_seq_length()`` counts tokens whatever layer 0 is: all-linear models (transformers
     counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill. Grouped
     Differential Attention layers get a noise-key companion from the start (the layer adds it to other caches)."""
@@ -65,9 +77,6 @@ class HfArchCache(DynamicCache):
             attach_noise_key_layers(self, [i for i, kind in enumerate(config.layer_types)
                                            if kind in ATTENTION_LAYER_TYPES])
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return cached_token_count(self) if layer_idx == 0 else super().get_seq_length(layer_idx)
-
     @property
     def is_croppable(self) -> bool:
         """Our linear mixers keep only the state after a whole forward, not one per token, so a rollback to a point
@@ -75,6 +84,13 @@ class HfArchCache(DynamicCache):
         if any(hasattr(layer, "recurrent_states") for layer in self.layers):
             return False
         return all(getattr(layer, "is_croppable", True) for layer in self.layers)
+
+    def crop(self, *args, **kwargs) -> None:
+        """Refused by name where it cannot be exact (releases before 5.25 crop without asking ``is_croppable``)."""
+        if not self.is_croppable:
+            raise ValueError("Assisted decoding (and any rollback of the cache) needs a cache that can be cropped: this "
+                             "model's linear-attention layers keep one state per forward, not one per token")
+        super().crop(*args, **kwargs)
 
 
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
@@ -479,6 +495,10 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         for name in ("cache", "past_key_values"):  # the name generate() uses depends on the transformers release
             cache = model_kwargs.get(name)
+            if type(cache) is StaticCache and not getattr(cache, "_is_user_defined", False):
+                # In place, not a new object: generate() keeps this cache between calls to avoid recompiling.
+                cache.__class__ = HfArchStaticCache  # adds no state, only the token count
+                continue
             if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
                 if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
                     ours = HfArchCache(config=self.config.get_text_config(decoder=True))

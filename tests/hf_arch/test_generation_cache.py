@@ -130,7 +130,8 @@ def test_prompt_lookup_decoding_equals_greedy_or_is_refused_by_name(name):
     model = build(name)
     ids = left_padded_batch()[0][1:]
     if _has_linear_layers(model):
-        with pytest.raises(ValueError, match="cache that can be cropped"):
+        # transformers >= 5.25 asks the cache whether it can crop; older releases refuse stateful models outright.
+        with pytest.raises(ValueError, match="cache that can be cropped|not supported with stateful models"):
             model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
         return
     assisted = model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
