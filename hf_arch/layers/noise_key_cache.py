@@ -103,4 +103,6 @@ def attach_noise_key_layers(cache, layer_indices) -> None:
         upgraded = ours(**kwargs)
         upgraded.__dict__.update(layer.__dict__)  # what the cache set after construction (e.g. past recording)
         upgraded.noise_keys = type(layer)(**kwargs)
+        if getattr(layer, "record_past", False):  # generate() armed it for rolling back drafts: the noise keys too
+            upgraded.noise_keys.activate_past_recording()
         cache.layers[layer_idx] = upgraded

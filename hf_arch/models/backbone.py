@@ -93,6 +93,14 @@ class HfArchCache(_CountsTokensOnAnyLayout, DynamicCache):
         super().crop(*args, **kwargs)
 
 
+def new_cache(config: HfArchConfig) -> DynamicCache:
+    """The cache a forward or generate() starts: transformers' own ``DynamicCache`` (GDA layers add their noise-key
+    companion on first use), or ``HfArchCache`` where linear layers need its token count and rollback refusal."""
+    if any(t in LINEAR_LAYER_TYPES for t in config.layer_types):
+        return HfArchCache(config=config)
+    return DynamicCache(config=config)
+
+
 def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
     layer_type = config.layer_types[layer_idx]
     if layer_type == "full_attention" and config.sparse_attn_method is not None:
@@ -399,7 +407,7 @@ class HfArchModel(HfArchPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
-            past_key_values = HfArchCache(config=self.config)
+            past_key_values = new_cache(self.config)
         past_seen = cached_token_count(past_key_values)
         # Packed rows show in the caller's position_ids only (a forward that made its own has nothing to detect).
         packed_positions = position_ids
@@ -491,7 +499,8 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds a plain DynamicCache; use ours (same layers) so all-linear models can report a length."""
+        """generate() builds a plain DynamicCache: models with linear layers get ours (same layers: a token count on any
+        layout, rollback refused by name); a static cache counts tokens on any layout too."""
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         for name in ("cache", "past_key_values"):  # the name generate() uses depends on the transformers release
             cache = model_kwargs.get(name)
@@ -499,7 +508,8 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
                 # In place, not a new object: generate() keeps this cache between calls to avoid recompiling.
                 cache.__class__ = HfArchStaticCache  # adds no state, only the token count
                 continue
-            if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            linear = any(t in LINEAR_LAYER_TYPES for t in self.config.layer_types)
+            if linear and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
                 if all(not getattr(layer, "is_initialized", False) for layer in cache.layers):
                     ours = HfArchCache(config=self.config.get_text_config(decoder=True))
                     if generation_config.is_assistant and hasattr(ours, "activate_past_recording"):
@@ -595,11 +605,13 @@ class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPr
 
     last_auxiliary_loss = None
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        """transformers' generic head (whose fourth argument is the cache under the installed release's name); a
-        training loss also carries the sparse-attention terms (see ``_add_auxiliary_loss``)."""
-        output = super().forward(input_ids, attention_mask, position_ids, *args, **kwargs)
-        labels = kwargs.get("labels", args[2] if len(args) > 2 else None)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, past_key_values=None, **kwargs):
+        """transformers' generic head, taking the cache under either name; a training loss also carries the
+        sparse-attention terms (see ``_add_auxiliary_loss``)."""
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                 **cache_output(resolve_cache(cache, past_key_values)), **kwargs)
         if labels is None:
             return output
         if isinstance(output, tuple):
