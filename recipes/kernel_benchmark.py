@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..models.cache_names import CACHE_OUTPUT_FIELD
 from .benchmark import _median_seconds, sync_device
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -225,12 +226,12 @@ def benchmark_decode(
             with torch.no_grad():
                 for _ in range(repeats + 1):
                     out = model(ids, use_cache=True)
-                    cache = out.past_key_values
+                    cache = getattr(out, CACHE_OUTPUT_FIELD)
                     token = out.logits[:, -1:].argmax(-1)
                     begin = time.perf_counter()
                     for _ in range(new_tokens):
-                        out = model(token, past_key_values=cache, use_cache=True)
-                        cache = out.past_key_values
+                        out = model(token, use_cache=True, **{CACHE_OUTPUT_FIELD: cache})
+                        cache = getattr(out, CACHE_OUTPUT_FIELD)
                         token = out.logits[:, -1:].argmax(-1)
                     times.append((time.perf_counter() - begin) / new_tokens)
             rows.append({"model": name, "context": context, "ms_per_token": statistics.median(times[1:]) * 1e3,

@@ -393,7 +393,7 @@ class HfArchModel(HfArchPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``; it is returned in the field the
         installed transformers declares."""
-        past_key_values = resolve_cache(cache, past_key_values)
+        past_key_values = resolve_cache(cache, past_key_values, public=True)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -548,12 +548,12 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``."""
-        past_key_values = resolve_cache(cache, past_key_values)
+        past_key_values = resolve_cache(cache, past_key_values, public=True)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -611,7 +611,7 @@ class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPr
         sparse-attention terms (see ``_add_auxiliary_loss``)."""
         output = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                 **cache_output(resolve_cache(cache, past_key_values)), **kwargs)
+                                 **cache_output(resolve_cache(cache, past_key_values, public=True)), **kwargs)
         if labels is None:
             return output
         if isinstance(output, tuple):

@@ -9,6 +9,7 @@ every supported release, and return the cache in the output field the installed 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -19,10 +20,14 @@ CACHE_OUTPUT_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_f
 MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-def resolve_cache(cache, past_key_values):
-    """The cache passed under either name; both at once is refused (they could disagree)."""
+def resolve_cache(cache, past_key_values, public: bool = False):
+    """The cache passed under either name; both at once is refused (they could disagree). ``public``: a model's own
+    forward, where the old name earns transformers' deprecation warning on releases that renamed it."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the cache once: as `cache` (transformers >= 5.25) or as `past_key_values`, not both")
+    if public and past_key_values is not None and CACHE_OUTPUT_FIELD == "cache":
+        warnings.warn("`past_key_values` is deprecated and will be removed in transformers 5.40.0: pass the cache as "
+                      "`cache`", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 

@@ -11,7 +11,7 @@ names that test class); tests needing a GPU, flash-attn, deepspeed, … skip the
 decorators. Every other failure is a bug in hf_arch.
 
 Run: ``pytest tests/hf_arch/test_transformers_contract.py -p no:cacheprovider`` (add ``-k GLAModelTest`` for one
-class; ``-m "not torch_compile_test"`` leaves out the CPU-heavy torch.compile tests).
+class; ``-m "not torch_compile_test and not torch_export_test"`` leaves out the compile / export tests, ~100 s).
 """
 
 from __future__ import annotations
