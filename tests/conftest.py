@@ -75,6 +75,7 @@ FLOOR_SUBSET = (
     "hf_arch/test_packaging.py",
     "hf_arch/test_generation_cache.py",
     "hf_arch/test_packed_sequences.py",
+    "hf_arch/test_checkpoint_compat.py",
     "hf_arch/test_gated_attention_model.py",
     "hf_arch/test_linear_models.py",
     "hf_arch/test_moe_models.py",
