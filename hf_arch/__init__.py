@@ -51,11 +51,15 @@ from .models import (
     SASForCausalLM,
     SASModel,
 )
+from .layers.moe_routers import MoERouter, TopKRouter, register_moe_router
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
 from .registry import VARIANTS, Variant, get_variant
 
 __all__ = [
+    "MoERouter",
+    "TopKRouter",
+    "register_moe_router",
     "VARIANTS",
     "GatedAttentionConfig",
     "GatedAttentionForCausalLM",

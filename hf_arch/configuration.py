@@ -8,6 +8,7 @@ config refuses a field of a mechanism it leaves off unless the field keeps its d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -25,7 +26,38 @@ LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding")
 SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
 # Channel-mixer layer types: the dense SwiGLU MLP, or a Mixture-of-Experts layer (``moe_*`` fields).
 SUPPORTED_MLP_LAYER_TYPES = ("dense", "sparse")
-MOE_ROUTERS = ("softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoERouterSpec:
+    """What the config needs to know of a router (the class itself lives in ``layers/moe_routers``, where
+    ``@register_moe_router`` also registers this): the config fields only it reads, and whether it picks a fixed
+    ``num_experts_per_tok`` experts per token."""
+
+    options: tuple[str, ...] = ()
+    fixed_top_k: bool = True
+
+
+# The built-in routers (a config must validate without the modeling code, e.g. as remote code); more register here.
+MOE_ROUTER_SPECS: dict[str, MoERouterSpec] = {
+    "softmax_topk": MoERouterSpec(("moe_norm_topk_prob",)),
+    "sigmoid_topk": MoERouterSpec(("moe_norm_topk_prob",)),
+    "relu_rmsnorm": MoERouterSpec(fixed_top_k=False),
+    "norm_router": MoERouterSpec(("moe_norm_topk_prob", "moe_norm_router_scale")),
+}
+
+
+def register_moe_router_spec(name: str, spec: MoERouterSpec) -> None:
+    known = MOE_ROUTER_SPECS.get(name)
+    if known is not None and known != spec:
+        raise ValueError(f"moe_router {name!r} is already registered with {known}, not {spec}")
+    MOE_ROUTER_SPECS[name] = spec
+
+
+def _router_reads(field: str):
+    return lambda c: field in MOE_ROUTER_SPECS.get(c.moe_router, MoERouterSpec()).options
+
+
 MOE_EXPERT_POOLS = ("per_layer", "global")
 MOE_BALANCE_SCOPES = ("layer", "pool")
 OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
@@ -94,9 +126,10 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "output_router_logits")),
     ("a shared expert (num_shared_experts > 0)", lambda c: c.num_shared_experts > 0,
      ("shared_expert_intermediate_size", "shared_expert_gate")),
-    ("a top-k router (moe_router 'softmax_topk', 'sigmoid_topk' or 'norm_router')",
-     lambda c: c.moe_router != "relu_rmsnorm", ("moe_norm_topk_prob",)),
-    ("the NormRouter (moe_router='norm_router')", lambda c: c.moe_router == "norm_router", ("moe_norm_router_scale",)),
+    ("a router that reads it (MOE_ROUTER_SPECS: 'softmax_topk', 'sigmoid_topk', 'norm_router')",
+     _router_reads("moe_norm_topk_prob"), ("moe_norm_topk_prob",)),
+    ("a router that reads it (MOE_ROUTER_SPECS: 'norm_router')", _router_reads("moe_norm_router_scale"),
+     ("moe_norm_router_scale",)),
     ("a global expert pool (moe_expert_pool='global')", lambda c: c.moe_expert_pool == "global", ("moe_pool_size",)),
     ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
      lambda c: c.num_zero_computation_experts > 0, ("moe_zc_balance_weight",)),
@@ -773,7 +806,7 @@ class HfArchConfig(PreTrainedConfig):
 
     def _validate_moe(self) -> None:
         cls = type(self).__name__
-        for field, allowed in (("moe_router", MOE_ROUTERS), ("moe_expert_pool", MOE_EXPERT_POOLS),
+        for field, allowed in (("moe_router", tuple(MOE_ROUTER_SPECS)), ("moe_expert_pool", MOE_EXPERT_POOLS),
                                ("moe_load_balance_scope", MOE_BALANCE_SCOPES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
@@ -796,7 +829,7 @@ class HfArchConfig(PreTrainedConfig):
         if self.num_shared_experts and not self.shared_expert_intermediate_size:
             raise ValueError(f"{cls}: num_shared_experts = {self.num_shared_experts} needs a positive "
                              "shared_expert_intermediate_size")
-        if self.moe_router != "relu_rmsnorm":
+        if MOE_ROUTER_SPECS[self.moe_router].fixed_top_k:
             if self.moe_expert_pool == "global" and self.moe_pool_size < self.num_experts_per_tok:
                 raise ValueError(f"{cls}.moe_pool_size ({self.moe_pool_size}) is smaller than num_experts_per_tok "
                                  f"({self.num_experts_per_tok}): the shared pool must hold at least top-k experts")
@@ -809,9 +842,10 @@ class HfArchConfig(PreTrainedConfig):
         if self.moe_load_balance_scope == "pool" and self.moe_expert_pool != "global":
             raise ValueError(f"{cls}.moe_load_balance_scope='pool' needs moe_expert_pool='global' "
                              f"(got {self.moe_expert_pool!r}); use 'layer'")
-        if (self.moe_tls_coef or self.moe_cls_coef) and self.moe_router != "relu_rmsnorm":
+        if (self.moe_tls_coef or self.moe_cls_coef) and MOE_ROUTER_SPECS[self.moe_router].fixed_top_k:
             raise ValueError(f"{cls}: moe_tls_coef / moe_cls_coef are BlockFFN's sparsity losses and need "
-                             f"moe_router='relu_rmsnorm', got {self.moe_router!r}")
+                             f"a router with a varying number of experts per token (e.g. moe_router='relu_rmsnorm'), "
+                             f"got {self.moe_router!r}")
 
 
 def _resolve_mlp_layout(config, mlp_layer_types, sparse_step) -> list[str]:

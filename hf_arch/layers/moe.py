@@ -16,7 +16,7 @@ from torch import nn
 
 from .mlp import HfArchMLP
 from .moe_experts import HfArchExperts, ZeroComputationExperts
-from .moe_router import MoERouter, selected_mask
+from .moe_routers import MoERouter, selected_mask
 
 __all__ = ["HfArchMoE"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .moe_router import routing_probabilities, selected_mask
+from .moe_routers import routing_probabilities, selected_mask
 
 __all__ = ["moe_auxiliary_losses", "load_balance_loss", "chunk_sparsity_loss"]
 

@@ -37,7 +37,7 @@ from ..layers.mlp import HfArchMLP
 from ..layers.moe import HfArchMoE
 from ..layers.moe_experts import HfArchExperts, ZeroComputationExperts
 from ..layers.moe_losses import moe_auxiliary_losses
-from ..layers.moe_router import MoERouter
+from ..layers.moe_routers import MoERouter
 from ..layers.noise_key_cache import attach_noise_key_layers
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate

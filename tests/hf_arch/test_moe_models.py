@@ -221,7 +221,7 @@ def test_accelerate_device_map_load_matches(tmp_path):
     (dict(moe_router="top2_softmax"), "moe_router must be one of"),
     (dict(moe_load_balance_coef=-0.1), "moe_load_balance_coef must be a number >= 0"),
     (dict(moe_z_loss_coef=float("nan")), "moe_z_loss_coef must be a number >= 0"),
-    (dict(moe_tls_coef=0.1), "need moe_router='relu_rmsnorm'"),
+    (dict(moe_tls_coef=0.1), "moe_router='relu_rmsnorm'"),
     (dict(moe_zero_experts=-1), "moe_zero_experts must be an integer >= 0"),
     (dict(moe_preset="deepseek"), "moe_preset must be one of"),
     (dict(mlp_layer_types=["sparse", "moe", "dense"]), "unsupported entries ['moe']"),

@@ -1,0 +1,27 @@
+"""MoE routers, one class per file, registered by name (``config.moe_router``). A new router: subclass
+:class:`MoERouter` (or :class:`TopKRouter`) in a file of its own and decorate it with ``@register_moe_router(name)``;
+nothing else changes. See ``base.py``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MOE_ROUTERS, MoERouter, Routing, TopKRouter, register_moe_router, router_class
+from .norm_router import NormRouter
+from .relu_rmsnorm import ReLURMSNormRouter
+from .sigmoid_topk import SigmoidTopKRouter
+from .softmax_topk import SoftmaxTopKRouter
+
+__all__ = ["MOE_ROUTERS", "MoERouter", "NormRouter", "ReLURMSNormRouter", "Routing", "SigmoidTopKRouter",
+           "SoftmaxTopKRouter", "TopKRouter", "register_moe_router", "router_class", "routing_probabilities",
+           "selected_mask"]
+
+
+def routing_probabilities(logits: torch.Tensor, router: str) -> torch.Tensor:
+    """Each token's routing distribution over experts under router ``router`` (rows sum to 1)."""
+    return router_class(router).probabilities(logits)
+
+
+def selected_mask(logits: torch.Tensor, router: str, top_k: int) -> torch.Tensor:
+    """``[..., E]`` bool: which experts each token uses under router ``router``."""
+    return router_class(router).selected(logits, top_k)
