@@ -61,8 +61,10 @@ def _router_reads(field: str):
 MOE_EXPERT_POOLS = ("per_layer", "global")
 MOE_BALANCE_SCOPES = ("layer", "pool")
 OUTPUT_GATE_GRANULARITIES = ("headwise", "elementwise")
-OUTPUT_GATE_ACTIVATIONS = ("sigmoid",)
 OUTPUT_GATE_INITS = ("normal", "zeros")
+# Fields earlier releases saved that nothing ever read (the chunked kernels pick their own chunk; the output gate is
+# always a sigmoid): dropped on load, so old config.json files keep loading and are not carried forward.
+RETIRED_FIELDS = ("linear_attn_chunk_size", "attn_output_gate_activation")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
 ATTN_SCORE_FUNCTIONS = ("softmax", "sa_softmax", "sa_softmax_normalized", "krr")
 RESIDUAL_UPDATES = ("additive", "geodesic")
@@ -81,7 +83,7 @@ LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
 # refused instead of silently ignored. Saved configs hold every field at its default, so they keep loading.
 _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
     ("the attention output gate (attn_output_gate set)", lambda c: c.attn_output_gate is not None,
-     ("attn_output_gate_bias", "attn_output_gate_rank", "attn_output_gate_activation", "attn_output_gate_scale",
+     ("attn_output_gate_bias", "attn_output_gate_rank", "attn_output_gate_scale",
       "attn_output_gate_init", "attn_output_gate_lr_scale")),
     ("a gate bias (attn_output_gate_bias=True)", lambda c: c.attn_output_gate is not None and c.attn_output_gate_bias,
      ("attn_output_gate_bias_init",)),
@@ -108,7 +110,7 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
      lambda c: any(t in LINEAR_LAYER_TYPES for t in c.layer_types),
      ("linear_attn_type", "linear_attn_gate", "linear_attn_gate_low_rank_dim", "linear_attn_gate_normalizer",
       "linear_attn_conv_size", "linear_attn_qk_norm", "linear_attn_output_norm", "linear_attn_use_rope",
-      "linear_attn_chunk_size", "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
+      "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
       "linear_attn_feature_map", "linear_attn_normalize")),
     ("an intra-layer hybrid (linear_attn_hybrid 'liger' or 'lizard')", lambda c: c.linear_attn_hybrid != "none",
      ("linear_attn_mix_weights",)),
@@ -126,9 +128,9 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "output_router_logits")),
     ("a shared expert (num_shared_experts > 0)", lambda c: c.num_shared_experts > 0,
      ("shared_expert_intermediate_size", "shared_expert_gate")),
-    ("a router that reads it (MOE_ROUTER_SPECS: 'softmax_topk', 'sigmoid_topk', 'norm_router')",
+    ("a router that reads moe_norm_topk_prob (the top-k routers in MOE_ROUTER_SPECS)",
      _router_reads("moe_norm_topk_prob"), ("moe_norm_topk_prob",)),
-    ("a router that reads it (MOE_ROUTER_SPECS: 'norm_router')", _router_reads("moe_norm_router_scale"),
+    ("a router that reads moe_norm_router_scale (moe_router='norm_router')", _router_reads("moe_norm_router_scale"),
      ("moe_norm_router_scale",)),
     ("a global expert pool (moe_expert_pool='global')", lambda c: c.moe_expert_pool == "global", ("moe_pool_size",)),
     ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
@@ -154,7 +156,6 @@ class HfArchConfig(PreTrainedConfig):
             (position G1 of Qiu et al.). ``x`` is the layer's normed input.
         attn_output_gate_bias: bias on the gate projection.
         attn_output_gate_rank: low-rank gate projection ``x → r → gate`` (``None`` for full rank).
-        attn_output_gate_activation: ``"sigmoid"``.
         attn_output_gate_scale: ``s`` above. ``2.0`` with a zero-initialised projection makes the gate exactly 1
             (``2·σ(0)``), which is what conversions use to keep the source model's function.
         attn_output_gate_init: ``"normal"`` (from scratch, ``initializer_range``) or ``"zeros"`` (identity-like).
@@ -215,7 +216,6 @@ class HfArchConfig(PreTrainedConfig):
             ``rope_parameters`` are read by attention layers, by linear layers with ``linear_attn_use_rope`` or an
             intra-layer hybrid, and by attention transfer's softmax teacher (a converted layer's source attention):
             an all-linear model keeps them for that teacher, so they are not refused there.
-        linear_attn_chunk_size: chunk length of the chunked kernels.
         linear_attn_hybrid: intra-layer hybrid: ``"none"``; ``"liger"`` (``w_lin·linear + w_win·SWA`` with the same
             q/k/v); ``"lizard"`` (SWA with ``linear_attn_num_sinks`` learnable sink logits, ``linear + α·SWA`` with α
             learnable). The window is ``sliding_window``; such layers are stored as ``hybrid_sliding``.
@@ -324,7 +324,6 @@ class HfArchConfig(PreTrainedConfig):
         attn_output_gate: str | None = None,
         attn_output_gate_bias: bool = False,
         attn_output_gate_rank: int | None = None,
-        attn_output_gate_activation: str = "sigmoid",
         attn_output_gate_scale: float = 1.0,
         attn_output_gate_init: str = "normal",
         attn_output_gate_bias_init: float = 0.0,
@@ -367,7 +366,6 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_qk_norm: str = "none",
         linear_attn_output_norm: str = "gated_rmsnorm",
         linear_attn_use_rope: bool = False,
-        linear_attn_chunk_size: int = 64,
         linear_attn_hybrid: str = "none",
         linear_attn_mix_weights: list[float] | tuple[float, float] = (0.5, 0.5),
         linear_attn_num_sinks: int = 0,
@@ -403,6 +401,8 @@ class HfArchConfig(PreTrainedConfig):
         output_router_logits: bool = False,
         **kwargs,
     ):
+        for retired in RETIRED_FIELDS:  # in configs saved by earlier releases; they never changed a model
+            kwargs.pop(retired, None)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -455,7 +455,6 @@ class HfArchConfig(PreTrainedConfig):
         self.attn_output_gate = attn_output_gate
         self.attn_output_gate_bias = attn_output_gate_bias
         self.attn_output_gate_rank = attn_output_gate_rank
-        self.attn_output_gate_activation = attn_output_gate_activation
         self.attn_output_gate_scale = attn_output_gate_scale
         self.attn_output_gate_init = attn_output_gate_init
         self.attn_output_gate_bias_init = attn_output_gate_bias_init
@@ -499,7 +498,6 @@ class HfArchConfig(PreTrainedConfig):
         self.linear_attn_qk_norm = linear_attn_qk_norm
         self.linear_attn_output_norm = linear_attn_output_norm
         self.linear_attn_use_rope = linear_attn_use_rope
-        self.linear_attn_chunk_size = linear_attn_chunk_size
         self.linear_attn_hybrid = linear_attn_hybrid
         self.linear_attn_mix_weights = [float(w) for w in linear_attn_mix_weights]
         self.linear_attn_num_sinks = linear_attn_num_sinks
@@ -746,11 +744,6 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(
                 f"{cls}.attn_output_gate must be None or one of {OUTPUT_GATE_GRANULARITIES}, got {self.attn_output_gate!r}"
             )
-        if self.attn_output_gate_activation not in OUTPUT_GATE_ACTIVATIONS:
-            raise ValueError(
-                f"{cls}.attn_output_gate_activation must be one of {OUTPUT_GATE_ACTIVATIONS}, "
-                f"got {self.attn_output_gate_activation!r}"
-            )
         if self.attn_output_gate_init not in OUTPUT_GATE_INITS:
             raise ValueError(
                 f"{cls}.attn_output_gate_init must be one of {OUTPUT_GATE_INITS}, got {self.attn_output_gate_init!r}"
@@ -777,7 +770,7 @@ class HfArchConfig(PreTrainedConfig):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
         for field, minimum in (("linear_attn_gate_low_rank_dim", 1), ("linear_attn_conv_size", 0),
-                               ("linear_attn_chunk_size", 1), ("linear_attn_num_sinks", 0)):
+                               ("linear_attn_num_sinks", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")

@@ -38,8 +38,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-MODES = ("full", "lora", "new_params", "patterns")
-OBJECTIVES = ("lm", "attention_transfer", "gate_distillation")
 DEFAULT_ENV = {"HF_ARCH_ASSETS": "../shared/assets"}
 
 
@@ -164,10 +162,6 @@ def load_recipe(path_or_dict: str | os.PathLike | dict | Recipe, overrides: typi
     _validate(recipe)
     _resolve_paths(recipe)
     return recipe
-
-
-def apply_overrides(recipe: Recipe, overrides: typing.Iterable[str]) -> Recipe:
-    return load_recipe(recipe, overrides)
 
 
 def _deep_copy(value):
