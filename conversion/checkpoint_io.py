@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
+
+from ..atomic_io import atomic_output_dir, atomic_write_text  # noqa: F401  (this module's old public names)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -47,32 +45,3 @@ def _safetensors_size(shard: Path) -> int | None:
     return 8 + header_len + max(ends, default=0)
 
 
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary directory beside ``out``; on success it replaces ``out``, on any failure it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"Output {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:  # KeyboardInterrupt included: an interrupted conversion leaves nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a sibling ``.partial`` file and a rename: readers (and a run that stops
-    mid-write) see the old file or the new one, never half of one."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)

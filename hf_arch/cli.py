@@ -283,9 +283,9 @@ def _cmd_push(args) -> int:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    from .atomic_io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

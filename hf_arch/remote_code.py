@@ -25,10 +25,10 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic_io import atomic_write_text
 from .registry import VARIANTS, Variant, get_variant
 
 PACKAGE = __name__.split(".")[0]  # "hf_arch"
@@ -479,29 +479,6 @@ def _check_own_imports(builder: _FileBuilder, provided: set[str], where: str) ->
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory + rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def auto_map_for(variant_name_or_model_type: str) -> dict[str, str]:
     """The ``auto_map`` entries ``export_remote_code`` adds to config.json."""
     variant = get_variant(variant_name_or_model_type)
@@ -552,12 +529,12 @@ def export_remote_code(model_dir: str | os.PathLike) -> list[Path]:
     written = []
     for filename, text in sources.items():
         path = directory / filename
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
         written.append(path)
     auto_map = dict(config.get("auto_map") or {})
     auto_map.update(auto_map_for(variant.model_type))
     config["auto_map"] = auto_map
-    _atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     written.append(config_path)
     return written
 

@@ -31,6 +31,7 @@ def run_main_job(
     ppl_tokens: int = 8192,
     overwrite: bool = False,
 ) -> dict:
+    from hf_arch.atomic_io import atomic_write_text
     from hf_arch.conversion import convert
     from hf_arch.model_cards.card import write_model_card
     from hf_arch.recipes import evaluation
@@ -67,7 +68,7 @@ def run_main_job(
     training = run_recipe(recipe, overrides, overwrite=overwrite)
     final = Path(training["output_dir"]) / "final"
     after = evaluate(final)
-    (final / EVAL_FILE).write_text(json.dumps({"before": before, "after": after}, indent=2) + "\n")
+    atomic_write_text(final / EVAL_FILE, json.dumps({"before": before, "after": after}, indent=2) + "\n")
     card = write_model_card(final, overwrite=True)
 
     summary = {
@@ -80,7 +81,7 @@ def run_main_job(
         "eval_before": before,
         "eval_after": after,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 

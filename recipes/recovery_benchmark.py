@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.checkpoint_io import atomic_write_text
+from ..atomic_io import atomic_write_text
 
 METHODS = {
     # name: (conversion target, conversion options)

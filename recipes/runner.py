@@ -37,6 +37,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..atomic_io import replace_dir
 from .data import PadCollator, build_datasets
 from .moe_logging import RoutingStatsCallback, has_moe_layers
 from .objectives import (
@@ -425,15 +426,7 @@ def _save_final(trainer: Trainer, tokenizer, recipe: Recipe, summary: dict, mode
     }
     (partial / TRAINING_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     _plot_loss(summary["loss_curve"], partial / "loss.png")
-    if final.exists():
-        old = out / ".final.old"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        partial.rename(final)
-        shutil.rmtree(old)
-    else:
-        partial.rename(final)
+    replace_dir(partial, final)
 
 
 def _versions() -> dict:

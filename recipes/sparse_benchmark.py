@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.checkpoint_io import atomic_write_text
+from ..atomic_io import atomic_write_text
 from .recovery_benchmark import _assets
 
 
