@@ -10,15 +10,21 @@ cache cropping rely on. The companion stores zero-width values, so it costs the 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
+
+from .cache_extensions import extend_layer, extended_layer_classes
 
 __all__ = ["NoiseKeyLayerMixin", "attach_noise_key_layers"]
 
 
 class NoiseKeyLayerMixin:
-    """Mixed in before a transformers cache layer class: ``self.noise_keys`` is an uninitialised copy of the layer."""
+    """Mixed in before a transformers cache layer class: ``self.noise_keys`` is an empty layer of the same kind."""
 
     noise_keys = None
+
+    def start_extension(self, kind: type, settings: dict) -> None:
+        self.noise_keys = kind(**settings)
+        if getattr(self, "record_past", False):  # generate() armed it for rolling back drafts: the noise keys too
+            self.noise_keys.activate_past_recording()
 
     def update_noise_keys(self, noise_keys: torch.Tensor) -> torch.Tensor:
         """Append ``[B, H_n, T, D]`` noise keys; returns what this step attends, aligned with what ``update`` returned
@@ -51,58 +57,17 @@ class NoiseKeyLayerMixin:
     def prefetch(self) -> None:
         self._both("prefetch")
 
-
-class NoiseKeyDynamicLayer(NoiseKeyLayerMixin, DynamicLayer):
-    pass
-
-
-class NoiseKeyDynamicSlidingWindowLayer(NoiseKeyLayerMixin, DynamicSlidingWindowLayer):
     def activate_past_recording(self, *args, **kwargs) -> None:
-        """The layer keeps its evicted past once assisted decoding may roll back; so must the noise keys."""
-        self._both("activate_past_recording", *args, **kwargs)
+        """Sliding layers keep their evicted past once assisted decoding may roll back; so must the noise keys
+        (layer kinds that keep everything have nothing to arm)."""
+        if hasattr(super(), "activate_past_recording"):
+            self._both("activate_past_recording", *args, **kwargs)
 
 
-class NoiseKeyStaticLayer(NoiseKeyLayerMixin, StaticLayer):
-    pass
-
-
-class NoiseKeyStaticSlidingWindowLayer(NoiseKeyLayerMixin, StaticSlidingWindowLayer):
-    pass
-
-
-# transformers' layer kind → (ours, its constructor's settings read from an instance). Exact types: a subclass may
-# store more. A static sliding layer keeps only min(window, max_cache_len) as its max_cache_len: passing it as both
-# gives the same buffer.
-_NOISE_KEY_LAYERS = {
-    DynamicLayer: (NoiseKeyDynamicLayer, lambda layer: {}),
-    DynamicSlidingWindowLayer: (NoiseKeyDynamicSlidingWindowLayer,
-                                lambda layer: {"sliding_window": layer.sliding_window}),
-    StaticLayer: (NoiseKeyStaticLayer, lambda layer: {"max_cache_len": layer.max_cache_len}),
-    StaticSlidingWindowLayer: (NoiseKeyStaticSlidingWindowLayer,
-                               lambda layer: {"max_cache_len": layer.max_cache_len, "sliding_window": layer.max_cache_len}),
-}
+NOISE_KEY_LAYERS = extended_layer_classes(NoiseKeyLayerMixin)
 
 
 def attach_noise_key_layers(cache, layer_indices) -> None:
-    """Give the cache layers at ``layer_indices`` a noise-key companion, in place. A layer must still be empty (a
-    cache that already holds keys without noise keys cannot be continued by GDA); layers already carrying one are left
-    as they are, so this is cheap to call on every forward."""
+    """Give the cache layers at ``layer_indices`` a noise-key companion, in place (cheap once they have one)."""
     for layer_idx in layer_indices:
-        layer = cache.layers[layer_idx]
-        if isinstance(layer, NoiseKeyLayerMixin):
-            continue
-        if getattr(layer, "is_initialized", False):
-            raise ValueError(f"cache layer {layer_idx} ({type(layer).__name__}) already holds keys but no Grouped "
-                             "Differential Attention noise keys: continue GDA only from a cache this model filled")
-        if type(layer) not in _NOISE_KEY_LAYERS:
-            raise ValueError(f"cache layer {layer_idx} is a {type(layer).__name__}, which cannot carry Grouped "
-                             f"Differential Attention noise keys; use one of "
-                             f"{sorted(kind.__name__ for kind in _NOISE_KEY_LAYERS)} (dynamic or static cache)")
-        ours, settings = _NOISE_KEY_LAYERS[type(layer)]
-        kwargs = settings(layer)
-        upgraded = ours(**kwargs)
-        upgraded.__dict__.update(layer.__dict__)  # what the cache set after construction (e.g. past recording)
-        upgraded.noise_keys = type(layer)(**kwargs)
-        if getattr(layer, "record_past", False):  # generate() armed it for rolling back drafts: the noise keys too
-            upgraded.noise_keys.activate_past_recording()
-        cache.layers[layer_idx] = upgraded
+        extend_layer(cache, layer_idx, NOISE_KEY_LAYERS, "Grouped Differential Attention noise keys")

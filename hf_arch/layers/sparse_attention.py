@@ -25,6 +25,7 @@ from torch import nn
 from ..kernels.block_sparse.naive import block_sparse_attention_weights
 from ..kernels.ops import block_sparse_attention, pooled_attention_scores
 from .attention import HfArchAttention, repeat_kv, weighted_values
+from .flux_route_cache import flux_route_layer
 from .rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -50,9 +51,6 @@ class _TorchInit:
     def copy_(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return tensor.copy_(value)
-
-
-FLUX_CHOICE_ATTR = "_hf_arch_flux_choice"  # per cache layer: the prompt's choice (True = sparse), kept for decoding
 
 
 def _pool_blocks(x: torch.Tensor, block_size: int, token: torch.Tensor | None):
@@ -300,12 +298,12 @@ class HfArchSparseAttention(HfArchAttention):
     # -- flux -----------------------------------------------------------------------------------------------------
     def _flux(self, hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense):
         B, T = hidden_states.shape[:2]
-        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        layer = flux_route_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
         # Decoding = continuing a cache whose prompt was routed (not a test of the cache length, which a static cache
         # holds as a tensor a traced graph cannot branch on).
-        decoding = layer is not None and getattr(layer, FLUX_CHOICE_ATTR, None) is not None
+        decoding = layer is not None and layer.route is not None
         if decoding:
-            sparse = getattr(layer, FLUX_CHOICE_ATTR)  # decided on the prompt
+            sparse = layer.route  # decided on the prompt
             soft = None
         else:
             logits = self.layer_router(query, key, token)
@@ -316,7 +314,7 @@ class HfArchSparseAttention(HfArchAttention):
             else:
                 soft, sparse = None, logits[:, 1] > logits[:, 0]
             if layer is not None:
-                setattr(layer, FLUX_CHOICE_ATTR, sparse)
+                layer.route = sparse
         self.last_choice = sparse
         # Skipping the sparse branch when no input takes it is a host-side decision: a traced graph runs both.
         if soft is None and not torch.compiler.is_compiling() and not bool(sparse.any()):
