@@ -56,8 +56,10 @@ class HfArchMoE(nn.Module):
         hidden_states: torch.Tensor,
         previous_router_logits: torch.Tensor | None = None,
         experts: nn.Module | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hidden_states [B, T, H]`` → (output ``[B, T, H]``, router logits ``[B, T, E]`` in fp32)."""
+        """``hidden_states [B, T, H]`` → (output ``[B, T, H]``, router logits ``[B, T, E]`` in fp32). ``token_mask``:
+        the 2-D padding mask (its last T columns are this call's tokens), for routing statistics."""
         B, T, H = hidden_states.shape
         x = hidden_states.reshape(-1, H)
         previous = previous_router_logits.reshape(B * T, -1) if previous_router_logits is not None else None
@@ -95,5 +97,6 @@ class HfArchMoE(nn.Module):
             out = out + shared
         logits = routing.logits.view(B, T, -1)
         if self.stats is not None:
-            self.stats.add(self.layer_idx, selected_mask(logits.detach(), self.router_kind, self.top_k))
+            real = token_mask[:, -T:] if token_mask is not None else None
+            self.stats.add(self.layer_idx, selected_mask(logits.detach(), self.router_kind, self.top_k), real)
         return out.view(B, T, H), logits

@@ -23,7 +23,6 @@ class RoutingStatsAccumulator:
     def __init__(self, num_ffn: int, num_zero: int, num_copy: int, num_constant: int, chunk_size: int = 8) -> None:
         self.num_ffn, self.num_zero, self.num_copy, self.num_constant = num_ffn, num_zero, num_copy, num_constant
         self.chunk_size = chunk_size
-        self.token_mask: torch.Tensor | None = None  # set by the model per forward: [B, T] of real tokens
         self.reset()
 
     def reset(self) -> None:
@@ -33,10 +32,11 @@ class RoutingStatsAccumulator:
         self.chunks = 0
         self.chunk_union = 0
 
-    def add(self, layer_idx: int, selected: torch.Tensor) -> None:
-        """``selected [B, T, E]`` bool: the experts each token of one layer used."""
+    def add(self, layer_idx: int, selected: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """``selected [B, T, E]`` bool: the experts each token of one layer used; ``token_mask [B, T]``: which are
+        real tokens (None: all)."""
         B, T, E = selected.shape
-        real = self._real_tokens(B, T, selected.device)
+        real = self._real_tokens(token_mask, B, T, selected.device)
         selected = selected & real[..., None]
         counts = selected.sum(dim=(0, 1)).cpu()
         self.expert_counts[layer_idx] = self.expert_counts.get(layer_idx, torch.zeros(E, dtype=torch.long)) + counts
@@ -51,8 +51,8 @@ class RoutingStatsAccumulator:
             self.chunks += int(chunk_real.sum())
             self.chunk_union += int((union & chunk_real[..., None]).sum())
 
-    def _real_tokens(self, B: int, T: int, device) -> torch.Tensor:
-        mask = self.token_mask
+    @staticmethod
+    def _real_tokens(mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
         if mask is not None and mask.shape == (B, T):
             return mask.to(device=device, dtype=torch.bool)
         return torch.ones(B, T, dtype=torch.bool, device=device)

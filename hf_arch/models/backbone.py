@@ -147,13 +147,15 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         expert_pool: nn.Module | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None, a seer
         layer's gate self-distillation loss or None, a flux layer's ``[B]`` P(sparse) or None).
 
         ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals).
-        The cache comes as ``cache`` or ``past_key_values`` (transformers' old and new names)."""
+        The cache comes as ``cache`` or ``past_key_values`` (transformers' old and new names). ``token_mask``: the
+        2-D padding mask, for a sparse layer's routing statistics."""
         past_key_values = resolve_cache(cache, past_key_values)
         residual = hidden_states
         mixed, attn_weights = self.self_attn(
@@ -167,7 +169,7 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         normed = self.post_attention_layernorm(hidden_states)
         router_logits = None
         if isinstance(self.mlp, HfArchMoE):
-            mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool)
+            mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
         else:
             mixed = self.mlp(normed)
         # Sparse attention's training terms leave as outputs, not attributes: a (reentrant) checkpointed layer only
@@ -345,14 +347,6 @@ class HfArchModel(HfArchPreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         return masks
 
-    def _share_padding_with_routing_stats(self, attention_mask) -> None:
-        """Routing statistics (when enabled) should count real tokens only: hand them the 2-D padding mask."""
-        padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        for layer in self.layers:
-            stats = getattr(layer.mlp, "stats", None)
-            if stats is not None:
-                stats.token_mask = padding
-
     def _packed_sequences(self, position_ids, attention_mask, past_seen, kwargs) -> torch.LongTensor | None:
         """``cu_seqlens`` of packed training rows (B = 1, no padding mask, positions restarting at 0), else None.
 
@@ -418,7 +412,6 @@ class HfArchModel(HfArchPreTrainedModel):
         masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = project_to_sphere(inputs_embeds) if self.config.residual_update == "geodesic" else inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        self._share_padding_with_routing_stats(attention_mask)
         if self.value_bank is not None:
             kwargs["value_bank"] = self.value_bank
         if self.config.attention_needs_padding_mask:  # these mixers read the 2-D padding mask themselves
@@ -435,6 +428,8 @@ class HfArchModel(HfArchPreTrainedModel):
                 router_logits,
                 attention_mask=masks.get(layer.layer_type),
                 expert_pool=self.expert_pool,
+                token_mask=attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                else None,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 position_ids=position_ids,

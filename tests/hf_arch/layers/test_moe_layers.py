@@ -327,8 +327,7 @@ def test_routing_stats_count_what_the_router_chose():
     selected[0, 1, [0, 3]] = True  # FFN 0 + zero expert
     selected[0, 2, [2, 4]] = True  # FFN 2 + copy
     selected[0, 3, [3]] = True     # padding below: ignored
-    stats.token_mask = torch.tensor([[1, 1, 1, 0]])
-    stats.add(0, selected)
+    stats.add(0, selected, torch.tensor([[1, 1, 1, 0]]))
     summary = stats.summary()
     assert summary["moe/active_experts_per_token"] == pytest.approx(4 / 3)
     assert summary["moe/zero_computation_share"] == pytest.approx(2 / 6)
