@@ -38,7 +38,6 @@ from ..layers.moe import HfArchMoE
 from ..layers.moe_experts import HfArchExperts, ZeroComputationExperts
 from ..layers.moe_losses import moe_auxiliary_losses
 from ..layers.moe_routers import MoERouter
-from ..layers.noise_key_cache import attach_noise_key_layers
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
@@ -68,14 +67,8 @@ class HfArchStaticCache(_CountsTokensOnAnyLayout, StaticCache):
 
 class HfArchCache(_CountsTokensOnAnyLayout, DynamicCache):
     """``DynamicCache`` whose ``get_seq_length()`` counts tokens whatever layer 0 is: all-linear models (transformers
-    counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill. Grouped
-    Differential Attention layers get a noise-key companion from the start (the layer adds it to other caches)."""
-
-    def __init__(self, *args, config: HfArchConfig | None = None, **kwargs) -> None:
-        super().__init__(*args, config=config, **kwargs)
-        if config is not None and getattr(config, "diff_attn_noise_heads", 0):
-            attach_noise_key_layers(self, [i for i, kind in enumerate(config.layer_types)
-                                           if kind in ATTENTION_LAYER_TYPES])
+    counts attention layers only) and hybrids whose first layer is linear; generate() calls it during prefill. (GDA
+    layers extend their own cache layer on first use, in this cache as in any other.)"""
 
     @property
     def is_croppable(self) -> bool:
