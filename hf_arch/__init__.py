@@ -13,6 +13,9 @@ ensure_kernels_subpackage()
 
 from .configuration import HfArchConfig
 from .models import (
+    HybridConfig,
+    HybridForCausalLM,
+    HybridModel,
     GatedAttentionConfig,
     GatedAttentionForCausalLM,
     GatedAttentionForSequenceClassification,
@@ -51,12 +54,21 @@ from .models import (
     SASForCausalLM,
     SASModel,
 )
+from .layers.attention import HfArchAttention
+from .layers.mixer_registry import mixer_options, register_channel_mixer, register_token_mixer
 from .layers.moe_routers import MoERouter, TopKRouter, register_moe_router
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
 from .registry import VARIANTS, Variant, get_variant
 
 __all__ = [
+    "HfArchAttention",
+    "HybridConfig",
+    "HybridForCausalLM",
+    "HybridModel",
+    "mixer_options",
+    "register_channel_mixer",
+    "register_token_mixer",
     "MoERouter",
     "TopKRouter",
     "register_moe_router",

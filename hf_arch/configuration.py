@@ -24,8 +24,53 @@ except ImportError:  # pragma: no cover
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding")
 SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
-# Channel-mixer layer types: the dense SwiGLU MLP, or a Mixture-of-Experts layer (``moe_*`` fields).
-SUPPORTED_MLP_LAYER_TYPES = ("dense", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMixerSpec:
+    """What the config needs to know of a token mixer (the class lives under ``layers/``, where
+    ``@register_token_mixer`` also registers this): the transformers layer types (cache and mask kinds) it can sit
+    at, the first being the one a layout given only as ``token_mixer_types`` gets; the flat config fields it reads
+    (the built-in mixers' options; a new mixer keeps its options in ``config.mixer_options[name]`` instead); and the
+    attention backends it runs on (None: any of transformers'; () for mixers that call no backend)."""
+
+    layer_types: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    attention_backends: tuple[str, ...] | None = None
+
+
+# The flat fields the softmax attention mixer reads: its score, head and value variants.
+_ATTENTION_SWITCHES = ("attn_output_gate", "attn_score_function", "attn_affine", "move_num_slots",
+                       "diff_attn_noise_heads", "sas_num_heads")
+# The built-in token mixers (a config must validate without the modeling code, e.g. as remote code); more register
+# here. A config without ``token_mixer_types`` picks among these from its flat fields (``token_mixer_type``).
+TOKEN_MIXER_SPECS: dict[str, TokenMixerSpec] = {
+    "attention": TokenMixerSpec(ATTENTION_LAYER_TYPES, reads=_ATTENTION_SWITCHES),
+    "sparse_attention": TokenMixerSpec(("full_attention",), reads=("attn_output_gate",)),
+    "gla": TokenMixerSpec(LINEAR_LAYER_TYPES, attention_backends=()),
+    "gated_deltanet": TokenMixerSpec(LINEAR_LAYER_TYPES, attention_backends=()),
+}
+# Channel mixers by name, with the ``mlp_layer_types`` entry (transformers' "dense" / "sparse") a layer of it gets: the
+# dense SwiGLU MLP, or a Mixture-of-Experts layer (``moe_*`` fields); more register here.
+CHANNEL_MIXER_KINDS: dict[str, str] = {"dense": "dense", "sparse": "sparse"}
+
+
+def register_token_mixer_spec(name: str, spec: TokenMixerSpec) -> None:
+    known = TOKEN_MIXER_SPECS.get(name)
+    if known is not None and known != spec:
+        raise ValueError(f"token mixer {name!r} is already registered with {known}, not {spec}")
+    bad = sorted(set(spec.layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if not spec.layer_types or bad:
+        raise ValueError(f"token mixer {name!r}: layer_types must be a non-empty subset of {SUPPORTED_LAYER_TYPES} "
+                         f"(transformers' cache layer kinds), got {spec.layer_types}")
+    TOKEN_MIXER_SPECS[name] = spec
+
+
+def register_channel_mixer_kind(name: str, mlp_layer_type: str) -> None:
+    known = CHANNEL_MIXER_KINDS.get(name)
+    if known is not None and known != mlp_layer_type:
+        raise ValueError(f"channel mixer {name!r} is already registered as {known!r}, not {mlp_layer_type!r}")
+    CHANNEL_MIXER_KINDS[name] = mlp_layer_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +181,9 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
     ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
      lambda c: c.num_zero_computation_experts > 0, ("moe_zc_balance_weight",)),
 )
-# Token-mixer switches only softmax attention layers read (full_attention / sliding_attention): with none of those
-# layers, anything but their off value builds nothing.
-ATTENTION_ONLY_SWITCHES = ("attn_output_gate", "attn_score_function", "attn_affine", "move_num_slots",
-                           "diff_attn_noise_heads", "sas_num_heads")
+# Token-mixer switches only softmax attention mixers read: with none of those mixers built, anything but their off
+# value builds nothing (which mixer reads which: ``TokenMixerSpec.reads``).
+ATTENTION_ONLY_SWITCHES = _ATTENTION_SWITCHES
 
 
 class HfArchConfig(PreTrainedConfig):
@@ -320,6 +364,9 @@ class HfArchConfig(PreTrainedConfig):
         qk_norm: bool = False,
         layer_types: list[str] | None = None,
         mlp_layer_types: list[str] | None = None,
+        token_mixer_types: list[str] | None = None,
+        channel_mixer_types: list[str] | None = None,
+        mixer_options: dict | None = None,
         sliding_window: int | None = None,
         attn_output_gate: str | None = None,
         attn_output_gate_bias: bool = False,
@@ -422,6 +469,11 @@ class HfArchConfig(PreTrainedConfig):
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
         self.sliding_window = sliding_window
+        # Explicit per-layer channel mixers by registered name (None: mlp_layer_types names them); mlp_layer_types then
+        # follows (transformers' own validators accept "dense" / "sparse" only).
+        self.channel_mixer_types = list(channel_mixer_types) if channel_mixer_types is not None else None
+        if self.channel_mixer_types is not None and mlp_layer_types is None and moe_sparse_step is None:
+            mlp_layer_types = [CHANNEL_MIXER_KINDS.get(name, "dense") for name in self.channel_mixer_types]
         self.mlp_layer_types = _resolve_mlp_layout(self, mlp_layer_types, moe_sparse_step)
         self.moe_sparse_step = None  # folded into mlp_layer_types, which is what gets saved
         self.num_experts = num_experts
@@ -503,6 +555,13 @@ class HfArchConfig(PreTrainedConfig):
         self.linear_attn_num_sinks = linear_attn_num_sinks
         self.linear_attn_feature_map = linear_attn_feature_map
         self.linear_attn_normalize = linear_attn_normalize
+        # Explicit per-layer mixers by registered name (None: chosen from the flat fields, see token_mixer_type), and
+        # the options of mixers that keep theirs grouped ({name: {option: value}}, read by the mixer's options class).
+        self.token_mixer_types = list(token_mixer_types) if token_mixer_types is not None else None
+        self.mixer_options = {k: dict(v) for k, v in mixer_options.items()} if mixer_options else None
+        if layer_types is None and self.token_mixer_types is not None and full_attention_layers is None \
+                and linear_to_full_ratio is None:
+            layer_types = _layer_types_of_mixers(self, self.token_mixer_types)
         self.layer_types = _resolve_layer_layout(self, layer_types, full_attention_layers, linear_to_full_ratio)
         # The shorthands are folded into layer_types, which is what gets saved.
         self.full_attention_layers = None
@@ -535,7 +594,16 @@ class HfArchConfig(PreTrainedConfig):
         if self.rms_norm_eps <= 0:
             raise ValueError(f"{type(self).__name__}.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         _check_per_layer(self, "layer_types", SUPPORTED_LAYER_TYPES)
-        _check_per_layer(self, "mlp_layer_types", SUPPORTED_MLP_LAYER_TYPES)
+        _check_per_layer(self, "mlp_layer_types", ("dense", "sparse"))
+        if self.channel_mixer_types is not None:
+            # Mixers this process has not registered (another package's, or one the flat remote-code modeling file
+            # registers after this config loads) are checked when the model builds them.
+            _check_per_layer(self, "channel_mixer_types", None)
+            for i, (name, kind) in enumerate(zip(self.channel_mixer_types, self.mlp_layer_types)):
+                if CHANNEL_MIXER_KINDS.get(name, kind) != kind:
+                    raise ValueError(f"{type(self).__name__}: layer {i} has channel mixer {name!r}, a "
+                                     f"{CHANNEL_MIXER_KINDS[name]!r} layer, but mlp_layer_types[{i}] is {kind!r}")
+        self._validate_token_mixers()
         if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
             raise ValueError(
                 f"{type(self).__name__}: layer_types contains 'sliding_attention' but sliding_window is "
@@ -553,16 +621,77 @@ class HfArchConfig(PreTrainedConfig):
         self._validate_mechanism_options()
 
     def _validate_attention_only_switches(self) -> None:
-        if any(t in ATTENTION_LAYER_TYPES for t in self.layer_types):
-            return
+        read = {field for spec in self._known_mixer_specs() for field in spec.reads}
         off = _declared_defaults(HfArchConfig)
         for field in ATTENTION_ONLY_SWITCHES:
             value = getattr(self, field)
-            if not _same_value(value, off[field]):
+            if field not in read and not _same_value(value, off[field]):
                 raise ValueError(
-                    f"{type(self).__name__} ({self.model_type}): {field}={value!r} acts on softmax attention layers "
-                    f"(full_attention / sliding_attention) and layer_types has none ({sorted(set(self.layer_types))})"
+                    f"{type(self).__name__} ({self.model_type}): {field}={value!r} acts on softmax attention mixers "
+                    f"and none of this config's token mixers ({sorted(self.token_mixer_names())}) reads it"
                 )
+
+    # -- token mixers -------------------------------------------------------------------------------------------
+
+    def token_mixer_type(self, layer_idx: int) -> str:
+        """The registered name of layer ``layer_idx``'s token mixer: ``token_mixer_types`` where given, else (configs
+        of the built-in variants, and every checkpoint saved before it existed) the one the flat fields choose."""
+        if self.token_mixer_types is not None:
+            return self.token_mixer_types[layer_idx]
+        layer_type = self.layer_types[layer_idx]
+        if layer_type in LINEAR_LAYER_TYPES:
+            return self.linear_attn_type
+        if layer_type == "full_attention" and self.sparse_attn_method is not None:
+            return "sparse_attention"
+        return "attention"
+
+    def token_mixer_names(self) -> set[str]:
+        """The token mixers this config builds (registered names)."""
+        return {self.token_mixer_type(i) for i in range(self.num_hidden_layers)}
+
+    def _known_mixer_specs(self) -> list[TokenMixerSpec]:
+        return [TOKEN_MIXER_SPECS[n] for n in sorted(self.token_mixer_names()) if n in TOKEN_MIXER_SPECS]
+
+    def channel_mixer_type(self, layer_idx: int) -> str:
+        """The registered name of layer ``layer_idx``'s channel mixer (``channel_mixer_types``, else mlp_layer_types)."""
+        if self.channel_mixer_types is not None:
+            return self.channel_mixer_types[layer_idx]
+        return self.mlp_layer_types[layer_idx]
+
+    def options_of(self, mixer: str) -> dict:
+        """``mixer_options[mixer]`` (empty where not given): what that mixer's options class is built from."""
+        return dict((self.mixer_options or {}).get(mixer, {}))
+
+    def _validate_token_mixers(self) -> None:
+        cls = type(self).__name__
+        if self.token_mixer_types is not None:
+            if len(self.token_mixer_types) != self.num_hidden_layers:
+                raise ValueError(f"{cls}.token_mixer_types has {len(self.token_mixer_types)} entries but "
+                                 f"num_hidden_layers is {self.num_hidden_layers}")
+            for i, (name, layer_type) in enumerate(zip(self.token_mixer_types, self.layer_types)):
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"{cls}.token_mixer_types[{i}] must be a registered mixer name, got {name!r}")
+                # A mixer this process has not registered (another package's, or one the flat remote-code modeling
+                # file registers after this config loads) is checked when the model builds it.
+                allowed = TOKEN_MIXER_SPECS[name].layer_types if name in TOKEN_MIXER_SPECS else (layer_type,)
+                if layer_type not in allowed:
+                    raise ValueError(f"{cls}: layer {i} has token mixer {name!r}, which sits at layer types {allowed}, "
+                                     f"but layer_types[{i}] is {layer_type!r}")
+                if name in LINEAR_ATTN_TYPES and name != self.linear_attn_type:
+                    raise ValueError(f"{cls}: layer {i} has token mixer {name!r} but linear_attn_type is "
+                                     f"{self.linear_attn_type!r} (the built-in linear mixers read it); make them agree")
+                if name == "sparse_attention" and self.sparse_attn_method is None:
+                    raise ValueError(f"{cls}: layer {i} has token mixer 'sparse_attention' but sparse_attn_method "
+                                     "is None; set 'seer' or 'flux'")
+        if self.mixer_options is not None:
+            if not isinstance(self.mixer_options, dict):
+                raise ValueError(f"{cls}.mixer_options must be a dict {{mixer name: {{option: value}}}}, got "
+                                 f"{type(self.mixer_options).__name__}")
+            used = self.token_mixer_names() | {self.channel_mixer_type(i) for i in range(self.num_hidden_layers)}
+            unused = sorted(set(self.mixer_options) - used)
+            if unused:
+                raise ValueError(f"{cls}.mixer_options has options for {unused}, which no layer uses (mixers: "
+                                 f"{sorted(used)})")
 
     def _validate_mechanism_options(self) -> None:
         """Refuse a field set away from its default while the mechanism that reads it is off (``_MECHANISM_OPTIONS``)."""
@@ -713,6 +842,10 @@ class HfArchConfig(PreTrainedConfig):
         """What this config builds that transformers' flash / flex attention kernels cannot run, one line each (empty:
         they can). The models read their ``_supports_flash_attn`` / ``_supports_flex_attn`` from it."""
         conflicts = []
+        for name in sorted(self.token_mixer_names()):
+            backends = TOKEN_MIXER_SPECS[name].attention_backends if name in TOKEN_MIXER_SPECS else None
+            if backends:  # () calls no backend: nothing to conflict with
+                conflicts.append(f"token mixer {name!r} runs on the {', '.join(backends)} attention backends only")
         if self.attn_score_function != "softmax":
             conflicts.append(f"attn_score_function={self.attn_score_function!r} (SA-Softmax / KRR scores run in "
                              "the package's own ops, not in an attention backend)")
@@ -927,13 +1060,28 @@ def _default_head_dim(hidden_size: int, num_attention_heads: int) -> int:
     return hidden_size // num_attention_heads
 
 
-def _check_per_layer(config: HfArchConfig, field: str, allowed: tuple[str, ...]) -> None:
+def _layer_types_of_mixers(config, token_mixer_types) -> list[str]:
+    """The layer types a layout given as mixers alone gets: each mixer's first declared layer type."""
+    unknown = sorted({name for name in token_mixer_types if name not in TOKEN_MIXER_SPECS})
+    if unknown:
+        raise ValueError(f"{type(config).__name__}.token_mixer_types has unregistered token mixers {unknown}; "
+                         f"registered: {tuple(TOKEN_MIXER_SPECS)}")
+    return [TOKEN_MIXER_SPECS[name].layer_types[0] for name in token_mixer_types]
+
+
+def _check_per_layer(config: HfArchConfig, field: str, allowed: tuple[str, ...] | None) -> None:
+    """One entry per layer, each in ``allowed`` (None: any non-empty name)."""
     values = getattr(config, field)
     if len(values) != config.num_hidden_layers:
         raise ValueError(
             f"{type(config).__name__}.{field} has {len(values)} entries but num_hidden_layers is "
             f"{config.num_hidden_layers}"
         )
+    if allowed is None:
+        bad = [v for v in values if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"{type(config).__name__}.{field} entries must be registered names, got {bad}")
+        return
     unknown = sorted({v for v in values if v not in allowed})
     if unknown:
         raise ValueError(f"{type(config).__name__}.{field} has unsupported entries {unknown}; supported: {allowed}")

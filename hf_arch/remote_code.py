@@ -10,10 +10,10 @@ works on a machine with only torch + transformers. The two files are generated a
 ``from __future__`` imports are hoisted, third-party imports are hoisted and deduplicated. The generated code is
 checked to compile, to reference no ``hf_arch`` module and to bind no top-level name twice.
 
-Variant authors: when a variant adds a module (a new layer, a new config helper), add it to ``CONFIG_MODULES`` or
-``MODELING_MODULES`` below, after the modules it imports from. The variant's own module (the one defining its config /
-Model / ForCausalLM classes) is picked up automatically from the registry. The generator raises, naming the module
-and the missing name, when a module imports from our package something that is in none of the listed modules.
+The modeling file's modules are found, not listed: the backbone, the registered mixers and routers and the variant's
+module, with everything they import from the package (``modeling_modules``), so a mixer registered by another package
+is exported too. Config-side helper modules go in ``CONFIG_MODULES``. The generator raises, naming the module and the
+missing name, when a module imports something that ends up in neither file.
 """
 
 from __future__ import annotations
@@ -38,72 +38,18 @@ _CONFIG_STEM = CONFIG_FILENAME[: -len(".py")]
 _MODELING_STEM = MODELING_FILENAME[: -len(".py")]
 
 # ------------------------------------------------------------------------------------------------------------------
-# The module table. Dependency order: a module comes after every module it imports from.
-# VARIANT AUTHORS: add the modules your variant introduces here (config helpers to CONFIG_MODULES, layers /
-# mixers / model code to MODELING_MODULES). The variant module itself (``variant.config_class.__module__`` and
-# ``variant.causal_lm_class.__module__``) is appended automatically; do not list it. From that module only the config
-# classes go to the configuration file (everything else goes to the modeling file), so keep helpers that a config
-# class needs in a module listed in CONFIG_MODULES.
+# The configuration file's modules, in dependency order. The variant's config class is added from its own module
+# (only the config classes of that module go there), so keep helpers that a config class needs in a module listed
+# here. The modeling file's modules are found (MODELING_ROOTS below).
 # ------------------------------------------------------------------------------------------------------------------
 CONFIG_MODULES: list[str] = [
     f"{PACKAGE}.configuration",
     f"{PACKAGE}.models.moe_presets",
 ]
-MODELING_MODULES: list[str] = [
-    # The PyTorch kernels the mixers call (the Triton ones stay out: remote code falls back to PyTorch).
-    f"{PACKAGE}.kernels.varlen",
-    f"{PACKAGE}.kernels.dispatch",
-    f"{PACKAGE}.kernels.gla._checks",
-    f"{PACKAGE}.kernels.gla.chunk",
-    f"{PACKAGE}.kernels.gla.recurrent",
-    f"{PACKAGE}.kernels.delta_rule._checks",
-    f"{PACKAGE}.kernels.delta_rule.chunk",
-    f"{PACKAGE}.kernels.delta_rule.recurrent",
-    f"{PACKAGE}.kernels.attention_checks",
-    f"{PACKAGE}.kernels.sliding_window.naive",
-    f"{PACKAGE}.kernels.sliding_window.chunk",
-    f"{PACKAGE}.kernels.sliding_window.cached",
-    f"{PACKAGE}.kernels.moe.permute",
-    f"{PACKAGE}.kernels.moe.grouped",
-    f"{PACKAGE}.kernels.moe.weighted",
-    f"{PACKAGE}.kernels.moe.traceable",
-    f"{PACKAGE}.kernels.block_sparse.naive",
-    f"{PACKAGE}.kernels.block_sparse.chunk",
-    f"{PACKAGE}.kernels.block_sparse.pooled_scores",
-    f"{PACKAGE}.kernels.sa_softmax.naive",
-    f"{PACKAGE}.kernels.sa_softmax.chunk",
-    f"{PACKAGE}.kernels.sa_softmax.cached",
-    f"{PACKAGE}.kernels.krr.naive",
-    f"{PACKAGE}.kernels.krr.chunk",
-    f"{PACKAGE}.kernels.ops",
-    f"{PACKAGE}.models.cache_names",
-    f"{PACKAGE}.layers.norm",
-    f"{PACKAGE}.layers.rope",
-    f"{PACKAGE}.layers.output_gate",
-    f"{PACKAGE}.layers.affine_attention",
-    f"{PACKAGE}.layers.value_bank",
-    f"{PACKAGE}.layers.differential_attention",
-    f"{PACKAGE}.layers.cache_extensions",
-    f"{PACKAGE}.layers.noise_key_cache",
-    f"{PACKAGE}.layers.flux_route_cache",
-    f"{PACKAGE}.layers.simulated_attention",
-    f"{PACKAGE}.layers.attention",
-    f"{PACKAGE}.layers.mlp",
-    f"{PACKAGE}.layers.short_conv",
-    f"{PACKAGE}.layers.linear_attention",
-    f"{PACKAGE}.layers.moe_routers.base",
-    f"{PACKAGE}.layers.moe_routers.softmax_topk",
-    f"{PACKAGE}.layers.moe_routers.sigmoid_topk",
-    f"{PACKAGE}.layers.moe_routers.norm_router",
-    f"{PACKAGE}.layers.moe_routers.relu_rmsnorm",
-    f"{PACKAGE}.layers.moe_routers",
-    f"{PACKAGE}.layers.moe_experts",
-    f"{PACKAGE}.layers.moe",
-    f"{PACKAGE}.layers.moe_losses",
-    f"{PACKAGE}.layers.sparse_attention",
-    f"{PACKAGE}.layers.geonorm",
-    f"{PACKAGE}.models.backbone",
-]
+# The modeling file: the backbone, every registered token / channel mixer and MoE router of the package, and, for a
+# checkpoint that uses a mixer or router registered by another package, that mixer's module; each with the modules
+# it imports from (``modeling_modules``), in dependency order. Nothing to list for a new mixer or variant.
+MODELING_ROOTS: list[str] = [f"{PACKAGE}.models.backbone"]
 
 _OWN_REFERENCE = re.compile(rf"\b{PACKAGE}\b")
 # transformers' own regexes for relative imports (dynamic_module_utils.get_relative_imports): any match must name a
@@ -189,8 +135,70 @@ def _display_name(module: str) -> str:
     return module.split(".", 1)[1].replace(".", "/") + ".py" if "." in module else module + ".py"
 
 
-def _is_own(module: str | None, level: int) -> bool:
-    return level > 0 or (module is not None and (module == PACKAGE or module.startswith(PACKAGE + ".")))
+def _is_own(module: str | None, level: int, importer: str = PACKAGE) -> bool:
+    """A relative import, or one of our package or of the importing module's own package (a registered extension)."""
+    if level > 0 or module is None:
+        return level > 0
+    return any(module == top or module.startswith(top + ".") for top in {PACKAGE, importer.split(".")[0]})
+
+
+def _own_dependencies(module_name: str) -> list[str]:
+    """The modules ``module_name`` imports names from at top level, within our package or its own (resolved
+    absolute names; the package root, which only re-exports, is left out)."""
+    module = importlib.import_module(module_name)
+    package = module_name if hasattr(module, "__path__") else module_name.rpartition(".")[0]
+    found = []
+    for node in ast.parse(inspect.getsource(module)).body:
+        if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
+            continue
+        if not _is_own(node.module, node.level, module_name):
+            continue
+        if node.level:
+            parts = package.split(".")
+            target = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+        else:
+            target = node.module
+        if target not in (PACKAGE, module_name.split(".")[0]):
+            found.append(target)
+    return found
+
+
+def modeling_modules(roots, skip=()) -> list[str]:
+    """``roots`` and every module they import from (``_own_dependencies``), each after its dependencies; modules in
+    ``skip`` (the configuration file's) and their dependencies are left out."""
+    ordered: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in ordered or name in skip or name in visiting:
+            return
+        visiting.add(name)
+        for dependency in _own_dependencies(name):
+            visit(dependency)
+        visiting.discard(name)
+        ordered.append(name)
+
+    for root in roots:
+        visit(root)
+    return ordered
+
+
+def _registered_layer_modules(config: dict | None) -> list[str]:
+    """Modules of the registered token / channel mixers and MoE routers: all of the package's own; another
+    package's only where ``config`` (a saved config.json) uses them."""
+    from .layers.mixer_registry import CHANNEL_MIXERS, TOKEN_MIXERS
+    from .layers.moe_routers import MOE_ROUTERS
+
+    used = set()
+    if config:
+        used |= set(config.get("token_mixer_types") or ()) | set(config.get("channel_mixer_types") or ())
+        used.add(config.get("moe_router"))
+    modules = []
+    for table in (TOKEN_MIXERS, CHANNEL_MIXERS, MOE_ROUTERS):
+        for name, cls in table.items():
+            if cls.__module__.split(".")[0] == PACKAGE or name in used:
+                modules.append(cls.__module__)
+    return list(dict.fromkeys(modules))
 
 
 def _statement_bindings(node: ast.stmt) -> list[str]:
@@ -236,8 +244,8 @@ def _add_module(builder: _FileBuilder, module_name: str, keep) -> list[str]:
                     builder.future.append(alias.name)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            own = _is_own(node.module, node.level) if isinstance(node, ast.ImportFrom) else any(
-                _is_own(a.name, 0) for a in node.names
+            own = _is_own(node.module, node.level, module_name) if isinstance(node, ast.ImportFrom) else any(
+                _is_own(a.name, 0, module_name) for a in node.names
             )
             if own:
                 _record_own_import(builder, module_name, node)
@@ -332,17 +340,21 @@ def _check_generated(filename: str, text: str, allowed_relative: set[str]) -> No
                 )
 
 
-def build_remote_code_sources(variant_name_or_model_type: str) -> dict[str, str]:
-    """``{"configuration_hf_arch.py": ..., "modeling_hf_arch.py": ...}`` for one variant.
+def build_remote_code_sources(variant_name_or_model_type: str, config: dict | None = None) -> dict[str, str]:
+    """``{"configuration_hf_arch.py": ..., "modeling_hf_arch.py": ...}`` for one variant (``config``: the saved
+    config.json, whose mixers registered by other packages are exported too).
 
-    Built once per variant and module table in a process (every save_pretrained writes them; flattening takes ~1 s).
+    Built once per variant and module list in a process (every save_pretrained writes them; flattening takes ~1 s).
     """
     variant = get_variant(variant_name_or_model_type)
-    return dict(_build_sources(variant.model_type, tuple(CONFIG_MODULES), tuple(MODELING_MODULES)))
+    roots = [*MODELING_ROOTS, *_registered_layer_modules(config), variant.model_class.__module__,
+             variant.causal_lm_class.__module__]
+    modules = modeling_modules(roots, skip=set(CONFIG_MODULES))
+    return dict(_build_sources(variant.model_type, tuple(CONFIG_MODULES), tuple(modules)))
 
 
 @functools.lru_cache(maxsize=None)
-def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_modules: tuple[str, ...]) -> dict:
+def _build_sources(model_type: str, config_modules: tuple[str, ...], model_modules: tuple[str, ...]) -> dict:
     """The uncached builder of ``build_remote_code_sources`` (the tables are part of the key).
 
     The configuration file holds the backbone config base class and the variant's config class; the modeling file
@@ -354,7 +366,7 @@ def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_mo
 
     # ---- configuration file: CONFIG_MODULES whole, then only the config classes of the variant's module(s).
     config = _FileBuilder(CONFIG_FILENAME)
-    for name in CONFIG_MODULES:
+    for name in config_modules:
         _add_module(config, name, keep=lambda n, obj: not _is_other_variants_class(obj, variant))
     if variant.config_class.__module__ not in CONFIG_MODULES:
         _config_class_only(
@@ -362,11 +374,11 @@ def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_mo
             variant.config_class.__module__,
             keep=lambda n, obj: _is_config_class(obj) and not _is_other_variants_class(obj, variant),
         )
-    _check_own_imports(config, provided=set(config.bindings), where="CONFIG_MODULES")
+    _check_own_imports(config, provided=set(config.bindings), where=f"CONFIG_MODULES of {__name__}")
     if variant.config_class.__name__ not in config.bindings:
         raise RemoteCodeError(f"{variant.config_class.__name__} did not end up in {CONFIG_FILENAME}")
 
-    # ---- modeling file: MODELING_MODULES, then the variant's model module(s); config classes come by import.
+    # ---- modeling file: the modules found from the roots (variant module last); config classes come by import.
     modeling = _FileBuilder(MODELING_FILENAME)
     moved_configs: set[str] = set()
 
@@ -376,10 +388,6 @@ def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_mo
             return False
         return not (_is_sequence_classification_class(obj) or _is_other_variants_class(obj, variant))
 
-    model_modules = list(MODELING_MODULES)
-    for cls in (variant.model_class, variant.causal_lm_class):
-        if cls.__module__ not in model_modules and cls.__module__ not in CONFIG_MODULES:
-            model_modules.append(cls.__module__)
     dropped: set[str] = set()
     for name in model_modules:
         dropped.update(_add_module(modeling, name, keep=keep_model))
@@ -393,7 +401,7 @@ def _build_sources(model_type: str, config_modules: tuple[str, ...], modeling_mo
         | {n for n in moved_configs if n in config.bindings}
     )
     _check_own_imports(
-        modeling, provided=set(modeling.bindings) | set(from_config) | dropped, where="MODELING_MODULES"
+        modeling, provided=set(modeling.bindings) | set(from_config) | dropped, where="the modules they import"
     )
     for name in from_config:
         modeling.bind(name, f"import from {CONFIG_FILENAME}", MODELING_FILENAME)
@@ -452,8 +460,8 @@ def _config_class_only(builder: _FileBuilder, module_name: str, keep) -> None:
             imp = imported[name]
             if isinstance(imp, ast.ImportFrom) and imp.module == "__future__":
                 continue
-            own = _is_own(imp.module, imp.level) if isinstance(imp, ast.ImportFrom) else any(
-                _is_own(a.name, 0) for a in imp.names
+            own = _is_own(imp.module, imp.level, module_name) if isinstance(imp, ast.ImportFrom) else any(
+                _is_own(a.name, 0, module_name) for a in imp.names
             )
             if own:
                 _record_own_import(builder, module_name, imp)
@@ -471,8 +479,8 @@ def _check_own_imports(builder: _FileBuilder, provided: set[str], where: str) ->
     if missing:
         details = "; ".join(f"{module} imports {name!r}" for name, module in sorted(missing.items()))
         raise RemoteCodeError(
-            f"{builder.filename}: {details}, but no module in the remote-code table defines it — add the module that "
-            f"defines it to {where} in {__name__} (before the modules that import from it)"
+            f"{builder.filename}: {details}, but no module of the generated file defines it (looked in {where}) — "
+            "import it from the module that defines it (not from a package's __init__)"
         )
 
 
@@ -527,7 +535,7 @@ def export_remote_code(model_dir: str | os.PathLike) -> list[Path]:
             f"(known model types: {known})"
         )
 
-    sources = build_remote_code_sources(variant.model_type)
+    sources = build_remote_code_sources(variant.model_type, config)
     written = []
     for filename, text in sources.items():
         path = directory / filename
@@ -545,9 +553,10 @@ __all__ = [
     "CONFIG_FILENAME",
     "CONFIG_MODULES",
     "MODELING_FILENAME",
-    "MODELING_MODULES",
+    "MODELING_ROOTS",
     "RemoteCodeError",
     "auto_map_for",
     "build_remote_code_sources",
     "export_remote_code",
+    "modeling_modules",
 ]

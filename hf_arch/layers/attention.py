@@ -17,11 +17,13 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..configuration import ATTENTION_LAYER_TYPES, ATTENTION_ONLY_SWITCHES
 from ..kernels.krr.naive import naive_krr_attention_weights
 from ..kernels.ops import krr_attention, sa_softmax_attention
 from ..kernels.sa_softmax.naive import sa_softmax_attention_weights
 from .affine_attention import AffineAttentionScale, mean_attended_values
 from .differential_attention import DifferentialNoise, group_values_by_noise_head
+from .mixer_registry import register_token_mixer
 from .noise_key_cache import attach_noise_key_layers
 from .norm import HfArchRMSNorm
 from .output_gate import AttentionOutputGate
@@ -56,10 +58,14 @@ def weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weights, value.to(weights.dtype)).transpose(1, 2).to(value.dtype)
 
 
+@register_token_mixer("attention")
 class HfArchAttention(nn.Module):
     # Read by peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
     # head variants' modules (output_gate, differential, …) declare their own.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layer_types = ATTENTION_LAYER_TYPES
+    config_fields = ATTENTION_ONLY_SWITCHES  # its score, head and value variants (flat fields of HfArchConfig)
+    attention_backends = None  # any of transformers' (flash / flex refused per feature: attention_kernel_conflicts)
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

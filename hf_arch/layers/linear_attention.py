@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration import LINEAR_LAYER_TYPES
 from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention
 from ..kernels.sliding_window import sliding_window_attention_over_cache
 from .attention import repeat_kv
+from .mixer_registry import register_token_mixer
 from .norm import HfArchGatedRMSNorm, HfArchRMSNorm
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
@@ -72,6 +74,8 @@ def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
 
 
+@register_token_mixer("gated_deltanet")
+@register_token_mixer("gla")
 class HfArchLinearAttention(nn.Module):
     # Read by peft_utils (names relative to this module). q/k/v/o keep the attention layer's names and come
     # from the source checkpoint; the small gate projections (H outputs) are no LoRA targets. The short conv declares
@@ -79,6 +83,10 @@ class HfArchLinearAttention(nn.Module):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "output_gate_proj")
     new_parameters = ("forget_proj", "decay_proj", "beta_proj", "A_log", "dt_bias", "out_norm", "output_gate_proj",
                       "window_weight", "sink_logits", "q_feature_map", "k_feature_map")
+    # GLA and Gated DeltaNet (config.linear_attn_type picks, and must equal the registered name a layer asks for);
+    # their options are the flat linear_attn_* fields. A hybrid's window branch sits in a hybrid_sliding layer.
+    layer_types = LINEAR_LAYER_TYPES
+    attention_backends = ()  # calls no attention backend
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

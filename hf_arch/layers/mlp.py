@@ -6,11 +6,15 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .mixer_registry import register_channel_mixer
 
+
+@register_channel_mixer("dense")
 class HfArchMLP(nn.Module):
     lora_targets = ("gate_proj", "up_proj", "down_proj")  # read by peft_utils
+    routes_tokens = False
 
-    def __init__(self, config, intermediate_size: int | None = None) -> None:
+    def __init__(self, config, layer_idx: int | None = None, intermediate_size: int | None = None) -> None:
         super().__init__()
         width = config.intermediate_size if intermediate_size is None else intermediate_size
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)

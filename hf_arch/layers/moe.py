@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mixer_registry import register_channel_mixer
 from .mlp import HfArchMLP
 from .moe_experts import HfArchExperts, ZeroComputationExperts
 from .moe_routers import MoERouter, selected_mask
@@ -21,10 +22,12 @@ from .moe_routers import MoERouter, selected_mask
 __all__ = ["HfArchMoE"]
 
 
+@register_channel_mixer("sparse")
 class HfArchMoE(nn.Module):
     # Read by peft_utils: the router and experts declare themselves; the shared expert is an HfArchMLP (its
     # projections are LoRA targets, copied from the dense FFN by a conversion); its gate is new.
     new_parameters = ("shared_expert_gate",)
+    routes_tokens = True  # called with (x, previous router logits, expert pool, token mask); returns its logits too
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ from ..kernels.block_sparse.naive import block_sparse_attention_weights
 from ..kernels.ops import block_sparse_attention, pooled_attention_scores
 from .attention import HfArchAttention, repeat_kv, weighted_values
 from .flux_route_cache import flux_route_layer
+from .mixer_registry import register_token_mixer
 from .rope import apply_rotary_pos_emb
 
 __all__ = [
@@ -194,8 +195,12 @@ def sink_window_block_mask(num_blocks: int, config, batch: int, heads: int, devi
     return keep[None, None].expand(batch, heads, num_blocks, num_blocks)
 
 
+@register_token_mixer("sparse_attention")
 class HfArchSparseAttention(HfArchAttention):
     """Softmax attention plus a block gate (seer) or a layer router (flux); q/k/v/o keep the source's names."""
+
+    layer_types = ("full_attention",)
+    config_fields = ("attn_output_gate",)  # the score / head variants do not combine with a sparse layout
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)

@@ -44,6 +44,7 @@ from .geonorm import (
     GeoNormModel,
 )
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
+from .hybrid import HybridConfig, HybridForCausalLM, HybridForSequenceClassification, HybridModel
 from .moe import (
     MOE_PRESETS,
     MoEConfig,
@@ -229,7 +230,26 @@ SPARSE_ATTENTION = register_variant(
     )
 )
 
+HYBRID = register_variant(
+    Variant(
+        name="hybrid",
+        config_class=HybridConfig,
+        model_class=HybridModel,
+        causal_lm_class=HybridForCausalLM,
+        sequence_classification_class=HybridForSequenceClassification,
+        summary="any per-layer layout of registered token and channel mixers (token_mixer_types, mlp_layer_types, "
+                "mixer_options), including mixers other packages register",
+        paper="(composition of the registered mixers' papers)",
+        tags=("hybrid",),
+    )
+)
+
 __all__ = [
+    "HYBRID",
+    "HybridConfig",
+    "HybridForCausalLM",
+    "HybridForSequenceClassification",
+    "HybridModel",
     "CUBIT",
     "CubitConfig",
     "CubitForCausalLM",

@@ -27,30 +27,26 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel
 
-from ..configuration import ATTENTION_LAYER_TYPES, LINEAR_LAYER_TYPES, HfArchConfig
-from ..layers.affine_attention import AffineAttentionScale
+from ..configuration import LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.attention import HfArchAttention
-from ..layers.differential_attention import DifferentialNoise
 from ..layers.geonorm import GeodesicUpdate, project_to_sphere
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
+from ..layers.mixer_registry import build_channel_mixer, build_token_mixer
 from ..layers.mlp import HfArchMLP
 from ..layers.moe import HfArchMoE
-from ..layers.moe_experts import HfArchExperts, ZeroComputationExperts
+from ..layers.moe_experts import HfArchExperts
 from ..layers.moe_losses import moe_auxiliary_losses
-from ..layers.moe_routers import MoERouter
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import HfArchRotaryEmbedding
-from ..layers.short_conv import ShortConvolution
-from ..layers.simulated_attention import SimulatedHeads
-from ..layers.sparse_attention import (
-    BlockGate,
-    HfArchSparseAttention,
-    LayerRouter,
-    sparse_attention_auxiliary_loss,
-)
-from ..layers.value_bank import ValueBank, ValueGate
+from ..layers.sparse_attention import HfArchSparseAttention, sparse_attention_auxiliary_loss
+from ..layers.value_bank import ValueBank
 from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
+
+
+# The built-in mixers, imported for their registration (``@register_token_mixer`` / ``@register_channel_mixer``); the
+# decoder layer builds whatever the registries hold.
+BUILTIN_MIXERS = (HfArchAttention, HfArchSparseAttention, HfArchLinearAttention, HfArchMLP, HfArchMoE)
 
 
 class _CountsTokensOnAnyLayout:
@@ -92,26 +88,6 @@ def new_cache(config: HfArchConfig) -> DynamicCache:
     if any(t in LINEAR_LAYER_TYPES for t in config.layer_types):
         return HfArchCache(config=config)
     return DynamicCache(config=config)
-
-
-def build_token_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
-    layer_type = config.layer_types[layer_idx]
-    if layer_type == "full_attention" and config.sparse_attn_method is not None:
-        return HfArchSparseAttention(config, layer_idx)
-    if layer_type in ATTENTION_LAYER_TYPES:
-        return HfArchAttention(config, layer_idx)
-    if layer_type in LINEAR_LAYER_TYPES:
-        return HfArchLinearAttention(config, layer_idx)
-    raise ValueError(f"layer_types[{layer_idx}] = {layer_type!r} has no token mixer in this backbone")
-
-
-def build_channel_mixer(config: HfArchConfig, layer_idx: int) -> nn.Module:
-    mlp_type = config.mlp_layer_types[layer_idx]
-    if mlp_type == "dense":
-        return HfArchMLP(config)
-    if mlp_type == "sparse":
-        return HfArchMoE(config, layer_idx)
-    raise ValueError(f"mlp_layer_types[{layer_idx}] = {mlp_type!r} has no channel mixer in this backbone")
 
 
 class HfArchDecoderLayer(GradientCheckpointingLayer):
@@ -161,7 +137,7 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self._residual(self.attn_update, residual, mixed)
         normed = self.post_attention_layernorm(hidden_states)
         router_logits = None
-        if isinstance(self.mlp, HfArchMoE):
+        if self.mlp.routes_tokens:
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
         else:
             mixed = self.mlp(normed)
@@ -275,10 +251,11 @@ class HfArchPreTrainedModel(PreTrainedModel):
             del self._upload_modified_files
 
     def _init_weights(self, module: nn.Module) -> None:
+        """transformers' init, then ``module.init_parameters(init)`` where the module holds parameters of its own
+        (mixers, routers, gates, convs: each declares its initialisation; the one path for built-in and registered
+        modules; a container's method, if any, is for conversions that initialise a whole new layer)."""
         super()._init_weights(module)
-        if isinstance(module, (HfArchLinearAttention, ShortConvolution, MoERouter, HfArchExperts,
-                               ZeroComputationExperts, BlockGate, LayerRouter, AffineAttentionScale,
-                               ValueBank, ValueGate, DifferentialNoise, SimulatedHeads, GeodesicUpdate)):
+        if module._parameters and callable(getattr(module, "init_parameters", None)):
             from transformers import initialization
 
             module.init_parameters(initialization)

@@ -322,7 +322,7 @@ def test_generated_sources_are_self_contained(key):
         assert "SequenceClassification" not in text
         assert "register" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     config_defs = {n.name for n in ast.parse(sources[CONFIG_FILENAME]).body if isinstance(n, ast.ClassDef)}
-    assert config_defs == {"HfArchConfig", "GatedAttentionConfig", "MoERouterSpec"}
+    assert config_defs == {"HfArchConfig", "GatedAttentionConfig", "MoERouterSpec", "TokenMixerSpec"}
     modeling_defs = {n.name for n in ast.parse(sources[MODELING_FILENAME]).body if isinstance(n, ast.ClassDef)}
     assert {"HfArchRMSNorm", "AttentionOutputGate", "HfArchAttention", "HfArchModel", "GatedAttentionModel",
             "GatedAttentionForCausalLM"} <= modeling_defs
@@ -371,12 +371,31 @@ def test_generator_rejects_package_references():
         remote_code._check_generated("x.py", '"""\nfrom .layers import norm\n"""\n', set())
 
 
-def test_generator_names_a_module_missing_from_the_table(monkeypatch):
-    # Drop the norm layer from the table: attention.py imports HfArchRMSNorm, which is now defined nowhere.
-    table = [m for m in remote_code.MODELING_MODULES if not m.endswith(".norm")]
-    monkeypatch.setattr(remote_code, "MODELING_MODULES", table)
-    with pytest.raises(RemoteCodeError, match=r"HfArchRMSNorm.*MODELING_MODULES"):
+def test_modeling_modules_are_found_in_dependency_order():
+    """No table to keep: the backbone, every registered mixer and router, and what they import, each module after
+    the modules it imports from."""
+    from hf_arch.layers.mixer_registry import CHANNEL_MIXERS, TOKEN_MIXERS
+
+    roots = [*remote_code.MODELING_ROOTS, *remote_code._registered_layer_modules(None), "hf_arch.models.gated_attention"]
+    modules = remote_code.modeling_modules(roots, skip=set(remote_code.CONFIG_MODULES))
+    assert len(modules) == len(set(modules))
+    for cls in [*TOKEN_MIXERS.values(), *CHANNEL_MIXERS.values()]:
+        assert cls.__module__ in modules
+    for position, module in enumerate(modules):
+        for dependency in remote_code._own_dependencies(module):
+            assert dependency in remote_code.CONFIG_MODULES or modules.index(dependency) < position, (module, dependency)
+    assert not any("triton" in m for m in modules)  # the Triton kernels are imported lazily: remote code runs PyTorch
+
+
+def test_generator_names_an_import_no_module_defines(monkeypatch):
+    # Hide the norm module from the dependency walk: attention.py imports HfArchRMSNorm, now defined nowhere.
+    found = remote_code._own_dependencies
+    monkeypatch.setattr(remote_code, "_own_dependencies",
+                        lambda name: [m for m in found(name) if not m.endswith(".norm")])
+    remote_code._build_sources.cache_clear()
+    with pytest.raises(RemoteCodeError, match=r"imports 'HfArchRMSNorm'.*no module of the generated file defines it"):
         build_remote_code_sources("gated_attention")
+    remote_code._build_sources.cache_clear()
 
 
 def test_generator_names_a_helper_a_config_class_leaves_behind(tmp_path, monkeypatch):
