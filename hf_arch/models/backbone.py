@@ -30,6 +30,7 @@ from transformers.modeling_utils import PreTrainedModel
 from ..configuration import LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.attention import HfArchAttention
 from ..layers.geonorm import GeodesicUpdate, project_to_sphere
+from ..layers.latent_attention import MultiHeadLatentAttention
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
 from ..layers.mixer_registry import build_channel_mixer, build_token_mixer
 from ..layers.mlp import HfArchMLP
@@ -46,7 +47,8 @@ from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, 
 
 # The built-in mixers, imported for their registration (``@register_token_mixer`` / ``@register_channel_mixer``); the
 # decoder layer builds whatever the registries hold.
-BUILTIN_MIXERS = (HfArchAttention, HfArchSparseAttention, HfArchLinearAttention, HfArchMLP, HfArchMoE)
+BUILTIN_MIXERS = (HfArchAttention, HfArchSparseAttention, HfArchLinearAttention, MultiHeadLatentAttention, HfArchMLP,
+                  HfArchMoE)
 
 
 class _CountsTokensOnAnyLayout:
