@@ -7,10 +7,12 @@ initialises the new parameters (``gate_insertion.py``, ``linearize.py``, ``moe_r
 from .api import (
     CONVERSIONS,
     RECORD_FILE,
+    ConversionKind,
     ConversionResult,
     convert,
     convert_model,
     max_abs_logit_diff,
+    register_conversion,
 )
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
@@ -35,7 +37,9 @@ __all__ = [
     "CONVERSIONS",
     "RECORD_FILE",
     "SOURCE_ADAPTERS",
+    "ConversionKind",
     "ConversionResult",
+    "register_conversion",
     "GateInsertionOptions",
     "LinearizeOptions",
     "MoERefactorOptions",

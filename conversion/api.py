@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from .identity_insertion import (
     insert_affine_scale,
     insert_value_bank,
 )
-from .linearize import LinearizeOptions, linearize, method_target
+from .linearize import LinearizeOptions, linearize
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sparsify import SparsifyOptions, sparsify
 
@@ -27,17 +28,47 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "hf_arch_conversion.json"
 
-# Conversion kinds by target variant: (options class, function(source_model, options) -> target model).
-CONVERSIONS = {
-    "gated_attention": (GateInsertionOptions, insert_gates),
-    "moe": (MoERefactorOptions, refactor_moe),
-    "gla": (LinearizeOptions, linearize),
-    "gated_deltanet": (LinearizeOptions, linearize),
-    "sparse_attention": (SparsifyOptions, sparsify),
-    "affine_attention": (AffineInsertionOptions, insert_affine_scale),
-    "move": (ValueBankInsertionOptions, insert_value_bank),
-    "diff_attention": (SignalHeadGrowthOptions, grow_signal_heads),
-}
+
+
+@dataclass(frozen=True)
+class ConversionKind:
+    """One ``--to`` target: its options dataclass (``config_overrides()``, where defined, validates it up front),
+    ``convert(source_model, options, **extra) -> model`` (built with ``weights.build_from_source``), the option
+    defaults this target changes, and the ``method`` values it accepts (None: any its options class accepts)."""
+
+    options_class: type
+    convert: Callable
+    defaults: dict = field(default_factory=dict)
+    methods: tuple[str, ...] | None = None
+
+    def __iter__(self):  # (options class, function), as the table's entries were
+        return iter((self.options_class, self.convert))
+
+
+# Conversion kinds by target variant; more register with ``register_conversion`` (the CLI's ``--to`` reads this).
+CONVERSIONS: dict[str, ConversionKind] = {}
+
+
+def register_conversion(to: str, options_class: type, convert: Callable, *, methods: tuple[str, ...] | None = None,
+                        **defaults) -> ConversionKind:
+    """Make ``hf-arch convert SRC OUT --to {to}`` (and ``convert(..., to=to)``) run ``convert`` with
+    ``options_class(**{**defaults, **given})``; the CLI passes the flags the user gave whose names are its fields."""
+    unknown = sorted(set(defaults) - set(options_class.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"register_conversion({to!r}): {options_class.__name__} has no fields {unknown}")
+    kind = ConversionKind(options_class, convert, dict(defaults), methods)
+    CONVERSIONS[to] = kind
+    return kind
+
+
+register_conversion("gated_attention", GateInsertionOptions, insert_gates)
+register_conversion("moe", MoERefactorOptions, refactor_moe)
+register_conversion("gla", LinearizeOptions, linearize, methods=("liger", "lolcats", "lizard"))
+register_conversion("gated_deltanet", LinearizeOptions, linearize, methods=("mamba_init",), method="mamba_init")
+register_conversion("sparse_attention", SparsifyOptions, sparsify)
+register_conversion("affine_attention", AffineInsertionOptions, insert_affine_scale)
+register_conversion("move", ValueBankInsertionOptions, insert_value_bank)
+register_conversion("diff_attention", SignalHeadGrowthOptions, grow_signal_heads)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,24 +85,23 @@ class ConversionResult:
 def conversion_options(to: str, **options):
     if to not in CONVERSIONS:
         raise ValueError(f"Unknown conversion target {to!r}; available: {', '.join(sorted(CONVERSIONS))}")
-    options_class, _ = CONVERSIONS[to]
-    known = set(options_class.__dataclass_fields__)
+    kind = CONVERSIONS[to]
+    known = set(kind.options_class.__dataclass_fields__)
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for --to {to}; valid options: {sorted(known)}")
-    opts = options_class(**options)
-    if hasattr(opts, "config_overrides"):
+    opts = kind.options_class(**{**kind.defaults, **options})
+    if kind.methods is not None and opts.method not in kind.methods:
+        raise ValueError(f"--to {to} takes --method {' | '.join(kind.methods)}, not {opts.method!r}")
+    if callable(getattr(opts, "config_overrides", None)):
         opts.config_overrides()  # validates option values before any loading
-    if options_class is LinearizeOptions and method_target(opts.method) != to:
-        raise ValueError(f"--method {opts.method} converts to {method_target(opts.method)!r}, not --to {to!r}")
     return opts
 
 
 def convert_model(source_model, to: str = "gated_attention", **options):
     """In-memory conversion of an already loaded source model."""
     opts = conversion_options(to, **options)  # validates `to` and the options
-    _, convert_fn = CONVERSIONS[to]
-    return convert_fn(source_model, opts)
+    return CONVERSIONS[to].convert(source_model, opts)
 
 
 def calibration_tokens(src, path, count: int, trust_remote_code: bool = False) -> torch.Tensor:
@@ -154,7 +184,7 @@ def convert(
     except Exception as error:
         raise ValueError(f"Could not load the weights of {src}: {error}") from error
     source.eval()
-    _, convert_fn = CONVERSIONS[to]
+    convert_fn = CONVERSIONS[to].convert
     extra = {}
     if getattr(opts, "needs_calibration", False):
         if calibration_file is None:

@@ -25,7 +25,6 @@ its softmax teacher (the stage-1 attention-transfer objective of LoLCATs), e.g. 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,23 +32,15 @@ from torch import nn
 
 from ..layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
 from ..layers.norm import HfArchRMSNorm
-from ..layers.short_conv import ShortConvolution
 from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from ..models.gla import GLAConfig, GLAForCausalLM
 from ..peft_utils import new_parameter_names
 from .sources import adapter_for
-from .weights import check_copied, copy_source_weights
+from .weights import build_from_source
 
 __all__ = ["LINEARIZE_METHODS", "LinearizeOptions", "attention_mse_per_layer", "linearize", "linearized_config_from"]
 
 LINEARIZE_METHODS = ("liger", "lolcats", "lizard", "mamba_init")
-
-
-def method_target(method: str) -> str:
-    """The variant a method converts to (``--to``): ``gated_deltanet`` for mamba_init, ``gla`` otherwise."""
-    if method not in LINEARIZE_METHODS:
-        raise ValueError(f"method must be one of {LINEARIZE_METHODS}, got {method!r}")
-    return "gated_deltanet" if method == "mamba_init" else "gla"
 
 
 @dataclass
@@ -167,10 +158,10 @@ def _init_new_parameters(target, added: set[str]) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (HfArchLinearAttention, ShortConvolution)):
-            module.init_parameters(_TorchInit)  # A_log, dt_bias, α, sinks, Hedgehog maps / the conv taps
         elif isinstance(module, HfArchRMSNorm):
             nn.init.ones_(module.weight)
+        elif callable(getattr(module, "init_parameters", None)):
+            module.init_parameters(_TorchInit)  # the mixer's own: A_log, dt_bias, α, sinks, feature maps, conv taps
         else:
             raise TypeError(f"No initialisation for new parameters {sorted(own)} of {type(module).__name__}")
         done |= own
@@ -184,21 +175,10 @@ def linearize(source_model, options: LinearizeOptions | None = None):
     """Build the linearized model from an in-memory source model (same dtype), copying and checking every weight."""
     options = options or LinearizeOptions()
     config = linearized_config_from(source_model.config, options)
-    config._attn_implementation = source_model.config._attn_implementation  # for the kept softmax layers
     model_class = GLAForCausalLM if isinstance(config, GLAConfig) else GatedDeltaNetForCausalLM
-    dtype = next(source_model.parameters()).dtype
-    target = model_class(config).to(dtype)
-    source_state = source_model.state_dict()
-    target_state = target.state_dict()
-    added = set(new_parameter_names(target))
-
-    copy_source_weights(source_state, target_state, added, sides=("source (teacher)", "linearized (student)"))
-    _init_new_parameters(target, added)
-    if config.tie_word_embeddings:
-        target.tie_weights()
-    check_copied(source_state, target.state_dict())
-    target.generation_config = copy.deepcopy(source_model.generation_config)
-    return target.eval()
+    return build_from_source(source_model, config, model_class,
+                             lambda target: _init_new_parameters(target, set(new_parameter_names(target))),
+                             sides=("source (teacher)", "linearized (student)"))
 
 
 def linear_attention_layers(model) -> list[HfArchLinearAttention]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
 from .sources import adapter_for
-from .weights import check_copied, copy_source_weights
+from .weights import build_from_source
 
 METHODS = ("partition", "upcycle")
 # The dense FFN's tensors, which the conversion maps itself (into experts and the shared expert).
@@ -228,19 +228,19 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
     if options.needs_calibration and calibration_ids is None:
         raise ValueError(f"split={options.split!r} / shared_neurons={options.shared_neurons} need calibration tokens "
                          "(calibration_ids; `hf-arch convert` reads them from --calibration-file)")
-    config._attn_implementation = source_model.config._attn_implementation
-    dtype = next(source_model.parameters()).dtype
-    target = MoEForCausalLM(config).to(dtype)
-    source_state = source_model.state_dict()
-    target_state = target.state_dict()
-
-    from ..peft_utils import new_parameter_names
-
-    copy_source_weights(source_state, target_state, set(new_parameter_names(target)), replaced=DENSE_FFN)
-
     activations = None
     if options.needs_calibration:
         activations = neuron_activations(source_model, calibration_ids, calibration_mask)
+    return build_from_source(source_model, config, MoEForCausalLM,
+                             lambda target: _fill_experts(source_model, target, options, activations),
+                             replaced=DENSE_FFN)
+
+
+@torch.no_grad()
+def _fill_experts(source_model, target, options: MoERefactorOptions, activations) -> None:
+    """The experts, shared expert and routers of every sparse layer, from the source's dense FFN (the tensors
+    ``build_from_source`` leaves to the conversion)."""
+    config = target.config
     for index, (src_layer, dst_layer) in enumerate(zip(source_model.model.layers, target.model.layers)):
         mlp, moe = src_layer.mlp, dst_layer.mlp
         if getattr(mlp.gate_proj, "bias", None) is not None:
@@ -283,11 +283,6 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
             if bias is None:
                 bias = router_logit_bound(router[own], dst_layer.post_attention_layernorm.weight) + 1.0
             moe.router.bias[: config.moe_pool_size][foreign] = -bias
-    if config.tie_word_embeddings:
-        target.tie_weights()
-    check_copied(source_state, target.state_dict(), replaced=DENSE_FFN)
-    target.generation_config = source_model.generation_config
-    return target.eval()
 
 
 def router_logit_bound(router_rows: torch.Tensor, norm_weight: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -49,19 +50,23 @@ def check_copied(source_state: dict, target_state: dict, replaced: str | None = 
 
 
 @torch.no_grad()
-def build_from_source(source_model, config, model_class, init_new_parameters):
-    """The converted model every parameter-adding conversion builds: ``model_class(config)`` in the source's dtype
-    and attention backend, every source tensor copied, the new parameters set by ``init_new_parameters(model)``
-    (explicitly: never rely on load-time init), embeddings re-tied, every copy checked."""
+def build_from_source(source_model, config, model_class, init_new_parameters, replaced: str | None = None,
+                      sides: tuple[str, str] = ("source", "target")):
+    """The one builder every conversion that starts from a source checkpoint uses: ``model_class(config)`` in the
+    source's dtype and attention backend, every source tensor copied by name (``copy_source_weights``; ``replaced``:
+    the source tensors the conversion maps itself, e.g. the dense FFN a MoE refactorization splits), then
+    ``init_new_parameters(model)`` sets everything else explicitly (never rely on load-time init), embeddings are
+    re-tied, every copy is checked bit for bit and the generation config carried over."""
     from ..peft_utils import new_parameter_names
 
     config._attn_implementation = source_model.config._attn_implementation
     target = model_class(config).to(next(source_model.parameters()).dtype)
     source_state = source_model.state_dict()
-    copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)))
+    copy_source_weights(source_state, target.state_dict(), set(new_parameter_names(target)), replaced=replaced,
+                        sides=sides)
     init_new_parameters(target)
     if config.tie_word_embeddings:
         target.tie_weights()
-    check_copied(source_state, target.state_dict())
-    target.generation_config = source_model.generation_config
+    check_copied(source_state, target.state_dict(), replaced=replaced)
+    target.generation_config = copy.deepcopy(source_model.generation_config)
     return target.eval()

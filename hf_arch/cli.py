@@ -55,59 +55,18 @@ def _cmd_gates(args) -> int:
 def _cmd_convert(args) -> int:
     from hf_arch.conversion import convert
 
-    options = {}
-    if args.to == "gated_attention":
-        options = dict(
-            granularity=args.granularity,
-            gate_bias=args.gate_bias,
-            gate_rank=args.gate_rank,
-            gate_init=args.gate_init,
-            gate_lr_scale=args.gate_lr_scale,
-        )
-    elif args.to == "moe":
-        options = dict(
-            method=args.method or "partition",
-            experts=args.experts,
-            top_k=args.top_k,
-            split=args.split,
-            shared_neurons=args.shared_neurons,
-            zero_experts=args.zero_experts,
-            copy_experts=args.copy_experts,
-            routed_scale=args.routed_scale,
-            pool=args.pool,
-            pool_foreign_bias=args.pool_foreign_bias,
-            calibration_tokens=args.calibration_tokens,
-            seed=args.seed,
-        )
-    elif args.to == "affine_attention":
-        options = dict(init=args.affine_init)
-    elif args.to == "move":
-        options = dict(slots=args.slots, init=args.affine_init)
-    elif args.to == "diff_attention":
-        options = dict(grow_signal_heads=args.grow_signal_heads)
-    elif args.to == "sparse_attention":
-        options = dict(
-            method=args.method or "seer",
-            block_size=args.block_size,
-            gate_dim=args.gate_dim,
-            selection=args.selection,
-            threshold=args.threshold,
-            topk=args.topk,
-            token_budget=args.token_budget,
-            router_hidden=args.router_hidden,
-            router_bias=args.router_bias,
-            sink_blocks=args.sink_blocks,
-            window_blocks=args.window_blocks,
-            target_sparsity=args.target_sparsity,
-        )
-    elif args.to in ("gla", "gated_deltanet"):
-        options = dict(
-            method=args.method or ("mamba_init" if args.to == "gated_deltanet" else "liger"),
-            keep_full_attention=args.keep_full_attention,
-            ratio=args.ratio,
-            window=args.window,
-            num_sinks=args.num_sinks,
-        )
+    from hf_arch.conversion.api import CONVERSIONS
+
+    if args.to not in CONVERSIONS:
+        raise ValueError(f"Unknown conversion target {args.to!r}; available: {', '.join(sorted(CONVERSIONS))}")
+    # The conversion flags the user gave (the others are absent: argparse.SUPPRESS), each named as its option field.
+    fields = set(CONVERSIONS[args.to].options_class.__dataclass_fields__)
+    given = {name: value for name, value in vars(args).items() if name in _CONVERSION_FLAGS}
+    foreign = sorted(set(given) - fields)
+    if foreign:
+        flags = ", ".join(_CONVERSION_FLAGS[name] for name in foreign)
+        raise ValueError(f"{flags} does not apply to --to {args.to} (its options: {', '.join(sorted(fields))})")
+    options = {name: value for name, value in given.items() if name in fields}
     result = convert(
         args.src,
         args.out,
@@ -288,6 +247,10 @@ def _write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+# Conversion option field -> its CLI flag (filled by build_parser).
+_CONVERSION_FLAGS: dict[str, str] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-arch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -312,60 +275,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="local checkpoint dir or Hub id (Llama, Mistral, Qwen2, Qwen3, SmolLM)")
     p.add_argument("out", help="output dir (refused if it exists, unless --overwrite)")
     p.add_argument("--to", default="gated_attention", help="target variant (see `hf-arch variants`)")
-    p.add_argument("--granularity", choices=["headwise", "elementwise"], default="elementwise")
-    p.add_argument("--gate-bias", action="store_true", help="give the gate projection a bias")
-    p.add_argument("--gate-rank", type=int, default=None, help="low-rank gate projection")
-    p.add_argument("--gate-init", choices=["identity", "normal"], default="identity",
-                   help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
-    p.add_argument("--gate-lr-scale", type=float, default=1.0, help="LR multiplier recipes apply to the gates")
-    p.add_argument("--method", default=None,
-                   help="--to gla|gated_deltanet: liger | lolcats | lizard | mamba_init; --to moe: partition | upcycle; "
-                        "--to sparse_attention: seer | flux")
-    p.add_argument("--keep-full-attention", type=int, nargs="+", default=None, metavar="LAYER",
-                   help="linearization: layers that keep softmax attention")
-    p.add_argument("--ratio", type=int, default=None, help="linearization: R linear layers per full-attention layer")
-    p.add_argument("--window", type=int, default=64, help="linearization: sliding-window size of hybrid layers")
-    p.add_argument("--num-sinks", type=int, default=4, help="linearization (lizard): learnable sink logits")
-    p.add_argument("--experts", type=int, default=8, help="moe: FFN experts per layer")
-    p.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
-    p.add_argument("--split", choices=["random", "cluster", "activation"], default="cluster",
-                   help="moe partition: how FFN neurons are grouped into experts")
-    p.add_argument("--shared-neurons", "--shared-expert", type=int, default=0, metavar="N",
-                   help="moe partition: the N most active neurons form an always-on shared expert")
-    p.add_argument("--zero-experts", type=int, default=0, help="moe: MoE++ zero experts")
-    p.add_argument("--copy-experts", type=int, default=0, help="moe: MoE++ copy experts")
-    p.add_argument("--routed-scale", type=float, default=None,
-                   help="moe: multiplier of the renormalised top-k weights (default: top-k for partition, i.e. the "
-                        "chosen experts' plain sum; LLaMA-MoE uses experts/top-k)")
-    p.add_argument("--pool", action="store_true",
-                   help="moe: UniPool, every layer's experts in one global pool all routers can reach")
-    p.add_argument("--pool-foreign-bias", type=float, default=None,
-                   help="moe --pool: router bias against other layers' experts (default: large enough that routing "
-                        "starts exactly as without the pool)")
-    p.add_argument("--affine-init", "--insert-init", choices=["identity", "normal"], default="identity",
-                   help="affine_attention / move: identity (logits equal the source) or normal")
-    p.add_argument("--slots", type=int, default=64, help="move: value embeddings in the shared bank")
-    p.add_argument("--grow-signal-heads", type=int, default=2,
-                   help="diff_attention (from a trained hfa_diff_attention model): copies per signal head (exact)")
-    p.add_argument("--block-size", type=int, default=64, help="sparse_attention: tokens per block")
-    p.add_argument("--gate-dim", type=int, default=None, help="sparse_attention seer: gate width (default head_dim)")
-    p.add_argument("--selection", choices=["threshold", "topk", "budget"], default="threshold",
-                   help="sparse_attention seer: how gate probabilities pick blocks at inference")
-    p.add_argument("--threshold", type=float, default=5e-3, help="sparse_attention seer: keep blocks with p > this")
-    p.add_argument("--topk", type=int, default=8, help="sparse_attention seer: key blocks per query block (topk)")
-    p.add_argument("--token-budget", type=int, default=512, help="sparse_attention seer: tokens per query (budget)")
-    p.add_argument("--router-hidden", type=int, default=64, help="sparse_attention flux: router MLP width")
-    p.add_argument("--router-bias", type=float, default=4.5,
-                   help="sparse_attention flux: initial logit advantage of full attention")
-    p.add_argument("--sink-blocks", type=int, default=1, help="sparse_attention flux: sink blocks of the sparse branch")
-    p.add_argument("--window-blocks", type=int, default=4,
-                   help="sparse_attention flux: local blocks of the sparse branch")
-    p.add_argument("--target-sparsity", type=float, default=0.5,
-                   help="sparse_attention flux: share of layer choices that should go sparse")
+    # Conversion options: each flag is the option field of the same name of the --to targets that have it (absent
+    # unless given, so the target's own defaults apply; a flag its target does not take is refused by name).
+    conv = p.add_argument_group("conversion options", argument_default=argparse.SUPPRESS)
+    conv.add_argument("--granularity", choices=["headwise", "elementwise"])
+    conv.add_argument("--gate-bias", action="store_true", help="give the gate projection a bias")
+    conv.add_argument("--gate-rank", type=int, help="low-rank gate projection")
+    conv.add_argument("--gate-init", choices=["identity", "normal"],
+                      help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
+    conv.add_argument("--gate-lr-scale", type=float, help="LR multiplier recipes apply to the gates")
+    conv.add_argument("--method",
+                      help="--to gla: liger | lolcats | lizard; --to gated_deltanet: mamba_init; --to moe: partition | "
+                           "upcycle; --to sparse_attention: seer | flux")
+    conv.add_argument("--keep-full-attention", type=int, nargs="+", metavar="LAYER",
+                      help="linearization: layers that keep softmax attention")
+    conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
+    conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers")
+    conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
+    conv.add_argument("--experts", type=int, help="moe: FFN experts per layer")
+    conv.add_argument("--top-k", type=int, help="moe: experts per token")
+    conv.add_argument("--split", choices=["random", "cluster", "activation"],
+                      help="moe partition: how FFN neurons are grouped into experts")
+    conv.add_argument("--shared-neurons", "--shared-expert", type=int, metavar="N",
+                      help="moe partition: the N most active neurons form an always-on shared expert")
+    conv.add_argument("--zero-experts", type=int, help="moe: MoE++ zero experts")
+    conv.add_argument("--copy-experts", type=int, help="moe: MoE++ copy experts")
+    conv.add_argument("--routed-scale", type=float,
+                      help="moe: multiplier of the renormalised top-k weights (default: top-k for partition, i.e. the "
+                           "chosen experts' plain sum; LLaMA-MoE uses experts/top-k)")
+    conv.add_argument("--pool", action="store_true",
+                      help="moe: UniPool, every layer's experts in one global pool all routers can reach")
+    conv.add_argument("--pool-foreign-bias", type=float,
+                      help="moe --pool: router bias against other layers' experts (default: large enough that routing "
+                           "starts exactly as without the pool)")
+    conv.add_argument("--affine-init", "--insert-init", dest="init", choices=["identity", "normal"],
+                      help="affine_attention / move: identity (logits equal the source) or normal")
+    conv.add_argument("--slots", type=int, help="move: value embeddings in the shared bank")
+    conv.add_argument("--grow-signal-heads", type=int,
+                      help="diff_attention (from a trained hfa_diff_attention model): copies per signal head (exact)")
+    conv.add_argument("--block-size", type=int, help="sparse_attention: tokens per block")
+    conv.add_argument("--gate-dim", type=int, help="sparse_attention seer: gate width (default head_dim)")
+    conv.add_argument("--selection", choices=["threshold", "topk", "budget"],
+                      help="sparse_attention seer: how gate probabilities pick blocks at inference")
+    conv.add_argument("--threshold", type=float, help="sparse_attention seer: keep blocks with p > this")
+    conv.add_argument("--topk", type=int, help="sparse_attention seer: key blocks per query block (topk)")
+    conv.add_argument("--token-budget", type=int, help="sparse_attention seer: tokens per query (budget)")
+    conv.add_argument("--router-hidden", type=int, help="sparse_attention flux: router MLP width")
+    conv.add_argument("--router-bias", type=float,
+                      help="sparse_attention flux: initial logit advantage of full attention")
+    conv.add_argument("--sink-blocks", type=int, help="sparse_attention flux: sink blocks of the sparse branch")
+    conv.add_argument("--window-blocks", type=int,
+                      help="sparse_attention flux: local blocks of the sparse branch")
+    conv.add_argument("--target-sparsity", type=float,
+                      help="sparse_attention flux: share of layer choices that should go sparse")
+    conv.add_argument("--calibration-tokens", type=int)
+    conv.add_argument("--seed", type=int)
+    _CONVERSION_FLAGS.update({action.dest: action.option_strings[0] for action in conv._group_actions})
     p.add_argument("--calibration-file", default=None,
                    help="text for activation statistics (moe --split activation / --shared-neurons)")
-    p.add_argument("--calibration-tokens", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison against the source")

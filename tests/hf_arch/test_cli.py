@@ -99,6 +99,33 @@ def test_bad_input_exits_2_with_named_problem(tmp_path, capsys):
         main(["convert", "a", "b", "--to-nowhere"])
 
 
+def test_convert_flags_go_to_the_registered_conversion(stories260k, tmp_path, capsys):
+    """The CLI builds the options of whatever --to names from the flags given (its defaults otherwise), refuses a flag
+    its target does not take by name, and runs a conversion another package registered."""
+    from hf_arch.conversion import CONVERSIONS, register_conversion
+    from hf_arch.conversion.gate_insertion import GateInsertionOptions, insert_gates
+
+    assert main(["convert", str(stories260k), str(tmp_path / "x"), "--to", "moe", "--slots", "8"]) == 2
+    assert "--slots does not apply to --to moe" in capsys.readouterr().err
+    assert main(["convert", str(stories260k), str(tmp_path / "x"), "--to", "gla", "--method", "mamba_init"]) == 2
+    assert "--to gla takes --method liger | lolcats | lizard, not 'mamba_init'" in capsys.readouterr().err
+    seen = []
+
+    def headwise_gates(source, options):
+        seen.append(options)
+        return insert_gates(source, options)
+
+    register_conversion("test_headwise_gates", GateInsertionOptions, headwise_gates, granularity="headwise")
+    try:
+        out = tmp_path / "gated"
+        assert main(["convert", str(stories260k), str(out), "--to", "test_headwise_gates", "--gate-rank", "4",
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["options"]["gate_rank"] == 4
+        assert (seen[0].granularity, seen[0].gate_rank, seen[0].gate_init) == ("headwise", 4, "identity")
+    finally:
+        del CONVERSIONS["test_headwise_gates"]
+
+
 def test_eval_diagnostics_and_histogram_plot(converted, assets, tmp_path, capsys):
     capsys.readouterr()
     plot = tmp_path / "gates.png"
