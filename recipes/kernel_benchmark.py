@@ -8,12 +8,19 @@ On CUDA it also times our Triton backends and fla's kernels when ``import fla`` 
 ``benchmark_decode`` times per-token cached decoding of a random-init Gated DeltaNet LM against a Llama of the same
 width, depth, heads and vocabulary, after prefilling contexts of several lengths.
 
+A kernel package adds its own rows without editing this file: ``hf_arch/kernels/<op>/benchmark.py`` defines
+``kernel_benchmark_impls(device) -> [(op, impl, prepare, run), ...]`` over the shared inputs of ``_make_inputs``
+(``registered_kernel_impls`` finds them); our rows are compared with the same op's ``transformers`` row.
+
 Timings are medians over ``repeats`` after one warm-up (``recipes.benchmark._median_seconds``); nothing here
 asserts a speed. Use ``hf-arch bench kernels --json`` to record numbers.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
 import statistics
 import time
 
@@ -41,7 +48,7 @@ def _make_inputs(T: int, batch: int, heads: int, head_dim: int, device, dtype, s
         "q": randn(*shape),
         "k": randn(*shape),
         "v": randn(*shape),
-        "g_gla": F.logsigmoid(randn(*shape).float()).div(16).to(dtype),  # per-channel log decay
+        "g_gla": F.logsigmoid(randn(*shape).float()).div(16).to(dtype),  # per-channel log decay (GLA's τ = 16)
         "g_gdn": F.logsigmoid(randn(batch, T, heads).float()).to(dtype),  # per-head log decay
         "beta": torch.sigmoid(randn(batch, T, heads).float()).to(dtype),
     }
@@ -100,6 +107,18 @@ def _impls(device: str, window: int) -> list[tuple[str, str, object, object]]:
                           lambda t: fla_gla(t["q"], t["k"], t["v"], t["g_gla"], output_final_state=True)))
         except Exception:  # fla missing or broken: benchmark without it
             pass
+    return impls + registered_kernel_impls(device)
+
+
+def registered_kernel_impls(device: str) -> list[tuple[str, str, object, object]]:
+    """The rows every ``hf_arch.kernels.<op>.benchmark`` module declares (``kernel_benchmark_impls(device)``)."""
+    from hf_arch import kernels
+
+    impls = []
+    for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda i: i.name):
+        name = f"{kernels.__name__}.{info.name}.benchmark"
+        if info.ispkg and importlib.util.find_spec(name) is not None:
+            impls += importlib.import_module(name).kernel_benchmark_impls(device)
     return impls
 
 
@@ -125,8 +144,10 @@ def benchmark_kernels(
     time_budget_s: float | None = None,
     per_call_limit_s: float = 20.0,
     progress: bool = True,
+    ops: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Rows ``{op, impl, T, fwd_ms, fwdbwd_ms}`` (or ``{op, impl, T, skipped}``) for every impl at every length.
+    """Rows ``{op, impl, T, fwd_ms, fwdbwd_ms}`` (or ``{op, impl, T, skipped}``) for every impl at every length
+    (``ops``: only these ops).
 
     An impl whose forward or forward+backward took more than ``per_call_limit_s`` at some T is skipped at longer
     T; with ``time_budget_s`` everything left once the budget is spent is skipped too.
@@ -135,6 +156,11 @@ def benchmark_kernels(
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     impls = _impls(device, window)
+    if ops is not None:
+        unknown = sorted(set(ops) - {op for op, *_ in impls})
+        if unknown:
+            raise ValueError(f"ops {unknown} have no kernel benchmark; known: {sorted({op for op, *_ in impls})}")
+        impls = [impl for impl in impls if impl[0] in ops]
     too_slow: dict[tuple[str, str], int] = {}
     rows = []
     start = time.perf_counter()
@@ -246,8 +272,8 @@ def _fmt(value, spec=".2f") -> str:
 
 
 def format_kernel_table(rows: list[dict]) -> str:
-    """Markdown table; for our gated_delta_rule rows, speedups (other ms / our ms, >1 = ours faster) versus
-    transformers' fallback and versus SDPA causal attention at the same T."""
+    """Markdown table; for our rows, speedups (other ms / our ms, >1 = ours faster) versus transformers' fallback of
+    the same op and versus SDPA causal attention at the same T."""
     by_key = {(r["op"], r["impl"], r["T"]): r for r in rows}
     header = ("| op | impl | T | fwd ms | fwd+bwd ms | × vs HF fallback fwd | × vs HF fallback fwd+bwd "
               "| × vs SDPA fwd | × vs SDPA fwd+bwd |")
@@ -257,12 +283,13 @@ def format_kernel_table(rows: list[dict]) -> str:
             lines.append(f"| {r['op']} | {r['impl']} | {r['T']} | skipped: {r['skipped']} | | | | | |")
             continue
         speed = ["-"] * 4
-        if r["op"] == "gated_delta_rule" and r["impl"].startswith(OURS):
-            for i, other in enumerate([by_key.get(("gated_delta_rule", HF_FALLBACK, r["T"])),
+        if r["impl"].startswith(OURS):
+            for i, other in enumerate([by_key.get((r["op"], HF_FALLBACK, r["T"])),
                                        by_key.get(("causal_attention", SDPA, r["T"]))]):
                 if other and "skipped" not in other:
-                    speed[2 * i] = f"{other['fwd_ms'] / r['fwd_ms']:.2f}"
-                    speed[2 * i + 1] = f"{other['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}"
+                    # 3 significant digits: a ratio far below 1 (tiny T, a loaded machine) must not print as 0.00
+                    speed[2 * i] = f"{other['fwd_ms'] / r['fwd_ms']:.3g}"
+                    speed[2 * i + 1] = f"{other['fwdbwd_ms'] / r['fwdbwd_ms']:.3g}"
         lines.append(f"| {r['op']} | {r['impl']} | {r['T']} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwdbwd_ms'])} | "
                      + " | ".join(speed) + " |")
     return "\n".join(lines)

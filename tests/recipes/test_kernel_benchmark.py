@@ -3,12 +3,15 @@
 import json
 import math
 
+import pytest
+
 from hf_arch.cli import main
 from hf_arch.recipes.kernel_benchmark import (
     benchmark_decode,
     benchmark_kernels,
     format_decode_table,
     format_kernel_table,
+    registered_kernel_impls,
 )
 
 CPU_IMPLS = {
@@ -26,8 +29,10 @@ def _positive_finite(x):
 
 def test_kernel_rows_cover_every_cpu_impl_with_positive_timings():
     rows = benchmark_kernels(seq_lens=[32, 48], heads=2, head_dim=16, repeats=1, progress=False)
-    assert {(r["op"], r["impl"]) for r in rows} == CPU_IMPLS
-    assert sorted({r["T"] for r in rows}) == [32, 48] and len(rows) == 2 * len(CPU_IMPLS)
+    # Plus the rows kernel packages declare themselves (kernels/<op>/benchmark.py).
+    impls = CPU_IMPLS | {(op, impl) for op, impl, *_ in registered_kernel_impls("cpu")}
+    assert {(r["op"], r["impl"]) for r in rows} == impls
+    assert sorted({r["T"] for r in rows}) == [32, 48] and len(rows) == 2 * len(impls)
     for row in rows:
         assert "skipped" not in row, row
         assert {"op", "impl", "T", "fwd_ms", "fwdbwd_ms"} <= row.keys()
@@ -38,6 +43,13 @@ def test_kernel_rows_cover_every_cpu_impl_with_positive_timings():
     assert len(ours) == 1
     speedups = [cell.strip() for cell in ours[0].strip("|").split("|")][5:]
     assert len(speedups) == 4 and all(float(s) > 0 for s in speedups)
+
+
+def test_ops_filter_and_unknown_ops():
+    rows = benchmark_kernels(seq_lens=[16], heads=1, head_dim=8, repeats=1, progress=False, ops=("gla",))
+    assert {r["op"] for r in rows} == {"gla"}
+    with pytest.raises(ValueError, match=r"ops \['no_such_op'\] have no kernel benchmark; known: \["):
+        benchmark_kernels(seq_lens=[16], progress=False, ops=("no_such_op",))
 
 
 def test_slow_impls_are_skipped_at_longer_lengths():
@@ -66,7 +78,8 @@ def test_cli_bench_kernels_prints_json(capsys):
                  "--decode-tokens", "2"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["device"] == "cpu" and data["torch"]
-    assert {(r["op"], r["impl"]) for r in data["kernels"]} == CPU_IMPLS
+    assert {(r["op"], r["impl"]) for r in data["kernels"]} == CPU_IMPLS | {
+        (op, impl) for op, impl, *_ in registered_kernel_impls("cpu")}
     assert all(r["T"] == 32 and _positive_finite(r["fwd_ms"]) for r in data["kernels"])
     assert {r["model"] for r in data["decode"]} == {"gated_deltanet", "llama_sdpa"}
     assert all(r["context"] == 16 and _positive_finite(r["ms_per_token"]) for r in data["decode"])
