@@ -21,6 +21,10 @@ class Variant:
     # LoRA targets and the parameters a conversion adds are not listed here: they come from the modules a model
     # has (hf_arch.peft_utils), so configs that compose several variants' mechanisms get all of them.
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Small layouts that exercise this variant: {name: config fields on top of any tiny size}. The shared suites
+    # (cached generation, packed rows, remote code, checkpoint-compatibility fixtures) run every variant's examples,
+    # so a variant registered with them is tested like the others without editing a test.
+    examples: dict[str, dict] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -49,6 +53,12 @@ def get_variant(name_or_model_type: str) -> Variant:
             return variant
     known = ", ".join(sorted(VARIANTS)) or "(none registered)"
     raise KeyError(f"Unknown variant {name_or_model_type!r}; known variants: {known}")
+
+
+def example_layouts() -> dict[str, tuple[str, dict]]:
+    """``{"<variant>:<example>": (variant name, config fields)}`` over every registered variant's examples."""
+    return {f"{variant.name}:{name}": (variant.name, dict(fields))
+            for variant in VARIANTS.values() for name, fields in variant.examples.items()}
 
 
 def variant_of(model_or_config) -> Variant:

@@ -241,6 +241,15 @@ HYBRID = register_variant(
                 "mixer_options), including mixers other packages register",
         paper="(composition of the registered mixers' papers)",
         tags=("hybrid",),
+        examples={
+            # Gated DeltaNet : MLA with MoE channel mixers (the Kimi Linear layout's shape, with GDN as its linear part).
+            "gdn_mla_moe": dict(num_hidden_layers=2, token_mixer_types=["gated_deltanet", "mla"],
+                                linear_attn_type="gated_deltanet", linear_attn_conv_size=4, linear_attn_qk_norm="l2",
+                                mixer_options={"mla": dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                                           v_head_dim=8)},
+                                mlp_layer_types=["dense", "sparse"], num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=16),
+        },
     )
 )
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import hf_arch
 from hf_arch.configuration import LINEAR_LAYER_TYPES
 from hf_arch.models.cache_names import CACHE_OUTPUT_FIELD
+from hf_arch.registry import example_layouts
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -39,6 +40,7 @@ LAYOUTS = {
     "sparse_seer": ("sparse_attention", dict(sparse_attn_method="seer", sparse_attn_block_size=4)),
     "sparse_flux": ("sparse_attention", dict(sparse_attn_method="flux", sparse_attn_block_size=4,
                                              sparse_attn_window_blocks=1)),
+    **example_layouts(),  # every variant's own examples (registered with it)
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hf_arch
+from hf_arch.registry import example_layouts
 from hf_arch import remote_code
 from hf_arch.remote_code import (
     CONFIG_FILENAME,
@@ -71,6 +72,8 @@ CONFIGS = {
     "cubit_krr": dict(TINY, variant="cubit", krr_ridge=0.5),
     "sas_simulated_heads": dict(TINY, variant="sas"),
     "geonorm_geodesic": dict(TINY, variant="geonorm"),
+    # Every registered variant's own examples (hf_arch.registry.example_layouts), e.g. hybrid's GDN : MLA + MoE.
+    **{name: dict(TINY, variant=variant, **fields) for name, (variant, fields) in example_layouts().items()},
 }
 
 # Runs in a fresh interpreter where hf_arch is hidden. Prints one line "RESULT:<json>".
