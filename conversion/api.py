@@ -20,7 +20,7 @@ from .identity_insertion import (
     insert_affine_scale,
     insert_value_bank,
 )
-from .linearize import LinearizeOptions, linearize
+from .linearize import LINEAR_TARGETS, LinearizeOptions, linearize_to
 from .moe_refactor import MoERefactorOptions, refactor_moe
 from .sparsify import SparsifyOptions, sparsify
 
@@ -63,8 +63,16 @@ def register_conversion(to: str, options_class: type, convert: Callable, *, meth
 
 register_conversion("gated_attention", GateInsertionOptions, insert_gates)
 register_conversion("moe", MoERefactorOptions, refactor_moe)
-register_conversion("gla", LinearizeOptions, linearize, methods=("liger", "lolcats", "lizard"))
-register_conversion("gated_deltanet", LinearizeOptions, linearize, methods=("mamba_init",), method="mamba_init")
+
+
+def register_linearization(to: str, default_method: str) -> ConversionKind:
+    """``--to {to}``: linearization into a registered linear target (``linearize.register_linear_target``)."""
+    return register_conversion(to, LinearizeOptions, linearize_to(to), methods=tuple(LINEAR_TARGETS[to].methods),
+                               method=default_method)
+
+
+register_linearization("gla", "liger")
+register_linearization("gated_deltanet", "mamba_init")
 register_conversion("sparse_attention", SparsifyOptions, sparsify)
 register_conversion("affine_attention", AffineInsertionOptions, insert_affine_scale)
 register_conversion("move", ValueBankInsertionOptions, insert_value_bank)

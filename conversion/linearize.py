@@ -38,7 +38,8 @@ from ..peft_utils import new_parameter_names
 from .sources import adapter_for
 from .weights import build_from_source
 
-__all__ = ["LINEARIZE_METHODS", "LinearizeOptions", "attention_mse_per_layer", "linearize", "linearized_config_from"]
+__all__ = ["LINEARIZE_METHODS", "LINEAR_TARGETS", "LinearTarget", "LinearizeOptions", "attention_mse_per_layer",
+           "linearize", "linearize_to", "linearized_config_from", "register_linear_target"]
 
 LINEARIZE_METHODS = ("liger", "lolcats", "lizard", "mamba_init")
 
@@ -84,42 +85,81 @@ class LinearizeOptions:
             return {i for i in range(num_layers) if (i + 1) % (self.ratio + 1) == 0}
         return set()
 
-    def method_overrides(self) -> tuple[type, dict]:
-        """(config class, ``linear_attn_*`` fields) of the method preset."""
+    def target(self, to: str | None = None) -> str:
+        """The linear target this method converts to: ``to`` if given (it must offer the method), else the first
+        registered target that offers it (liger / lolcats / lizard → gla, mamba_init → gated_deltanet)."""
         self.validate()
-        common = dict(linear_attn_gate_normalizer=float(self.gate_normalizer), linear_attn_use_rope=False)
-        if self.method == "liger":
-            return GLAConfig, dict(common, linear_attn_gate="key_pooled", linear_attn_feature_map="softmax",
-                                   linear_attn_hybrid="liger", linear_attn_mix_weights=[0.5, 0.5],
-                                   linear_attn_output_norm="none", linear_attn_conv_size=0, linear_attn_qk_norm="none")
-        if self.method == "lolcats":
-            return GLAConfig, dict(common, linear_attn_gate="none", linear_attn_feature_map="hedgehog",
-                                   linear_attn_normalize=True, linear_attn_hybrid="lizard", linear_attn_num_sinks=0,
-                                   linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
-                                   linear_attn_conv_size=0, linear_attn_qk_norm="none")
-        if self.method == "lizard":
-            return GLAConfig, dict(common, linear_attn_gate="scalar", linear_attn_feature_map="identity",
-                                   linear_attn_hybrid="lizard", linear_attn_num_sinks=self.num_sinks,
-                                   linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
-                                   linear_attn_conv_size=0, linear_attn_qk_norm="none")
-        return GatedDeltaNetConfig, dict(common, linear_attn_gate="low_rank", linear_attn_feature_map="identity",
-                                         linear_attn_hybrid="none", linear_attn_conv_size=4,
-                                         linear_attn_qk_norm="l2", linear_attn_output_norm="gated_rmsnorm")
+        if to is not None:
+            if to not in LINEAR_TARGETS or self.method not in LINEAR_TARGETS[to].methods:
+                offered = sorted(LINEAR_TARGETS[to].methods) if to in LINEAR_TARGETS else []
+                raise ValueError(f"linearization target {to!r} offers methods {offered}, not {self.method!r}")
+            return to
+        return next(name for name, target in LINEAR_TARGETS.items() if self.method in target.methods)
 
 
-def linearized_config_from(source_config, options: LinearizeOptions):
-    """The target config: the source's fields (``adapter_for(...).backbone_kwargs``) plus the method preset."""
+@dataclass(frozen=True)
+class LinearTarget:
+    """A variant linearization can produce: its config / model classes and, per method, the config fields the method
+    sets (a function of the options). Kept layers stay softmax attention; the others are the config's linear layers
+    (``layer_types`` "linear_attention", whichever token mixer the config builds there)."""
+
+    config_class: type
+    model_class: type
+    methods: dict
+
+
+LINEAR_TARGETS: dict[str, LinearTarget] = {}
+
+
+def register_linear_target(to: str, config_class: type, model_class: type, methods: dict) -> LinearTarget:
+    """Make ``LinearizeOptions(method=m)`` with ``linearize(..., to=to)`` build ``config_class`` with the fields
+    ``methods[m](options)`` returns (methods must be among ``LINEARIZE_METHODS``)."""
+    unknown = sorted(set(methods) - set(LINEARIZE_METHODS))
+    if unknown:
+        raise ValueError(f"register_linear_target({to!r}): unknown methods {unknown}; known: {LINEARIZE_METHODS}")
+    LINEAR_TARGETS[to] = LinearTarget(config_class, model_class, dict(methods))
+    return LINEAR_TARGETS[to]
+
+
+def _common(options: LinearizeOptions) -> dict:
+    return dict(linear_attn_gate_normalizer=float(options.gate_normalizer), linear_attn_use_rope=False)
+
+
+register_linear_target("gla", GLAConfig, GLAForCausalLM, {
+    "liger": lambda o: dict(_common(o), linear_attn_gate="key_pooled", linear_attn_feature_map="softmax",
+                            linear_attn_hybrid="liger", linear_attn_mix_weights=[0.5, 0.5],
+                            linear_attn_output_norm="none", linear_attn_conv_size=0, linear_attn_qk_norm="none"),
+    "lolcats": lambda o: dict(_common(o), linear_attn_gate="none", linear_attn_feature_map="hedgehog",
+                              linear_attn_normalize=True, linear_attn_hybrid="lizard", linear_attn_num_sinks=0,
+                              linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
+                              linear_attn_conv_size=0, linear_attn_qk_norm="none"),
+    "lizard": lambda o: dict(_common(o), linear_attn_gate="scalar", linear_attn_feature_map="identity",
+                             linear_attn_hybrid="lizard", linear_attn_num_sinks=o.num_sinks,
+                             linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
+                             linear_attn_conv_size=0, linear_attn_qk_norm="none"),
+})
+register_linear_target("gated_deltanet", GatedDeltaNetConfig, GatedDeltaNetForCausalLM, {
+    "mamba_init": lambda o: dict(_common(o), linear_attn_gate="low_rank", linear_attn_feature_map="identity",
+                                 linear_attn_hybrid="none", linear_attn_conv_size=4, linear_attn_qk_norm="l2",
+                                 linear_attn_output_norm="gated_rmsnorm"),
+})
+
+
+def linearized_config_from(source_config, options: LinearizeOptions, to: str | None = None):
+    """The target config: the source's fields (``adapter_for(...).backbone_kwargs``) plus the method preset of the
+    linear target (``LinearizeOptions.target``)."""
     kwargs = adapter_for(source_config).backbone_kwargs(source_config)
     n = kwargs["num_hidden_layers"]
     kept = options.kept_layers(n)
-    config_class, overrides = options.method_overrides()
+    target = LINEAR_TARGETS[options.target(to)]
+    config_class, overrides = target.config_class, target.methods[options.method](options)
     source_types = list(kwargs.pop("layer_types", None) or ["full_attention"] * n)
     source_window = kwargs.pop("sliding_window", None)
     layer_types = [source_types[i] if i in kept else "linear_attention" for i in range(n)]
     if "linear_attention" not in layer_types:
         # Every layer kept: the method's linear-layer options would configure no layer (the config refuses them).
-        overrides = {"linear_attn_hybrid": "none"}
-    hybrid = overrides["linear_attn_hybrid"] != "none"
+        overrides = {}
+    hybrid = overrides.get("linear_attn_hybrid", "none") != "none"
     window = options.window if hybrid else None
     if any(layer_types[i] == "sliding_attention" for i in kept):
         # One sliding_window field serves both the kept sliding layers and the hybrid's window branch.
@@ -171,14 +211,25 @@ def _init_new_parameters(target, added: set[str]) -> None:
 
 
 @torch.no_grad()
-def linearize(source_model, options: LinearizeOptions | None = None):
-    """Build the linearized model from an in-memory source model (same dtype), copying and checking every weight."""
+def linearize(source_model, options: LinearizeOptions | None = None, to: str | None = None):
+    """Build the linearized model from an in-memory source model (same dtype), copying and checking every weight
+    (``to``: the linear target, when more than one offers the method)."""
     options = options or LinearizeOptions()
-    config = linearized_config_from(source_model.config, options)
-    model_class = GLAForCausalLM if isinstance(config, GLAConfig) else GatedDeltaNetForCausalLM
+    config = linearized_config_from(source_model.config, options, to)
+    model_class = LINEAR_TARGETS[options.target(to)].model_class
     return build_from_source(source_model, config, model_class,
                              lambda target: _init_new_parameters(target, set(new_parameter_names(target))),
                              sides=("source (teacher)", "linearized (student)"))
+
+
+def linearize_to(to: str):
+    """``linearize`` for one linear target, as a conversion function ``(source_model, options) -> model``."""
+
+    def convert(source_model, options: LinearizeOptions | None = None):
+        return linearize(source_model, options, to=to)
+
+    convert.__name__ = f"linearize_to_{to}"
+    return convert
 
 
 def linear_attention_layers(model) -> list[HfArchLinearAttention]:

@@ -151,8 +151,8 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "sparse_attn_gumbel_tau", "sparse_attn_target_sparsity", "sparse_attn_lagrangian_lr_scale")),
     # sliding_window is not here: it is a field of transformers' own configs (Mistral, Qwen2 carry it with the window
     # off), which converted sources and transformers' common model tests set on any config that has it.
-    ("linear-attention layers (linear_attention or hybrid_sliding in layer_types)",
-     lambda c: any(t in LINEAR_LAYER_TYPES for t in c.layer_types),
+    ("GLA / Gated DeltaNet layers (token mixers 'gla' / 'gated_deltanet')",
+     lambda c: bool({"gla", "gated_deltanet"} & c.token_mixer_names()),
      ("linear_attn_type", "linear_attn_gate", "linear_attn_gate_low_rank_dim", "linear_attn_gate_normalizer",
       "linear_attn_conv_size", "linear_attn_qk_norm", "linear_attn_output_norm", "linear_attn_use_rope",
       "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
@@ -323,6 +323,9 @@ class HfArchConfig(PreTrainedConfig):
     """
 
     model_type = "hfa_base"
+    # The token mixer a layer type gets when token_mixer_types is not given, where it is not the flat fields' choice
+    # (a variant whose linear layers are another registered mixer: {"linear_attention": "kda"}).
+    default_token_mixers = {}  # no annotation: transformers makes config classes dataclasses
     # Trainer's evaluation gathers every other output as "logits": leave the routing outputs out.
     keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "router_logits"]
     default_theta = 10_000.0
@@ -639,6 +642,9 @@ class HfArchConfig(PreTrainedConfig):
         if self.token_mixer_types is not None:
             return self.token_mixer_types[layer_idx]
         layer_type = self.layer_types[layer_idx]
+        default = type(self).default_token_mixers.get(layer_type)
+        if default is not None:
+            return default
         if layer_type in LINEAR_LAYER_TYPES:
             return self.linear_attn_type
         if layer_type == "full_attention" and self.sparse_attn_method is not None:

@@ -33,7 +33,7 @@ SWITCHES = {
     "learned sparse attention": ({}, dict(sparse_attn_method="seer")),
     "SeerAttention block gates": (dict(sparse_attn_method="flux"), dict(sparse_attn_method="seer")),
     "Flux layer routers": (dict(sparse_attn_method="seer"), dict(sparse_attn_method="flux")),
-    "linear-attention layers": ({}, LINEAR),
+    "GLA / Gated DeltaNet layers": ({}, LINEAR),
     "an intra-layer hybrid": (LINEAR, dict(LINEAR, linear_attn_hybrid="liger", sliding_window=8)),
     "GLA's low-rank forget gate": (dict(LINEAR, linear_attn_gate="scalar"), LINEAR),
     "a GLA or key-pooled forget gate": (dict(LINEAR, linear_attn_type="gated_deltanet"), LINEAR),
