@@ -40,6 +40,8 @@ class ConversionKind:
     convert: Callable
     defaults: dict = field(default_factory=dict)
     methods: tuple[str, ...] | None = None
+    # {name: options}: conversions of a tiny model that pin checkpoint-compatibility fixtures (make_compat_fixtures.py)
+    examples: dict = field(default_factory=dict)
 
     def __iter__(self):  # (options class, function), as the table's entries were
         return iter((self.options_class, self.convert))
@@ -50,13 +52,13 @@ CONVERSIONS: dict[str, ConversionKind] = {}
 
 
 def register_conversion(to: str, options_class: type, convert: Callable, *, methods: tuple[str, ...] | None = None,
-                        **defaults) -> ConversionKind:
+                        examples: dict | None = None, **defaults) -> ConversionKind:
     """Make ``hf-arch convert SRC OUT --to {to}`` (and ``convert(..., to=to)``) run ``convert`` with
     ``options_class(**{**defaults, **given})``; the CLI passes the flags the user gave whose names are its fields."""
     unknown = sorted(set(defaults) - set(options_class.__dataclass_fields__))
     if unknown:
         raise ValueError(f"register_conversion({to!r}): {options_class.__name__} has no fields {unknown}")
-    kind = ConversionKind(options_class, convert, dict(defaults), methods)
+    kind = ConversionKind(options_class, convert, dict(defaults), methods, dict(examples or {}))
     CONVERSIONS[to] = kind
     return kind
 
@@ -65,10 +67,10 @@ register_conversion("gated_attention", GateInsertionOptions, insert_gates)
 register_conversion("moe", MoERefactorOptions, refactor_moe)
 
 
-def register_linearization(to: str, default_method: str) -> ConversionKind:
+def register_linearization(to: str, default_method: str, examples: dict | None = None) -> ConversionKind:
     """``--to {to}``: linearization into a registered linear target (``linearize.register_linear_target``)."""
     return register_conversion(to, LinearizeOptions, linearize_to(to), methods=tuple(LINEAR_TARGETS[to].methods),
-                               method=default_method)
+                               examples=examples, method=default_method)
 
 
 register_linearization("gla", "liger")
