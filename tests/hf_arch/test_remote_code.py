@@ -383,7 +383,8 @@ def test_modeling_modules_are_found_in_dependency_order():
     modules = remote_code.modeling_modules(roots, skip=set(remote_code.CONFIG_MODULES))
     assert len(modules) == len(set(modules))
     for cls in [*TOKEN_MIXERS.values(), *CHANNEL_MIXERS.values()]:
-        assert cls.__module__ in modules
+        # The package's own mixers always; another package's only where a checkpoint uses it (test_mixer_extension).
+        assert cls.__module__ in modules or not cls.__module__.startswith("hf_arch.")
     for position, module in enumerate(modules):
         for dependency in remote_code._own_dependencies(module):
             assert dependency in remote_code.CONFIG_MODULES or modules.index(dependency) < position, (module, dependency)
