@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
+from ..configuration import LINEAR_LAYER_TYPES
 from ..layers.norm import HfArchRMSNorm
 from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from ..models.gla import GLAConfig, GLAForCausalLM
@@ -232,35 +232,22 @@ def linearize_to(to: str):
     return convert
 
 
-def linear_attention_layers(model) -> list[HfArchLinearAttention]:
-    return [m for m in model.modules() if isinstance(m, HfArchLinearAttention)]
-
-
-def set_attention_transfer(model, enabled: bool) -> list[HfArchLinearAttention]:
-    """Switch attention-transfer mode on/off in every linear layer; returns those layers."""
-    layers = linear_attention_layers(model)
-    for layer in layers:
-        layer.attention_transfer = enabled
-        layer.transfer_loss = None
-    return layers
+def linear_attention_layers(model) -> list[nn.Module]:
+    """The token mixers of the model's linear layers (GLA, Gated DeltaNet, KDA, …), in layer order."""
+    backbone = getattr(model, "model", model)
+    return [layer.self_attn for layer, layer_type in zip(backbone.layers, model.config.layer_types)
+            if layer_type in LINEAR_LAYER_TYPES]
 
 
 @torch.no_grad()
 def attention_mse_per_layer(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[float]:
     """Per linear layer (in layer order): MSE between its output and its softmax teacher's, over real tokens.
 
-    Runs the model once in attention-transfer mode (each layer sees the teacher's residual stream, as in LoLCATs'
-    stage 1); the previous mode of every layer is restored afterwards."""
-    layers = linear_attention_layers(model)
-    previous = [layer.attention_transfer for layer in layers]
-    try:
-        set_attention_transfer(model, True)
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        losses = attention_transfer_losses(model)
-    finally:
-        for layer, mode in zip(layers, previous):
-            layer.attention_transfer = mode
-            layer.transfer_loss = None
-    if len(losses) != len(layers):
-        raise RuntimeError(f"Expected one transfer loss per linear layer ({len(layers)}), got {len(losses)}")
+    Runs the model once with ``attention_transfer=True`` (each layer sees the teacher's residual stream, as in
+    LoLCATs' stage 1) and reads the output's ``transfer_losses``."""
+    linear = len(linear_attention_layers(model))
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, attention_transfer=True)
+    losses = outputs.transfer_losses or ()
+    if len(losses) != linear:
+        raise RuntimeError(f"Expected one transfer loss per linear layer ({linear}), got {len(losses)}")
     return [float(loss) for loss in losses]

@@ -9,8 +9,11 @@
   map pooled to blocks, while the layers attend densely; only the gates train.
 - **Distillation**: ``lm_weight · CE + kl_weight · T² · KL(teacher ‖ student)`` at temperature ``T`` over real
   tokens. Teacher ``"self"``: the model's own source function (adapters disabled, linear layers in teacher mode,
-  sparse-attention layers dense), so a converted model needs no second copy in memory; otherwise a frozen teacher
-  loaded from a path.
+  sparse-attention layers dense: :data:`SOURCE_FUNCTION`), so a converted model needs no second copy in memory;
+  otherwise a frozen teacher loaded from a path.
+
+Modes are forward arguments and per-layer terms come back in the model output (``hf_arch.layers.auxiliary``): nothing
+is switched on the modules, so an interrupted step leaves no layer in a training mode.
 """
 
 from __future__ import annotations
@@ -20,66 +23,38 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..conversion.linearize import linear_attention_layers, set_attention_transfer
+from ..conversion.linearize import linear_attention_layers
 
-__all__ = ["attention_transfer_loss", "gate_distillation_loss", "source_function", "DistillationTeacher",
+__all__ = ["SOURCE_FUNCTION", "attention_transfer_loss", "gate_distillation_loss", "DistillationTeacher",
            "distillation_loss", "training_regularizer"]
+
+# Forward arguments that make a converted model compute the function it was converted from: linear layers return
+# their softmax teachers, sparse-attention layers attend densely.
+SOURCE_FUNCTION = {"attention_transfer": True, "sparse_attention_mode": "dense"}
 
 
 def attention_transfer_loss(model, inputs: dict) -> torch.Tensor:
     """Mean per-layer MSE between each linear layer's output and its softmax teacher on this batch."""
-    from ..layers.linear_attention import attention_transfer_losses
-
-    if not set_attention_transfer(model, True):
+    if not linear_attention_layers(model):
         raise ValueError("training.objective 'attention_transfer' needs a model with linear-attention layers "
                          f"({type(model).__name__} has none); convert it first (hf-arch convert --to gla ...)")
-    try:
-        model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        losses = attention_transfer_losses(model)
-    finally:
-        set_attention_transfer(model, False)
-    return torch.stack(losses).mean()
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False,
+                    attention_transfer=True)
+    return torch.stack(outputs.transfer_losses).mean()
 
 
 def gate_distillation_loss(model, inputs: dict) -> torch.Tensor:
     """Mean over seer layers of ``KL(pooled attention ‖ gate)`` on this batch."""
     from ..layers.sparse_attention import sparse_attention_layers
-    from ..models.backbone import HfArchModel
 
-    layers = [layer for layer in sparse_attention_layers(model) if layer.block_gate is not None]
-    if not layers:
+    if not any(layer.block_gate is not None for layer in sparse_attention_layers(model)):
         raise ValueError("training.objective 'gate_distillation' needs a model with SeerAttention block gates "
                          f"({type(model).__name__} has none); convert it first (hf-arch convert --to "
                          "sparse_attention --method seer)")
-    for layer in layers:
-        layer.gate_distillation = True
-    try:
-        model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        # The backbone's mean gate KL (taken from the decoder layers' outputs, so it survives checkpointing).
-        backbone = next(m for m in model.modules() if isinstance(m, HfArchModel))
-        loss = backbone.last_auxiliary_loss
-    finally:
-        for layer in layers:
-            layer.gate_distillation = False
-    return loss
-
-
-@contextlib.contextmanager
-def source_function(model):
-    """Run ``model`` as the function it was converted from: linear layers return their softmax teachers, sparse
-    attention layers attend densely. Yields whether the model has any such layer."""
-    from ..layers.sparse_attention import sparse_attention_layers
-
-    sparse = sparse_attention_layers(model)
-    linear = set_attention_transfer(model, True)
-    for layer in sparse:
-        layer.force_dense = True
-    try:
-        yield bool(linear or sparse)
-    finally:
-        set_attention_transfer(model, False)  # also drops the per-layer losses the teacher pass left
-        for layer in sparse:
-            layer.force_dense = False
+    # The gate KLs come back as outputs of the decoder layers, so they survive gradient checkpointing.
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False,
+                    sparse_attention_mode="gate_distillation")
+    return torch.stack(outputs.gate_losses).mean()
 
 
 class DistillationTeacher:
@@ -115,24 +90,22 @@ class DistillationTeacher:
         was_training = student.training
         student.eval()  # no dropout in the teacher pass
         try:
-            with context, source_function(student):
-                logits = student(**batch).logits
+            with context:
+                logits = student(**batch, **SOURCE_FUNCTION).logits
         finally:
             student.train(was_training)
         return logits
 
 
-def training_regularizer(model, outputs):
-    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss and the sparse-attention
-    terms (seer gate self-distillation, flux Lagrangian); 0 when none applies."""
+def training_regularizer(outputs):
+    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss (``aux_loss``) and the
+    sparse-attention terms (``sparse_attention_loss``: seer gate self-distillation, flux Lagrangian); 0 when none
+    applies."""
     total = 0.0
-    aux = getattr(outputs, "aux_loss", None)
-    if aux is not None:
-        total = total + aux
-    for module in model.modules():
-        penalty = getattr(module, "last_auxiliary_loss", None)
-        if isinstance(penalty, torch.Tensor):
-            total = total + penalty
+    for name in ("aux_loss", "sparse_attention_loss"):
+        term = getattr(outputs, name, None)
+        if term is not None:
+            total = total + term
     return total
 
 

@@ -33,7 +33,6 @@ from transformers import (
     AutoTokenizer,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -148,7 +147,7 @@ class RecipeTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         outputs = model(**inputs)
-        regularizer = training_regularizer(model, outputs)  # MoE aux / Flux Lagrangian: never reweighted
+        regularizer = training_regularizer(outputs)  # MoE aux / Flux Lagrangian: never reweighted
         teacher_logits = self.teacher.logits(model, inputs)
         kl = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], self.distill.temperature)
         loss = self.distill.lm_weight * (outputs.loss - regularizer) + self.distill.kl_weight * kl + regularizer
@@ -279,7 +278,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{recipe.source}: model {model_dir} is not a checkpoint dir (no config.json)")
 
-    args = _training_arguments(recipe, out)
+    args = recipe.training  # transformers' TrainingArguments, parsed from the recipe's training section
     is_main = args.process_index == 0
     resume_from = _prepare_output_dir(out, resume, overwrite, is_main)
     args.distributed_state.wait_for_everyone()
@@ -348,52 +347,6 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         _save_final(trainer, tokenizer, recipe, summary, model_dir, out)
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def _checkpointing_arguments(enabled: bool) -> dict:
-    """transformers renamed gradient_checkpointing → activation_checkpointing (5.2x); use what this version has."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    kwargs = {"use_reentrant": False} if enabled else None
-    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": kwargs}
-
-
-def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
-    t = recipe.training
-    evaluate_during = bool(recipe.data.eval_file and t.eval_steps)
-    return TrainingArguments(
-        output_dir=str(out),
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.lr_scheduler_type,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN must reach NanLossCallback, not be filtered out
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        **_checkpointing_arguments(t.gradient_checkpointing),
-        bf16=t.bf16,
-        eval_strategy="steps" if evaluate_during else "no",
-        eval_steps=t.eval_steps if evaluate_during else None,
-        max_grad_norm=t.max_grad_norm,
-        dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # evaluation reports the objective's loss; logits are never gathered
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to="none",
-        ddp_find_unused_parameters=False,
-    )
 
 
 def _save_final(trainer: Trainer, tokenizer, recipe: Recipe, summary: dict, model_dir: Path, out: Path) -> None:

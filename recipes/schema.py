@@ -1,4 +1,4 @@
-"""Training recipes: a YAML file loaded into a validated dataclass tree, plus dotted ``key=value`` overrides.
+"""Training recipes: a YAML file parsed with transformers' ``HfArgumentParser``, plus dotted ``key=value`` overrides.
 
 A recipe looks like::
 
@@ -8,7 +8,7 @@ A recipe looks like::
       train_file: ${HF_ARCH_ASSETS}/data/tinystories_2mib.txt
       document_separator: "<|endoftext|>"
       block_size: 256
-    training:
+    training:                   # transformers' TrainingArguments (any field), plus mode / trainable_patterns / objective
       mode: new_params          # full | lora | new_params | patterns
       objective: lm             # lm | attention_transfer | gate_distillation
       max_steps: 40
@@ -16,29 +16,49 @@ A recipe looks like::
     lora:                       # only read in mode lora
       r: 8
 
-Paths (``model``, ``output_dir``, ``data.train_file``, ``data.eval_file``) may use ``${VAR}`` / ``${VAR:-default}``
-environment references; ``${HF_ARCH_ASSETS}`` defaults to ``../shared/assets`` (the shared assets seen from the repo
-root). Relative paths are resolved against the current working directory when the recipe is loaded.
+Sections and the dataclass each is parsed into: the top level (``model``, ``output_dir``: :class:`RecipePaths`),
+``data`` (:class:`DataConfig`), ``training`` (:class:`RecipeTrainingArguments`, a ``TrainingArguments`` subclass, so
+every TrainingArguments field works: ``optim``, ``lr_scheduler_kwargs``, ``eval_strategy``, …), ``lora``
+(:class:`LoraSection`) and ``distill`` (:class:`DistillSection`). Each section goes through ``HfArgumentParser``: its
+argparse types convert every value (ints, floats — YAML 1.1 reads ``1e-4`` as a string —, booleans, the choices of
+``Literal`` and enum fields, lists; a single value for a list field is a one-element list; mappings and nulls are taken
+as they are), then ``HfArgumentParser.parse_dict`` builds the dataclass (TrainingArguments checks its own values).
+
+Paths (``model``, ``output_dir``, ``data.train_file``, ``data.eval_file``, a ``distill.teacher`` path) may use
+``${VAR}`` / ``${VAR:-default}`` environment references; ``${HF_ARCH_ASSETS}`` defaults to ``../shared/assets`` (the
+shared assets seen from the repo root). Relative paths are resolved against the current working directory when the
+recipe is loaded. ``training.output_dir`` is the top-level ``output_dir``.
 
 Overrides are ``dotted.key=value`` strings whose value is parsed with ``yaml.safe_load`` (``training.max_steps=5``,
-``lora.target_modules=[q_proj,v_proj]``, ``data.eval_file=null``). Unknown keys and wrong types raise ``ValueError``
-naming the key and the file the value came from.
+``lora.target_modules=[q_proj,v_proj]``, ``data.eval_file=null``). Unknown keys and wrong values raise ``ValueError``
+naming the key (``section.key``) and the file the value came from.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import functools
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal
 
 import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
 DEFAULT_ENV = {"HF_ARCH_ASSETS": "../shared/assets"}
+
+
+@dataclass
+class RecipePaths:
+    """The recipe's top level."""
+
+    model: str = ""  # required: the checkpoint dir to train
+    output_dir: str = ""  # required: checkpoints + final/ (also the TrainingArguments' output_dir)
 
 
 @dataclass
@@ -60,35 +80,40 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class RecipeTrainingArguments(TrainingArguments):
+    """transformers' ``TrainingArguments`` plus what a recipe trains (``mode``, ``trainable_patterns``) and on which
+    objective, with defaults for fine-tuning a converted checkpoint where they differ from TrainingArguments'.
+
+    Set by the recipe loader unless given: ``output_dir`` (always the top-level one), ``data_seed`` (= ``seed``),
+    ``eval_strategy`` ("steps" with ``data.eval_file`` and ``eval_steps``, else "no"), ``dataloader_pin_memory`` (on
+    CUDA only) and, with gradient checkpointing on, its kwargs ``{"use_reentrant": False}``."""
+
     # full: every parameter; lora: adapters (targets per variant); new_params: only what a conversion added;
     # patterns: the parameters whose names match trainable_patterns (regexes), e.g. ["\\.router\\."] for a
     # router-only warm-up of a refactorized MoE.
-    mode: Literal["full", "lora", "new_params", "patterns"] = "full"
-    trainable_patterns: list[str] | None = None
+    mode: Literal["full", "lora", "new_params", "patterns"] = field(
+        default="full", metadata={"help": "which parameters train: full | lora | new_params | patterns"})
+    trainable_patterns: list[str] | None = field(
+        default=None, metadata={"help": "mode patterns: regexes on parameter names that train"})
     # lm: next-token loss (+ distillation when distill.teacher is set); attention_transfer: stage 1 of a
     # linearization: every linear layer's output is pulled to the softmax attention its frozen source weights
     # compute (MSE), while the residual stream carries the teacher's output; gate_distillation: SeerAttention block
     # gates learn their frozen layers' block-pooled attention maps (KL).
-    objective: Literal["lm", "attention_transfer", "gate_distillation"] = "lm"
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    num_train_epochs: float = 1.0
-    learning_rate: float = 5e-4
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    eval_steps: int | None = None  # with data.eval_file: evaluate every N steps (None: only at the end)
-    max_grad_norm: float = 1.0
-    dataloader_num_workers: int = 0
+    objective: Literal["lm", "attention_transfer", "gate_distillation"] = field(
+        default="lm", metadata={"help": "the loss: lm | attention_transfer | gate_distillation"})
+    # Recipe defaults (TrainingArguments' own in brackets).
+    learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate [5e-5]"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1 [3.0]"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps [500]"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept [None: all]"})
+    logging_first_step: bool = field(default=True, metadata={"help": "log the first step's loss [False]"})
+    # A NaN must reach NanLossCallback, not be filtered out.
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "drop NaN/inf losses from logs [True]"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "drop dataset columns [True]"})
+    # Evaluation reports the objective's loss; logits are never gathered.
+    prediction_loss_only: bool = field(default=True, metadata={"help": "evaluate the loss only [False]"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "logging integrations [none]"})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP's flag [None]"})
 
 
 @dataclass
@@ -112,33 +137,41 @@ class DistillSection:
     temperature: float = 2.0
 
 
+# The recipe's sections: YAML key -> the dataclass HfArgumentParser parses it into.
+SECTIONS: dict[str, type] = {"data": DataConfig, "training": RecipeTrainingArguments, "lora": LoraSection,
+                             "distill": DistillSection}
+
+
 @dataclass
 class Recipe:
-    model: str = ""
-    output_dir: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
-    distill: DistillSection = field(default_factory=DistillSection)
-    source: str = field(default="<dict>", metadata={"internal": True})  # where the recipe came from
+    model: str
+    output_dir: str
+    data: DataConfig
+    training: RecipeTrainingArguments
+    lora: LoraSection
+    distill: DistillSection
+    source: str = "<dict>"  # where the recipe came from
+    raw: dict = field(default_factory=dict, repr=False)  # the mapping it was parsed from (overrides applied)
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.pop("source", None)
-        return out
+        """The parsed recipe for records: sections as dicts, ``training`` as ``TrainingArguments.to_dict()`` (every
+        effective argument, tokens hidden)."""
+        return {"model": self.model, "output_dir": self.output_dir, "data": dataclasses.asdict(self.data),
+                "training": self.training.to_dict(), "lora": dataclasses.asdict(self.lora),
+                "distill": dataclasses.asdict(self.distill)}
 
 
 _REQUIRED = ("model", "output_dir", "data.train_file")
-_PATH_KEYS = ("model", "output_dir", "data.train_file", "data.eval_file")
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
 def load_recipe(path_or_dict: str | os.PathLike | dict | Recipe, overrides: typing.Iterable[str] = ()) -> Recipe:
-    """Read a YAML recipe (or a dict / Recipe), apply ``key=value`` overrides, validate and resolve paths."""
+    """Read a YAML recipe (or a dict / Recipe), apply ``key=value`` overrides, parse every section, resolve paths
+    and validate."""
     if isinstance(path_or_dict, Recipe):
-        raw, source = path_or_dict.to_dict(), path_or_dict.source
+        raw, source = path_or_dict.raw, path_or_dict.source
     elif isinstance(path_or_dict, dict):
         raw, source = dict(path_or_dict), "<dict>"
     else:
@@ -157,10 +190,8 @@ def load_recipe(path_or_dict: str | os.PathLike | dict | Recipe, overrides: typi
     raw = _deep_copy(raw)
     for override in overrides:
         _apply_override(raw, override, source)
-    recipe = _build(Recipe, raw, "", source)
-    recipe.source = source
+    recipe = _build(raw, source)
     _validate(recipe)
-    _resolve_paths(recipe)
     return recipe
 
 
@@ -197,154 +228,158 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
 
 
 def _check_key_exists(key: str, source: str) -> None:
-    cls = Recipe
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = _public_fields(cls)
-        if part not in fields:
-            prefix = ".".join(parts[:i])
-            known = ", ".join(sorted(fields))
-            raise ValueError(f"{source}: unknown key {key!r} in override ({prefix or 'top level'} has: {known})")
-        ftype = _hints(cls)[part]
-        if i < len(parts) - 1:
-            if not dataclasses.is_dataclass(ftype):
-                raise ValueError(f"{source}: unknown key {key!r} in override ({'.'.join(parts[: i + 1])} is a value)")
-            cls = ftype
+    """An override's key names a top-level value, a section, or a key of a section."""
+    head, *rest = key.split(".")
+    if head in SECTIONS:
+        if rest and rest[0] not in _init_fields(SECTIONS[head]):
+            raise _unknown_key(f"{head}.{rest[0]}", _init_fields(SECTIONS[head]), head, source, " in override")
+        if len(rest) > 1:
+            raise ValueError(f"{source}: unknown key {key!r} in override ({head}.{rest[0]} is a value)")
+    elif head in _init_fields(RecipePaths):
+        if rest:
+            raise ValueError(f"{source}: unknown key {key!r} in override ({head} is a value)")
+    else:
+        raise _unknown_key(head, [*_init_fields(RecipePaths), *SECTIONS], "", source, " in override")
 
 
-def _public_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+def _init_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
-_HINT_CACHE: dict[type, dict[str, Any]] = {}
+def _unknown_key(key: str, allowed, section: str, source: str, where: str = "") -> ValueError:
+    """The error for an unknown key: close matches, and the allowed keys where they are few."""
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, list(allowed), n=3)
+    hints = [f"did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
+    if len(allowed) <= 20:
+        hints.append(f"{section or 'the top level'} has: {', '.join(sorted(allowed))}")
+    else:  # training: every TrainingArguments field
+        hints.append(f"{section} takes the fields of transformers.TrainingArguments plus mode, trainable_patterns and "
+                     "objective")
+    return ValueError(f"{source}: unknown key {key!r}{where} ({'; '.join(hints)})")
 
 
-def _hints(cls) -> dict[str, Any]:
-    if cls not in _HINT_CACHE:
-        _HINT_CACHE[cls] = typing.get_type_hints(cls)
-    return _HINT_CACHE[cls]
+@functools.cache
+def _parser(cls) -> HfArgumentParser:
+    # exit_on_error=False: a bad value raises argparse.ArgumentError (turned into a ValueError naming the key)
+    # instead of printing usage and exiting.
+    return HfArgumentParser(cls, exit_on_error=False)
 
 
-def _build(cls, raw, prefix: str, source: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
-    fields = _public_fields(cls)
-    unknown = sorted(set(raw) - set(fields))
+def _parse_section(cls, values, section: str, source: str, defaults: dict | None = None):
+    """``values`` (a mapping from the recipe) → an instance of the dataclass ``cls``, through HfArgumentParser: every
+    value converted by the argparse type of its field, then ``parse_dict``. ``defaults``: values the loader sets
+    when the recipe does not."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: {section or 'recipe'} must be a mapping, got {values!r}")
+    fields = _init_fields(cls)
+    prefix = f"{section}." if section else ""
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        key = prefix + str(unknown[0])
-        raise ValueError(f"{source}: unknown key {key!r} (allowed here: {', '.join(sorted(fields))})")
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        ftype = hints[name]
-        if dataclasses.is_dataclass(ftype):
-            kwargs[name] = _build(ftype, value, f"{prefix}{name}.", source)
-        else:
-            kwargs[name] = _coerce(value, ftype, prefix + name, source)
-    return cls(**kwargs)
+        raise _unknown_key(prefix + str(unknown[0]), fields, section, source)
+    typed = {key: _typed_value(cls, key, value, prefix, source) for key, value in values.items()}
+    for key, value in (defaults or {}).items():
+        typed.setdefault(key, value)
+    try:
+        (parsed,) = _parser(cls).parse_dict(typed)
+    except (ValueError, TypeError) as err:  # the dataclass's own checks (TrainingArguments.__post_init__)
+        raise ValueError(f"{source}: {section or 'recipe'}: {err}") from None
+    return parsed
 
 
-def _coerce(value, tp, key: str, source: str):
-    """Check ``value`` against the annotation ``tp``; returns the (possibly converted) value or raises ValueError."""
-    ok, converted = _match(value, tp)
-    if not ok:
-        raise ValueError(f"{source}: {key!r} must be {_describe(tp)}, got {value!r} ({type(value).__name__})")
-    return converted
+def _typed_value(cls, key: str, value, prefix: str, source: str):
+    """``value`` converted by HfArgumentParser's argparse action for the field ``key`` of ``cls`` (each item of a
+    list; a scalar for a list field becomes a one-element list). Nulls, mappings and empty lists pass as they are."""
+    if value is None or isinstance(value, dict) or (isinstance(value, (list, tuple)) and not value):
+        return value
+    if not isinstance(value, (list, tuple)):
+        return _argparse_value(cls, key, value, prefix, source)
+    items = [_argparse_value(cls, key, item, prefix, source) for item in value]
+    if all(isinstance(item, list) for item in items):  # a list field (argparse nargs): one list
+        return [element for item in items for element in item]
+    if _takes_a_list(cls, key):  # e.g. report_to (str or list[str]), which argparse reads as one string
+        return items
+    raise ValueError(f"{source}: {prefix + key!r} takes one value, got a list {value!r}")
 
 
-def _match(value, tp) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, converted = _match(value, arg)
-            if ok:
-                return True, converted
-        return False, None
-    if tp is type(None):
-        return value is None, None
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):  # a single name is a one-element list
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            return False, None
-        out = []
-        for item in value:
-            ok, converted = _match(item, inner)
-            if not ok:
-                return False, None
-            out.append(converted)
-        return True, out
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, None
-    if tp is float:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)  # e.g. a numeric directory name
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
-def _describe(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+def _takes_a_list(cls, key: str) -> bool:
+    hint = _type_hints(cls)[key]
+    return any(typing.get_origin(option) is list for option in (typing.get_args(hint) or (hint,)))
+
+
+def _argparse_value(cls, key: str, value, prefix: str, source: str):
+    if isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"{source}: {prefix + key!r} must not nest lists or mappings, got {value!r}")
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    try:  # "--key=text": a value starting with "-" stays a value
+        namespace, _ = _parser(cls).parse_known_args([f"--{key}={text}"])
+    except argparse.ArgumentError as err:
+        raise ValueError(f"{source}: {prefix + key!r}: {err.message}") from None
+    return getattr(namespace, key)
+
+
+def _build(raw: dict, source: str) -> Recipe:
+    allowed = [*_init_fields(RecipePaths), *SECTIONS]
+    unknown = sorted(set(raw) - set(allowed), key=str)
+    if unknown:
+        raise _unknown_key(str(unknown[0]), allowed, "", source)
+    for name in SECTIONS:
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ValueError(f"{source}: {name} must be a mapping, got {raw[name]!r}")
+    paths = _parse_section(RecipePaths, {k: v for k, v in raw.items() if k not in SECTIONS}, "", source)
+    data = _parse_section(DataConfig, raw.get("data"), "data", source)
+    lora = _parse_section(LoraSection, raw.get("lora"), "lora", source)
+    distill = _parse_section(DistillSection, raw.get("distill"), "distill", source)
+    for key in _REQUIRED:
+        section, _, name = key.rpartition(".")
+        if not getattr(data if section == "data" else paths, name):
+            raise ValueError(f"{source}: {key!r} is required")
+    _resolve_paths(paths, data, distill, source)
+    training_values = raw.get("training") or {}
+    if "output_dir" in training_values:
+        raise ValueError(f"{source}: 'training.output_dir': set output_dir at the top level of the recipe")
+    training = _parse_section(RecipeTrainingArguments, training_values, "training", source,
+                              defaults=_training_defaults(training_values, paths, data, source))
+    return Recipe(model=paths.model, output_dir=paths.output_dir, data=data, training=training, lora=lora,
+                  distill=distill, source=source, raw=raw)
+
+
+def _training_defaults(values: dict, paths: RecipePaths, data: DataConfig, source: str) -> dict:
+    """The TrainingArguments the loader derives from the rest of the recipe (used where ``training`` has no value)."""
+    import torch
+
+    def given(key):
+        return _typed_value(RecipeTrainingArguments, key, values[key], "training.", source) if key in values else \
+            next(f.default for f in dataclasses.fields(RecipeTrainingArguments) if f.name == key)
+
+    defaults = {
+        "output_dir": paths.output_dir,
+        "data_seed": given("seed"),
+        "eval_strategy": "steps" if data.eval_file and given("eval_steps") else "no",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    # Gradient (activation) checkpointing under whichever name the installed transformers has (5.2x renamed it): not
+    # reentrant unless the recipe says otherwise.
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing")
+             if n in _init_fields(RecipeTrainingArguments)]
+    enabled = [n for n in names if values.get(n)]
+    if enabled and not any(values.get(f"{n}_kwargs") for n in names):
+        defaults[f"{enabled[0]}_kwargs"] = {"use_reentrant": False}
+    return defaults
 
 
 # -------------------------------------------------------------------------------------------------------- validation
 
 
-def _get(recipe: Recipe, dotted: str):
-    node = recipe
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _set(recipe: Recipe, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = recipe
-    for part in parents:
-        node = getattr(node, part)
-    setattr(node, last, value)
-
-
 def _validate(recipe: Recipe) -> None:
     src = recipe.source
-    for key in _REQUIRED:
-        if not _get(recipe, key):
-            raise ValueError(f"{src}: {key!r} is required")
     d, t, lora = recipe.data, recipe.training, recipe.lora
     positive = {
         "data.block_size": d.block_size,
@@ -426,12 +461,15 @@ def expand_env(text: str, source: str = "<recipe>") -> str:
     return _ENV_RE.sub(repl, text)
 
 
-def _resolve_paths(recipe: Recipe) -> None:
-    for key in _PATH_KEYS:
-        value = _get(recipe, key)
-        if value:
-            expanded = os.path.expanduser(expand_env(value, recipe.source))
-            _set(recipe, key, str(Path(expanded).resolve()))
-    teacher = recipe.distill.teacher
-    if teacher and teacher != "self":
-        recipe.distill.teacher = str(Path(os.path.expanduser(expand_env(teacher, recipe.source))).resolve())
+def _resolve_path(value: str, source: str) -> str:
+    return str(Path(os.path.expanduser(expand_env(value, source))).resolve())
+
+
+def _resolve_paths(paths: RecipePaths, data: DataConfig, distill: DistillSection, source: str) -> None:
+    """Environment references expanded and relative paths made absolute (against the current directory)."""
+    paths.model, paths.output_dir = _resolve_path(paths.model, source), _resolve_path(paths.output_dir, source)
+    data.train_file = _resolve_path(data.train_file, source)
+    if data.eval_file:
+        data.eval_file = _resolve_path(data.eval_file, source)
+    if distill.teacher and distill.teacher != "self":
+        distill.teacher = _resolve_path(distill.teacher, source)

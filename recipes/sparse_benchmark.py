@@ -47,7 +47,7 @@ def score(model, windows: torch.Tensor) -> dict:
     for row in windows:
         out = model(input_ids=row[None], labels=row[None], use_cache=False)
         nll.append(out.loss.item())
-        density, share = attention_density(model), flux_sparse_share(model)
+        density, share = attention_density(out), flux_sparse_share(out)
         if density is not None:
             densities.append(density)
         if share is not None:

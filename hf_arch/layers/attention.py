@@ -22,6 +22,7 @@ from ..kernels.krr.naive import naive_krr_attention_weights
 from ..kernels.ops import krr_attention, sa_softmax_attention
 from ..kernels.sa_softmax.naive import sa_softmax_attention_weights
 from .affine_attention import AffineAttentionScale, mean_attended_values
+from .auxiliary import merge_auxiliary, mixer_result, split_mixer_result
 from .differential_attention import DifferentialNoise, group_values_by_noise_head
 from .mixer_registry import register_token_mixer
 from .noise_key_cache import attach_noise_key_layers
@@ -164,10 +165,14 @@ class HfArchAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         value_bank=None,
         output_attentions: bool = False,
+        attention_transfer: bool = False,
+        sparse_attention_mode: str | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
-        need it; ``value_bank``: the model's MoVE bank."""
+        need it; ``value_bank``: the model's MoVE bank. The training modes of linear / sparse layers
+        (``attention_transfer``, ``sparse_attention_mode``) leave plain attention as it is (and out of the backend's
+        arguments)."""
         if cu_seqlens is not None and past_key_values is None and self.config.attention_needs_padding_mask:
             return self.forward_per_sequence(hidden_states, position_embeddings, attention_mask, cu_seqlens,
                                              output_attentions=output_attentions, value_bank=value_bank, **kwargs)
@@ -206,30 +211,25 @@ class HfArchAttention(nn.Module):
         """Packed rows (``B = 1``, sequences back to back at ``cu_seqlens``) for mixers that read positions themselves
         (score ops, affine value means, sparse block layouts and routes): run each sequence on its own, as if it
         were a row, so none sees another. The 4-D mask is cut to each sequence's block (causal there); the maps, if
-        asked for, come back block-diagonal. Per-forward training terms (a sparse layer's gate loss and routing
-        probabilities) are combined over the sequences."""
+        asked for, come back block-diagonal. Auxiliary outputs (a sparse layer's gate loss, routing probabilities and
+        choices, block counts) are combined over the sequences (``auxiliary.merge_auxiliary``)."""
         bounds = [int(b) for b in cu_seqlens]
         T = hidden_states.shape[1]
-        outputs, maps, gate_losses, probabilities = [], [], [], []
+        outputs, maps, auxiliaries = [], [], []
         for start, end in zip(bounds[:-1], bounds[1:]):
             mask = attention_mask[..., start:end, start:end] if isinstance(attention_mask, torch.Tensor) else None
-            out, weights = self.forward(hidden_states[:, start:end], tuple(p[:, start:end] for p in position_embeddings),
-                                        attention_mask=mask, output_attentions=output_attentions, **kwargs)
+            out, weights, auxiliary = split_mixer_result(self.forward(
+                hidden_states[:, start:end], tuple(p[:, start:end] for p in position_embeddings), attention_mask=mask,
+                output_attentions=output_attentions, **kwargs))
             outputs.append(out)
             maps.append(weights)
-            if getattr(self, "gate_loss", None) is not None:
-                gate_losses.append(self.gate_loss)
-            if getattr(self, "sparse_probability", None) is not None:
-                probabilities.append(self.sparse_probability)
-        if hasattr(self, "gate_loss"):
-            self.gate_loss = torch.stack(gate_losses).mean() if gate_losses else None
-            self.sparse_probability = torch.cat(probabilities) if probabilities else None
+            auxiliaries.append(auxiliary)
         weights = None
         if output_attentions and all(m is not None for m in maps):
             weights = maps[0].new_zeros(*maps[0].shape[:2], T, T)
             for (start, end), block in zip(zip(bounds[:-1], bounds[1:]), maps):
                 weights[..., start:end, start:end] = block
-        return torch.cat(outputs, dim=1), weights
+        return mixer_result(torch.cat(outputs, dim=1), weights, merge_auxiliary(auxiliaries))
 
     def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None, output_attentions=False):
         """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → (``[B, T, H, D]``, the

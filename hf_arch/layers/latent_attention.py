@@ -37,7 +37,8 @@ from .norm import HfArchRMSNorm
 from .rope import apply_rotary_pos_emb
 
 # Arguments the backbone hands every mixer that this layer has no use for (the masks carry packing and padding).
-_UNUSED_MIXER_KWARGS = ("cu_seqlens", "position_in_sequence", "padding_mask", "value_bank")
+_UNUSED_MIXER_KWARGS = ("cu_seqlens", "position_in_sequence", "padding_mask", "value_bank", "attention_transfer",
+                        "sparse_attention_mode")
 
 
 def _is_positive_int(value) -> bool:

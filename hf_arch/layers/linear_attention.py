@@ -12,9 +12,10 @@ padded tokens get k = v = 0, no decay and β = 0, and zero conv inputs.
 Linearization options (Liger / LoLCATs): a parameter-free key-pooled forget gate (``linear_attn_gate="key_pooled"``)
 or none at all; a feature map on the linear branch's q/k (``softmax`` over the head dim, or LoLCATs' learnable
 Hedgehog map ``[softmax(x W) ⊕ softmax(-x W)]`` of width 2D); a normalised linear branch
-``φ(q)S / (φ(q)·z)`` computed with the same kernels by appending a ones column to v. ``attention_transfer`` (stage 1
-of LoLCATs-style recovery) makes the layer return the exact softmax attention of its own q/k/v/o weights and store
-the MSE between its linear output and that teacher in ``transfer_loss``.
+``φ(q)S / (φ(q)·z)`` computed with the same kernels by appending a ones column to v. The forward argument
+``attention_transfer=True`` (stage 1 of LoLCATs-style recovery) makes the layer return the exact softmax attention of
+its own q/k/v/o weights, with the MSE between its linear output and that teacher as its auxiliary ``transfer_loss``
+(``layers.auxiliary``; the model output gathers them in ``transfer_losses``).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ from ..configuration import LINEAR_LAYER_TYPES
 from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention
 from ..kernels.sliding_window import sliding_window_attention_over_cache
 from .attention import repeat_kv
+from .attention_transfer import softmax_teacher, transfer_loss
+from .auxiliary import mixer_result
 from .mixer_registry import register_token_mixer
 from .norm import HfArchGatedRMSNorm, HfArchRMSNorm
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
+from .token_count_cache import TokenCountLayerMixin, token_count_layer
 
-__all__ = ["HfArchLinearAttention", "attention_transfer_losses", "cached_token_count"]
+__all__ = ["HfArchLinearAttention", "cached_token_count"]
 
-SEEN_TOKENS_ATTR = "hf_arch_seen_tokens"
 # Smallest denominator of the normalised linear branch (φ(q)·z), which is positive for the positive feature maps.
 LINEAR_NORMALIZE_EPS = 1e-6
 
@@ -51,20 +54,9 @@ def cached_token_count(past_key_values) -> int:
         if hasattr(layer, "get_seq_length") and hasattr(layer, "keys"):
             return int(layer.get_seq_length())
     for layer in getattr(past_key_values, "layers", []):
-        if hasattr(layer, SEEN_TOKENS_ATTR):
-            return getattr(layer, SEEN_TOKENS_ATTR)
+        if isinstance(layer, TokenCountLayerMixin):  # linear mixers count in their cache entry (token_count_cache)
+            return layer.seen_tokens
     return 0
-
-
-def attention_transfer_losses(model: nn.Module) -> list[torch.Tensor]:
-    """Collect (and clear) the ``transfer_loss`` of every linear-attention layer that ran in attention-transfer mode,
-    in module order. Each is an fp32 scalar with grad: ``MSE(linear output, softmax teacher)`` of that layer."""
-    losses = []
-    for module in model.modules():
-        if isinstance(module, HfArchLinearAttention) and getattr(module, "transfer_loss", None) is not None:
-            losses.append(module.transfer_loss)
-            module.transfer_loss = None
-    return losses
 
 
 def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -147,10 +139,6 @@ class HfArchLinearAttention(nn.Module):
         else:
             self.window_weight, self.sink_logits = None, None
 
-        # Attention transfer (set by the caller; see forward): return the softmax teacher, store the MSE.
-        self.attention_transfer: bool = False
-        self.transfer_loss: torch.Tensor | None = None
-
     @torch.no_grad()
     def init_parameters(self, init) -> None:
         """This module's own parameters (transformers.initialization functions, so loaded weights are never
@@ -204,31 +192,6 @@ class HfArchLinearAttention(nn.Module):
             return _linear_hedgehog(q, self.q_feature_map), _linear_hedgehog(k, self.k_feature_map)
         return q, k
 
-    def _teacher(self, x: torch.Tensor, position_embeddings, key_mask, cu_seqlens) -> torch.Tensor:
-        """Exact causal softmax attention of this layer's own q/k/v/o weights (the source Llama layer's output)."""
-        B, T, _ = x.shape
-        H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D)
-        k = self.k_proj(x).view(B, T, H_kv, D)
-        v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
-        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
-        mask = None
-        if key_mask is not None or cu_seqlens is not None:
-            idx = torch.arange(T, device=x.device)
-            allowed = (idx[None, :] <= idx[:, None])[None, None]  # [1, 1, T, T] causal
-            if cu_seqlens is not None:  # packed rows: attend within one's own sequence
-                seq = torch.bucketize(idx, cu_seqlens.to(x.device)[1:-1], right=True)
-                allowed = allowed & (seq[None, :] == seq[:, None])[None, None]
-            if key_mask is not None:
-                allowed = allowed & key_mask[:, -T:].to(torch.bool)[:, None, None, :]
-            # A padded query with nothing to attend to would give NaN; let it see itself (its output is unused).
-            mask = allowed | torch.eye(T, dtype=torch.bool, device=x.device)[None, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
         if self.kind == "gla":
             return gla(q, k, v, g, scale=self.scaling, initial_state=initial_state,
@@ -262,23 +225,25 @@ class HfArchLinearAttention(nn.Module):
         past_key_values=None,
         cu_seqlens: torch.LongTensor | None = None,
         position_in_sequence: torch.Tensor | None = None,
+        attention_transfer: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        """attention_mask: the 2-D ``[B, past + T]`` padding mask (1 = token) or None.
+    ) -> tuple:
+        """attention_mask: the 2-D ``[B, past + T]`` padding mask (1 = token) or None. Returns ``(output, None)``.
 
-        With ``self.attention_transfer`` set, returns the softmax teacher's output and stores
-        ``self.transfer_loss = MSE(linear output, teacher.detach())`` over real tokens (no cache allowed)."""
+        With ``attention_transfer``, returns ``(softmax teacher's output, None, {"transfer_loss": MSE(linear output,
+        teacher.detach())})``, the MSE over real tokens (no cache allowed)."""
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
         key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         token = key_mask[:, -T:].to(torch.bool) if key_mask is not None else None
-        if self.attention_transfer and past_key_values is not None:
+        if attention_transfer and past_key_values is not None:
             raise ValueError(
                 f"HfArchLinearAttention (layer {self.layer_idx}): attention_transfer mode runs without a cache; "
                 "call the model with use_cache=False (and no past_key_values)"
             )
-        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        # The layer's cache entry, able to count the tokens it takes in (extended on first use).
+        layer = token_count_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
 
         k_raw = self.k_proj(x)
         qkv = torch.cat([self.q_proj(x), k_raw, self.v_proj(x)], dim=-1)
@@ -324,7 +289,7 @@ class HfArchLinearAttention(nn.Module):
             o = (o[..., :D].to(wide) / o[..., D:].to(wide).clamp(min=LINEAR_NORMALIZE_EPS)).to(o.dtype)
         if layer is not None:
             layer.update_recurrent_state(final_state, 0)
-            setattr(layer, SEEN_TOKENS_ATTR, getattr(layer, SEEN_TOKENS_ATTR, 0) + T)
+            layer.add_tokens(T)
 
         if self.hybrid != "none":
             window = self._window_branch(rotated[0], rotated[1], v, past_key_values, key_mask, cu_seqlens)
@@ -338,13 +303,7 @@ class HfArchLinearAttention(nn.Module):
             gate = self.output_gate_proj(x).view(B, T, H, D) if self.output_gate_proj is not None else None
             o = self.out_norm(o, gate)
         out = self.o_proj(o.reshape(B, T, H * D))
-        if not self.attention_transfer:
+        if not attention_transfer:
             return out, None
-        teacher = self._teacher(x, position_embeddings, key_mask, cu_seqlens)
-        err = (out.float() - teacher.detach().float()).pow(2)
-        if token is not None:  # mean over real tokens and channels
-            err = err * token[..., None].to(err.dtype)
-            self.transfer_loss = err.sum() / (token.sum().clamp(min=1) * err.shape[-1]).to(err.dtype)
-        else:
-            self.transfer_loss = err.mean()
-        return teacher, None
+        teacher = softmax_teacher(self, x, position_embeddings, key_mask, cu_seqlens)
+        return mixer_result(teacher, None, {"transfer_loss": transfer_loss(out, teacher, token)})

@@ -12,7 +12,9 @@ declares what model-level code needs to know of it, as class attributes:
 - ``init_parameters(init)``: the initialisation of its own parameters (the one path ``_init_weights`` calls).
 
 Its ``forward(hidden_states, position_embeddings=..., attention_mask=..., past_key_values=..., **kwargs)`` returns
-``(output, attention weights or None)``; per-step state lives in its cache layer.
+``(output, attention weights or None)``, or ``(output, weights, auxiliary)`` with per-forward training terms and
+measurements (``layers/auxiliary.py``: transfer / gate losses, routing probabilities); modes such as
+``attention_transfer`` come in as forward arguments, and per-step state lives in its cache layer.
 
 A channel mixer registers with ``@register_channel_mixer(name)`` and is picked by ``config.channel_mixer_types`` (or,
 for the built-in ones, ``config.mlp_layer_types``); with

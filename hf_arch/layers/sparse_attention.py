@@ -12,6 +12,11 @@
   Training uses a Gumbel-softmax straight-through choice and a Lagrangian penalty toward
   ``sparse_attn_target_sparsity``; the router starts biased to full attention, so the converted model is the base
   model. The choice is made on the prompt and kept for the tokens decoded after it.
+
+Training terms and measurements leave the layer as auxiliary outputs (``layers.auxiliary``): the seer gate's KL
+(``gate_loss``, in training or with ``sparse_attention_mode="gate_distillation"``) and the computed / causal blocks of
+a sparse prefill (``block_counts``); flux's ``P(sparse)`` per input (``sparse_probability``) and its choice
+(``sparse_choice``). ``sparse_attention_mode="dense"`` runs the base model's function.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from ..kernels.block_sparse.naive import block_sparse_attention_weights
 from ..kernels.ops import block_sparse_attention, pooled_attention_scores
 from .attention import HfArchAttention, repeat_kv, weighted_values
+from .auxiliary import check_sparse_attention_mode, mixer_result
 from .flux_route_cache import flux_route_layer
 from .mixer_registry import register_token_mixer
 from .rope import apply_rotary_pos_emb
@@ -208,13 +214,6 @@ class HfArchSparseAttention(HfArchAttention):
         self.block_size = config.sparse_attn_block_size
         self.block_gate = BlockGate(config) if self.method == "seer" else None
         self.layer_router = LayerRouter(config) if self.method == "flux" else None
-        # Training / measurement state (not parameters):
-        self.gate_distillation = False  # seer: attend densely, store KL(pooled attention ‖ gate) in gate_loss
-        self.gate_loss: torch.Tensor | None = None
-        self.force_dense = False  # the base model's function (teacher passes, ablations)
-        self.sparse_probability: torch.Tensor | None = None  # flux: P(sparse) per input, for the Lagrangian
-        self.last_density: tuple[int, int] | None = None  # seer: (computed, causal) blocks of the last prefill
-        self.last_choice: torch.Tensor | None = None  # flux: the last choice per input (True = sparse)
 
     def init_parameters(self, init=_TorchInit) -> None:
         for module in (self.block_gate, self.layer_router):
@@ -231,14 +230,20 @@ class HfArchSparseAttention(HfArchAttention):
         position_in_sequence=None,
         padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        sparse_attention_mode: str | None = None,
+        attention_transfer: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token) the backbone passes to sparse layers."""
+    ) -> tuple:
+        """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token) the backbone passes to sparse layers;
+        ``sparse_attention_mode``: None, ``"dense"`` (the base model's function) or ``"gate_distillation"`` (seer:
+        attend densely, report the gate's KL). Returns ``(output, weights)`` plus, when there is any, the auxiliary
+        dict (``gate_loss``, ``block_counts``, ``sparse_probability``, ``sparse_choice``)."""
+        check_sparse_attention_mode(sparse_attention_mode)
         if cu_seqlens is not None and past_key_values is None:  # packed rows: blocks and routes per sequence
             return self.forward_per_sequence(hidden_states, position_embeddings, attention_mask, cu_seqlens,
-                                             output_attentions=output_attentions, **kwargs)
+                                             output_attentions=output_attentions,
+                                             sparse_attention_mode=sparse_attention_mode, **kwargs)
         B, T, _ = hidden_states.shape
-        self.gate_loss = self.sparse_probability = None  # this forward's terms only (the decoder layer returns them)
         query, key, value = self.project(hidden_states)
         rq, rk = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
         past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
@@ -248,28 +253,31 @@ class HfArchSparseAttention(HfArchAttention):
             return self.attend(rq, rk, value.transpose(1, 2), attention_mask, past_key_values, **kwargs)
 
         # T first: a decode step is decided by its shape, never by the (static caches': tensor) cache length.
-        if self.force_dense or (self.method == "seer" and not self.gate_distillation and (T < self.block_size or past)):
+        distilling = sparse_attention_mode == "gate_distillation" and self.method == "seer"
+        if sparse_attention_mode == "dense" or (
+                self.method == "seer" and not distilling and (T < self.block_size or past)):
             out, weights = dense()
             return self.finish(hidden_states, out), weights
         if self.method == "seer":
-            if self.gate_distillation:
+            if distilling:
                 return self._distill_gate(hidden_states, query, key, rq, rk, token, dense)
             learning = self.training  # (not is_grad_enabled: a reentrant checkpoint runs the first pass without)
             # The gate sees detached q/k: its loss trains the gate only, never the attention it imitates.
             log_probs = self.block_gate(query.detach(), key.detach(), token) if learning else \
                 self.block_gate(query, key, token)
-            if learning:  # SeerAttention's self-distillation, alongside whatever loss trains the model
-                self.gate_loss = gate_kl(self._gate_target(rq, rk, token), log_probs, token, self.block_size)
             mask = select_blocks(log_probs.exp(), self.config, T)
-            self._record_density(mask)
+            auxiliary = {"block_counts": self._block_counts(mask)}
+            if learning:  # SeerAttention's self-distillation, alongside whatever loss trains the model
+                auxiliary["gate_loss"] = gate_kl(self._gate_target(rq, rk, token), log_probs, token, self.block_size)
             if past_key_values is not None:
                 past_key_values.update(rk, value.transpose(1, 2), self.layer_idx)
             if output_attentions:  # the block-sparse maps, with the output computed from them (gradients reach them)
                 weights = block_sparse_attention_weights(rq.transpose(1, 2), rk.transpose(1, 2), mask, self.block_size,
                                                          self.scaling, token).to(rq.dtype)
-                return self.finish(hidden_states, weighted_values(weights, value.transpose(1, 2))), weights
+                out = self.finish(hidden_states, weighted_values(weights, value.transpose(1, 2)))
+                return mixer_result(out, weights, auxiliary)
             out = self._block_sparse(rq, rk, value, mask, token)
-            return self.finish(hidden_states, out), None
+            return mixer_result(self.finish(hidden_states, out), None, auxiliary)
         return self._flux(hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense)
 
     # -- seer -----------------------------------------------------------------------------------------------------
@@ -283,9 +291,9 @@ class HfArchSparseAttention(HfArchAttention):
             raise ValueError(f"layer {self.layer_idx}: gate distillation needs at least one block of context "
                              f"(sparse_attn_block_size={self.block_size}), got {T} tokens")
         log_gate = self.block_gate(query.detach(), key.detach(), token)
-        self.gate_loss = gate_kl(self._gate_target(rq, rk, token), log_gate, token, self.block_size)
+        gate_loss = gate_kl(self._gate_target(rq, rk, token), log_gate, token, self.block_size)
         out, weights = dense()
-        return self.finish(hidden_states, out), weights
+        return mixer_result(self.finish(hidden_states, out), weights, {"gate_loss": gate_loss})
 
     @torch.no_grad()
     def _gate_target(self, rq, rk, token):
@@ -293,12 +301,12 @@ class HfArchSparseAttention(HfArchAttention):
         return pooled_attention_scores(rq.transpose(1, 2), rk.transpose(1, 2), self.block_size, scale=self.scaling,
                                        attention_mask=token)
 
-    def _record_density(self, mask) -> None:
-        if torch.compiler.is_compiling():  # a host-side statistic; a traced graph keeps none
-            return
+    @staticmethod
+    def _block_counts(mask) -> torch.Tensor:
+        """``[2]`` long: the blocks a prefill computes and the causal blocks dense attention would (no host sync)."""
         N = mask.shape[-1]
         causal = mask.shape[0] * mask.shape[1] * N * (N + 1) // 2
-        self.last_density = (int(mask.sum()), causal)
+        return torch.stack([mask.sum(), torch.tensor(causal, device=mask.device)])
 
     # -- flux -----------------------------------------------------------------------------------------------------
     def _flux(self, hidden_states, query, key, value, rq, rk, token, padding_mask, past, past_key_values, dense):
@@ -307,12 +315,13 @@ class HfArchSparseAttention(HfArchAttention):
         # Decoding = continuing a cache whose prompt was routed (not a test of the cache length, which a static cache
         # holds as a tensor a traced graph cannot branch on).
         decoding = layer is not None and layer.route is not None
+        auxiliary = {}
         if decoding:
             sparse = layer.route  # decided on the prompt
             soft = None
         else:
             logits = self.layer_router(query, key, token)
-            self.sparse_probability = logits.softmax(-1)[:, 1]
+            auxiliary["sparse_probability"] = logits.softmax(-1)[:, 1]
             if self.training:
                 soft = F.gumbel_softmax(logits, tau=self.config.sparse_attn_gumbel_tau, hard=True)[:, 1]
                 sparse = soft.detach() > 0.5
@@ -320,11 +329,11 @@ class HfArchSparseAttention(HfArchAttention):
                 soft, sparse = None, logits[:, 1] > logits[:, 0]
             if layer is not None:
                 layer.route = sparse
-        self.last_choice = sparse
+        auxiliary["sparse_choice"] = sparse
         # Skipping the sparse branch when no input takes it is a host-side decision: a traced graph runs both.
         if soft is None and not torch.compiler.is_compiling() and not bool(sparse.any()):
             out, weights = dense()
-            return self.finish(hidden_states, out), weights
+            return mixer_result(self.finish(hidden_states, out), weights, auxiliary)
         full_out, weights = dense()  # also appends k/v to the cache, which the sparse branch then reads
         # Over the cache when continuing one (a routed prompt, or a prompt chunk after others: eager only).
         if decoding or (not torch.compiler.is_compiling() and past):
@@ -338,7 +347,7 @@ class HfArchSparseAttention(HfArchAttention):
             out = w * sparse_out.to(full_out.dtype) + (1 - w) * full_out
         else:
             out = torch.where(sparse[:, None, None, None], sparse_out.to(full_out.dtype), full_out)
-        return self.finish(hidden_states, out), weights
+        return mixer_result(self.finish(hidden_states, out), weights, auxiliary)
 
     def _sink_window_over_cache(self, rq, past_key_values, past, padding_mask):
         """Decode steps of the sparse branch: the new queries attend the cached sink and window blocks."""
@@ -393,10 +402,10 @@ class _ReverseGradient(torch.autograd.Function):
 
 def sparse_attention_auxiliary_loss(gate_losses, sparse_probabilities, multipliers: torch.Tensor | None,
                                     target: float) -> torch.Tensor | None:
-    """What a training loss adds for sparse-attention layers, so every parameter they own learns from the loss the
-    model returns: the mean block-gate self-distillation KL over the seer layers (gradients reach the gates only)
-    plus the Flux sparsity Lagrangian (routers and multipliers). The terms come from the decoder layers' outputs, so
-    they survive gradient checkpointing. None when neither applies."""
+    """What a loss adds for sparse-attention layers, so every parameter they own learns from the loss the model
+    returns: the mean block-gate self-distillation KL over the seer layers (gradients reach the gates only) plus the
+    Flux sparsity Lagrangian (routers and multipliers; pass no probabilities outside training). The terms come from
+    the decoder layers' outputs, so they survive gradient checkpointing. None when neither applies."""
     terms = []
     if gate_losses:
         terms.append(torch.stack(gate_losses).mean())
@@ -414,17 +423,20 @@ def flux_sparsity_penalty(sparse_probabilities, multipliers: torch.Tensor, targe
     return lam[0] * gap + lam[1] * gap * gap
 
 
-def flux_sparse_share(model: nn.Module) -> float | None:
-    """Share of (layer, input) choices that went to the sparse branch in the last forward; None without flux."""
-    choices = [layer.last_choice for layer in sparse_attention_layers(model) if layer.last_choice is not None]
+def flux_sparse_share(outputs) -> float | None:
+    """Share of (layer, input) choices that went to the sparse branch in the forward that returned ``outputs`` (its
+    ``sparse_choices``); None without flux layers."""
+    choices = getattr(outputs, "sparse_choices", None)
     if not choices:
         return None
     return float(torch.cat([c.float().reshape(-1) for c in choices]).mean())
 
 
-def attention_density(model: nn.Module) -> float | None:
-    """Computed / causal blocks over the seer layers' last prefill (1.0 = dense); None when none ran sparse."""
-    totals = [layer.last_density for layer in sparse_attention_layers(model) if layer.last_density is not None]
-    if not totals:
+def attention_density(outputs) -> float | None:
+    """Computed / causal blocks over the seer layers that prefilled sparsely in the forward that returned ``outputs``
+    (its ``sparse_block_counts``; 1.0 = dense); None when none did."""
+    counts = getattr(outputs, "sparse_block_counts", None)
+    if not counts:
         return None
-    return sum(c for c, _ in totals) / sum(t for _, t in totals)
+    total = torch.stack(list(counts)).sum(0)
+    return int(total[0]) / int(total[1])

@@ -7,6 +7,8 @@ subclass plus thin subclasses of the classes below that only set ``config_class`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -29,6 +31,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from ..configuration import LINEAR_LAYER_TYPES, HfArchConfig
 from ..layers.attention import HfArchAttention
+from ..layers.auxiliary import AUXILIARY_FIELDS, check_sparse_attention_mode, split_mixer_result
 from ..layers.geonorm import GeodesicUpdate, project_to_sphere
 from ..layers.latent_attention import MultiHeadLatentAttention
 from ..layers.linear_attention import HfArchLinearAttention, cached_token_count
@@ -43,6 +46,72 @@ from ..layers.rope import HfArchRotaryEmbedding
 from ..layers.sparse_attention import HfArchSparseAttention, sparse_attention_auxiliary_loss
 from ..layers.value_bank import ValueBank
 from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
+
+
+@dataclass
+class HfArchModelOutputWithPast(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus what the token mixers reported this forward (``layers.auxiliary``), one entry
+    per reporting layer in layer order (None where no layer reported):
+
+    - ``transfer_losses``: per linear layer with ``attention_transfer=True``, ``MSE(linear output, softmax teacher)``;
+    - ``gate_losses``: per seer layer (in training or ``sparse_attention_mode="gate_distillation"``), the gate's KL;
+    - ``sparse_probabilities`` / ``sparse_choices``: per flux layer, ``[B]`` P(sparse) and the branch taken;
+    - ``sparse_block_counts``: per seer layer that prefilled sparsely, ``[2]`` (computed, causal) blocks;
+    - ``sparse_attention_loss``: what a loss adds for sparse attention (mean gate KL, and in training the flux
+      Lagrangian), already included in a causal LM's ``loss`` when labels are given.
+    """
+
+    transfer_losses: tuple[torch.Tensor, ...] | None = None
+    gate_losses: tuple[torch.Tensor, ...] | None = None
+    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
+    sparse_choices: tuple[torch.Tensor, ...] | None = None
+    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
+    sparse_attention_loss: torch.Tensor | None = None
+
+
+@dataclass
+class HfArchMoeModelOutputWithPast(MoeModelOutputWithPast):
+    """``MoeModelOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
+
+    transfer_losses: tuple[torch.Tensor, ...] | None = None
+    gate_losses: tuple[torch.Tensor, ...] | None = None
+    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
+    sparse_choices: tuple[torch.Tensor, ...] | None = None
+    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
+    sparse_attention_loss: torch.Tensor | None = None
+
+
+@dataclass
+class HfArchCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
+
+    transfer_losses: tuple[torch.Tensor, ...] | None = None
+    gate_losses: tuple[torch.Tensor, ...] | None = None
+    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
+    sparse_choices: tuple[torch.Tensor, ...] | None = None
+    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
+    sparse_attention_loss: torch.Tensor | None = None
+
+
+@dataclass
+class HfArchMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """``MoeCausalLMOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
+
+    transfer_losses: tuple[torch.Tensor, ...] | None = None
+    gate_losses: tuple[torch.Tensor, ...] | None = None
+    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
+    sparse_choices: tuple[torch.Tensor, ...] | None = None
+    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
+    sparse_attention_loss: torch.Tensor | None = None
+
+
+# The output fields above that the backbone fills and the heads pass on.
+AUXILIARY_OUTPUT_FIELDS = (*AUXILIARY_FIELDS.values(), "sparse_attention_loss")
+
+
+def auxiliary_outputs(outputs) -> dict:
+    """``{field: value}`` of the mixers' reports in a backbone output, for a head's output."""
+    return {name: getattr(outputs, name, None) for name in AUXILIARY_OUTPUT_FIELDS}
 
 
 # The built-in mixers, imported for their registration (``@register_token_mixer`` / ``@register_channel_mixer``); the
@@ -120,22 +189,24 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns (hidden states, attention weights, router logits ``[B, T, E]`` of a sparse layer or None, a seer
-        layer's gate self-distillation loss or None, a flux layer's ``[B]`` P(sparse) or None).
+    ) -> tuple:
+        """Returns ``(hidden states, attention weights, router logits [B, T, E] of a sparse layer or None,
+        auxiliary keys, *auxiliary values)``: the token mixer's auxiliary outputs (``layers.auxiliary``: training
+        terms and measurements), their keys as a tuple of names and the tensors after it, flat.
 
         ``previous_router_logits`` is positional so gradient checkpointing carries its gradient (gating residuals).
         The cache comes as ``cache`` or ``past_key_values`` (transformers' old and new names). ``token_mask``: the
-        2-D padding mask, for a sparse layer's routing statistics."""
+        2-D padding mask, for a sparse layer's routing statistics. Modes for the mixers (``attention_transfer``,
+        ``sparse_attention_mode``) come in ``kwargs``."""
         past_key_values = resolve_cache(cache, past_key_values)
         residual = hidden_states
-        mixed, attn_weights = self.self_attn(
+        mixed, attn_weights, auxiliary = split_mixer_result(self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
-        )
+        ))
         hidden_states = self._residual(self.attn_update, residual, mixed)
         normed = self.post_attention_layernorm(hidden_states)
         router_logits = None
@@ -143,12 +214,10 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
         else:
             mixed = self.mlp(normed)
-        # Sparse attention's training terms leave as outputs, not attributes: a (reentrant) checkpointed layer only
-        # carries gradients through what it returns.
-        gate_loss = getattr(self.self_attn, "gate_loss", None)
-        sparse_probability = getattr(self.self_attn, "sparse_probability", None)
-        return (self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits, gate_loss,
-                sparse_probability)
+        # The mixer's training terms leave as outputs, not attributes, and flat (not in a dict): a (reentrant)
+        # checkpointed layer only carries gradients through the tensors it returns.
+        return (self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits, tuple(auxiliary),
+                *auxiliary.values())
 
 
 class HfArchPreTrainedModel(PreTrainedModel):
@@ -205,15 +274,12 @@ class HfArchPreTrainedModel(PreTrainedModel):
     def _wants_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
 
-    def _add_auxiliary_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """A training task loss plus the sparse-attention layers' own terms (seer gate self-distillation, flux
-        Lagrangian), so their parameters learn from the loss the model returns (as the MoE router's aux loss)."""
-        self.last_auxiliary_loss = None
-        auxiliary = self.model.last_auxiliary_loss if self.training else None
-        if auxiliary is None:
-            return loss
-        self.last_auxiliary_loss = auxiliary
-        return loss + auxiliary.to(loss.device)
+    @staticmethod
+    def _add_sparse_attention_loss(loss: torch.Tensor, sparse_attention_loss: torch.Tensor | None) -> torch.Tensor:
+        """A task loss plus the sparse-attention layers' own terms of the same forward (the backbone output's
+        ``sparse_attention_loss``: seer gate self-distillation, in training the flux Lagrangian), so their parameters
+        learn from the loss the model returns (as the MoE router's aux loss)."""
+        return loss if sparse_attention_loss is None else loss + sparse_attention_loss.to(loss.device)
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
         """``PreTrainedModel.save_pretrained``, then the flat remote-code files and the ``auto_map`` in the same directory
@@ -289,7 +355,6 @@ class HfArchModel(HfArchPreTrainedModel):
         self.value_bank = ValueBank(config) if config.move_num_slots else None
         # Flux: the Lagrange multipliers of the sparsity target (trained by gradient ascent; unused at inference).
         self.sparsity_multipliers = nn.Parameter(torch.zeros(2)) if config.sparse_attn_method == "flux" else None
-        self.last_auxiliary_loss: torch.Tensor | None = None  # sparse attention's training terms of the last forward
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -355,11 +420,20 @@ class HfArchModel(HfArchPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
+        attention_transfer: bool = False,
+        sparse_attention_mode: str | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> HfArchModelOutputWithPast | HfArchMoeModelOutputWithPast:
         """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``; it is returned in the field the
-        installed transformers declares."""
+        installed transformers declares.
+
+        Modes for training and measurement, passed to every token mixer (``layers.auxiliary``):
+        ``attention_transfer=True`` makes linear-attention layers return their softmax teacher (the source layer's
+        function) and report ``MSE(linear, teacher)`` in ``transfer_losses`` (no cache: ``use_cache=False``);
+        ``sparse_attention_mode="dense"`` runs sparse-attention layers densely (the base model's function),
+        ``"gate_distillation"`` also makes seer layers report their gate's KL in ``gate_losses``."""
         past_key_values = resolve_cache(cache, past_key_values, public=True)
+        check_sparse_attention_mode(sparse_attention_mode)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -389,13 +463,18 @@ class HfArchModel(HfArchPreTrainedModel):
         if self.config.attention_needs_padding_mask:  # these mixers read the 2-D padding mask themselves
             kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
                 attention_mask.dim() == 2 else None
+        # Modes reach the mixers only when set (a mixer that knows none of them sees nothing new).
+        if attention_transfer:
+            kwargs["attention_transfer"] = True
+        if sparse_attention_mode is not None:
+            kwargs["sparse_attention_mode"] = sparse_attention_mode
         all_hidden_states, all_attentions, all_router_logits = [], [], []
-        gate_losses, sparse_probabilities = [], []
+        reported = {key: [] for key in AUXILIARY_FIELDS}  # the mixers' auxiliary outputs, per key in layer order
         router_logits = None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, attn_weights, layer_router_logits, gate_loss, sparse_probability = layer(
+            hidden_states, attn_weights, layer_router_logits, auxiliary_keys, *auxiliary_values = layer(
                 hidden_states,
                 router_logits,
                 attention_mask=masks.get(layer.layer_type),
@@ -416,31 +495,31 @@ class HfArchModel(HfArchPreTrainedModel):
             if layer_router_logits is not None:
                 router_logits = layer_router_logits
                 all_router_logits.append(layer_router_logits)
-            if gate_loss is not None:
-                gate_losses.append(gate_loss)
-            if sparse_probability is not None:
-                sparse_probabilities.append(sparse_probability)
-        # Read by the heads right after this call (and by the gate-distillation objective).
-        self.last_auxiliary_loss = sparse_attention_auxiliary_loss(
-            gate_losses, sparse_probabilities if self.training else [], self.sparsity_multipliers,
+            for key, value in zip(auxiliary_keys, auxiliary_values):
+                reported[key].append(value)
+        auxiliary = {AUXILIARY_FIELDS[key]: tuple(values) for key, values in reported.items() if values}
+        auxiliary["sparse_attention_loss"] = sparse_attention_auxiliary_loss(
+            reported["gate_loss"], reported["sparse_probability"] if self.training else [], self.sparsity_multipliers,
             self.config.sparse_attn_target_sparsity)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         if all_router_logits:
-            output = MoeModelOutputWithPast(
+            output = HfArchMoeModelOutputWithPast(
                 last_hidden_state=hidden_states,
                 **cache_output(past_key_values if use_cache else None),
                 hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
                 attentions=tuple(all_attentions) if output_attentions else None,
                 router_logits=tuple(all_router_logits),
+                **auxiliary,
             )
         else:
-            output = BaseModelOutputWithPast(
+            output = HfArchModelOutputWithPast(
                 last_hidden_state=hidden_states,
                 **cache_output(past_key_values if use_cache else None),
                 hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
                 attentions=tuple(all_attentions) if output_attentions else None,
+                **auxiliary,
             )
         return output if self._wants_dict(return_dict) else output.to_tuple()
 
@@ -454,9 +533,6 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # The sparse-attention term of the last training loss (seer gate KL, flux Lagrangian), kept apart too so a
-        # distillation loss can reweight the CE alone.
-        self.last_auxiliary_loss: torch.Tensor | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -512,9 +588,14 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         cache: Cache | None = None,
+        attention_transfer: bool = False,
+        sparse_attention_mode: str | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
-        """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``."""
+    ) -> HfArchCausalLMOutputWithPast | HfArchMoeCausalLMOutputWithPast:
+        """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``. ``attention_transfer`` /
+        ``sparse_attention_mode``: see ``HfArchModel.forward``; the output carries the mixers' reports
+        (``HfArchModelOutputWithPast``), and ``loss`` (with labels) includes ``sparse_attention_loss`` and, for MoE,
+        ``aux_loss``."""
         past_key_values = resolve_cache(cache, past_key_values, public=True)
         outputs = self.model(
             input_ids=input_ids,
@@ -526,6 +607,8 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            attention_transfer=attention_transfer,
+            sparse_attention_mode=sparse_attention_mode,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -533,10 +616,9 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        self.last_auxiliary_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = self._add_auxiliary_loss(loss)
+            loss = self._add_sparse_attention_loss(loss, outputs.sparse_attention_loss)
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:
             want_router_logits = (
@@ -547,7 +629,7 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
                 aux_loss, _ = moe_auxiliary_losses(router_logits, self.config, attention_mask)
                 if loss is not None:
                     loss = loss + aux_loss.to(loss.device)
-            output = MoeCausalLMOutputWithPast(
+            output = HfArchMoeCausalLMOutputWithPast(
                 loss=loss,
                 aux_loss=aux_loss,
                 logits=logits,
@@ -555,14 +637,16 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
                 router_logits=router_logits if want_router_logits else None,
+                **auxiliary_outputs(outputs),
             )
             return output if self._wants_dict(return_dict) else output.to_tuple()
-        output = CausalLMOutputWithPast(
+        output = HfArchCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             **cache_output(past),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **auxiliary_outputs(outputs),
         )
         return output if self._wants_dict(return_dict) else output.to_tuple()
 
@@ -570,18 +654,23 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
 class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPreTrainedModel):
     """Last-token classification head over the backbone (built through AutoModel, so registration must come first)."""
 
-    last_auxiliary_loss = None
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, past_key_values=None, **kwargs):
-        """transformers' generic head, taking the cache under either name; a training loss also carries the
-        sparse-attention terms (see ``_add_auxiliary_loss``)."""
-        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                 **cache_output(resolve_cache(cache, past_key_values, public=True)), **kwargs)
+        """transformers' generic head, taking the cache under either name; a loss also carries the sparse-attention
+        terms of the same forward (the backbone output's ``sparse_attention_loss``, see
+        ``_add_sparse_attention_loss``)."""
+        backbone_outputs = []  # the backbone's return value, kept from this call only
+        hook = self.model.register_forward_hook(lambda module, args, output: backbone_outputs.append(output))
+        try:
+            output = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                     **cache_output(resolve_cache(cache, past_key_values, public=True)), **kwargs)
+        finally:
+            hook.remove()
         if labels is None:
             return output
+        sparse_attention_loss = getattr(backbone_outputs[-1], "sparse_attention_loss", None)
         if isinstance(output, tuple):
-            return (self._add_auxiliary_loss(output[0]), *output[1:])
-        output.loss = self._add_auxiliary_loss(output.loss)
+            return (self._add_sparse_attention_loss(output[0], sparse_attention_loss), *output[1:])
+        output.loss = self._add_sparse_attention_loss(output.loss, sparse_attention_loss)
         return output

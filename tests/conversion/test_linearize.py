@@ -12,9 +12,7 @@ from hf_arch.conversion.linearize import (
     LinearizeOptions,
     attention_mse_per_layer,
     linearize,
-    set_attention_transfer,
 )
-from hf_arch.layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
 from hf_arch.peft_utils import new_parameter_names
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -138,11 +136,10 @@ def test_random_sources_convert_and_attention_transfer_reproduces_them(family, m
     target = linearize(source, LinearizeOptions(method=method, window=4, keep_full_attention=[1]))
     _assert_source_copied(source, target)
     x = _ids()
-    set_attention_transfer(target, True)
     with torch.no_grad():
-        torch.testing.assert_close(target(x, use_cache=False).logits, source(x).logits, rtol=0, atol=1e-5)
-    assert len(attention_transfer_losses(target)) == 2
-    set_attention_transfer(target, False)
+        out = target(x, use_cache=False, attention_transfer=True)
+        torch.testing.assert_close(out.logits, source(x).logits, rtol=0, atol=1e-5)
+    assert len(out.transfer_losses) == 2
     assert target.generate(x[:, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
 
 
@@ -205,7 +202,6 @@ def test_attention_mse_per_layer_one_finite_value_per_linear_layer(stories, stor
     target = linearize(stories, LinearizeOptions(method="liger", window=8, ratio=1))
     mse = attention_mse_per_layer(target, story_batch)
     assert len(mse) == 3 and all(v == v and 0 < v < float("inf") for v in mse)
-    assert all(not m.attention_transfer for m in target.modules() if isinstance(m, HfArchLinearAttention))
     mask = torch.ones_like(story_batch)
     mask[0, :10] = 0
     assert len(attention_mse_per_layer(target, story_batch, mask)) == 3
@@ -219,13 +215,12 @@ def test_attention_transfer_training_lowers_lolcats_mse(stories, story_batch):
         param.requires_grad_(name in new)
     params = [p for p in target.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
-    set_attention_transfer(target.train(), True)
+    target.train()
     for _ in range(20):
         optimizer.zero_grad()
-        target(story_batch)
-        torch.stack(attention_transfer_losses(target)).mean().backward()
+        torch.stack(target(story_batch, attention_transfer=True).transfer_losses).mean().backward()
         optimizer.step()
-    set_attention_transfer(target.eval(), False)
+    target.eval()
     after = attention_mse_per_layer(target, story_batch)
     mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
     print(f"lolcats attention MSE per layer before {before} after {after}")

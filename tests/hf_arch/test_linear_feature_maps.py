@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from hf_arch import GatedDeltaNetConfig, GLAConfig
-from hf_arch.layers.linear_attention import HfArchLinearAttention, attention_transfer_losses
+from hf_arch.layers.linear_attention import HfArchLinearAttention
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -156,38 +156,31 @@ def _source_and_linear(source_name: str):
     return source, linear
 
 
-def _set_transfer(model, enabled: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, HfArchLinearAttention):
-            module.attention_transfer = enabled
-
-
 @pytest.mark.parametrize("source_name", sorted(SOURCES))
 @torch.no_grad()
 def test_attention_transfer_mode_reproduces_the_source_model(source_name):
     source, linear = _source_and_linear(source_name)
     x = ids(2, 24)
     assert (linear(x).logits - source(x).logits).abs().max() > 1e-3  # the linear model itself differs
-    _set_transfer(linear, True)
-    torch.testing.assert_close(linear(x, use_cache=False).logits, source(x).logits, rtol=0, atol=1e-5)
-    losses = attention_transfer_losses(linear)
+    out = linear(x, use_cache=False, attention_transfer=True)
+    torch.testing.assert_close(out.logits, source(x).logits, rtol=0, atol=1e-5)
+    losses = out.transfer_losses
     assert len(losses) == TINY["num_hidden_layers"] and all(loss.item() > 0 for loss in losses)
-    assert attention_transfer_losses(linear) == []  # collected and cleared
+    assert linear(x, use_cache=False).transfer_losses is None  # a mode of one call, not of the model
 
     # With left padding, the real positions still match the source.
     mask = torch.ones_like(x)
     mask[1, :5] = 0
-    a = linear(x, attention_mask=mask, use_cache=False).logits
+    out = linear(x, attention_mask=mask, use_cache=False, attention_transfer=True)
     b = source(x, attention_mask=mask).logits
-    assert (a - b)[mask.bool()].abs().max() <= 1e-5
-    assert all(torch.isfinite(loss) for loss in attention_transfer_losses(linear))
+    assert (out.logits - b)[mask.bool()].abs().max() <= 1e-5
+    assert all(torch.isfinite(loss) for loss in out.transfer_losses)
 
 
 def test_attention_transfer_needs_no_cache():
     _, linear = _source_and_linear("llama")
-    _set_transfer(linear, True)
     with pytest.raises(ValueError, match="use_cache=False"):
-        linear(ids(1, 6), use_cache=True)
+        linear(ids(1, 6), use_cache=True, attention_transfer=True)
 
 
 def test_transfer_loss_trains_only_the_new_parameters():
@@ -195,10 +188,9 @@ def test_transfer_loss_trains_only_the_new_parameters():
     new = ("q_feature_map", "k_feature_map", "window_weight", "sink_logits")
     for name, param in linear.named_parameters():
         param.requires_grad_(name.endswith(new))
-    _set_transfer(linear.train(), True)
+    linear.train()
     x = ids(4, 24, seed=9)
-    linear(x).logits  # training mode: no cache
-    losses = attention_transfer_losses(linear)
+    losses = linear(x, attention_transfer=True).transfer_losses  # training mode: no cache
     total = torch.stack(losses).sum()
     assert total.dtype == torch.float32 and total.requires_grad and total.item() > 0
     total.backward()
@@ -213,8 +205,7 @@ def test_transfer_loss_trains_only_the_new_parameters():
     history = []
     for _ in range(15):
         optimizer.zero_grad()
-        linear(x)
-        loss = torch.stack(attention_transfer_losses(linear)).sum()
+        loss = torch.stack(linear(x, attention_transfer=True).transfer_losses).sum()
         loss.backward()
         optimizer.step()
         history.append(loss.item())

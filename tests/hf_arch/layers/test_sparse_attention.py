@@ -35,15 +35,8 @@ def ids(rows=2, length=70, seed=1):
 
 
 def dense_logits(model, input_ids, **kwargs):
-    layers = sparse_attention_layers(model)
-    for layer in layers:
-        layer.force_dense = True
-    try:
-        with torch.no_grad():
-            return model(input_ids, **kwargs).logits
-    finally:
-        for layer in layers:
-            layer.force_dense = False
+    with torch.no_grad():
+        return model(input_ids, sparse_attention_mode="dense", **kwargs).logits
 
 
 # -- block gate ------------------------------------------------------------------------------------------------
@@ -107,8 +100,9 @@ def test_seer_prefill_with_every_block_equals_dense_and_decode_matches_the_full_
     model = model_for("seer", sparse_attn_selection="topk", sparse_attn_topk=100)
     x = ids()
     with torch.no_grad():
-        sparse = model(x).logits
-    assert attention_density(model) == 1.0
+        out = model(x)
+    sparse = out.logits
+    assert attention_density(out) == 1.0
     torch.testing.assert_close(sparse, dense_logits(model, x), rtol=1e-5, atol=1e-5)
     out = model.generate(x[:, :48], attention_mask=torch.ones(2, 48, dtype=torch.long), max_new_tokens=6,
                          do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -122,8 +116,9 @@ def test_seer_prefill_skips_blocks_and_changes_only_what_it_skips():
     model = model_for("seer", sparse_attn_selection="topk", sparse_attn_topk=1)
     x = ids()
     with torch.no_grad():
-        sparse = model(x).logits
-    density = attention_density(model)
+        out = model(x)
+    sparse = out.logits
+    density = attention_density(out)
     N = math.ceil(70 / BLOCK)
     causal = N * (N + 1) / 2
     # Per row: the first block, the diagonal, and the gate's top block when it is neither (rows 2.. only).
@@ -148,26 +143,20 @@ def _brute_force_pooled(probs: torch.Tensor, block: int) -> torch.Tensor:
 def test_gate_distillation_loss_is_the_kl_to_the_brute_force_pooled_attention_map():
     model = model_for("seer")
     x = ids()
-    for layer in sparse_attention_layers(model):
-        layer.force_dense = True
-    with torch.no_grad():
-        attentions = model(x, output_attentions=True).attentions  # eager: the probabilities themselves
-    for layer in sparse_attention_layers(model):
-        layer.force_dense = False
+    with torch.no_grad():  # eager: the probabilities themselves
+        attentions = model(x, output_attentions=True, sparse_attention_mode="dense").attentions
     captured = {}
     layer0 = model.model.layers[0]
     hook = layer0.self_attn.register_forward_pre_hook(lambda m, args, kwargs: captured.update(h=args[0] if args
                                                                                                  else kwargs["hidden_states"]),
                                                       with_kwargs=True)
-    for layer in sparse_attention_layers(model):
-        layer.gate_distillation = True
     try:
-        model(x, use_cache=False)
+        out = model(x, use_cache=False, sparse_attention_mode="gate_distillation")
     finally:
         hook.remove()
-    losses = [layer.gate_loss for layer in sparse_attention_layers(model)]
+    losses = out.gate_losses
     assert len(losses) == 2 and all(loss.requires_grad for loss in losses)
-    torch.testing.assert_close(model.model.last_auxiliary_loss, torch.stack(losses).mean())
+    torch.testing.assert_close(out.sparse_attention_loss, torch.stack(losses).mean())
     target = _brute_force_pooled(attentions[0].float(), BLOCK)
     q, k, _ = layer0.self_attn.project(captured["h"])
     log_gate = layer0.self_attn.block_gate(q, k)
@@ -184,11 +173,8 @@ def test_gate_distillation_lowers_the_kl_and_trains_only_gates():
     optimizer = torch.optim.Adam(gates, lr=3e-2)
     x = ids(rows=4, length=96, seed=3)
     curve = []
-    for layer in sparse_attention_layers(model):
-        layer.gate_distillation = True
     for _ in range(25):
-        model(x, use_cache=False)
-        loss = model.model.last_auxiliary_loss
+        loss = model(x, use_cache=False, sparse_attention_mode="gate_distillation").sparse_attention_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -206,25 +192,22 @@ def test_plain_task_loss_trains_seer_gates_and_flux_routers_through_checkpointin
         model.train()
         x = ids()
         plain = model(x, labels=x)
-        assert model.last_auxiliary_loss is not None and model.last_auxiliary_loss.requires_grad
+        assert plain.sparse_attention_loss is not None and plain.sparse_attention_loss.requires_grad
         plain.loss.backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing, (method, missing)
         if method == "seer":  # the KL reaches the gates only: q/k/v/o gradients are the task loss's alone
             gate_grads = {n: p.grad.clone() for n, p in model.named_parameters() if "block_gate" in n}
             model.zero_grad()
-            model(x, labels=x)
-            model.last_auxiliary_loss.backward()
+            model(x, labels=x).sparse_attention_loss.backward()
             assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if "block_gate" not in n)
             assert all(torch.allclose(p.grad, gate_grads[n]) for n, p in model.named_parameters() if "block_gate" in n)
 
 
 def test_gate_distillation_needs_a_block_of_context():
     model = model_for("seer")
-    for layer in sparse_attention_layers(model):
-        layer.gate_distillation = True
     with pytest.raises(ValueError, match=r"needs at least one block of context \(sparse_attn_block_size=16\), got 10"):
-        model(ids(length=10), use_cache=False)
+        model(ids(length=10), use_cache=False, sparse_attention_mode="gate_distillation")
 
 
 # -- flux layer router -----------------------------------------------------------------------------------------
@@ -233,8 +216,9 @@ def test_flux_starts_as_the_dense_model():
     model = model_for("flux")
     x = ids()
     with torch.no_grad():
-        logits = model(x).logits
-    assert flux_sparse_share(model) == 0.0
+        out = model(x)
+    logits = out.logits
+    assert flux_sparse_share(out) == 0.0
     torch.testing.assert_close(logits, dense_logits(model, x), rtol=0, atol=0)
 
 
@@ -249,8 +233,9 @@ def test_flux_sparse_branch_is_sink_plus_window_and_decode_matches_the_full_forw
     _force_sparse(model)
     x = ids()
     with torch.no_grad():
-        sparse = model(x).logits
-    assert flux_sparse_share(model) == 1.0
+        out = model(x)
+    sparse = out.logits
+    assert flux_sparse_share(out) == 1.0
     dense = dense_logits(model, x)
     # With one sink block and a one-block window, the first two blocks see everything they would densely.
     torch.testing.assert_close(sparse[:, : 2 * BLOCK], dense[:, : 2 * BLOCK], rtol=1e-5, atol=1e-5)
@@ -272,7 +257,7 @@ def test_flux_training_uses_a_straight_through_choice_and_the_lagrangian_ascends
     model.train()
     x = ids()
     out = model(x, labels=x)
-    penalty = model.last_auxiliary_loss
+    penalty = out.sparse_attention_loss
     assert penalty is not None and penalty.item() == 0.0  # the multipliers start at 0
     out.loss.backward()
     multipliers = model.model.sparsity_multipliers
@@ -282,7 +267,7 @@ def test_flux_training_uses_a_straight_through_choice_and_the_lagrangian_ascends
     assert all(r.out_bias.grad is not None for r in routers)  # gradient reaches the routers through the soft choice
     with torch.no_grad():
         multipliers.copy_(torch.tensor([2.0, 3.0]))
-    probabilities = [layer.sparse_probability for layer in sparse_attention_layers(model)]
+    probabilities = list(out.sparse_probabilities)
     value = flux_sparsity_penalty(probabilities, multipliers, 0.9)
     share = torch.cat(probabilities).mean()
     torch.testing.assert_close(value, 2.0 * (share - 0.9) + 3.0 * (share - 0.9) ** 2)
