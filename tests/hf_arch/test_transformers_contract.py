@@ -100,13 +100,7 @@ def _hf_arch_in_transformers_name_tables():
 
 
 def _variants():
-    from hf_arch.models import (
-        AFFINE_ATTENTION, CUBIT, DIFF_ATTENTION, GATED_ATTENTION, GATED_DELTANET, GEONORM, GLA, MOE, MOVE, SA_SOFTMAX,
-        SAS, SPARSE_ATTENTION,
-    )
-
-    return [GATED_ATTENTION, GLA, GATED_DELTANET, MOE, SA_SOFTMAX, AFFINE_ATTENTION, MOVE, DIFF_ATTENTION, CUBIT, SAS,
-            GEONORM, SPARSE_ATTENTION]
+    return list(hf_arch.VARIANTS.values())
 
 
 # ----------------------------------------------------------------------------------------------------- testers
@@ -318,3 +312,49 @@ class SeerAttentionModelTest(HfArchModelTest, unittest.TestCase):
 @require_torch
 class FluxAttentionModelTest(HfArchModelTest, unittest.TestCase):
     model_tester_class = FluxAttentionModelTester
+
+
+# ------------------------------------------------------------------ every other variant, from its registered examples
+
+# Variants with a hand-written class above; every other registered variant is tested through its examples
+# (Variant.examples), with the class attributes its layout implies, so a new variant needs no edit here.
+_HAND_WRITTEN = {"gated_attention", "gla", "gated_deltanet", "moe", "sa_softmax", "affine_attention", "move",
+                 "diff_attention", "cubit", "sas", "geonorm", "sparse_attention"}
+
+
+def _example_test_case(key: str, variant_name: str, fields: dict) -> type:
+    """A ``CausalLMModelTest`` for one example layout: no attention maps / RoPE table where no layer has them (as
+    transformers' Mamba / Qwen3Next tests), one map per softmax layer in hybrids, MLA's latent cache widths (as its
+    DeepseekV3ModelTest), no all-parameters-get-gradients check with MoE layers (as Qwen3MoeModelTest)."""
+    variant = hf_arch.get_variant(variant_name)
+    name = "".join(part.title() for part in key.replace(":", "_").split("_"))
+    layers = fields.get("num_hidden_layers", 2)
+    if layers > 2:  # transformers' testers have at most 2 layers (test_num_layers_is_small): keep the first and last
+        fields = {k: ([v[0], v[-1]] if isinstance(v, list) and len(v) == layers else v) for k, v in fields.items()}
+        fields["num_hidden_layers"] = 2
+    tester = _tester(f"{name}ModelTester", variant, **fields)
+    config = tester(None).get_config()
+    mixers = [config.token_mixer_type(i) for i in range(config.num_hidden_layers)]
+    softmax_layers = sum(t in ("full_attention", "sliding_attention") for t in config.layer_types)
+    body = {"model_tester_class": tester, "__doc__": f"hf_arch.registry example {key!r}: token mixers {mixers}."}
+    if not {"attention", "sparse_attention"} & set(mixers):
+        body["rotary_embedding_layer"] = None
+    if softmax_layers == 0:
+        body["has_attentions"] = False
+    elif softmax_layers < config.num_hidden_layers:
+        def test_attention_outputs(self):
+            check_attention_outputs(self, num_maps=softmax_layers, heads=config.num_attention_heads)
+
+        body["test_attention_outputs"] = test_attention_outputs
+    if "sparse" in config.mlp_layer_types:
+        body["test_all_params_have_gradient"] = False
+    if "mla" in mixers:
+        latent = config.options_of("mla")
+        body["_kv_shape_params"] = lambda self, config: (1, latent["kv_lora_rank"], latent["qk_rope_head_dim"])
+    return require_torch(type(f"{name}ModelTest", (HfArchModelTest, unittest.TestCase), body))
+
+
+for _key, (_variant, _fields) in hf_arch.registry.example_layouts().items():
+    if _variant not in _HAND_WRITTEN:
+        _case = _example_test_case(_key, _variant, _fields)
+        globals()[_case.__name__] = _case
