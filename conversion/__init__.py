@@ -16,6 +16,7 @@ from .api import (
 )
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
+from .kda_linearize import KDA_CONVERSION  # registers --to kda
 from .identity_insertion import (
     AffineInsertionOptions,
     ValueBankInsertionOptions,

@@ -45,6 +45,7 @@ from .geonorm import (
 )
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
 from .hybrid import HybridConfig, HybridForCausalLM, HybridForSequenceClassification, HybridModel
+from .kda import KDAConfig, KDAForCausalLM, KDAForSequenceClassification, KDAModel
 from .moe import (
     MOE_PRESETS,
     MoEConfig,
@@ -253,7 +254,36 @@ HYBRID = register_variant(
     )
 )
 
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)  # small MLA shapes for examples
+
+KDA = register_variant(
+    Variant(
+        name="kda",
+        config_class=KDAConfig,
+        model_class=KDAModel,
+        causal_lm_class=KDAForCausalLM,
+        sequence_classification_class=KDAForSequenceClassification,
+        summary="Kimi Delta Attention: gated delta rule with a per-channel decay, short convs, low-rank decay and "
+                "sigmoid output gate; alone, with softmax layers, or Kimi Linear's KDA : MLA 3 : 1 with MoE",
+        paper="Kimi Team, Kimi Linear: An Expressive, Efficient Attention Architecture (arXiv 2510.26692)",
+        tags=("linear-attention", "kda", "kimi-linear"),
+        examples={
+            "kda": {},
+            "kda_attention": dict(full_attention_layers=[1], mixer_options={"kda": dict(conv_size=3)}),
+            # Kimi Linear's layout: three KDA layers per MLA layer (NoPE), MoE after the first layer.
+            "kimi_linear": dict(num_hidden_layers=4, token_mixer_types=["kda", "kda", "kda", "mla"],
+                                mixer_options={"mla": _MLA}, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+        },
+    )
+)
+
 __all__ = [
+    "KDA",
+    "KDAConfig",
+    "KDAForCausalLM",
+    "KDAForSequenceClassification",
+    "KDAModel",
     "HYBRID",
     "HybridConfig",
     "HybridForCausalLM",
