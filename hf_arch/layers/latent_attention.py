@@ -115,7 +115,9 @@ class MultiHeadLatentAttention(nn.Module):
     attention_backends = ("eager", "sdpa")
     # Read by peft_utils; the names absent in a given layout (q_proj vs q_a_proj/q_b_proj) are skipped there.
     lora_targets = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-    new_parameters = ()
+    # What a Llama-family checkpoint does not have (q_proj / o_proj share Llama's names; a conversion that kept them
+    # would still need everything here).
+    new_parameters = ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
     options_class = MLAOptions
 
     def __init__(self, config, layer_idx: int, options: MLAOptions | None = None) -> None:

@@ -208,7 +208,7 @@ def test_options_from_config_and_module_layout():
         assert linears == {t for t in layer.lora_targets if getattr(layer, t) is not None}
         assert present <= linears
         assert layer.layer_types == ("full_attention",)
-        assert layer.num_key_value_groups == 1 and layer.new_parameters == ()
+        assert layer.num_key_value_groups == 1 and "kv_b_proj" in layer.new_parameters
 
 
 @pytest.mark.parametrize("field,value", [
