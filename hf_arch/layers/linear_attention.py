@@ -38,7 +38,7 @@ from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
 from .token_count_cache import TokenCountLayerMixin, token_count_layer
 
-__all__ = ["HfArchLinearAttention", "cached_token_count"]
+__all__ = ["GLAAttention", "GatedDeltaNetAttention", "HfArchLinearAttention", "LINEAR_MIXER_KINDS", "cached_token_count"]
 
 # Smallest denominator of the normalised linear branch (φ(q)·z), which is positive for the positive feature maps.
 LINEAR_NORMALIZE_EPS = 1e-6
@@ -66,25 +66,32 @@ def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
 
 
-@register_token_mixer("gated_deltanet")
-@register_token_mixer("gla")
 class HfArchLinearAttention(nn.Module):
+    """What GLA and Gated DeltaNet layers share (projections, conv, feature maps, normalisation, the window branch,
+    cache and padding handling); each kind is a subclass below that builds its gates and runs its recurrence.
+    ``HfArchLinearAttention(config, layer_idx)`` builds the subclass ``config.linear_attn_type`` names."""
+
     # Read by peft_utils (names relative to this module). q/k/v/o keep the attention layer's names and come
     # from the source checkpoint; the small gate projections (H outputs) are no LoRA targets. The short conv declares
     # itself new (ShortConvolution).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "output_gate_proj")
     new_parameters = ("forget_proj", "decay_proj", "beta_proj", "A_log", "dt_bias", "out_norm", "output_gate_proj",
                       "window_weight", "sink_logits", "q_feature_map", "k_feature_map")
-    # GLA and Gated DeltaNet (config.linear_attn_type picks, and must equal the registered name a layer asks for);
-    # their options are the flat linear_attn_* fields. A hybrid's window branch sits in a hybrid_sliding layer.
+    # Their options are the flat linear_attn_* fields (config.linear_attn_type must equal the registered name a layer
+    # asks for). A hybrid's window branch sits in a hybrid_sliding layer.
     layer_types = LINEAR_LAYER_TYPES
+    kind: str | None = None  # "gla" / "gated_deltanet", set by the subclasses
+
+    def __new__(cls, config=None, *args, **kwargs):
+        if cls is HfArchLinearAttention and config is not None:
+            cls = LINEAR_MIXER_KINDS[config.linear_attn_type]
+        return super().__new__(cls)
     attention_backends = ()  # calls no attention backend
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.kind = config.linear_attn_type
         self.hybrid = config.linear_attn_hybrid
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
@@ -108,21 +115,7 @@ class HfArchLinearAttention(nn.Module):
         self.normalize = config.linear_attn_normalize
         self.feature_dim = 2 * D if self.feature_map == "hedgehog" else D
         self.forget_proj, self.decay_proj, self.beta_proj = None, None, None
-        if self.kind == "gla":
-            out = H * D if config.linear_attn_gate == "low_rank" else H
-            if config.linear_attn_gate in ("key_pooled", "none"):  # no parameters
-                pass
-            elif config.linear_attn_gate == "low_rank":
-                r = config.linear_attn_gate_low_rank_dim
-                self.forget_proj = nn.Sequential(nn.Linear(hidden, r, bias=False), nn.Linear(r, out, bias=True))
-            else:
-                self.forget_proj = nn.Linear(hidden, out, bias=True)
-        else:  # gated_deltanet: Mamba-2-style decay (unless key-pooled / none) and a per-head write strength
-            if config.linear_attn_gate not in ("key_pooled", "none"):
-                self.decay_proj = nn.Linear(hidden, H, bias=False)
-                self.A_log = nn.Parameter(torch.empty(H))
-                self.dt_bias = nn.Parameter(torch.empty(H))
-            self.beta_proj = nn.Linear(hidden, H, bias=False)
+        self._build_gates(config)
         if self.feature_map == "hedgehog":  # LoLCATs: one learnable D×D map per head, separate for q and k
             self.q_feature_map = nn.Parameter(torch.empty(H, D, D))
             self.k_feature_map = nn.Parameter(torch.empty(self.num_key_value_heads, D, D))
@@ -158,30 +151,34 @@ class HfArchLinearAttention(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------------------------
 
+    def _build_gates(self, config) -> None:
+        """The kind's gate parameters (none for the parameter-free key-pooled gate or no gate)."""
+        raise NotImplementedError
+
     def _gates(self, x: torch.Tensor, k_raw: torch.Tensor):
-        """Log decay (GLA ``[B, T, H, feature_dim]``, GDN ``[B, T, H]``) and β (GDN) in fp32.
+        """Log decay (GLA ``[B, T, H, feature_dim]``, GDN ``[B, T, H]``) and β (GDN; GLA: None) in fp32.
 
         k_raw ``[B, T, H_kv, D]``: the k_proj output per key/value head (the key-pooled gate's input)."""
         B, T, _ = x.shape
-        H, D, normalizer = self.num_heads, self.head_dim, self.config.linear_attn_gate_normalizer
-        beta = torch.sigmoid(self.beta_proj(x).float()) if self.kind == "gated_deltanet" else None
+        beta = self._write_strength(x)
         if self.gate == "none":  # plain linear attention (LoLCATs): no decay
-            shape = (B, T, H, self.feature_dim) if self.kind == "gla" else (B, T, H)
-            return x.new_zeros(shape, dtype=torch.float32), beta
+            return x.new_zeros(self._decay_shape(B, T), dtype=torch.float32), beta
         if self.gate == "key_pooled":  # Liger: the forget gate is pooled from the key itself, no parameters
             k_heads = repeat_kv(k_raw.float().transpose(1, 2), self.num_key_value_groups).transpose(1, 2)
-            if self.kind == "gla":
-                g = F.logsigmoid(k_heads) / normalizer  # [B, T, H, D]
-                return (torch.cat([g, g], dim=-1) if self.feature_dim != D else g), beta
-            return F.logsigmoid(k_heads.mean(-1)) / normalizer, beta
-        if self.kind == "gla":
-            g = F.logsigmoid(self.forget_proj(x).float()) / normalizer
-            if self.gate == "low_rank":
-                g = g.view(B, T, H, D)
-                return (torch.cat([g, g], dim=-1) if self.feature_dim != D else g), None
-            return g.view(B, T, H, 1).expand(B, T, H, self.feature_dim), None
-        g = -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias.float())
-        return g, beta
+            return self._key_pooled_decay(k_heads), beta
+        return self._learned_decay(x), beta
+
+    def _write_strength(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _decay_shape(self, B: int, T: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _key_pooled_decay(self, k_heads: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _learned_decay(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _feature_maps(self, q: torch.Tensor, k: torch.Tensor):
         """The linear branch's φ on q ``[B, T, H, D]`` and k ``[B, T, H_kv, D]`` (k before repeating to H heads)."""
@@ -193,12 +190,7 @@ class HfArchLinearAttention(nn.Module):
         return q, k
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
-        if self.kind == "gla":
-            return gla(q, k, v, g, scale=self.scaling, initial_state=initial_state,
-                           output_final_state=use_cache, cu_seqlens=cu_seqlens)
-        return gated_delta_rule(q, k, v, g, beta, scale=self.scaling, initial_state=initial_state,
-                                    output_final_state=use_cache, cu_seqlens=cu_seqlens,
-                                    use_qk_l2norm=self.config.linear_attn_qk_norm == "l2")
+        raise NotImplementedError
 
     def _window_branch(self, q, k, v, cache, key_mask, cu_seqlens):
         """q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]`` (rotated). Uses and extends the layer's window KV cache."""
@@ -307,3 +299,77 @@ class HfArchLinearAttention(nn.Module):
             return out, None
         teacher = softmax_teacher(self, x, position_embeddings, key_mask, cu_seqlens)
         return mixer_result(teacher, None, {"transfer_loss": transfer_loss(out, teacher, token)})
+
+
+@register_token_mixer("gla")
+class GLAAttention(HfArchLinearAttention):
+    """Gated Linear Attention: a per-key-channel forget gate (low-rank, scalar per head, key-pooled or none)."""
+
+    kind = "gla"
+
+    def _build_gates(self, config) -> None:
+        H, D = self.num_heads, self.head_dim
+        if config.linear_attn_gate == "low_rank":
+            r = config.linear_attn_gate_low_rank_dim
+            self.forget_proj = nn.Sequential(nn.Linear(config.hidden_size, r, bias=False),
+                                             nn.Linear(r, H * D, bias=True))
+        elif config.linear_attn_gate == "scalar":
+            self.forget_proj = nn.Linear(config.hidden_size, H, bias=True)
+
+    def _decay_shape(self, B: int, T: int) -> tuple[int, ...]:
+        return B, T, self.num_heads, self.feature_dim
+
+    def _widen(self, g: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, D]`` gates to the feature width (Hedgehog's 2D features share their channel's gate)."""
+        return torch.cat([g, g], dim=-1) if self.feature_dim != self.head_dim else g
+
+    def _key_pooled_decay(self, k_heads: torch.Tensor) -> torch.Tensor:
+        return self._widen(F.logsigmoid(k_heads) / self.config.linear_attn_gate_normalizer)
+
+    def _learned_decay(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        g = F.logsigmoid(self.forget_proj(x).float()) / self.config.linear_attn_gate_normalizer
+        if self.gate == "low_rank":
+            return self._widen(g.view(B, T, self.num_heads, self.head_dim))
+        return g.view(B, T, self.num_heads, 1).expand(B, T, self.num_heads, self.feature_dim)
+
+    def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
+        return gla(q, k, v, g, scale=self.scaling, initial_state=initial_state, output_final_state=use_cache,
+                   cu_seqlens=cu_seqlens)
+
+
+@register_token_mixer("gated_deltanet")
+class GatedDeltaNetAttention(HfArchLinearAttention):
+    """Gated DeltaNet: the delta rule with a Mamba-2-style per-head decay (key-pooled or none: parameter-free) and a
+    per-head write strength β."""
+
+    kind = "gated_deltanet"
+
+    def _build_gates(self, config) -> None:
+        H = self.num_heads
+        if config.linear_attn_gate not in ("key_pooled", "none"):
+            self.decay_proj = nn.Linear(config.hidden_size, H, bias=False)
+            self.A_log = nn.Parameter(torch.empty(H))
+            self.dt_bias = nn.Parameter(torch.empty(H))
+        self.beta_proj = nn.Linear(config.hidden_size, H, bias=False)
+
+    def _write_strength(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.beta_proj(x).float())
+
+    def _decay_shape(self, B: int, T: int) -> tuple[int, ...]:
+        return B, T, self.num_heads
+
+    def _key_pooled_decay(self, k_heads: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(k_heads.mean(-1)) / self.config.linear_attn_gate_normalizer
+
+    def _learned_decay(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias.float())
+
+    def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
+        return gated_delta_rule(q, k, v, g, beta, scale=self.scaling, initial_state=initial_state,
+                                output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                                use_qk_l2norm=self.config.linear_attn_qk_norm == "l2")
+
+
+# The kind config.linear_attn_type names -> its class (HfArchLinearAttention(config, i) builds it).
+LINEAR_MIXER_KINDS = {cls.kind: cls for cls in (GLAAttention, GatedDeltaNetAttention)}
