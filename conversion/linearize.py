@@ -234,9 +234,10 @@ def linearize_to(to: str):
 
 def linear_attention_layers(model) -> list[nn.Module]:
     """The token mixers of the model's linear layers (GLA, Gated DeltaNet, KDA, …), in layer order."""
-    backbone = getattr(model, "model", model)
-    return [layer.self_attn for layer, layer_type in zip(backbone.layers, model.config.layer_types)
-            if layer_type in LINEAR_LAYER_TYPES]
+    from ..models.backbone import HfArchDecoderLayer
+
+    return [m.self_attn for m in model.modules()  # any wrapper (PEFT, DDP) around the model
+            if isinstance(m, HfArchDecoderLayer) and m.layer_type in LINEAR_LAYER_TYPES]
 
 
 @torch.no_grad()

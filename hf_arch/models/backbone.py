@@ -49,8 +49,8 @@ from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, 
 
 
 @dataclass
-class HfArchModelOutputWithPast(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus what the token mixers reported this forward (``layers.auxiliary``), one entry
+class MixerReports:
+    """What the token mixers reported this forward (``layers.auxiliary``), one entry
     per reporting layer in layer order (None where no layer reported):
 
     - ``transfer_losses``: per linear layer with ``attention_transfer=True``, ``MSE(linear output, softmax teacher)``;
@@ -69,40 +69,26 @@ class HfArchModelOutputWithPast(BaseModelOutputWithPast):
     sparse_attention_loss: torch.Tensor | None = None
 
 
+# The token mixers' reports after the base output's own fields (a mixin listed first: dataclasses order fields from
+# the last base to the first, and a model output's positional order must start with transformers' fields).
 @dataclass
-class HfArchMoeModelOutputWithPast(MoeModelOutputWithPast):
-    """``MoeModelOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
-
-    transfer_losses: tuple[torch.Tensor, ...] | None = None
-    gate_losses: tuple[torch.Tensor, ...] | None = None
-    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
-    sparse_choices: tuple[torch.Tensor, ...] | None = None
-    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
-    sparse_attention_loss: torch.Tensor | None = None
+class HfArchModelOutputWithPast(MixerReports, BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus the token mixers' reports (``MixerReports``)."""
 
 
 @dataclass
-class HfArchCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
-
-    transfer_losses: tuple[torch.Tensor, ...] | None = None
-    gate_losses: tuple[torch.Tensor, ...] | None = None
-    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
-    sparse_choices: tuple[torch.Tensor, ...] | None = None
-    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
-    sparse_attention_loss: torch.Tensor | None = None
+class HfArchMoeModelOutputWithPast(MixerReports, MoeModelOutputWithPast):
+    """``MoeModelOutputWithPast`` plus the token mixers' reports (``MixerReports``)."""
 
 
 @dataclass
-class HfArchMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """``MoeCausalLMOutputWithPast`` plus the token mixers' reports (see ``HfArchModelOutputWithPast``)."""
+class HfArchCausalLMOutputWithPast(MixerReports, CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the token mixers' reports (``MixerReports``)."""
 
-    transfer_losses: tuple[torch.Tensor, ...] | None = None
-    gate_losses: tuple[torch.Tensor, ...] | None = None
-    sparse_probabilities: tuple[torch.Tensor, ...] | None = None
-    sparse_choices: tuple[torch.Tensor, ...] | None = None
-    sparse_block_counts: tuple[torch.Tensor, ...] | None = None
-    sparse_attention_loss: torch.Tensor | None = None
+
+@dataclass
+class HfArchMoeCausalLMOutputWithPast(MixerReports, MoeCausalLMOutputWithPast):
+    """``MoeCausalLMOutputWithPast`` plus the token mixers' reports (``MixerReports``)."""
 
 
 # The output fields above that the backbone fills and the heads pass on.
