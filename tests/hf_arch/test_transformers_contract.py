@@ -358,4 +358,4 @@ for _key, (_variant, _fields) in hf_arch.registry.example_layouts().items():
     if _variant not in _HAND_WRITTEN:
         _case = _example_test_case(_key, _variant, _fields)
         globals()[_case.__name__] = _case
-del _case  # a module-level name for a TestCase would be collected a second time
+globals().pop("_case", None)  # a module-level name for a TestCase would be collected a second time
