@@ -82,8 +82,9 @@ def test_cached_decode_matches_transformers():
     ours.load_state_dict(kda_state_dict_from_kimi(reference.state_dict()))
     x = inputs(2, 8)
     theirs_cache, our_cache = DynamicCache(config=reference_config), DynamicCache(config=ours.config)
-    # transformers renamed the layer's cache argument past_key_values -> cache in 5.25 (the old name is ignored there).
-    name = "cache" if "cache" in inspect.signature(reference.forward).parameters else "past_key_values"
+    # The reference layer's cache argument: cache_params (5.17), past_key_values, cache (5.25; older names ignored).
+    parameters = inspect.signature(reference.forward).parameters
+    name = next(n for n in ("cache", "cache_params", "past_key_values") if n in parameters)
     for start, stop in ((0, 5), (5, 6), (6, 7), (7, 8)):
         expected = reference(x[:, start:stop], **{name: theirs_cache})
         out, _ = ours(x[:, start:stop], past_key_values=our_cache)
