@@ -7,7 +7,9 @@ import torch
 from ._checks import check_gated_delta_rule_inputs, prepare_inputs, run_sequences
 
 
-def _gdr_recurrent_core(q, k, v, g, beta, h0, *, scale):
+def delta_rule_recurrent_core(q, k, v, g, beta, h0, *, scale):
+    """The delta rule token by token; g is a per-head log decay ``[B, T, H]`` (gated delta rule) or a per-key-channel
+    one ``[B, T, H, K]`` (Kimi Delta Attention), scaling the state's rows."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BH = B * H
@@ -20,7 +22,8 @@ def _gdr_recurrent_core(q, k, v, g, beta, h0, *, scale):
     k_cols = heads_first(k).unsqueeze(3).unbind(1)  # [BH, K, 1]
     bk_rows = heads_first(k * b).unsqueeze(2).unbind(1)  # [BH, 1, K]
     bv_rows = heads_first(v * b).unsqueeze(2).unbind(1)  # [BH, 1, V]
-    decay = g.exp().transpose(1, 2).reshape(BH, T, 1, 1).unbind(1)  # [BH, 1, 1]
+    decay = g.exp() if g.dim() == 4 else g.exp().unsqueeze(-1)
+    decay = heads_first(decay).unsqueeze(3).unbind(1)  # [BH, K or 1, 1]: one factor per state row, or per head
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
     outs = []
     for t in range(T):
@@ -48,5 +51,5 @@ def fused_recurrent_gated_delta_rule(
     check_gated_delta_rule_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     dtype = q.dtype
     q, k, v, g, beta, scale = prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm)
-    o, ht = run_sequences(_gdr_recurrent_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
+    o, ht = run_sequences(delta_rule_recurrent_core, q, k, v, g, beta, initial_state, cu_seqlens, scale=scale)
     return o.to(dtype), (ht if output_final_state else None)

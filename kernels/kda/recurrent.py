@@ -5,34 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ..delta_rule.recurrent import delta_rule_recurrent_core  # the same steps, with a per-channel decay
 from ._checks import check_kda_inputs, prepare_kda_inputs, run_kda_sequences
 
 __all__ = ["fused_recurrent_kda"]
-
-
-def _kda_recurrent_core(q, k, v, g, beta, h0, *, scale):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BH = B * H
-
-    def heads_first(x):  # [B, T, H, D] -> [B*H, T, D]
-        return x.transpose(1, 2).reshape(BH, T, x.shape[-1])
-
-    b = beta.unsqueeze(-1)
-    q_rows = heads_first(q * scale).unsqueeze(2).unbind(1)  # [BH, 1, K] each
-    k_cols = heads_first(k).unsqueeze(3).unbind(1)  # [BH, K, 1]
-    bk_rows = heads_first(k * b).unsqueeze(2).unbind(1)  # [BH, 1, K]
-    bv_rows = heads_first(v * b).unsqueeze(2).unbind(1)  # [BH, 1, V]
-    decay = heads_first(g.exp()).unsqueeze(3).unbind(1)  # [BH, K, 1]: one factor per state row
-    S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
-    outs = []
-    for t in range(T):
-        S = S * decay[t]
-        u = torch.baddbmm(bv_rows[t], bk_rows[t], S, alpha=-1.0)  # beta (v - S'^T k)
-        S = torch.baddbmm(S, k_cols[t], u)  # S' + k u^T
-        outs.append(torch.bmm(q_rows[t], S))
-    o = torch.stack(outs, dim=1).reshape(B, H, T, V).transpose(1, 2)
-    return o, S.reshape(B, H, K, V)
 
 
 def fused_recurrent_kda(
@@ -55,5 +31,5 @@ def fused_recurrent_kda(
     check_kda_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     dtype = q.dtype
     q, k, v, g, beta, h0, scale = prepare_kda_inputs(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
-    o, ht = run_kda_sequences(_kda_recurrent_core, q, k, v, g, beta, h0, cu_seqlens, scale=scale)
+    o, ht = run_kda_sequences(delta_rule_recurrent_core, q, k, v, g, beta, h0, cu_seqlens, scale=scale)
     return o.to(dtype), (ht if output_final_state else None)
