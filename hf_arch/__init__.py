@@ -11,10 +11,12 @@ from ._compat import check_transformers_version, ensure_kernels_subpackage
 check_transformers_version()
 ensure_kernels_subpackage()
 
-from .configuration import HfArchConfig
+from .configuration import AttentionFeatureSpec, AttentionScoreSpec, HfArchConfig
 from . import models
 from .models import *  # noqa: F401,F403  (every registered variant's Config / Model / ForCausalLM / …, models.__all__)
 from .layers.attention import HfArchAttention
+from .layers.attention_registry import AttentionFeature, AttentionScore, register_attention_feature
+from .layers.attention_registry import register_attention_score
 from .layers.mixer_registry import mixer_options, register_channel_mixer, register_token_mixer
 from .layers.moe_routers import MoERouter, TopKRouter, register_moe_router
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
@@ -22,6 +24,10 @@ from .peft_utils import lora_target_modules, lora_target_parameters, new_paramet
 from .registry import VARIANTS, Variant, get_variant
 
 __all__ = [
+    "AttentionFeature",
+    "AttentionFeatureSpec",
+    "AttentionScore",
+    "AttentionScoreSpec",
     "HfArchAttention",
     "HfArchConfig",
     "MoERouter",
@@ -36,6 +42,8 @@ __all__ = [
     "lora_target_parameters",
     "mixer_options",
     "new_parameter_names",
+    "register_attention_feature",
+    "register_attention_score",
     "register_channel_mixer",
     "register_moe_router",
     "register_token_mixer",

@@ -30,26 +30,106 @@ SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
 class TokenMixerSpec:
     """What the config needs to know of a token mixer (the class lives under ``layers/``, where
     ``@register_token_mixer`` also registers this): the transformers layer types (cache and mask kinds) it can sit
-    at, the first being the one a layout given only as ``token_mixer_types`` gets; the flat config fields it reads
-    (the built-in mixers' options; a new mixer keeps its options in ``config.mixer_options[name]`` instead); and the
-    attention backends it runs on (None: any of transformers'; () for mixers that call no backend)."""
+    at, the first being the one a layout given only as ``token_mixer_types`` gets; the softmax-attention features
+    it builds (``ATTENTION_FEATURE_SPECS`` names, "score_function" for a score other than softmax; "all": every one
+    registered); and the attention backends it runs on (None: any of transformers'; () for mixers that call no
+    backend). A new mixer keeps its own options in ``config.mixer_options[name]``."""
 
     layer_types: tuple[str, ...]
-    reads: tuple[str, ...] = ()
+    attention_features: tuple[str, ...] | str = ()
     attention_backends: tuple[str, ...] | None = None
 
+    def builds_feature(self, name: str) -> bool:
+        return self.attention_features == "all" or name in self.attention_features
 
-# The flat fields the softmax attention mixer reads: its score, head and value variants.
-_ATTENTION_SWITCHES = ("attn_output_gate", "attn_score_function", "attn_affine", "move_num_slots",
-                       "diff_attn_noise_heads", "sas_num_heads")
+
 # The built-in token mixers (a config must validate without the modeling code, e.g. as remote code); more register
 # here. A config without ``token_mixer_types`` picks among these from its flat fields (``token_mixer_type``).
 TOKEN_MIXER_SPECS: dict[str, TokenMixerSpec] = {
-    "attention": TokenMixerSpec(ATTENTION_LAYER_TYPES, reads=_ATTENTION_SWITCHES),
-    "sparse_attention": TokenMixerSpec(("full_attention",), reads=("attn_output_gate",)),
+    "attention": TokenMixerSpec(ATTENTION_LAYER_TYPES, attention_features="all"),
+    "sparse_attention": TokenMixerSpec(("full_attention",), attention_features=("output_gate",)),
     "gla": TokenMixerSpec(LINEAR_LAYER_TYPES, attention_backends=()),
     "gated_deltanet": TokenMixerSpec(LINEAR_LAYER_TYPES, attention_backends=()),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionScoreSpec:
+    """A score function of softmax attention layers (``attn_score_function``; the op lives in
+    ``layers/attention_scores``): the fields only it reads, and whether it runs in transformers' attention backends
+    (else in our own ops, which read the 2-D padding mask and keep the flash / flex kernels out)."""
+
+    options: tuple[str, ...] = ()
+    in_backend: bool = False
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionFeatureSpec:
+    """A feature softmax attention layers add around the score (the module lives in ``layers/``, registered with
+    ``@register_attention_feature``; the layer holds it as ``attribute``): the flat config field that turns it on and
+    its off value, the fields only it reads, whether it reads the 2-D padding mask, why transformers' flash / flex
+    kernels cannot run it (None: they can), and whether it combines with a score other than softmax."""
+
+    attribute: str
+    switch: str
+    off: object
+    options: tuple[str, ...] = ()
+    description: str = ""
+    needs_padding_mask: bool = False
+    kernel_conflict: str | None = None
+    any_score: bool = True
+
+    def is_on(self, config) -> bool:
+        return not _same_value(getattr(config, self.switch, self.off), self.off)
+
+
+# Built in (validated without the modeling code); more register here. The order is the order a layer applies them in.
+ATTENTION_SCORE_SPECS: dict[str, AttentionScoreSpec] = {
+    "softmax": AttentionScoreSpec(in_backend=True),
+    "sa_softmax": AttentionScoreSpec(description="Self-Adjust Softmax"),
+    "sa_softmax_normalized": AttentionScoreSpec(description="Self-Adjust Softmax (normalized)"),
+    "krr": AttentionScoreSpec(("krr_ridge", "krr_temperature", "krr_value_range"),
+                              description="Cubit's kernel ridge regression (attn_score_function='krr')"),
+}
+ATTENTION_FEATURE_SPECS: dict[str, AttentionFeatureSpec] = {
+    "value_bank": AttentionFeatureSpec("value_gate", "move_num_slots", 0, ("move_init",),
+                                       "a MoVE value bank (move_num_slots > 0)"),
+    "simulated_heads": AttentionFeatureSpec(
+        "simulated", "sas_num_heads", 0, ("sas_qk_dim",), "Simulated Attention Score (sas_num_heads > 0)",
+        kernel_conflict="Simulated Attention Score: the simulated queries / keys are wider than the values",
+        any_score=False),
+    "differential": AttentionFeatureSpec(
+        "differential", "diff_attn_noise_heads", 0, ("diff_attn_lambda_init", "diff_attn_head_norm"),
+        "Grouped Differential Attention (diff_attn_noise_heads > 0)",
+        kernel_conflict="Grouped Differential Attention: the noise call reads values wider than its keys, a group's "
+                        "values side by side", any_score=False),
+    "affine": AttentionFeatureSpec("affine", "attn_affine", False, ("attn_affine_init",),
+                                   "affine-scaled attention (attn_affine=True)", needs_padding_mask=True),
+    "output_gate": AttentionFeatureSpec(
+        "output_gate", "attn_output_gate", None,
+        ("attn_output_gate_bias", "attn_output_gate_rank", "attn_output_gate_scale", "attn_output_gate_init",
+         "attn_output_gate_lr_scale"), "the attention output gate (attn_output_gate set)"),
+}
+
+
+def register_attention_score_spec(name: str, spec: AttentionScoreSpec) -> None:
+    known = ATTENTION_SCORE_SPECS.get(name)
+    if known is not None and known != spec:
+        raise ValueError(f"attention score {name!r} is already registered with {known}, not {spec}")
+    ATTENTION_SCORE_SPECS[name] = spec
+
+
+def register_attention_feature_spec(name: str, spec: AttentionFeatureSpec) -> None:
+    known = ATTENTION_FEATURE_SPECS.get(name)
+    if known is not None and known != spec:
+        raise ValueError(f"attention feature {name!r} is already registered with {known}, not {spec}")
+    taken = {s.attribute: n for n, s in ATTENTION_FEATURE_SPECS.items() if n != name}
+    if spec.attribute in taken:
+        raise ValueError(f"attention feature {name!r}: attribute {spec.attribute!r} is {taken[spec.attribute]!r}'s")
+    ATTENTION_FEATURE_SPECS[name] = spec
+
+
 # Channel mixers by name, with the ``mlp_layer_types`` entry (transformers' "dense" / "sparse") a layer of it gets: the
 # dense SwiGLU MLP, or a Mixture-of-Experts layer (``moe_*`` fields); more register here.
 CHANNEL_MIXER_KINDS: dict[str, str] = {"dense": "dense", "sparse": "sparse"}
@@ -111,7 +191,6 @@ OUTPUT_GATE_INITS = ("normal", "zeros")
 # always a sigmoid): dropped on load, so old config.json files keep loading and are not carried forward.
 RETIRED_FIELDS = ("linear_attn_chunk_size", "attn_output_gate_activation")
 LINEAR_ATTN_TYPES = ("gla", "gated_deltanet")
-ATTN_SCORE_FUNCTIONS = ("softmax", "sa_softmax", "sa_softmax_normalized", "krr")
 RESIDUAL_UPDATES = ("additive", "geodesic")
 SPARSE_ATTN_METHODS = ("seer", "flux")
 SPARSE_ATTN_SELECTIONS = ("threshold", "topk", "budget")
@@ -126,19 +205,10 @@ LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
 # that leaves a mechanism off must leave those fields at their defaults (the config class's own defaults, e.g.
 # GatedDeltaNetConfig's conv size), so an option of a mechanism the model does not build (another variant's, say) is
 # refused instead of silently ignored. Saved configs hold every field at its default, so they keep loading.
+# The attention scores' and features' options come from their specs (``_mechanism_options``).
 _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
-    ("the attention output gate (attn_output_gate set)", lambda c: c.attn_output_gate is not None,
-     ("attn_output_gate_bias", "attn_output_gate_rank", "attn_output_gate_scale",
-      "attn_output_gate_init", "attn_output_gate_lr_scale")),
     ("a gate bias (attn_output_gate_bias=True)", lambda c: c.attn_output_gate is not None and c.attn_output_gate_bias,
      ("attn_output_gate_bias_init",)),
-    ("Cubit's kernel ridge regression (attn_score_function='krr')", lambda c: c.attn_score_function == "krr",
-     ("krr_ridge", "krr_temperature", "krr_value_range")),
-    ("affine-scaled attention (attn_affine=True)", lambda c: c.attn_affine, ("attn_affine_init",)),
-    ("a MoVE value bank (move_num_slots > 0)", lambda c: c.move_num_slots > 0, ("move_init",)),
-    ("Grouped Differential Attention (diff_attn_noise_heads > 0)", lambda c: c.diff_attn_noise_heads > 0,
-     ("diff_attn_lambda_init", "diff_attn_head_norm")),
-    ("Simulated Attention Score (sas_num_heads > 0)", lambda c: c.sas_num_heads > 0, ("sas_qk_dim",)),
     ("GeoNorm (residual_update='geodesic')", lambda c: c.residual_update == "geodesic",
      ("geonorm_step_init", "geonorm_layer_decay")),
     ("learned sparse attention (sparse_attn_method set)", lambda c: c.sparse_attn_method is not None,
@@ -181,9 +251,61 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
     ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
      lambda c: c.num_zero_computation_experts > 0, ("moe_zc_balance_weight",)),
 )
-# Token-mixer switches only softmax attention mixers read: with none of those mixers built, anything but their off
-# value builds nothing (which mixer reads which: ``TokenMixerSpec.reads``).
-ATTENTION_ONLY_SWITCHES = _ATTENTION_SWITCHES
+
+
+# What a config builds, read through this module's spec tables. Modeling code calls these functions, not the config's
+# methods: a checkpoint's remote code loads its configuration file twice (transformers gives the config file and the
+# modeling file each their own copy), and only the modeling file's copy sees the parts another package registers.
+def attention_features_on(config) -> list[tuple[str, AttentionFeatureSpec]]:
+    """The registered softmax-attention features ``config`` switches on, in the order layers apply them."""
+    return [(name, spec) for name, spec in ATTENTION_FEATURE_SPECS.items() if spec.is_on(config)]
+
+
+def _score_spec(config) -> AttentionScoreSpec:
+    return ATTENTION_SCORE_SPECS.get(config.attn_score_function, AttentionScoreSpec(in_backend=True))
+
+
+def attention_needs_padding_mask(config) -> bool:
+    """Mixers that read the 2-D padding mask themselves (sparse prefill, our score ops, affine value means)."""
+    return (config.sparse_attn_method is not None or not _score_spec(config).in_backend
+            or any(spec.needs_padding_mask for _, spec in attention_features_on(config)))
+
+
+def attention_kernel_conflicts(config) -> list[str]:
+    """What ``config`` builds that transformers' flash / flex attention kernels cannot run, one line each (empty:
+    they can). The models read their ``_supports_flash_attn`` / ``_supports_flex_attn`` from it."""
+    conflicts = []
+    for name in sorted(config.token_mixer_names()):
+        backends = TOKEN_MIXER_SPECS[name].attention_backends if name in TOKEN_MIXER_SPECS else None
+        if backends:  # () calls no backend: nothing to conflict with
+            conflicts.append(f"token mixer {name!r} runs on the {', '.join(backends)} attention backends only")
+    score = _score_spec(config)
+    if not score.in_backend:
+        conflicts.append(f"attn_score_function={config.attn_score_function!r} ({score.description or 'its scores'} "
+                         "run in the package's own ops, not in an attention backend)")
+    for _, spec in attention_features_on(config):
+        if spec.kernel_conflict:
+            conflicts.append(f"{spec.switch}={getattr(config, spec.switch)!r} ({spec.kernel_conflict})")
+    return conflicts
+
+
+def _registered_part_fields() -> list[str]:
+    """The config fields the registered attention scores and features read (switches and options)."""
+    fields = [f for spec in ATTENTION_SCORE_SPECS.values() for f in spec.options]
+    fields += [f for spec in ATTENTION_FEATURE_SPECS.values() for f in (spec.switch, *spec.options)]
+    return fields
+
+
+def _mechanism_options():
+    """``_MECHANISM_OPTIONS`` plus, per registered attention score and feature, (what it is, is it on?, its fields)."""
+    for name, spec in ATTENTION_SCORE_SPECS.items():
+        if spec.options:
+            yield spec.description or f"attn_score_function={name!r}", \
+                (lambda c, name=name: c.attn_score_function == name), spec.options
+    for spec in ATTENTION_FEATURE_SPECS.values():
+        if spec.options:
+            yield spec.description or f"{spec.switch} set", spec.is_on, spec.options
+    yield from _MECHANISM_OPTIONS
 
 
 class HfArchConfig(PreTrainedConfig):
@@ -569,8 +691,17 @@ class HfArchConfig(PreTrainedConfig):
         # The shorthands are folded into layer_types, which is what gets saved.
         self.full_attention_layers = None
         self.linear_to_full_ratio = None
+        # Fields of scores / features registered by other packages: set before validation, which reads them.
+        for field in _registered_part_fields():
+            if field in kwargs:
+                setattr(self, field, kwargs.pop(field))
         # Ours first: transformers' own validators would report the same problems less specifically.
         self.validate_hf_arch()
+        # A new config must name a registered score; a saved one (it carries transformers_version) may name one its
+        # remote code registers after this config loads, checked when the model builds it.
+        if self.attn_score_function not in ATTENTION_SCORE_SPECS and "transformers_version" not in kwargs:
+            raise ValueError(f"{type(self).__name__}.attn_score_function must be one of "
+                             f"{tuple(ATTENTION_SCORE_SPECS)} (registered scores), got {self.attn_score_function!r}")
         kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
         super().__init__(
             pad_token_id=pad_token_id,
@@ -624,15 +755,22 @@ class HfArchConfig(PreTrainedConfig):
         self._validate_mechanism_options()
 
     def _validate_attention_only_switches(self) -> None:
-        read = {field for spec in self._known_mixer_specs() for field in spec.reads}
-        off = _declared_defaults(HfArchConfig)
-        for field in ATTENTION_ONLY_SWITCHES:
-            value = getattr(self, field)
-            if field not in read and not _same_value(value, off[field]):
+        """A softmax-attention feature (or score other than softmax) switched on must be built by one of this config's
+        token mixers (``TokenMixerSpec.attention_features``); otherwise it would be silently ignored."""
+        specs = self._known_mixer_specs()
+        switched = [(name, spec.switch) for name, spec in self.attention_features_on()]
+        if self.attn_score_function != "softmax":
+            switched.append(("score_function", "attn_score_function"))
+        for name, field in switched:
+            if not any(spec.builds_feature(name) for spec in specs):
                 raise ValueError(
-                    f"{type(self).__name__} ({self.model_type}): {field}={value!r} acts on softmax attention mixers "
-                    f"and none of this config's token mixers ({sorted(self.token_mixer_names())}) reads it"
+                    f"{type(self).__name__} ({self.model_type}): {field}={getattr(self, field)!r} acts on softmax "
+                    f"attention mixers and none of this config's token mixers ({sorted(self.token_mixer_names())}) "
+                    "builds it"
                 )
+
+    def attention_features_on(self) -> list[tuple[str, AttentionFeatureSpec]]:
+        return attention_features_on(self)
 
     # -- token mixers -------------------------------------------------------------------------------------------
 
@@ -702,7 +840,7 @@ class HfArchConfig(PreTrainedConfig):
     def _validate_mechanism_options(self) -> None:
         """Refuse a field set away from its default while the mechanism that reads it is off (``_MECHANISM_OPTIONS``)."""
         defaults = _declared_defaults(type(self))
-        for mechanism, is_on, fields in _MECHANISM_OPTIONS:
+        for mechanism, is_on, fields in _mechanism_options():
             if is_on(self):
                 continue
             for field in fields:
@@ -729,9 +867,11 @@ class HfArchConfig(PreTrainedConfig):
 
     def _validate_attention_scores(self) -> None:
         cls = type(self).__name__
-        if self.attn_score_function not in ATTN_SCORE_FUNCTIONS:
-            raise ValueError(f"{cls}.attn_score_function must be one of {ATTN_SCORE_FUNCTIONS}, got "
-                             f"{self.attn_score_function!r}")
+        # A score this process has not registered (another package's, or one the flat remote-code modeling file
+        # registers after this config loads) is checked when the model builds it.
+        if not isinstance(self.attn_score_function, str) or not self.attn_score_function:
+            raise ValueError(f"{cls}.attn_score_function must be a registered score name, one of "
+                             f"{tuple(ATTENTION_SCORE_SPECS)}, got {self.attn_score_function!r}")
         if self.attn_affine_init not in ("identity", "normal"):
             raise ValueError(f"{cls}.attn_affine_init must be 'identity' or 'normal', got {self.attn_affine_init!r}")
         if not isinstance(self.attn_affine, bool):
@@ -742,6 +882,12 @@ class HfArchConfig(PreTrainedConfig):
         if self.move_init not in ("identity", "normal"):
             raise ValueError(f"{cls}.move_init must be 'identity' or 'normal', got {self.move_init!r}")
         self._validate_krr()
+        score = _score_spec(self)
+        for name, spec in self.attention_features_on():
+            if not spec.any_score and not score.in_backend:
+                raise ValueError(f"{cls}: {spec.switch}={getattr(self, spec.switch)!r} ({spec.description}) runs "
+                                 "softmax attention through the backend; it does not combine with "
+                                 f"attn_score_function={self.attn_score_function!r}")
         self._validate_differential()
         self._validate_simulated_heads()
         self._validate_residual_update()
@@ -772,9 +918,9 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.diff_attn_head_norm must be a bool, got {self.diff_attn_head_norm!r}")
         if self.diff_attn_lambda_init is not None and not _is_number(self.diff_attn_lambda_init):
             raise ValueError(f"{cls}.diff_attn_lambda_init must be a number or None, got {self.diff_attn_lambda_init!r}")
-        if self.attn_score_function != "softmax" or self.attn_affine or self.sas_num_heads:
+        if self.attn_affine or self.sas_num_heads:
             raise ValueError(f"{cls}: diff_attn_noise_heads subtracts two softmax maps; it does not combine with "
-                             f"attn_score_function={self.attn_score_function!r} / attn_affine / sas_num_heads")
+                             "attn_affine / sas_num_heads")
 
     def _validate_simulated_heads(self) -> None:
         cls, heads = type(self).__name__, self.sas_num_heads
@@ -788,9 +934,9 @@ class HfArchConfig(PreTrainedConfig):
         if not _is_count(self.sas_qk_dim) or self.sas_qk_dim < self.head_dim or self.sas_qk_dim % 2:
             raise ValueError(f"{cls}.sas_qk_dim must be an even integer >= head_dim ({self.head_dim}), got "
                              f"{self.sas_qk_dim!r}")
-        if self.attn_score_function != "softmax" or self.attn_affine:
+        if self.attn_affine:
             raise ValueError(f"{cls}: sas_num_heads runs softmax attention through the backend; it does not combine "
-                             f"with attn_score_function={self.attn_score_function!r} / attn_affine")
+                             "with attn_affine")
 
     def _validate_residual_update(self) -> None:
         cls = type(self).__name__
@@ -829,39 +975,24 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{cls}.sparse_attn_gumbel_tau must be > 0, got {self.sparse_attn_gumbel_tau!r}")
         if not math.isfinite(self.sparse_attn_router_bias):
             raise ValueError(f"{cls}.sparse_attn_router_bias must be finite, got {self.sparse_attn_router_bias!r}")
-        if (self.attn_score_function != "softmax" or self.attn_affine or self.move_num_slots
-                or self.diff_attn_noise_heads or self.sas_num_heads):
+        sparse = TOKEN_MIXER_SPECS["sparse_attention"]
+        unsupported = [f"{spec.switch}={getattr(self, spec.switch)!r}" for name, spec in self.attention_features_on()
+                       if not sparse.builds_feature(name)]
+        if self.attn_score_function != "softmax":
+            unsupported.insert(0, f"attn_score_function={self.attn_score_function!r}")
+        if unsupported:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} works on softmax attention; it does "
-                             f"not combine with attn_score_function={self.attn_score_function!r} / attn_affine / "
-                             "move_num_slots / diff_attn_noise_heads / sas_num_heads")
+                             f"not combine with {' / '.join(unsupported)}")
         if "full_attention" not in self.layer_types:
             raise ValueError(f"{cls}.sparse_attn_method={self.sparse_attn_method!r} acts on full_attention layers, "
                              "and layer_types has none")
 
     @property
     def attention_needs_padding_mask(self) -> bool:
-        """Mixers that read the 2-D padding mask themselves (sparse prefill, SA-Softmax, affine value means)."""
-        return (self.sparse_attn_method is not None or self.attn_affine
-                or self.attn_score_function != "softmax")
+        return attention_needs_padding_mask(self)
 
     def attention_kernel_conflicts(self) -> list[str]:
-        """What this config builds that transformers' flash / flex attention kernels cannot run, one line each (empty:
-        they can). The models read their ``_supports_flash_attn`` / ``_supports_flex_attn`` from it."""
-        conflicts = []
-        for name in sorted(self.token_mixer_names()):
-            backends = TOKEN_MIXER_SPECS[name].attention_backends if name in TOKEN_MIXER_SPECS else None
-            if backends:  # () calls no backend: nothing to conflict with
-                conflicts.append(f"token mixer {name!r} runs on the {', '.join(backends)} attention backends only")
-        if self.attn_score_function != "softmax":
-            conflicts.append(f"attn_score_function={self.attn_score_function!r} (SA-Softmax / KRR scores run in "
-                             "the package's own ops, not in an attention backend)")
-        if self.diff_attn_noise_heads:
-            conflicts.append(f"diff_attn_noise_heads={self.diff_attn_noise_heads} (Grouped Differential Attention: the "
-                             "noise call reads values wider than its keys, a group's values side by side)")
-        if self.sas_num_heads:
-            conflicts.append(f"sas_num_heads={self.sas_num_heads} (Simulated Attention Score: the simulated queries / "
-                             "keys are wider than the values)")
-        return conflicts
+        return attention_kernel_conflicts(self)
 
     @property
     def num_zero_computation_experts(self) -> int:

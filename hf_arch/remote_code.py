@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,17 +185,20 @@ def modeling_modules(roots, skip=()) -> list[str]:
 
 
 def _registered_layer_modules(config: dict | None) -> list[str]:
-    """Modules of the registered token / channel mixers and MoE routers: all of the package's own; another
-    package's only where ``config`` (a saved config.json) uses them."""
+    """Modules of the registered token / channel mixers, MoE routers and attention scores / features: all of the
+    package's own; another package's only where ``config`` (a saved config.json) uses them."""
+    from .layers.attention_registry import ATTENTION_FEATURES, ATTENTION_SCORES
     from .layers.mixer_registry import CHANNEL_MIXERS, TOKEN_MIXERS
     from .layers.moe_routers import MOE_ROUTERS
 
     used = set()
     if config:
         used |= set(config.get("token_mixer_types") or ()) | set(config.get("channel_mixer_types") or ())
-        used.add(config.get("moe_router"))
+        used |= {config.get("moe_router"), config.get("attn_score_function")}
+        saved = types.SimpleNamespace(**config)
+        used |= {name for name, cls in ATTENTION_FEATURES.items() if cls.spec.is_on(saved)}
     modules = []
-    for table in (TOKEN_MIXERS, CHANNEL_MIXERS, MOE_ROUTERS):
+    for table in (TOKEN_MIXERS, CHANNEL_MIXERS, MOE_ROUTERS, ATTENTION_SCORES, ATTENTION_FEATURES):
         for name, cls in table.items():
             if cls.__module__.split(".")[0] == PACKAGE or name in used:
                 modules.append(cls.__module__)

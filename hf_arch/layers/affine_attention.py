@@ -12,15 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention_registry import AttentionFeature, register_attention_feature
+
 __all__ = ["AffineAttentionScale", "mean_attended_values"]
 
 
-class AffineAttentionScale(nn.Module):
+@register_attention_feature("affine")
+class AffineAttentionScale(AttentionFeature):
     new_parameters = ("*",)  # read by peft_utils
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_idx: int | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        sliding = layer_idx is not None and config.layer_types[layer_idx] == "sliding_attention"
+        self.window = config.sliding_window if sliding else None  # the keys a query attends, for the value mean
         self.weight = nn.Parameter(torch.empty(2 * self.num_heads, config.hidden_size))  # rows: α heads, β heads
         self._init = config.attn_affine_init
         self._std = config.initializer_range
@@ -37,6 +43,12 @@ class AffineAttentionScale(nn.Module):
         coefficients = nn.functional.linear(hidden_states, self.weight.to(hidden_states.dtype))
         alpha, beta = coefficients.to(attn_output.dtype).split(self.num_heads, dim=-1)
         return (1.0 + alpha).unsqueeze(-1) * attn_output + beta.unsqueeze(-1) * mean_values.to(attn_output.dtype)
+
+
+    def adjust_output(self, hidden_states, attn_output, values_seen=None, padding_mask=None) -> torch.Tensor:
+        mean = mean_attended_values(values_seen, hidden_states.shape[1], padding_mask, self.num_key_value_groups,
+                                    window=self.window)
+        return self(hidden_states, attn_output, mean)
 
 
 def mean_attended_values(values: torch.Tensor, num_queries: int, key_mask: torch.Tensor | None,

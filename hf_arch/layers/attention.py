@@ -1,14 +1,11 @@
-"""Softmax attention (GQA, RoPE, optional q/k RMSNorm, qkv bias, sliding window) with an optional output gate.
+"""Softmax attention (GQA, RoPE, optional q/k RMSNorm, qkv bias, sliding window) built from registered parts.
 
 Attention itself goes through transformers' attention interface, so ``attn_implementation`` = eager / sdpa /
-flex_attention / flash_attention_* all work; the gate is applied to whatever the backend returns. Score and head
-variants replace or extend it (each in its own module under ``layers/``):
-
-- ``attn_score_function``: Self-Adjust Softmax or Cubit's kernel ridge regression, our ops instead of the backend;
-- ``attn_affine``: affine-scaled weights on top of any backend;
-- ``diff_attn_noise_heads``: Grouped Differential Attention (a second, shared noise map subtracted);
-- ``sas_num_heads``: Simulated Attention Score (attention over more, wider simulated heads, aggregated back);
-- ``move_num_slots``: MoVE's shared value bank mixed into the values.
+flex_attention / flash_attention_* all work. The layer is projections → features' value hooks → head placement →
+one ``attend`` → features' output hooks → ``o_proj`` (``attention_registry``); which parts it gets comes from the
+config: the score function (``attn_score_function``: backend softmax, Self-Adjust Softmax, Cubit's KRR) and the
+features switched on (MoVE's value bank, Simulated Attention Score, Grouped Differential Attention, affine scaling,
+the output gate), each a registered class in its own module.
 """
 
 from __future__ import annotations
@@ -17,55 +14,37 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..configuration import ATTENTION_LAYER_TYPES, ATTENTION_ONLY_SWITCHES
-from ..kernels.krr.naive import naive_krr_attention_weights
-from ..kernels.ops import krr_attention, sa_softmax_attention
-from ..kernels.sa_softmax.naive import sa_softmax_attention_weights
-from .affine_attention import AffineAttentionScale, mean_attended_values
+from ..configuration import (
+    ATTENTION_LAYER_TYPES,
+    TOKEN_MIXER_SPECS,
+    attention_features_on,
+    attention_needs_padding_mask,
+)
+# The built-in scores and features, imported for their registration (``attention_registry``).
+from .affine_attention import AffineAttentionScale  # noqa: F401
+from .differential_attention import DifferentialNoise  # noqa: F401
+from .output_gate import AttentionOutputGate  # noqa: F401
+from .own_op_scores import KernelRidgeScore, SelfAdjustSoftmaxScore  # noqa: F401
+from .simulated_attention import SimulatedHeads  # noqa: F401
+from .softmax_score import BackendSoftmaxScore  # noqa: F401
+from .value_bank import ValueGate  # noqa: F401
+from .attention_backend import eager_attention_forward, repeat_kv, weighted_values
+from .attention_registry import ATTENTION_FEATURES, attention_feature_class, attention_score_class
 from .auxiliary import merge_auxiliary, mixer_result, split_mixer_result
-from .differential_attention import DifferentialNoise, group_values_by_noise_head
 from .mixer_registry import register_token_mixer
-from .noise_key_cache import attach_noise_key_layers
 from .norm import HfArchRMSNorm
-from .output_gate import AttentionOutputGate
 from .rope import apply_rotary_pos_emb
-from .simulated_attention import SimulatedHeads
-from .value_bank import ValueGate
 
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, H_kv, T, D] → [B, H_kv·n_rep, T, D]."""
-    if n_rep == 1:
-        return hidden_states
-    b, h, t, d = hidden_states.shape
-    return hidden_states[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
-
-
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention: returns ([B, T, H, D] output, [B, H, T, S] probabilities)."""
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
-
-
-def weighted_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``[B, H, T, S]`` maps times ``[B, H_kv, S, D]`` values (kv heads repeated) → ``[B, T, H, D]``."""
-    value = repeat_kv(value, weights.shape[1] // value.shape[1])
-    return torch.matmul(weights, value.to(weights.dtype)).transpose(1, 2).to(value.dtype)
+__all__ = ["HfArchAttention", "eager_attention_forward", "repeat_kv", "weighted_values"]
 
 
 @register_token_mixer("attention")
 class HfArchAttention(nn.Module):
-    # Read by peft_utils (names relative to this module): the Llama projections LoRA adapts. The score and
-    # head variants' modules (output_gate, differential, …) declare their own.
+    # Read by peft_utils (names relative to this module): the Llama projections LoRA adapts. The features' modules
+    # (output_gate, differential, …) declare their own.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     layer_types = ATTENTION_LAYER_TYPES
-    config_fields = ATTENTION_ONLY_SWITCHES  # its score, head and value variants (flat fields of HfArchConfig)
+    attention_features = "all"  # every registered score and feature (configuration.TokenMixerSpec)
     attention_backends = None  # any of transformers' (flash / flex refused per feature: attention_kernel_conflicts)
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -76,7 +55,6 @@ class HfArchAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
@@ -88,28 +66,58 @@ class HfArchAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_output_bias)
         self.q_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.output_gate = AttentionOutputGate(config) if config.attn_output_gate else None
-        self.score_function = config.attn_score_function
-        self.affine = AffineAttentionScale(config) if config.attn_affine else None
-        self.value_gate = ValueGate(config) if config.move_num_slots else None
-        self.differential = DifferentialNoise(config, layer_idx) if config.diff_attn_noise_heads else None
-        self.simulated = SimulatedHeads(config) if config.sas_num_heads else None
-        if self.simulated is not None:
-            self.scaling = config.sas_qk_dim**-0.5
+        self.build_features(config, layer_idx)
+
+    def build_features(self, config, layer_idx: int) -> None:
+        """The score function and the features the config switches on (as attributes named by their specs, so
+        parameters keep their checkpoint names; a feature that is off is None)."""
+        for cls in ATTENTION_FEATURES.values():
+            setattr(self, cls.spec.attribute, None)
+        spec = TOKEN_MIXER_SPECS[self.mixer_name]
+        built = [(name, feature) for name, feature in attention_features_on(config) if spec.builds_feature(name)]
+        self.feature_attributes = tuple(feature.attribute for _, feature in built)
+        for name, feature in built:
+            setattr(self, feature.attribute, attention_feature_class(name)(config, layer_idx))
+        self.score = attention_score_class(config.attn_score_function if spec.builds_feature("score_function")
+                                           else "softmax")(config, layer_idx)
+        self.scaling = self.head_dim**-0.5
+        for feature in self.features:
+            self.scaling = feature.scaling(self.scaling)
+        # Names, not the modules: a second attribute holding a module would register its parameters twice.
+        self.head_placer_attribute = self._single("places_heads")
+        self.attender_attribute = self._single("attends")
+
+    @property
+    def features(self) -> list[nn.Module]:
+        return [getattr(self, attribute) for attribute in self.feature_attributes]
+
+    @property
+    def head_placer(self):
+        """The feature that places heads and applies positions itself (SAS), or None: RoPE on the layer's heads."""
+        return None if self.head_placer_attribute is None else getattr(self, self.head_placer_attribute)
+
+    @property
+    def attender(self):
+        """What computes attention: a feature that replaces the score (GDA), else the score function."""
+        return self.score if self.attender_attribute is None else getattr(self, self.attender_attribute)
+
+    def _single(self, role: str) -> str | None:
+        owners = [attribute for attribute in self.feature_attributes if getattr(getattr(self, attribute), role)]
+        if len(owners) > 1:
+            raise ValueError(f"layer {self.layer_idx}: features {owners} each {role.replace('_', ' ')}; a layer takes "
+                             "one")
+        return owners[0] if owners else None
 
     def project(self, hidden_states: torch.Tensor, value_bank=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied; MoVE's bank mixed into v)."""
+        """q ``[B, T, H, D]``, k, v ``[B, T, H_kv, D]`` before RoPE (q/k norms applied, features' value hooks run)."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
         key = self.k_proj(hidden_states).view(hidden_shape)
         value = self.v_proj(hidden_states).view(hidden_shape)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        if self.value_gate is not None:
-            if value_bank is None:
-                raise ValueError(f"layer {self.layer_idx}: move_num_slots={self.config.move_num_slots} but no value bank "
-                                 "was passed (the model holds it at model.value_bank)")
-            value = value + self.value_gate(hidden_states, value_bank)
+        for feature in self.features:
+            value = feature.adjust_values(hidden_states, value, value_bank)
         return query, key, value
 
     def attend(self, query, key, value, attention_mask, past_key_values=None, module=None, **kwargs):
@@ -147,12 +155,13 @@ class HfArchAttention(nn.Module):
             return padding_mask.shape[-1]
         return int(past_key_values.get_seq_length(self.layer_idx)) + num_new
 
-    def finish(self, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H, D]`` attention output → gate (if any) → o_proj."""
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        if self.output_gate is not None:
-            attn_output = self.output_gate(hidden_states, attn_output)
-        return self.o_proj(attn_output)
+    def finish(self, hidden_states: torch.Tensor, attn_output: torch.Tensor, values_seen=None,
+               padding_mask=None) -> torch.Tensor:
+        """``[B, T, heads, D]`` attention output → features' output hooks (head aggregation, affine, gate) →
+        o_proj."""
+        for feature in self.features:
+            attn_output = feature.adjust_output(hidden_states, attn_output, values_seen, padding_mask)
+        return self.o_proj(attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous())
 
     def forward(
         self,
@@ -169,42 +178,24 @@ class HfArchAttention(nn.Module):
         sparse_attention_mode: str | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's score variants
+        """``padding_mask``: the 2-D ``[B, past + T]`` mask (1 = token), passed when the config's scores or features
         need it; ``value_bank``: the model's MoVE bank. The training modes of linear / sparse layers
         (``attention_transfer``, ``sparse_attention_mode``) leave plain attention as it is (and out of the backend's
         arguments)."""
-        if cu_seqlens is not None and past_key_values is None and self.config.attention_needs_padding_mask:
+        if cu_seqlens is not None and past_key_values is None and attention_needs_padding_mask(self.config):
             return self.forward_per_sequence(hidden_states, position_embeddings, attention_mask, cu_seqlens,
                                              output_attentions=output_attentions, value_bank=value_bank, **kwargs)
         query, key, value = self.project(hidden_states, value_bank)
-        if self.simulated is not None:
-            query, key = self.simulated.queries_and_keys(query, key, position_embeddings)
-            value = self.simulated.values(value)
+        if self.head_placer is not None:
+            query, key, value = self.head_placer.place_heads(query, key, value, position_embeddings)
         else:
             query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
             value = value.transpose(1, 2)
-        if self.score_function != "softmax":
-            attn_output, value, attn_weights = self.attend_by_score_op(query, key, value, padding_mask,
-                                                                       past_key_values, output_attentions)
-        elif self.differential is not None:
-            attn_output, attn_weights = self.attend_differential(hidden_states, query, key, value, attention_mask,
-                                                                 position_embeddings, past_key_values, **kwargs)
-        else:
-            if past_key_values is not None:  # value: what this step attends (a sliding cache returns its window)
-                filled = self.filled_length(past_key_values, key.shape[2], padding_mask)
-                key, value = past_key_values.update(key, value, self.layer_idx)
-                value_seen = value[:, :, :filled] if filled is not None else value  # the backend masks empty slots
-            else:
-                value_seen = value
-            attn_output, attn_weights = self.attend(query, key, value, attention_mask, **kwargs)
-            value = value_seen
-        if self.simulated is not None:
-            attn_output = self.simulated.aggregate_heads(attn_output)
-        if self.affine is not None:
-            mean = mean_attended_values(value, hidden_states.shape[1], padding_mask, self.num_key_value_groups,
-                                        window=self.sliding_window)
-            attn_output = self.affine(hidden_states, attn_output, mean)
-        return self.finish(hidden_states, attn_output), attn_weights
+        attn_output, values_seen, attn_weights = self.attender.attend(
+            self, hidden_states, query, key, value, attention_mask=attention_mask,
+            position_embeddings=position_embeddings, past_key_values=past_key_values, padding_mask=padding_mask,
+            output_attentions=output_attentions, **kwargs)
+        return self.finish(hidden_states, attn_output, values_seen, padding_mask), attn_weights
 
     def forward_per_sequence(self, hidden_states, position_embeddings, attention_mask, cu_seqlens,
                              output_attentions=False, **kwargs):
@@ -230,55 +221,3 @@ class HfArchAttention(nn.Module):
             for (start, end), block in zip(zip(bounds[:-1], bounds[1:]), maps):
                 weights[..., start:end, start:end] = block
         return mixer_result(torch.cat(outputs, dim=1), weights, merge_auxiliary(auxiliaries))
-
-    def attend_by_score_op(self, query, key, value, padding_mask, past_key_values=None, output_attentions=False):
-        """SA-Softmax or KRR over ``[B, heads, T, D]`` tensors (cache updated first) → (``[B, T, H, D]``, the
-        ``[B, H_kv, S, D]`` values attended, the ``[B, H, T, S]`` weight maps when asked for, else None)."""
-        if self.sliding_window is not None:
-            raise ValueError(f"layer {self.layer_idx}: attn_score_function={self.score_function!r} is implemented "
-                             "for full_attention layers, not sliding_attention")
-        if self.score_function == "krr" and self.config.krr_value_range is not None:
-            # Limited-Range Rescale before caching, so decode reads the same values as the full forward.
-            bound = self.config.krr_value_range
-            value = bound * torch.tanh(value / bound)
-        if past_key_values is not None:
-            filled = self.filled_length(past_key_values, key.shape[2], padding_mask)
-            key, value = past_key_values.update(key, value, self.layer_idx)
-            if filled is not None:
-                key, value = key[:, :, :filled], value[:, :, :filled]
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        if self.score_function == "krr":
-            krr = dict(ridge=self.config.krr_ridge, temperature=self.config.krr_temperature, attention_mask=padding_mask)
-            if output_attentions:  # the output is computed from the returned maps, so gradients reach them
-                weights = naive_krr_attention_weights(q, k, **krr)
-                return weighted_values(weights, value), value, weights
-            return krr_attention(q, k, v, **krr), value, None
-        mode = "plain" if self.score_function == "sa_softmax" else "normalized"
-        options = dict(mode=mode, scale=self.scaling, attention_mask=padding_mask)
-        if output_attentions:
-            weights = sa_softmax_attention_weights(q, k, **options)
-            return weighted_values(weights, value), value, weights
-        return sa_softmax_attention(q, k, v, **options), value, None
-
-    def attend_differential(self, hidden_states, query, key, value, attention_mask, position_embeddings,
-                            past_key_values=None, **kwargs):
-        """Grouped Differential Attention on ``[B, heads, T, D]`` tensors → (``[B, T, H, D]``, signal weights).
-
-        The noise keys live in a companion of this layer's cache entry (``noise_key_cache``), so the entry itself keeps
-        transformers' key/value shapes and any cache kind (dynamic, sliding, static) works."""
-        noise = self.differential
-        noise_query, noise_key = noise.project(hidden_states)
-        if self.q_norm is not None:
-            noise_query, noise_key = self.q_norm(noise_query), self.k_norm(noise_key)
-        noise_query, noise_key = apply_rotary_pos_emb(noise_query.transpose(1, 2), noise_key.transpose(1, 2),
-                                                      *position_embeddings)
-        if past_key_values is not None:
-            attach_noise_key_layers(past_key_values, (self.layer_idx,))
-            key, value = past_key_values.update(key, value, self.layer_idx)
-            noise_key = past_key_values.layers[self.layer_idx].update_noise_keys(noise_key)
-        signal, weights = self.attend(query, key, value, attention_mask, **kwargs)
-        grouped = group_values_by_noise_head(value, self.num_heads, noise.num_noise_heads)
-        # One map per noise head: the backend sees H_n query heads and H_n key heads (no further grouping).
-        noise_out, _ = self.attend(noise_query, noise_key, grouped, attention_mask, module=noise, **kwargs)
-        noise_out = noise_out.reshape(*signal.shape)
-        return noise.combine(signal, noise_out), weights

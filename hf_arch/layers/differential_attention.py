@@ -17,7 +17,10 @@ import math
 import torch
 from torch import nn
 
+from .attention_registry import AttentionFeature, register_attention_feature
+from .noise_key_cache import attach_noise_key_layers
 from .norm import HfArchRMSNorm
+from .rope import apply_rotary_pos_emb
 
 __all__ = ["DifferentialNoise", "default_lambda_init", "group_values_by_noise_head"]
 
@@ -27,11 +30,13 @@ def default_lambda_init(layer_idx: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
 
 
-class DifferentialNoise(nn.Module):
+@register_attention_feature("differential")
+class DifferentialNoise(AttentionFeature):
     """The noise branch of one layer: ``noise_q_proj``/``noise_k_proj`` (``H_n`` heads), ``λ [H]`` and the head norm."""
 
     lora_targets = ("noise_q_proj", "noise_k_proj")  # read by peft_utils
     new_parameters = ("*",)
+    attends = True
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -59,6 +64,27 @@ class DifferentialNoise(nn.Module):
         """Noise queries and keys ``[B, T, H_n, D]`` (before RoPE)."""
         shape = (*hidden_states.shape[:-1], self.num_noise_heads, self.head_dim)
         return self.noise_q_proj(hidden_states).view(shape), self.noise_k_proj(hidden_states).view(shape)
+
+    def attend(self, layer, hidden_states, query, key, value, *, attention_mask=None, position_embeddings=None,
+               past_key_values=None, padding_mask=None, output_attentions=False, **kwargs):
+        """Signal attention minus the noise maps on ``[B, heads, T, D]`` tensors → (``[B, T, H, D]``, the values
+        attended, signal weights). The noise keys live in a companion of the layer's cache entry
+        (``noise_key_cache``), so the entry itself keeps transformers' key/value shapes and any cache kind (dynamic,
+        sliding, static) works."""
+        noise_query, noise_key = self.project(hidden_states)
+        if layer.q_norm is not None:
+            noise_query, noise_key = layer.q_norm(noise_query), layer.k_norm(noise_key)
+        noise_query, noise_key = apply_rotary_pos_emb(noise_query.transpose(1, 2), noise_key.transpose(1, 2),
+                                                      *position_embeddings)
+        if past_key_values is not None:
+            attach_noise_key_layers(past_key_values, (self.layer_idx,))
+            key, value = past_key_values.update(key, value, self.layer_idx)
+            noise_key = past_key_values.layers[self.layer_idx].update_noise_keys(noise_key)
+        signal, weights = layer.attend(query, key, value, attention_mask, **kwargs)
+        grouped = group_values_by_noise_head(value, self.num_heads, self.num_noise_heads)
+        # One map per noise head: the backend sees H_n query heads and H_n key heads (no further grouping).
+        noise_out, _ = layer.attend(noise_query, noise_key, grouped, attention_mask, module=self, **kwargs)
+        return self.combine(signal, noise_out.reshape(*signal.shape)), value, weights
 
     def combine(self, signal: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """signal, noise ``[B, T, H, D]`` → ``(1 − λ_init) · RMSNorm(signal − λ_h · noise)`` (or the plain

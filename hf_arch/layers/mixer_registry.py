@@ -5,8 +5,10 @@ A token mixer is a class in its own file, decorated with ``@register_token_mixer
 declares what model-level code needs to know of it, as class attributes:
 
 - ``layer_types``: transformers' layer types it sits at (its cache layer and mask kind; the first is the default);
-- ``options_class``: a dataclass of its own options, built from ``config.mixer_options[name]`` (None: it reads flat
-  config fields, listed in ``config_fields``);
+- ``options_class``: a dataclass of its own options, built from ``config.mixer_options[name]`` (the built-in
+  mixers read flat config fields);
+- ``attention_features``: the softmax-attention scores / features (``attention_registry``) it builds ("all", or
+  names such as ("output_gate",); none by default);
 - ``attention_backends``: the ``attn_implementation`` values it runs on (None: any; (): it calls no backend);
 - ``lora_targets`` / ``new_parameters``: read by ``peft_utils`` from the modules a model has;
 - ``init_parameters(init)``: the initialisation of its own parameters (the one path ``_init_weights`` calls).
@@ -37,7 +39,8 @@ CHANNEL_MIXERS: dict[str, type[nn.Module]] = {}
 
 def register_token_mixer(name: str):
     """Class decorator: make ``cls`` the token mixer ``token_mixer_types[i] = name`` builds, and tell the config
-    which layer types it sits at, which flat fields it reads and which attention backends it runs on."""
+    which layer types it sits at, which softmax-attention features it builds and which attention backends it runs
+    on."""
 
     def add(cls):
         layer_types = tuple(getattr(cls, "layer_types", ()))
@@ -45,9 +48,11 @@ def register_token_mixer(name: str):
             raise TypeError(f"token mixer {cls.__name__} ({name!r}) must declare layer_types (the transformers layer "
                             "types it sits at, e.g. ('full_attention',) or ('linear_attention',))")
         backends = getattr(cls, "attention_backends", None)
-        spec = TokenMixerSpec(layer_types, reads=tuple(getattr(cls, "config_fields", ())),
+        features = getattr(cls, "attention_features", ())
+        spec = TokenMixerSpec(layer_types, attention_features=features if features == "all" else tuple(features),
                               attention_backends=None if backends is None else tuple(backends))
         register_token_mixer_spec(name, spec)
+        cls.mixer_name = name
         TOKEN_MIXERS[name] = cls
         return cls
 

@@ -9,8 +9,11 @@ import torch
 from torch import nn
 from transformers import initialization as init  # flag-aware: never overwrites weights loaded from a checkpoint
 
+from .attention_registry import AttentionFeature, register_attention_feature
 
-class AttentionOutputGate(nn.Module):
+
+@register_attention_feature("output_gate")
+class AttentionOutputGate(AttentionFeature):
     # Read by peft_utils: LoRA adapts a full-rank gate projection (a low-rank one is an nn.Sequential and is
     # left out); every parameter is new to a Llama checkpoint. "proj" alone says little, so LoRA names carry this
     # module's attribute name ("output_gate.proj").
@@ -18,7 +21,7 @@ class AttentionOutputGate(nn.Module):
     lora_targets_qualified = True
     new_parameters = ("*",)
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_idx: int | None = None) -> None:
         super().__init__()
         self.granularity = config.attn_output_gate
         self.num_heads = config.num_attention_heads
@@ -49,6 +52,10 @@ class AttentionOutputGate(nn.Module):
             shape = attn_output.shape
             return (attn_output.view(*shape[:-1], self.num_heads, self.head_dim) * gate.unsqueeze(-1)).view(shape)
         return attn_output * gate
+
+    def adjust_output(self, hidden_states, attn_output, values_seen=None, padding_mask=None) -> torch.Tensor:
+        """``[B, T, H, D]`` → gated, same shape."""
+        return self(hidden_states, attn_output.reshape(*attn_output.shape[:-2], -1)).view(attn_output.shape)
 
     def reset_parameters(self, mode: str, std: float, bias_init: float) -> None:
         """``zeros``: identity-like (needs scale 2 to be exactly 1); ``normal``: from-scratch training."""

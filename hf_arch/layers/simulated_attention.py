@@ -14,15 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention_registry import AttentionFeature, register_attention_feature
 from .rope import apply_rotary_pos_emb
 
 __all__ = ["SimulatedHeads"]
 
 
-class SimulatedHeads(nn.Module):
+@register_attention_feature("simulated_heads")
+class SimulatedHeads(AttentionFeature):
     new_parameters = ("*",)  # read by peft_utils
+    places_heads = True
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_idx: int | None = None) -> None:
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         ratio = config.sas_num_heads // heads
@@ -60,3 +63,13 @@ class SimulatedHeads(nn.Module):
     def aggregate_heads(self, attn_output: torch.Tensor) -> torch.Tensor:
         """PEAA: ``[B, T, H', D]`` → ``[B, T, H, D]``."""
         return torch.einsum("btgd,gh->bthd", attn_output, self.aggregate.to(attn_output.dtype))
+
+    def scaling(self, default: float) -> float:
+        return self.qk_dim**-0.5  # the simulated queries and keys are D' wide
+
+    def place_heads(self, query, key, value, position_embeddings):
+        query, key = self.queries_and_keys(query, key, position_embeddings)
+        return query, key, self.values(value)
+
+    def adjust_output(self, hidden_states, attn_output, values_seen=None, padding_mask=None) -> torch.Tensor:
+        return self.aggregate_heads(attn_output)

@@ -206,7 +206,7 @@ class HfArchSparseAttention(HfArchAttention):
     """Softmax attention plus a block gate (seer) or a layer router (flux); q/k/v/o keep the source's names."""
 
     layer_types = ("full_attention",)
-    config_fields = ("attn_output_gate",)  # the score / head variants do not combine with a sparse layout
+    attention_features = ("output_gate",)  # the other scores / features do not combine with a sparse layout
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention_registry import AttentionFeature, register_attention_feature
+
 __all__ = ["ValueBank", "ValueGate"]
 
 
@@ -28,13 +30,15 @@ class ValueBank(nn.Module):
         init.normal_(self.weight, mean=0.0, std=self._std)
 
 
-class ValueGate(nn.Module):
+@register_attention_feature("value_bank")
+class ValueGate(AttentionFeature):
     """Per layer: the slot router ``W_r [slots, hidden]`` and the per-kv-head scale ``w_s [H_kv, hidden]``."""
 
     new_parameters = ("*",)
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_idx: int | None = None) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.router = nn.Parameter(torch.empty(config.move_num_slots, config.hidden_size))
@@ -55,3 +59,9 @@ class ValueGate(nn.Module):
         mix = (weights @ bank.weight.float()).view(*hidden_states.shape[:-1], self.num_key_value_heads, self.head_dim)
         scale = nn.functional.linear(hidden_states, self.scale.to(hidden_states.dtype))
         return (scale.unsqueeze(-1).float() * mix).to(hidden_states.dtype)
+
+    def adjust_values(self, hidden_states: torch.Tensor, value: torch.Tensor, value_bank=None) -> torch.Tensor:
+        if value_bank is None:
+            raise ValueError(f"layer {self.layer_idx}: move_num_slots={self.router.shape[0]} but no value bank was "
+                             "passed (the model holds it at model.value_bank)")
+        return value + self(hidden_states, value_bank)

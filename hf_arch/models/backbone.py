@@ -29,7 +29,12 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel
 
-from ..configuration import LINEAR_LAYER_TYPES, HfArchConfig
+from ..configuration import (
+    LINEAR_LAYER_TYPES,
+    HfArchConfig,
+    attention_kernel_conflicts,
+    attention_needs_padding_mask,
+)
 from ..layers.attention import HfArchAttention
 from ..layers.auxiliary import AUXILIARY_FIELDS, check_sparse_attention_mode, split_mixer_result
 from ..layers.geonorm import GeodesicUpdate, project_to_sphere
@@ -221,7 +226,7 @@ class HfArchPreTrainedModel(PreTrainedModel):
     class _SupportedByConfig:
         """``_supports_flash_attn`` / ``_supports_flex_attn`` from what the config builds, not from the class: flash and
         flex kernels cannot run SA-Softmax / KRR scores, differential noise maps or simulated heads, whichever variant
-        turns them on (``HfArchConfig.attention_kernel_conflicts``). On the class: what its default config builds."""
+        turns them on (``configuration.attention_kernel_conflicts``). On the class: what its default config builds."""
 
         def __set_name__(self, owner, name):
             self.name = name
@@ -231,10 +236,10 @@ class HfArchPreTrainedModel(PreTrainedModel):
             if config is None:
                 cached = owner.__dict__.get("_default_attention_kernel_conflicts")
                 if cached is None:
-                    cached = owner.config_class().attention_kernel_conflicts()
+                    cached = attention_kernel_conflicts(owner.config_class())
                     setattr(owner, "_default_attention_kernel_conflicts", cached)
                 return not cached
-            return not config.attention_kernel_conflicts()
+            return not attention_kernel_conflicts(config)
 
     _supports_flash_attn = _SupportedByConfig()
     _supports_flex_attn = _SupportedByConfig()
@@ -243,7 +248,7 @@ class HfArchPreTrainedModel(PreTrainedModel):
         """Refuse flash / flex kernels by the feature that rules them out, before transformers' generic "does not
         support Flash Attention" (or a missing-package error) hides why."""
         if isinstance(attn_implementation, str) and ("flash" in attn_implementation or "flex" in attn_implementation):
-            conflicts = self.config.attention_kernel_conflicts()
+            conflicts = attention_kernel_conflicts(self.config)
             if conflicts:
                 raise ValueError(
                     f"{type(self).__name__} ({self.config.model_type}): attn_implementation={attn_implementation!r} "
@@ -378,7 +383,7 @@ class HfArchModel(HfArchPreTrainedModel):
         positions themselves (score ops, affine means, sparse attention) need the boundaries.
         """
         if not (any(t in LINEAR_LAYER_TYPES for t in self.config.layer_types)
-                or self.config.attention_needs_padding_mask):
+                or attention_needs_padding_mask(self.config)):
             return None
         explicit = kwargs.get("cu_seq_lens_q")
         if explicit is not None:
@@ -446,7 +451,7 @@ class HfArchModel(HfArchPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         if self.value_bank is not None:
             kwargs["value_bank"] = self.value_bank
-        if self.config.attention_needs_padding_mask:  # these mixers read the 2-D padding mask themselves
+        if attention_needs_padding_mask(self.config):  # these mixers read the 2-D padding mask themselves
             kwargs["padding_mask"] = attention_mask if isinstance(attention_mask, torch.Tensor) and \
                 attention_mask.dim() == 2 else None
         # Modes reach the mixers only when set (a mixer that knows none of them sees nothing new).

@@ -143,7 +143,7 @@ def test_sa_softmax_names_where_krr_belongs():
     (lambda: hf_arch.DiffAttentionConfig(**LINEAR, **TINY), "diff_attn_noise_heads"),
 ])
 def test_attention_mechanisms_without_attention_layers_are_refused(make, field):
-    with pytest.raises(ValueError, match=rf"{field}=.* acts on softmax attention mixers and none of this config.s token mixers .* reads it"):
+    with pytest.raises(ValueError, match=rf"{field}=.* acts on softmax attention mixers and none of this config.s token mixers .* builds it"):
         make()
 
 

@@ -325,7 +325,8 @@ def test_generated_sources_are_self_contained(key):
         assert "SequenceClassification" not in text
         assert "register" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     config_defs = {n.name for n in ast.parse(sources[CONFIG_FILENAME]).body if isinstance(n, ast.ClassDef)}
-    assert config_defs == {"HfArchConfig", "GatedAttentionConfig", "MoERouterSpec", "TokenMixerSpec"}
+    assert config_defs == {"HfArchConfig", "GatedAttentionConfig", "MoERouterSpec", "TokenMixerSpec",
+                           "AttentionScoreSpec", "AttentionFeatureSpec"}
     modeling_defs = {n.name for n in ast.parse(sources[MODELING_FILENAME]).body if isinstance(n, ast.ClassDef)}
     assert {"HfArchRMSNorm", "AttentionOutputGate", "HfArchAttention", "HfArchModel", "GatedAttentionModel",
             "GatedAttentionForCausalLM"} <= modeling_defs

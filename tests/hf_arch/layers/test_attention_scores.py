@@ -130,7 +130,8 @@ def test_affine_layer_is_alpha_attention_plus_beta_mean_value_and_trains():
         alpha, beta = 1 + coefficients[..., :4], coefficients[..., 4:]
         uniform = torch.ones(10, 10).tril() / torch.arange(1, 11)[:, None]  # β spreads over the attended keys
         weights = alpha.transpose(1, 2)[..., None] * probs + beta.transpose(1, 2)[..., None] * uniform
-        expected = attn.finish(hidden, torch.einsum("bhts,bshd->bthd", weights, vr))
+        assert attn.output_gate is None  # so o_proj is all that follows the affine map
+        expected = attn.o_proj(torch.einsum("bhts,bshd->bthd", weights, vr).reshape(2, 10, -1))
     assert (alpha - 1).abs().max() > 0.1 and beta.abs().max() > 0.1  # the check is not vacuous
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6 * expected.abs().max().item())
 
