@@ -203,6 +203,8 @@ def convert(
         extra["calibration_ids"] = calibration_tokens(src, calibration_file, opts.calibration_tokens,
                                                       trust_remote_code)
     target = convert_fn(source, opts, **extra)
+    # What the conversion measured or decided (e.g. options filled in from the source, router fits), if it says.
+    report = target.__dict__.pop("conversion_report", None)
 
     diff = None
     if verify:
@@ -219,6 +221,7 @@ def convert(
         "variant": to,
         "model_type": target.config.model_type,
         "options": opts.as_dict(),
+        **({"report": report} if report else {}),
         "dtype": str(save_dtype).replace("torch.", ""),
         "max_abs_logit_diff": diff,
         "verify_tokens": verify_tokens if verify else 0,

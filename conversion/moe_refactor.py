@@ -4,14 +4,14 @@ Two methods, both copying every non-FFN weight unchanged:
 
 - ``partition`` (LLaMA-MoE, MoEfication, Read-ME): the FFN's ``I`` neurons are split into ``E`` experts of ``I/E``
   neurons each (a SwiGLU is a sum over its neurons, so the experts together compute the dense FFN exactly). Splits:
-  ``random`` (a seeded permutation), ``cluster`` (balanced k-means of the neurons' gate rows) or ``activation``
-  (balanced k-means of which calibration tokens activate each neuron, so neurons that fire together share an expert).
-  Optionally the ``shared_neurons`` most active neurons form an always-on shared expert. Top-k routing then keeps
-  ``k`` of ``E`` experts. The renormalised top-k weights are scaled by ``routed_scale`` (default ``k``: with
-  uniform weights the chosen experts' plain sum, i.e. the dense sum with the other experts' terms dropped; LLaMA-MoE
-  uses ``E/k``, and ``E`` is the unbiased estimate of the dense sum under uniform random choice). Routers start at the
-  experts' centroids (the mean gate row of their neurons) so a token prefers the experts whose neurons its input
-  drives.
+  ``activation`` (the default: balanced k-means of which calibration tokens activate each neuron, so neurons that
+  fire together share an expert), ``cluster`` (balanced k-means of the neurons' gate rows) or ``random``. By default
+  about one expert's width of the most active neurons forms an always-on shared expert (``shared_neurons``; Read-ME
+  / LLaMA-MoE v2). Routers start at the experts' centroids (the mean gate row of their neurons) and are then fitted
+  to the experts that carry the dense output on the calibration text (``moe_router_distill``). The default router,
+  ``tempered_topk``, weighs the chosen experts by ``softmax(τ·logits)`` with ``τ = 0`` at first: equal weights,
+  scaled by ``routed_scale`` (default ``k``: the chosen experts' plain sum, i.e. the dense sum with the other
+  experts' terms dropped; LLaMA-MoE uses ``E/k``), so every expert active is the dense FFN whatever the router rows.
 - ``upcycle`` (sparse upcycling): every expert is a copy of the dense FFN and a router is added; with renormalised
   weights the output equals the dense FFN exactly until training makes the experts differ.
 
@@ -21,19 +21,20 @@ keeps each layer on its own experts at first: ``-pool_foreign_bias`` on the othe
 largest router logit, so the pooled model routes exactly as the per-layer one until training moves the biases; a
 smaller value lets training discover the other layers' experts sooner, at the price of an inexact start).
 
-Exact cases, tested: upcycling, a partition with every expert active (``top_k = E``, default scale), and the pooled
-form of either; all equal the source within float rounding.
+Exact cases, tested: upcycling, a partition with every expert active (``top_k = E``, default scale and router, with
+or without router distillation), and the pooled form of either; all equal the source within float rounding.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
+from .moe_router_distill import distill_routers
 from .sources import adapter_for
 from .weights import build_from_source
 
@@ -42,6 +43,9 @@ METHODS = ("partition", "upcycle")
 DENSE_FFN = r"\.mlp\.(shared_expert\.)?(gate_proj|up_proj|down_proj)\."
 SPLITS = ("random", "cluster", "activation")
 ROUTER_INITS = ("centroid", "zero")
+ROUTERS = ("tempered_topk", "softmax_topk")
+# Calibration tokens a partition needs per expert (activation statistics and router targets from fewer are noise).
+MIN_CALIBRATION_TOKENS_PER_EXPERT = 64
 
 
 @dataclass
@@ -49,8 +53,12 @@ class MoERefactorOptions:
     method: str = "partition"
     experts: int = 8
     top_k: int = 2
-    split: str = "cluster"  # partition only
-    shared_neurons: int = 0  # partition only: the most active neurons become an always-on shared expert
+    split: str = "activation"  # partition only: needs calibration text (cluster / random do not)
+    # partition only: the most active neurons become an always-on shared expert; None: about one expert's width
+    # (``auto_shared_neurons``), 0: none
+    shared_neurons: int | None = None
+    router: str | None = None  # None: tempered_topk for a partition (exact with every expert active), softmax_topk
+    router_distill_steps: int = 200  # partition: fit the routers to calibration targets (0: keep the init)
     zero_experts: int = 0
     copy_experts: int = 0
     router_init: str = "centroid"  # centroid: each expert's mean gate row (for copies: all equal) | zero: uniform
@@ -61,15 +69,28 @@ class MoERefactorOptions:
     calibration_tokens: int = 4096  # activation split / shared neurons: tokens of calibration text to run
     seed: int = 0
 
+    def resolve(self, intermediate_size: int) -> "MoERefactorOptions":
+        """The options with their automatic defaults filled in for a source FFN of ``intermediate_size``."""
+        partition = self.method == "partition"
+        shared = self.shared_neurons
+        if shared is None:
+            shared = auto_shared_neurons(intermediate_size, self.experts) if partition else 0
+        router = self.router or ("tempered_topk" if partition else "softmax_topk")
+        return replace(self, shared_neurons=shared, router=router)
+
     def validate(self, intermediate_size: int) -> None:
+        if self.shared_neurons is None or self.router is None:
+            self = self.resolve(intermediate_size)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.router_init not in ROUTER_INITS:
             raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         for name, minimum in (("experts", 1), ("top_k", 1), ("shared_neurons", 0), ("zero_experts", 0),
-                              ("copy_experts", 0), ("calibration_tokens", 1)):
+                              ("copy_experts", 0), ("calibration_tokens", 1), ("router_distill_steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -96,15 +117,25 @@ class MoERefactorOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "partition" and (self.split == "activation" or self.shared_neurons > 0)
+        return self.method == "partition" and (self.split == "activation" or self.shared_neurons != 0
+                                               or self.router_distill_steps > 0)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def auto_shared_neurons(intermediate_size: int, experts: int) -> int:
+    """About one expert's width (``I / (E + 1)``, rounded up), grown until the rest splits into ``E`` equal experts."""
+    shared = -(-intermediate_size // (experts + 1))
+    while shared < intermediate_size and (intermediate_size - shared) % experts:
+        shared += 1
+    return shared if shared < intermediate_size else 0  # none fits: validation names the experts problem
+
+
 def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
     kwargs = adapter_for(source_config).backbone_kwargs(source_config)
     I = source_config.intermediate_size
+    options = options.resolve(I)
     options.validate(I)
     partition = options.method == "partition"
     expert_width = (I - options.shared_neurons) // options.experts if partition else I
@@ -121,8 +152,8 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
         moe_intermediate_size=expert_width,
         num_shared_experts=1 if options.shared_neurons else 0,
         shared_expert_intermediate_size=options.shared_neurons or None,
-        moe_router="softmax_topk",
-        moe_norm_topk_prob=True,
+        moe_router=options.router,
+        **({"moe_norm_topk_prob": True} if options.router == "softmax_topk" else {}),
         moe_routed_scale=default_scale if options.routed_scale is None else float(options.routed_scale),
         moe_zero_experts=options.zero_experts,
         moe_copy_experts=options.copy_experts,
@@ -223,17 +254,32 @@ def split_neurons(gate_weight: torch.Tensor, options: MoERefactorOptions, activa
 def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibration_ids: torch.Tensor | None = None,
                  calibration_mask: torch.Tensor | None = None) -> MoEForCausalLM:
     """Build the MoE model from an in-memory Llama-family source (same dtype), copying every non-FFN weight."""
-    options = options or MoERefactorOptions()
+    options = (options or MoERefactorOptions()).resolve(source_model.config.intermediate_size)
     config = moe_config_from(source_model.config, options)
-    if options.needs_calibration and calibration_ids is None:
-        raise ValueError(f"split={options.split!r} / shared_neurons={options.shared_neurons} need calibration tokens "
-                         "(calibration_ids; `hf-arch convert` reads them from --calibration-file)")
+    if options.needs_calibration:
+        if calibration_ids is None:
+            raise ValueError(f"split={options.split!r} / shared_neurons={options.shared_neurons} / "
+                             f"router_distill_steps={options.router_distill_steps} need calibration tokens "
+                             "(calibration_ids; `hf-arch convert` reads them from --calibration-file)")
+        needed = MIN_CALIBRATION_TOKENS_PER_EXPERT * options.experts
+        given = int(calibration_mask.sum()) if calibration_mask is not None else calibration_ids.numel()
+        if given < needed:
+            raise ValueError(f"the calibration text gives {given} tokens; {options.experts} experts need at least "
+                             f"{needed} ({MIN_CALIBRATION_TOKENS_PER_EXPERT} per expert): give a longer "
+                             "--calibration-file or raise --calibration-tokens")
     activations = None
     if options.needs_calibration:
         activations = neuron_activations(source_model, calibration_ids, calibration_mask)
-    return build_from_source(source_model, config, MoEForCausalLM,
-                             lambda target: _fill_experts(source_model, target, options, activations),
-                             replaced=DENSE_FFN)
+    target = build_from_source(source_model, config, MoEForCausalLM,
+                               lambda target: _fill_experts(source_model, target, options, activations),
+                               replaced=DENSE_FFN)
+    report = {"resolved_options": options.as_dict()}
+    if options.method == "partition" and options.router_distill_steps:
+        first = (lambda index: index * options.experts) if options.pool else None
+        report["router_distillation"] = distill_routers(source_model, target, calibration_ids, calibration_mask,
+                                                        steps=options.router_distill_steps, first_expert=first)
+    target.conversion_report = report  # read (and removed) by conversion.api into the conversion record
+    return target
 
 
 @torch.no_grad()
@@ -275,6 +321,8 @@ def _fill_experts(source_model, target, options: MoERefactorOptions, activations
             router[own].copy_(centroids.to(router.dtype))
         if moe.router.residual_proj is not None:
             moe.router.residual_proj.weight.zero_()
+        if getattr(moe.router, "temperature", None) is not None:
+            moe.router.temperature.zero_()  # tempered_topk: equal weights over the chosen, exact with every expert
         if options.pool:
             moe.router.bias.zero_()
             foreign = torch.ones(config.moe_pool_size, dtype=torch.bool)

@@ -296,9 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--experts", type=int, help="moe: FFN experts per layer")
     conv.add_argument("--top-k", type=int, help="moe: experts per token")
     conv.add_argument("--split", choices=["random", "cluster", "activation"],
-                      help="moe partition: how FFN neurons are grouped into experts")
+                      help="moe partition: how FFN neurons are grouped into experts (default activation: needs "
+                           "--calibration-file)")
     conv.add_argument("--shared-neurons", "--shared-expert", type=int, metavar="N",
-                      help="moe partition: the N most active neurons form an always-on shared expert")
+                      help="moe partition: the N most active neurons form an always-on shared expert (default: about "
+                           "one expert's width; 0: none)")
+    conv.add_argument("--router", choices=["tempered_topk", "softmax_topk"],
+                      help="moe: router class (default: tempered_topk for partition, exact with every expert active)")
+    conv.add_argument("--router-distill-steps", type=int,
+                      help="moe partition: fit each router to the experts that carry the dense output on the "
+                           "calibration text (default 200; 0: keep the centroid rows)")
     conv.add_argument("--zero-experts", type=int, help="moe: MoE++ zero experts")
     conv.add_argument("--copy-experts", type=int, help="moe: MoE++ copy experts")
     conv.add_argument("--routed-scale", type=float,

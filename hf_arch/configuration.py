@@ -169,6 +169,7 @@ MOE_ROUTER_SPECS: dict[str, MoERouterSpec] = {
     "sigmoid_topk": MoERouterSpec(("moe_norm_topk_prob",)),
     "relu_rmsnorm": MoERouterSpec(fixed_top_k=False),
     "norm_router": MoERouterSpec(("moe_norm_topk_prob", "moe_norm_router_scale")),
+    "tempered_topk": MoERouterSpec(),
 }
 
 
@@ -402,7 +403,9 @@ class HfArchConfig(PreTrainedConfig):
             the k weights), ``sigmoid_topk`` (independent sigmoids, top-k), ``relu_rmsnorm`` (BlockFFN:
             ``RMSNorm(ReLU(x W))`` over experts, every positive expert is active), ``norm_router`` (UniPool-style:
             cosine similarity of ``x`` and each expert's router row times a learnable scale, then softmax top-k;
-            scale-stable in ``‖x‖``; initial scale ``moe_norm_router_scale``).
+            scale-stable in ``‖x‖``; initial scale ``moe_norm_router_scale``), ``tempered_topk`` (top-k logits choose,
+            ``softmax(τ·logits)`` over the k weighs, learned ``τ``: 0 weighs the chosen equally, which keeps a
+            partitioned dense FFN exact with every expert active whatever the router rows).
         moe_routed_scale: multiplies the weighted sum of the routed experts (DeepSeek's routed scaling factor); a
             dense FFN partitioned into E experts with renormalised top-k weights uses E (``E/k`` per chosen expert).
         moe_zero_experts / moe_copy_experts / moe_constant_experts: MoE++ zero-computation experts routed

@@ -49,23 +49,30 @@ def test_upcycled_experts_equal_the_dense_model(source_name, random_source, sour
     _assert_equal_function(source, target, source_dims["vocab_size"])
 
 
-@pytest.mark.parametrize("split, shared", [("random", 0), ("cluster", 0), ("cluster", 8), ("activation", 16)])
-def test_partition_with_every_expert_active_equals_the_dense_model(stories260k, split, shared):
+@pytest.mark.parametrize("split, shared, distill", [("random", 0, 0), ("cluster", 0, 0), ("cluster", 8, 0),
+                                                    ("activation", 16, 0), ("activation", None, 50)])
+def test_partition_with_every_expert_active_equals_the_dense_model(stories260k, split, shared, distill):
+    """With the default router (tempered_topk: centroid rows, or rows fitted by router distillation) — not only a
+    zero router — every expert active is the dense FFN."""
     source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
     options = MoERefactorOptions(method="partition", experts=4, top_k=4, split=split, shared_neurons=shared,
-                                 router_init="zero")
-    calibration = _ids(source.config.vocab_size, rows=2, length=64, seed=3)
+                                 router_distill_steps=distill)
+    calibration = _ids(source.config.vocab_size, rows=4, length=64, seed=3)
     target = refactor_moe(source, options, calibration_ids=calibration)
     config = target.config
+    shared = 36 if shared is None else shared  # auto: about one expert's width, 172 / 5 rounded up to split evenly
     assert config.moe_intermediate_size == (172 - shared) // 4 and config.moe_routed_scale == 4.0
-    assert config.num_shared_experts == (1 if shared else 0)
-    # Uniform weights 1/E times the routed scale E: every neuron contributes exactly once.
+    assert config.num_shared_experts == (1 if shared else 0) and config.moe_router == "tempered_topk"
+    router = target.model.layers[1].mlp.router
+    assert router.weight.abs().min() > 0 and router.temperature.item() == 0.0  # informative rows, equal weights
+    # Equal weights 1/E times the routed scale E: every neuron contributes exactly once.
     _assert_equal_function(source, target, source.config.vocab_size)
 
 
 def test_partition_top2_keeps_attention_and_norms_and_slices_the_ffn(stories260k):
     source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
-    target = refactor_moe(source, MoERefactorOptions(method="partition", experts=4, top_k=2, split="cluster"))
+    target = refactor_moe(source, MoERefactorOptions(method="partition", experts=4, top_k=2, split="cluster",
+                                                     shared_neurons=0, router_distill_steps=0))
     src, dst = source.state_dict(), target.state_dict()
     for name, tensor in src.items():
         if ".mlp." not in name:
@@ -124,7 +131,8 @@ def test_partition_scales_the_chosen_experts_to_their_plain_sum_unless_told(stor
 @pytest.mark.parametrize("method", ["partition", "upcycle"])
 def test_pooled_conversion_routes_exactly_like_the_per_layer_one(stories260k, method):
     source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
-    common = dict(method=method, experts=4, top_k=2, split="cluster", router_std=0.5 if method == "upcycle" else 0.0)
+    common = dict(method=method, experts=4, top_k=2, split="cluster", router_std=0.5 if method == "upcycle" else 0.0,
+                  shared_neurons=0, router_distill_steps=0)
     per_layer = refactor_moe(source, MoERefactorOptions(**common))
     pooled = refactor_moe(source, MoERefactorOptions(**common, pool=True))
     config, layers = pooled.config, pooled.config.num_hidden_layers
@@ -161,13 +169,15 @@ def test_shared_neurons_are_the_most_active(stories260k):
 
 @pytest.mark.parametrize("options, message", [
     (dict(experts=200), "experts (200) is more than the FFN neurons to split (172"),
-    (dict(experts=5), "do not divide into 5 equal experts"),
+    (dict(experts=5, shared_neurons=0), "do not divide into 5 equal experts"),
     (dict(experts=4, top_k=5), "top_k (5) is larger than the routed experts (4)"),
     (dict(split="kmeans"), "split must be one of"),
     (dict(method="moefy"), "method must be one of"),
     (dict(shared_neurons=172), "shared_neurons (172) must be smaller"),
     (dict(method="upcycle", shared_neurons=4), "shared_neurons applies to method='partition' only"),
     (dict(experts=4, split="activation"), "need calibration tokens"),
+    (dict(experts=4, split="cluster", shared_neurons=0), "router_distill_steps=200 need calibration tokens"),
+    (dict(router="sigmoid_topk"), "router must be one of"),
     (dict(router_init="random"), "router_init must be one of"),
     (dict(routed_scale=-1.0), "routed_scale must be a finite number >= 0"),
     (dict(pool=True, pool_foreign_bias=float("nan")), "pool_foreign_bias must be a finite number >= 0"),
@@ -184,7 +194,7 @@ def test_convert_api_and_cli_write_a_loadable_moe(stories260k, tmp_path, capsys)
     calibration.write_text("Once upon a time there was a little girl named Lily. She liked to play. " * 30)
     out = tmp_path / "moe"
     result = convert(stories260k, out, to="moe", method="partition", experts=4, top_k=2, split="activation",
-                     shared_neurons=4, calibration_file=calibration, calibration_tokens=256)
+                     shared_neurons=4, calibration_file=calibration, calibration_tokens=256, router_distill_steps=20)
     record = json.loads((out / "hf_arch_conversion.json").read_text())
     assert record["options"]["split"] == "activation" and record["variant"] == "moe"
     assert result.max_abs_logit_diff is not None and result.max_abs_logit_diff > 0
@@ -204,7 +214,29 @@ def test_convert_api_and_cli_write_a_loadable_moe(stories260k, tmp_path, capsys)
     assert printed["options"]["method"] == "upcycle" and printed["options"]["zero_experts"] == 1
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "up").config.moe_zero_experts == 1
     assert main(["convert", str(stories260k), str(tmp_path / "pool"), "--to", "moe", "--experts", "4",
-                 "--shared-expert", "4", "--calibration-file", str(calibration), "--calibration-tokens", "128",
+                 "--shared-expert", "4", "--calibration-file", str(calibration), "--calibration-tokens", "256",
                  "--pool", "--routed-scale", "3"]) == 0
     pooled = AutoModelForCausalLM.from_pretrained(tmp_path / "pool").config
     assert pooled.moe_expert_pool == "global" and pooled.moe_routed_scale == 3.0 and pooled.num_shared_experts == 1
+
+
+def test_router_distillation_picks_the_experts_that_carry_the_dense_output(stories260k, assets):
+    """On TinyStories (the source's own domain), fitting the routers to the greedy targets raises how many target
+    experts the top-2 of 4 recovers in every layer, and brings the converted model's next-token loss on held-out
+    text closer to the source's than the centroid routers do."""
+    from transformers import AutoTokenizer
+
+    text = (assets / "data" / "tinystories_2mib.txt").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    calibration = tokenizer(text[:60000], return_tensors="pt").input_ids[:, :8192].view(16, 512)
+    held_out = tokenizer(text[-20000:], return_tensors="pt").input_ids[:, :2048].view(8, 256)
+    source = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
+    common = dict(experts=4, top_k=2, split="activation")
+    centroid = refactor_moe(source, MoERefactorOptions(**common, router_distill_steps=0), calibration_ids=calibration)
+    fitted = refactor_moe(source, MoERefactorOptions(**common, router_distill_steps=150), calibration_ids=calibration)
+    report = fitted.conversion_report["router_distillation"]
+    assert len(report) == source.config.num_hidden_layers
+    assert all(layer["recall_after"] > layer["recall_before"] for layer in report), report
+    with torch.no_grad():
+        losses = [model(held_out, labels=held_out).loss.item() for model in (source, centroid, fitted)]
+    assert losses[0] < losses[2] < losses[1], losses

@@ -11,9 +11,10 @@ from .norm_router import NormRouter
 from .relu_rmsnorm import ReLURMSNormRouter
 from .sigmoid_topk import SigmoidTopKRouter
 from .softmax_topk import SoftmaxTopKRouter
+from .tempered_topk import TemperedTopKRouter
 
 __all__ = ["MOE_ROUTERS", "MoERouter", "NormRouter", "ReLURMSNormRouter", "Routing", "SigmoidTopKRouter",
-           "SoftmaxTopKRouter", "TopKRouter", "register_moe_router", "router_class", "routing_probabilities",
+           "SoftmaxTopKRouter", "TemperedTopKRouter", "TopKRouter", "register_moe_router", "router_class", "routing_probabilities",
            "selected_mask"]
 
 

@@ -17,7 +17,7 @@ TINY = dict(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def test_builtin_routers_are_registered_with_the_specs_the_config_validates():
-    assert set(MOE_ROUTERS) == {"softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router"}
+    assert set(MOE_ROUTERS) == {"softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router", "tempered_topk"}
     for name, cls in MOE_ROUTERS.items():
         assert MOE_ROUTER_SPECS[name].options == cls.config_options
         assert MOE_ROUTER_SPECS[name].fixed_top_k == cls.fixed_top_k
@@ -69,3 +69,25 @@ def test_config_refuses_an_unknown_router_and_another_routers_options_by_name(le
         hf_arch.MoEConfig(**TINY, moe_router="no_such_router")
     with pytest.raises(ValueError, match="moe_norm_router_scale"):  # NormRouter's option, not this router's
         hf_arch.MoEConfig(**TINY, moe_router="test_least_likely", moe_norm_router_scale=3.0)
+
+
+def test_tempered_router_chooses_by_logits_and_weighs_by_its_temperature():
+    torch.manual_seed(0)
+    router = MoERouter(hf_arch.MoEConfig(**TINY, moe_router="tempered_topk"), 4, False)
+    router.init_parameters(torch.nn.init)
+    assert router.temperature.item() == 1.0  # from scratch: softmax over the chosen logits
+    x = torch.randn(6, TINY["hidden_size"])
+    logits = router.compute_logits(x)
+    k = router.top_k
+    routing = router(x)
+    top = logits.topk(k, dim=-1)
+    assert torch.equal(routing.expert_idx.view(6, k), top.indices)
+    torch.testing.assert_close(routing.weight.view(6, k), top.values.softmax(-1))
+    with torch.no_grad():
+        router.temperature.zero_()  # what a partition conversion sets: equal weights, same choice
+    routing = router(x)
+    assert torch.equal(routing.expert_idx.view(6, k), top.indices)
+    torch.testing.assert_close(routing.weight, torch.full_like(routing.weight, 1 / k))
+    # The temperature learns from zero (the rows get gradient once it moves).
+    (routing.weight.view(6, k)[:, 0] * torch.arange(6.0)).sum().backward()
+    assert router.temperature.grad is not None and router.temperature.grad.abs() > 0
