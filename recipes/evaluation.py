@@ -427,7 +427,13 @@ def multiple_choice(
         correct += int(max(range(len(lls)), key=lls.__getitem__) == item["gold"])
         correct_norm += int(max(range(len(norms)), key=norms.__getitem__) == item["gold"])
     n = len(items)
-    return {"task": name, "n": n, "acc": correct / n, "acc_norm": correct_norm / n}
+    return {"task": name, "n": n, "acc": correct / n, "acc_norm": correct_norm / n,
+            "acc_stderr": _accuracy_stderr(correct / n, n), "acc_norm_stderr": _accuracy_stderr(correct_norm / n, n)}
+
+
+def _accuracy_stderr(accuracy: float, n: int) -> float:
+    """Standard error of a mean of ``n`` 0/1 scores (the sample standard deviation over √n, as lm-eval reports)."""
+    return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """Recovery of converted checkpoints: convert a source, run the recovery stages, evaluate after each, plot.
 
-    python -m hf_arch.recipes.recovery_benchmark SRC --out outputs/recovery --methods liger lolcats moe_partition
-    hf-arch bench recovery SRC --out outputs/recovery [--stage1-steps 100 --stage2-steps 200] [--json]
+    hf-arch bench recovery SRC --out DIR [--methods liger lolcats moe_half ...] [--minutes M | --stage1-steps N
+        --stage2-steps N] [--text-file F --document-separator SEP | --train-file F --eval-file F] [--json]
 
-For every method: the source, the converted model before training, after stage 1 and after stage 2 are scored on
-WikiText-2 perplexity (first ``--ppl-tokens`` tokens of the test split) and zero-shot PIQA / ARC-Easy / WinoGrande
-accuracy (first ``--eval-limit`` items each, acc_norm). Linearized methods also report each linear layer's
-attention-output MSE against its softmax source before and after stage 1.
+For every method: the source, the converted model before training, after stage 1 and after stage 2 are scored on the
+evaluation text's perplexity (first ``--eval-tokens`` tokens; default WikiText-2 test) and, unless
+``--eval-limit 0``, zero-shot PIQA / ARC-Easy / WinoGrande accuracy (acc_norm, ``--eval-limit`` items each, the full
+sets by default, with standard errors). Linearized methods also report each linear layer's attention-output MSE
+against its softmax source before and after stage 1.
 
-Stages (the shipped YAML recipes' settings, budgets from the command line):
+In-domain runs: ``--text-file F`` splits one file into training text and a held-out tail (``--holdout-fraction``,
+whole documents), e.g. stories260K on ``tinystories_2mib.txt`` (``--document-separator '<|endoftext|>'``).
+
+Budgets: ``--minutes M`` gives every stage ``M`` minutes of training (wall clock on this machine): a short pilot
+measures the stage's step time, the stage then runs the steps that fit (its LR schedule spans exactly them) with a
+time guard; or fixed ``--stage1-steps`` / ``--stage2-steps``. Every point records its tokens and training seconds.
+
+Stages (the shipped YAML recipes' settings):
 - linearization: stage 1 attention transfer (new parameters only; skipped for Liger, which adds none), stage 2
   LoRA on q/k/v/o with next-token loss (plus self-distillation with ``--distill``);
 - MoE partition / upcycling: stage 1 router-only warm-up, stage 2 routers + experts, both distilled from the dense
-  source.
+  source (partitions first fit their routers at conversion, on ``--calibration-file``, default the training text).
 
-Training text defaults to WikiText-2's validation split (in domain for the perplexity, disjoint from its test split).
-Writes ``recovery.json`` (every number, settings, timings) and ``recovery.png`` (perplexity vs training tokens) in
-``--out``; each stage's checkpoints live under ``--out/<method>/``.
+Writes ``recovery.json`` after every method (atomically; a rerun without ``--overwrite`` resumes after the methods
+it holds, if its settings match) and ``recovery.png`` (perplexity ratio against training tokens and against
+training minutes); each stage's checkpoints live under ``DIR/<method>/``.
 """
 
 from __future__ import annotations
@@ -41,10 +49,16 @@ METHODS = {
     "lolcats_keep": ("gla", {"method": "lolcats", "ratio": 3}),
     "lizard": ("gla", {"method": "lizard"}),
     "mamba_init": ("gated_deltanet", {"method": "mamba_init"}),
-    "moe_partition": ("moe", {"method": "partition", "experts": 8, "top_k": 2, "split": "cluster"}),
+    "kda": ("kda", {"method": "mamba_init"}),
+    "moe_half": ("moe", {"method": "partition", "experts": 8, "top_k": 4}),
+    "moe_quarter": ("moe", {"method": "partition", "experts": 8, "top_k": 2}),
     "moe_upcycle": ("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
 }
 TASK_FILES = ("piqa_valid.jsonl", "arc_easy_test.jsonl", "winogrande_dev.jsonl")
+PILOT_STEPS = 4
+# Settings a resumed run must share with the results it extends.
+RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
+               "stage2_steps", "batch_size", "block_size", "distill", "calibration_file")
 
 
 def _assets() -> Path:
@@ -54,33 +68,78 @@ def _assets() -> Path:
     return Path(os.environ.get("HF_ARCH_ASSETS", DEFAULT_ENV["HF_ARCH_ASSETS"])).resolve()
 
 
-def evaluate_model(model_dir: Path, ppl_tokens: int, eval_limit: int, assets: Path, batch_size: int = 8) -> dict:
+def split_text_file(path: Path, out: Path, separator: str | None, holdout: float) -> tuple[Path, Path]:
+    """Whole documents of ``path`` (separated by ``separator`` lines, else blank lines): the first ``1 − holdout``
+    of them → ``out/train.txt``, the rest → ``out/eval.txt``, one blank line between documents."""
+    text = Path(path).read_text(encoding="utf-8")
+    parts = text.split(separator) if separator else text.split("\n\n")
+    documents = [d.strip() for d in parts if d.strip()]
+    if not 0 < holdout < 1:
+        raise SystemExit(f"--holdout-fraction must be in (0, 1), got {holdout}")
+    held = max(1, round(len(documents) * holdout))
+    if len(documents) - held < 1:
+        raise SystemExit(f"{path}: {len(documents)} document(s); cannot hold out {holdout:.0%} and train on the rest "
+                         "(is --document-separator right?)")
+    out.mkdir(parents=True, exist_ok=True)
+    train, evaluation = out / "train.txt", out / "eval.txt"
+    atomic_write_text(train, "\n\n".join(documents[:-held]) + "\n")
+    atomic_write_text(evaluation, "\n\n".join(documents[-held:]) + "\n")
+    return train, evaluation
+
+
+def _context_length(model) -> int:
+    return min(1024, model.config.max_position_embeddings)
+
+
+def check_eval_text(source: str, eval_file: Path, eval_tokens: int) -> int:
+    """Refuse, before any training, an evaluation text shorter than one scoring window; returns its token count."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    context = min(1024, AutoConfig.from_pretrained(source).max_position_embeddings)
+    n = len(tokenizer(Path(eval_file).read_text(encoding="utf-8"), verbose=False)["input_ids"])
+    usable = min(n, eval_tokens)
+    if usable < context + 1:
+        raise SystemExit(f"--eval-file {eval_file}: {n} tokens (using {usable} with --eval-tokens {eval_tokens}); one "
+                         f"scoring window of the source needs {context + 1}")
+    return n
+
+
+def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate
+    from .evaluation import multiple_choice, perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     started = time.time()
-    results = evaluate(model, tokenizer, ppl_file=assets / "data" / "wikitext2_test.txt",
-                       tasks=[assets / "data" / name for name in TASK_FILES], limit=eval_limit,
-                       ppl_max_tokens=ppl_tokens, context_length=min(1024, model.config.max_position_embeddings),
-                       batch_size=batch_size, show_progress=True)
-    tasks = {name: round(r["acc_norm"], 4) for name, r in results["tasks"].items()}
-    return {"ppl": round(results["perplexity"]["ppl"], 3), "tasks": tasks,
-            "avg_acc": round(sum(tasks.values()) / max(len(tasks), 1), 4), "eval_seconds": round(time.time() - started)}
+    ppl = perplexity(model, tokenizer, args.eval_file, context_length=_context_length(model),
+                     max_tokens=args.eval_tokens, batch_size=batch_size, show_progress=False)
+    point = {"ppl": round(ppl["ppl"], 4), "eval_tokens_scored": ppl["tokens"]}
+    if args.eval_limit != 0:
+        tasks = {}
+        for name in TASK_FILES:
+            result = multiple_choice(model, tokenizer, assets / "data" / name, limit=args.eval_limit,
+                                     batch_size=batch_size, show_progress=False)
+            tasks[Path(name).stem] = {"acc_norm": round(result["acc_norm"], 4),
+                                      "stderr": round(result["acc_norm_stderr"], 4), "items": result["n"]}
+        point["tasks"] = tasks
+        point["avg_acc"] = round(sum(t["acc_norm"] for t in tasks.values()) / len(tasks), 4)
+    point["eval_seconds"] = round(time.time() - started)
+    return point
 
 
-def attention_mse(model_dir: Path, assets: Path, tokens: int = 1024) -> list[float] | None:
-    """Per linear layer MSE against the softmax source on the first tokens of the WikiText-2 test split."""
+def attention_mse(model_dir: Path, eval_file: Path, tokens: int = 1024) -> list[float] | None:
+    """Per linear layer MSE against the softmax source on the first tokens of the evaluation text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..conversion.linearize import attention_mse_per_layer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text = (assets / "data" / "wikitext2_test.txt").read_text(encoding="utf-8")[: tokens * 8]
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    text = Path(eval_file).read_text(encoding="utf-8")[: tokens * 8]
+    length = min(tokens, _context_length(model))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
     return [round(v, 6) for v in attention_mse_per_layer(model, ids)]
 
 
@@ -108,10 +167,32 @@ def _stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
     ]
 
 
+def _run_stage(recipe: dict, work: Path, stage: str, args) -> dict:
+    """One stage: with ``--minutes``, a pilot of ``PILOT_STEPS`` steps sets how many steps fit the budget."""
+    from .runner import run_recipe
+
+    if args.minutes is None:
+        return run_recipe(recipe)
+    pilot_dir = work / f"{stage}_pilot"
+    pilot = run_recipe({**recipe, "output_dir": str(pilot_dir),
+                        "training": {**recipe["training"], "max_steps": PILOT_STEPS, "warmup_steps": 0}})
+    shutil.rmtree(pilot_dir, ignore_errors=True)
+    per_step = pilot["train_seconds"] / max(pilot["steps"], 1)
+    steps = int(args.minutes * 60 * 0.97 / per_step)
+    if steps < 1:
+        raise SystemExit(f"--minutes {args.minutes}: one {stage} step takes {per_step:.1f} s; the budget fits none")
+    training = {**recipe["training"], "max_steps": steps, "max_train_minutes": args.minutes,
+                "warmup_steps": min(recipe["training"].get("warmup_steps", 0), max(steps // 10, 1))}
+    summary = run_recipe({**recipe, "training": training})
+    summary["pilot_seconds_per_step"] = round(per_step, 4)
+    return summary
+
+
 def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
     from ..conversion import convert
     from ..peft_utils import new_parameter_names
-    from .runner import run_recipe
 
     to, options = METHODS[name]
     work = out / name
@@ -119,34 +200,39 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         shutil.rmtree(work)
     started = time.time()
     converted = work / "converted"
-    record = convert(source, converted, to=to, **options).record
+    extra = {}
+    if to == "moe" and options["method"] == "partition":
+        extra = {"calibration_file": args.calibration_file or args.train_file}
+    record = convert(source, converted, to=to, **options, **extra).record
     row = {"method": name, "target": to, "options": options, "max_abs_logit_diff": record["max_abs_logit_diff"],
-           "points": [{"stage": "converted", "tokens": 0, **evaluate_model(converted, args.ppl_tokens,
-                                                                           args.eval_limit, assets)}]}
+           "conversion_seconds": round(time.time() - started),
+           "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0,
+                       **evaluate_model(converted, args, assets)}]}
+    if "report" in record:
+        row["conversion_report"] = record["report"]
     linear = to != "moe"
     if linear:
-        row["attention_mse_before"] = attention_mse(converted, assets)
-    train_file = Path(args.train_file) if args.train_file else assets / "data" / "wikitext2_valid.txt"
-    current, tokens = converted, 0
-    from transformers import AutoModelForCausalLM
-
+        row["attention_mse_before"] = attention_mse(converted, args.eval_file)
+    current, tokens, seconds = converted, 0, 0.0
     has_new = bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
     for stage, sections in _stage_recipes("linear" if linear else "moe", source, args):
         if stage == "stage1" and linear and not has_new:
             row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": "no new parameters"})
             continue
-        steps = sections["training"]["max_steps"]
         recipe = {"model": str(current), "output_dir": str(work / stage),
-                  "data": {"train_file": str(train_file), "block_size": args.block_size}, **sections}
-        summary = run_recipe(recipe)
+                  "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
+        summary = _run_stage(recipe, work, stage, args)
         current = work / stage / "final"
-        tokens += steps * args.batch_size * args.block_size
-        point = {"stage": stage, "tokens": tokens, "train_seconds": summary["train_seconds"],
+        stage_tokens = summary["steps"] * args.batch_size * args.block_size
+        tokens += stage_tokens
+        seconds += summary["train_seconds"]
+        point = {"stage": stage, "tokens": tokens, "steps": summary["steps"], "train_seconds": round(seconds, 1),
+                 "tokens_per_second": round(stage_tokens / max(summary["train_seconds"], 1e-9)),
                  "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
-                 **evaluate_model(current, args.ppl_tokens, args.eval_limit, assets)}
+                 **evaluate_model(current, args, assets)}
         row["points"].append(point)
         if linear and stage == "stage1":
-            row["attention_mse_after_stage1"] = attention_mse(current, assets)
+            row["attention_mse_after_stage1"] = attention_mse(current, args.eval_file)
     row["seconds"] = round(time.time() - started)
     return row
 
@@ -157,15 +243,19 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for row in rows:
-        ax.plot([p["tokens"] for p in row["points"]], [p["ppl"] for p in row["points"]], marker="o", label=row["method"])
-    ax.axhline(source_eval["ppl"], color="black", linestyle="--", label="source")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        ratios = [p["ppl"] / source_eval["ppl"] for p in row["points"]]
+        axes[0].plot([p["tokens"] for p in row["points"]], ratios, marker="o", label=row["method"])
+        axes[1].plot([p.get("train_seconds", 0.0) / 60 for p in row["points"]], ratios, marker="o",
+                     label=row["method"])
+    for ax, label in zip(axes, ("training tokens", "training minutes (this CPU)")):
+        ax.axhline(1.0, color="black", linestyle="--", label="source")
+        ax.set_xlabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"perplexity / source ({Path(source_eval.get('file', 'eval')).name})")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -173,32 +263,40 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
 
 def format_table(result: dict) -> str:
     source = result["source_eval"]
-    tasks = list(source["tasks"])
-    lines = ["| method | stage | tokens | ppl | " + " | ".join(tasks) + " | avg acc | ppl / source | acc / source |",
-             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
-    lines.append(f"| source | - | - | {source['ppl']} | " + " | ".join(str(source["tasks"][t]) for t in tasks)
-                 + f" | {source['avg_acc']} | 1.00 | 1.00 |")
+    tasks = list(source.get("tasks", {}))
+    task_cells = lambda point: [f"{point['tasks'][t]['acc_norm']} ± {point['tasks'][t]['stderr']}"  # noqa: E731
+                                for t in tasks]
+    lines = ["| method | stage | tokens | train min | ppl | ppl / source | " + " | ".join(tasks) + (" |" if tasks else ""),
+             "|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    lines.append(f"| source | - | - | - | {source['ppl']} | 1.00 | " + " | ".join(task_cells(source))
+                 + (" |" if tasks else ""))
     for row in result["methods"]:
         for p in row["points"]:
-            lines.append(f"| {row['method']} | {p['stage']} | {p['tokens']} | {p['ppl']} | "
-                         + " | ".join(str(p["tasks"].get(t)) for t in tasks)
-                         + f" | {p['avg_acc']} | {p['ppl'] / source['ppl']:.2f} | "
-                         f"{p['avg_acc'] / max(source['avg_acc'], 1e-9):.3f} |")
+            lines.append(f"| {row['method']} | {p['stage']} | {p['tokens']} | {p.get('train_seconds', 0) / 60:.1f} | "
+                         f"{p['ppl']} | {p['ppl'] / source['ppl']:.3f} | " + " | ".join(task_cells(p))
+                         + (" |" if tasks else ""))
     return "\n".join(lines)
 
 
-def _source_eval(args, assets: Path) -> dict:
-    if not args.source_eval_from:
-        return evaluate_model(Path(args.source), args.ppl_tokens, args.eval_limit, assets)
-    earlier = json.loads(Path(args.source_eval_from).read_text())
+def _settings(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("json", "overwrite", "methods")}
+
+
+def _load_earlier(path: Path, args) -> dict | None:
+    """The results a rerun extends (same settings), or None to start afresh; refuses mismatched settings by name."""
+    if not path.exists():
+        return None
+    if args.overwrite:
+        return None
+    earlier = json.loads(path.read_text(encoding="utf-8"))
     settings = earlier.get("settings", {})
-    for key in ("ppl_tokens", "eval_limit"):
-        if settings.get(key) != getattr(args, key):
-            raise SystemExit(f"--source-eval-from {args.source_eval_from}: it was scored with {key}="
-                             f"{settings.get(key)}, this run uses {getattr(args, key)}")
-    if earlier.get("source") != args.source:
-        raise SystemExit(f"--source-eval-from {args.source_eval_from} scored {earlier.get('source')}, not {args.source}")
-    return earlier["source_eval"]
+    now = _settings(args)
+    different = [k for k in RESUME_KEYS if settings.get(k) != now.get(k)]
+    if different:
+        changes = ", ".join(f"{k}: {settings.get(k)!r} there, {now.get(k)!r} now" for k in different)
+        raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
+    return earlier
 
 
 def main(argv=None) -> int:
@@ -206,34 +304,62 @@ def main(argv=None) -> int:
     parser.add_argument("source", help="Llama-family checkpoint dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="+", default=["liger", "liger_keep", "lolcats", "lolcats_keep",
-                                                         "moe_partition"], choices=sorted(METHODS))
+                                                         "moe_half"], choices=sorted(METHODS))
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training minutes per stage (a pilot picks the steps); overrides the step counts")
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=32768)
-    parser.add_argument("--eval-limit", type=int, default=300)
+    parser.add_argument("--text-file", default=None,
+                        help="one text to split into training text and a held-out evaluation tail (in-domain runs)")
+    parser.add_argument("--document-separator", default=None, help="--text-file: the line between documents")
+    parser.add_argument("--holdout-fraction", type=float, default=0.1, help="--text-file: documents held out")
     parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
+    parser.add_argument("--eval-file", default=None, help="default: WikiText-2 test split from the assets")
+    parser.add_argument("--calibration-file", default=None, help="MoE partitions (default: the training text)")
+    parser.add_argument("--eval-tokens", "--ppl-tokens", dest="eval_tokens", type=int, default=32768)
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="items per zero-shot task (default: the full sets; 0: no tasks)")
     parser.add_argument("--distill", action="store_true", help="linearization stage 2: add self-distillation")
-    parser.add_argument("--source-eval-from", default=None, metavar="RECOVERY_JSON",
-                        help="reuse the source's scores from an earlier recovery.json of the same source and eval settings")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     parser.add_argument("--json", action="store_true", help="print recovery.json instead of the table")
     args = parser.parse_args(argv)
 
     assets = _assets()
     out = Path(args.out)
+    if args.text_file:
+        if args.train_file or args.eval_file:
+            raise SystemExit("--text-file splits one file into training and evaluation text; do not also pass "
+                             "--train-file / --eval-file")
+        args.train_file, args.eval_file = split_text_file(Path(args.text_file), out / "data", args.document_separator,
+                                                          args.holdout_fraction)
+    args.train_file = Path(args.train_file) if args.train_file else assets / "data" / "wikitext2_valid.txt"
+    args.eval_file = Path(args.eval_file) if args.eval_file else assets / "data" / "wikitext2_test.txt"
+    for flag, path in (("--train-file", args.train_file), ("--eval-file", args.eval_file),
+                       ("--calibration-file", args.calibration_file)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path} does not exist")
+    if args.minutes is not None and not args.minutes > 0:
+        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
+    check_eval_text(args.source, args.eval_file, args.eval_tokens)
+
     result_path = out / "recovery.json"
-    if result_path.exists() and not args.overwrite:
-        raise SystemExit(f"{result_path} exists; pass --overwrite to run again")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"source": args.source, "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-              "source_eval": _source_eval(args, assets), "methods": []}
+    result = _load_earlier(result_path, args) or {
+        "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
+    if result["source_eval"] is None:
+        result["source_eval"] = {"file": str(args.eval_file), **evaluate_model(Path(args.source), args, assets)}
+    done = {row["method"] for row in result["methods"]}
     for name in args.methods:
+        if name in done:
+            print(f"{name}: already in {result_path} (resumed); --overwrite to run it again")
+            continue
         result["methods"].append(run_method(name, args.source, out, args, assets))
         # Written after every method, atomically, so a long run that stops keeps what it measured.
         atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
         plot(result["methods"], result["source_eval"], out / "recovery.png")
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if all(math.isfinite(p["ppl"]) for r in result["methods"] for p in r["points"]) else 1
 

@@ -59,6 +59,25 @@ class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training at the first step end past ``minutes`` of wall-clock time since training began."""
+
+    def __init__(self, minutes: float):
+        if not minutes > 0:
+            raise ValueError(f"training.max_train_minutes must be > 0, got {minutes!r}")
+        self.seconds = 60.0 * minutes
+        self.started = None
+        self.stopped_at_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() - self.started >= self.seconds and not control.should_training_stop:
+            control.should_training_stop = True
+            self.stopped_at_step = state.global_step
+
+
 class OutputDirExistsError(FileExistsError):
     """output_dir already holds a final model or checkpoints and neither overwrite nor resume was asked for."""
 
@@ -299,6 +318,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     teacher = DistillationTeacher(recipe.distill.teacher, model, recipe.distill.temperature) \
         if recipe.distill.teacher else None
     routing_callbacks = [RoutingStatsCallback()] if has_moe_layers(model) else []
+    budget = TimeBudgetCallback(t.max_train_minutes) if t.max_train_minutes is not None else None
 
     trainer = RecipeTrainer(
         model=model,
@@ -307,7 +327,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[NanLossCallback(t.learning_rate), *routing_callbacks, *callbacks],
+        callbacks=[NanLossCallback(t.learning_rate), *routing_callbacks, *([budget] if budget else []), *callbacks],
         gate_lr_scale=gate_lr_scale,
         multiplier_lr_scale=float(getattr(model.config, "sparse_attn_lagrangian_lr_scale", 1.0) or 1.0),
         objective=t.objective,
@@ -337,6 +357,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         "distill_teacher": recipe.distill.teacher,
         "resumed_from": resume_from,
         "train_seconds": round(train_seconds, 2),
+        "stopped_by_time_budget_at_step": budget.stopped_at_step if budget else None,
         "train_blocks": len(train_ds),
         "world_size": args.world_size,
         "loss_curve": curve,
