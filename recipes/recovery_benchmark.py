@@ -56,9 +56,11 @@ METHODS = {
 }
 TASK_FILES = ("piqa_valid.jsonl", "arc_easy_test.jsonl", "winogrande_dev.jsonl")
 PILOT_STEPS = 4
+# MoE end-to-end stage: the best of 2e-4 / 1e-3 / 3e-3 / 1e-2 on stories260K in domain (recipes/results ablation).
+MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
-               "stage2_steps", "batch_size", "block_size", "distill", "calibration_file")
+               "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file")
 
 
 def _assets() -> Path:
@@ -152,7 +154,8 @@ def _stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
         return [
             ("stage1", {"training": {**base, "mode": "patterns", "trainable_patterns": [r"\.router\."],
                                      "max_steps": args.stage1_steps, "learning_rate": 1e-3}, "distill": distill}),
-            ("stage2", {"training": {**base, "mode": "patterns", "max_steps": args.stage2_steps, "learning_rate": 2e-4,
+            ("stage2", {"training": {**base, "mode": "patterns", "max_steps": args.stage2_steps,
+                                     "learning_rate": MOE_STAGE2_LR,
                                      "trainable_patterns": [r"\.router\.", r"\.experts\.", r"\.shared_expert\."]},
                         "distill": distill}),
         ]
@@ -167,21 +170,32 @@ def _stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
     ]
 
 
-def _run_stage(recipe: dict, work: Path, stage: str, args) -> dict:
-    """One stage: with ``--minutes``, a pilot of ``PILOT_STEPS`` steps sets how many steps fit the budget."""
+def stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
+    """``_stage_recipes`` with ``--stage1-lr`` / ``--stage2-lr`` applied where given."""
+    stages = _stage_recipes(kind, source, args)
+    for (stage, sections), lr in zip(stages, (args.stage1_lr, args.stage2_lr)):
+        if lr is not None:
+            sections["training"]["learning_rate"] = lr
+    return stages
+
+
+def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float = 0.0) -> dict:
+    """One stage: with ``--minutes`` (plus what a skipped stage left), a pilot of ``PILOT_STEPS`` steps sets how many
+    steps fit the budget."""
     from .runner import run_recipe
 
     if args.minutes is None:
         return run_recipe(recipe)
+    minutes = args.minutes + extra_minutes
     pilot_dir = work / f"{stage}_pilot"
     pilot = run_recipe({**recipe, "output_dir": str(pilot_dir),
                         "training": {**recipe["training"], "max_steps": PILOT_STEPS, "warmup_steps": 0}})
     shutil.rmtree(pilot_dir, ignore_errors=True)
     per_step = pilot["train_seconds"] / max(pilot["steps"], 1)
-    steps = int(args.minutes * 60 * 0.97 / per_step)
+    steps = int(minutes * 60 * 0.97 / per_step)
     if steps < 1:
         raise SystemExit(f"--minutes {args.minutes}: one {stage} step takes {per_step:.1f} s; the budget fits none")
-    training = {**recipe["training"], "max_steps": steps, "max_train_minutes": args.minutes,
+    training = {**recipe["training"], "max_steps": steps, "max_train_minutes": minutes,
                 "warmup_steps": min(recipe["training"].get("warmup_steps", 0), max(steps // 10, 1))}
     summary = run_recipe({**recipe, "training": training})
     summary["pilot_seconds_per_step"] = round(per_step, 4)
@@ -215,13 +229,22 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         row["attention_mse_before"] = attention_mse(converted, args.eval_file)
     current, tokens, seconds = converted, 0, 0.0
     has_new = bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
-    for stage, sections in _stage_recipes("linear" if linear else "moe", source, args):
+    routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
+    carried = 0.0  # minutes of a skipped stage, given to the next one (every method gets the same budget)
+    for stage, sections in stage_recipes("linear" if linear else "moe", source, args):
+        skip = None
         if stage == "stage1" and linear and not has_new:
-            row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": "no new parameters"})
+            skip = "no new parameters"
+        elif stage == "stage1" and routers_fitted:
+            skip = "routers fitted at conversion (router distillation)"
+        if skip:
+            row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": skip})
+            carried = args.minutes or 0.0
             continue
         recipe = {"model": str(current), "output_dir": str(work / stage),
                   "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
-        summary = _run_stage(recipe, work, stage, args)
+        summary = _run_stage(recipe, work, stage, args, extra_minutes=carried)
+        carried = 0.0
         current = work / stage / "final"
         stage_tokens = summary["steps"] * args.batch_size * args.block_size
         tokens += stage_tokens
@@ -266,15 +289,14 @@ def format_table(result: dict) -> str:
     tasks = list(source.get("tasks", {}))
     task_cells = lambda point: [f"{point['tasks'][t]['acc_norm']} ± {point['tasks'][t]['stderr']}"  # noqa: E731
                                 for t in tasks]
-    lines = ["| method | stage | tokens | train min | ppl | ppl / source | " + " | ".join(tasks) + (" |" if tasks else ""),
-             "|---|---|---|---|---|---|" + "---|" * len(tasks)]
-    lines.append(f"| source | - | - | - | {source['ppl']} | 1.00 | " + " | ".join(task_cells(source))
-                 + (" |" if tasks else ""))
+    row_of = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    lines = [row_of(["method", "stage", "tokens", "train min", "ppl", "ppl / source", *tasks]),
+             row_of(["---"] * (6 + len(tasks)))]
+    lines.append(row_of(["source", "-", "-", "-", source["ppl"], "1.00", *task_cells(source)]))
     for row in result["methods"]:
         for p in row["points"]:
-            lines.append(f"| {row['method']} | {p['stage']} | {p['tokens']} | {p.get('train_seconds', 0) / 60:.1f} | "
-                         f"{p['ppl']} | {p['ppl'] / source['ppl']:.3f} | " + " | ".join(task_cells(p))
-                         + (" |" if tasks else ""))
+            lines.append(row_of([row["method"], p["stage"], p["tokens"], f"{p.get('train_seconds', 0) / 60:.1f}",
+                                 p["ppl"], f"{p['ppl'] / source['ppl']:.3f}", *(task_cells(p) if tasks else [])]))
     return "\n".join(lines)
 
 
@@ -309,6 +331,8 @@ def main(argv=None) -> int:
                         help="training minutes per stage (a pilot picks the steps); overrides the step counts")
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--stage1-lr", type=float, default=None, help="override the stage 1 recipes' learning rate")
+    parser.add_argument("--stage2-lr", type=float, default=None, help="override the stage 2 recipes' learning rate")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--text-file", default=None,

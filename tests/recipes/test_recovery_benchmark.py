@@ -50,9 +50,12 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     assert [row["method"] for row in result["methods"]] == ["lolcats", "moe_half"]
     for row in result["methods"]:
         assert [p["stage"] for p in row["points"]] == ["converted", "stage1", "stage2"]
-        assert [p["tokens"] for p in row["points"]] == [0, 64, 128]
         assert all(math.isfinite(p["ppl"]) for p in row["points"])
     lolcats, moe = result["methods"]
+    assert [p["tokens"] for p in lolcats["points"]] == [0, 64, 128]
+    # The partition's routers were fitted at conversion, so its router-only stage is skipped.
+    assert [p["tokens"] for p in moe["points"]] == [0, 0, 64]
+    assert moe["points"][1]["skipped"] == "routers fitted at conversion (router distillation)"
     assert len(lolcats["attention_mse_before"]) == 5 and len(lolcats["attention_mse_after_stage1"]) == 5
     # The partition fitted its routers on the training text at conversion, and says so.
     assert moe["conversion_report"]["resolved_options"]["shared_neurons"] == 20
