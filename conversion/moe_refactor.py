@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
-from .moe_router_distill import distill_routers
+from .moe_router_distill import distill_routers, layer_ffn_inputs
 from .sources import adapter_for
 from .weights import build_from_source
 
@@ -164,25 +164,17 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
 # -- neuron statistics and splits --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def neuron_activations(source_model, input_ids: torch.Tensor, attention_mask=None) -> list[torch.Tensor]:
-    """Per layer, ``|silu(gate) · up|`` of every FFN neuron on every real calibration token: ``[tokens, I]``."""
-    captured: list[torch.Tensor] = []
-    hooks = []
-    real = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-
-    def hook(module, args, output):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        act = (F.silu(module.gate_proj(x)) * module.up_proj(x)).abs().float()
-        captured.append(act[real] if real is not None else act)
-
-    for layer in source_model.model.layers:
-        hooks.append(layer.mlp.register_forward_hook(hook))
-    try:
-        source_model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+def neuron_activations(source_model, input_ids: torch.Tensor, attention_mask=None,
+                       inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per layer, ``|silu(gate) · up|`` of every FFN neuron on every real calibration token: ``[tokens, I]``
+    (``inputs``: the layers' FFN inputs if already captured, ``layer_ffn_inputs``)."""
+    inputs = inputs if inputs is not None else layer_ffn_inputs(source_model, input_ids, attention_mask)
+    activations = []
+    for layer, x in zip(source_model.model.layers, inputs):
+        mlp = layer.mlp
+        x = x.to(mlp.gate_proj.weight.dtype)
+        activations.append((F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).abs().float())
+    return activations
 
 
 def balanced_kmeans(features: torch.Tensor, clusters: int, seed: int = 0, iterations: int = 15) -> torch.Tensor:
@@ -267,9 +259,10 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
             raise ValueError(f"the calibration text gives {given} tokens; {options.experts} experts need at least "
                              f"{needed} ({MIN_CALIBRATION_TOKENS_PER_EXPERT} per expert): give a longer "
                              "--calibration-file or raise --calibration-tokens")
-    activations = None
+    activations = inputs = None
     if options.needs_calibration:
-        activations = neuron_activations(source_model, calibration_ids, calibration_mask)
+        inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask)
+        activations = neuron_activations(source_model, calibration_ids, calibration_mask, inputs=inputs)
     target = build_from_source(source_model, config, MoEForCausalLM,
                                lambda target: _fill_experts(source_model, target, options, activations),
                                replaced=DENSE_FFN)
@@ -277,7 +270,8 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
     if options.method == "partition" and options.router_distill_steps:
         first = (lambda index: index * options.experts) if options.pool else None
         report["router_distillation"] = distill_routers(source_model, target, calibration_ids, calibration_mask,
-                                                        steps=options.router_distill_steps, first_expert=first)
+                                                        steps=options.router_distill_steps, first_expert=first,
+                                                        inputs=inputs)
     target.conversion_report = report  # read (and removed) by conversion.api into the conversion record
     return target
 

@@ -64,12 +64,14 @@ def greedy_expert_targets(outputs: torch.Tensor, target: torch.Tensor, k: int) -
 
 
 def distill_routers(source_model, target_model, calibration_ids: torch.Tensor, calibration_mask=None,
-                    steps: int = 200, learning_rate: float = 1e-2, first_expert=None) -> list[dict]:
+                    steps: int = 200, learning_rate: float = 1e-2, first_expert=None,
+                    inputs: list[torch.Tensor] | None = None) -> list[dict]:
     """Fit every sparse layer's router rows of ``target_model`` (a partition of ``source_model``'s FFNs) to the
     greedy targets. ``first_expert(layer)``: where the layer's experts start in its expert table (a global pool
-    holds every layer's). Returns per layer the fraction of target experts the router's top-k recovers, before and
-    after."""
-    inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask)
+    holds every layer's); ``inputs``: the layers' FFN inputs if already captured. Returns per layer the fraction of
+    target experts the router's top-k recovers, before and after."""
+    if inputs is None:
+        inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask)
     report = []
     for index, (layer, x) in enumerate(zip(target_model.model.layers, inputs)):
         moe = layer.mlp

@@ -225,3 +225,24 @@ def test_attention_transfer_training_lowers_lolcats_mse(stories, story_batch):
     mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
     print(f"lolcats attention MSE per layer before {before} after {after}")
     assert mean_after < 0.7 * mean_before, (before, after)
+
+
+def test_attention_transfer_is_layer_local(stories, story_batch):
+    """Stage 1 needs no backward through the network: the residual stream carries each layer's softmax teacher
+    (frozen weights), so no layer's input requires grad, and layer i's transfer loss reaches only layer i's new
+    parameters — one forward of the teacher trains every layer at once."""
+    target = linearize(stories, LinearizeOptions(method="lolcats", window=8))
+    new = set(new_parameter_names(target))
+    for name, param in target.named_parameters():
+        param.requires_grad_(name in new)
+    inputs_need_grad = []
+    for layer in target.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: inputs_need_grad.append(args[0].requires_grad))
+    losses = target(story_batch, attention_transfer=True, use_cache=False).transfer_losses
+    assert inputs_need_grad == [False] * len(target.model.layers)
+    linear = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in new})  # layers with new parameters
+    assert len(losses) == len(linear) >= 2
+    losses[1].backward()
+    touched = {int(n.split(".layers.")[1].split(".")[0]) for n, p in target.named_parameters()
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {linear[1]}
