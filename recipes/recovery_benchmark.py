@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from ..atomic_io import atomic_write_text
 
@@ -55,7 +56,7 @@ METHODS = {
     "moe_upcycle": ("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
 }
 TASK_FILES = ("piqa_valid.jsonl", "arc_easy_test.jsonl", "winogrande_dev.jsonl")
-PILOT_STEPS = 4
+PILOT_STEPS = 6
 # MoE end-to-end stage: the best of 2e-4 / 1e-3 / 3e-3 / 1e-2 on stories260K in domain (recipes/results ablation).
 MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
@@ -179,6 +180,22 @@ def stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
     return stages
 
 
+class StepClock(TrainerCallback):
+    """Times steps: the steady-state seconds per step, leaving out the first (which pays for warm-up work the later
+    ones do not)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        if len(self.ends) < 2:
+            raise RuntimeError(f"the pilot ran {len(self.ends)} step(s); timing needs at least 2")
+        return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
+
+
 def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float = 0.0) -> dict:
     """One stage: with ``--minutes`` (plus what a skipped stage left), a pilot of ``PILOT_STEPS`` steps sets how many
     steps fit the budget."""
@@ -188,10 +205,11 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
         return run_recipe(recipe)
     minutes = args.minutes + extra_minutes
     pilot_dir = work / f"{stage}_pilot"
-    pilot = run_recipe({**recipe, "output_dir": str(pilot_dir),
-                        "training": {**recipe["training"], "max_steps": PILOT_STEPS, "warmup_steps": 0}})
+    clock = StepClock()
+    run_recipe({**recipe, "output_dir": str(pilot_dir),
+                "training": {**recipe["training"], "max_steps": PILOT_STEPS, "warmup_steps": 0}}, callbacks=[clock])
     shutil.rmtree(pilot_dir, ignore_errors=True)
-    per_step = pilot["train_seconds"] / max(pilot["steps"], 1)
+    per_step = clock.seconds_per_step()
     steps = int(minutes * 60 * 0.97 / per_step)
     if steps < 1:
         raise SystemExit(f"--minutes {args.minutes}: one {stage} step takes {per_step:.1f} s; the budget fits none")
