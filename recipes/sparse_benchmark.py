@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 from ..atomic_io import atomic_write_text
-from .recovery_benchmark import _assets
+from .recovery_benchmark import _assets, split_text_file
 
 
-def eval_windows(tokenizer, assets: Path, context: int, windows: int) -> torch.Tensor:
-    text = (assets / "data" / "wikitext2_test.txt").read_text(encoding="utf-8")[: context * windows * 8]
+def eval_windows(tokenizer, eval_file: Path, context: int, windows: int) -> torch.Tensor:
+    text = Path(eval_file).read_text(encoding="utf-8")[: context * windows * 8]
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     if ids.numel() < context * windows:
-        raise SystemExit(f"WikiText-2 test holds {ids.numel()} tokens, fewer than {windows} windows of {context}")
+        raise SystemExit(f"--eval-file {eval_file} holds {ids.numel()} tokens, fewer than {windows} windows of "
+                         f"{context}")
     return ids[: context * windows].view(windows, context)
 
 
@@ -212,7 +213,8 @@ def plot(result: dict, path: Path) -> None:
         ax.scatter([result["flux_branch_density"]], [flux["all_sparse"]["ppl"]], marker="x", color="tab:red",
                    label="all layers sink + window", zorder=3)
     ax.set_xlabel("attention blocks computed (share of causal blocks)")
-    ax.set_ylabel(f"WikiText-2 perplexity @ {result['settings']['context']} tokens")
+    ax.set_ylabel(f"{Path(result.get('eval_file', 'wikitext2_test.txt')).name} perplexity @ "
+                  f"{result['settings']['context']} tokens")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -242,6 +244,11 @@ def main(argv=None) -> int:
     parser.add_argument("--window-blocks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
+    parser.add_argument("--eval-file", default=None, help="default: WikiText-2 test split from the assets")
+    parser.add_argument("--text-file", default=None,
+                        help="one text to split into training text and a held-out evaluation tail (in-domain runs)")
+    parser.add_argument("--document-separator", default=None, help="--text-file: the line between documents")
+    parser.add_argument("--holdout-fraction", type=float, default=0.1, help="--text-file: documents held out")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--retime", action="store_true",
                         help="only redo the attention timing of an existing sparse.json (e.g. on an idle machine)")
@@ -261,11 +268,16 @@ def main(argv=None) -> int:
     if result_path.exists() and not args.overwrite:
         raise SystemExit(f"{result_path} exists; pass --overwrite to run again")
     out.mkdir(parents=True, exist_ok=True)
+    if args.text_file:
+        args.train_file, args.eval_file = split_text_file(Path(args.text_file), out / "data", args.document_separator,
+                                                          args.holdout_fraction)
     train_file = Path(args.train_file) if args.train_file else assets / "data" / "wikitext2_valid.txt"
+    eval_file = Path(args.eval_file) if args.eval_file else assets / "data" / "wikitext2_test.txt"
     tokenizer = AutoTokenizer.from_pretrained(args.source)
-    windows = eval_windows(tokenizer, assets, args.context, args.eval_windows)
+    windows = eval_windows(tokenizer, eval_file, args.context, args.eval_windows)
     source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
-    result = {"source": args.source, "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    result = {"source": args.source, "eval_file": str(eval_file),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
               "dense": score(source, windows),
               "flux_branch_density": round(branch_density(args.context, args.block_size, args.sink_blocks,
                                                           args.window_blocks), 4)}

@@ -22,11 +22,16 @@ def test_branch_density_counts_sink_and_window_blocks():
 def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypatch):
     monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
     out = tmp_path / "sparse"
+    # In domain: stories260K on a held-out tail of TinyStories (its training text).
+    stories = (assets / "data" / "tinystories_2mib.txt").read_text(encoding="utf-8").split("<|endoftext|>")[:80]
+    (tmp_path / "stories.txt").write_text("<|endoftext|>".join(stories), encoding="utf-8")
     args = ["bench", "sparse", str(stories260k), "--out", str(out), "--context", "128", "--block-size", "16",
             "--gate-steps", "2", "--flux-steps", "2", "--eval-windows", "1", "--thresholds", "0.05", "--topk", "2",
-            "--flux-targets", "0.5", "--repeats", "1", "--json"]
+            "--flux-targets", "0.5", "--repeats", "1", "--text-file", str(tmp_path / "stories.txt"),
+            "--document-separator", "<|endoftext|>", "--json"]
     assert main(args) == 0
     result = json.loads((out / "sparse.json").read_text())
+    assert result["eval_file"] == str(out / "data" / "eval.txt")
     assert (out / "sparse.png").stat().st_size > 0
     assert [p["selection"] for p in result["seer"]["points"]] == ["threshold", "topk"]
     for point in result["seer"]["points"]:
