@@ -19,6 +19,11 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # New Triton output buffers start as NaN, so an element a kernel forgets to write fails the comparison.
 os.environ.setdefault("HF_ARCH_POISON_BUFFERS", "1")
+# pytest-xdist (`-n auto` in pyproject): each worker takes an equal share of the cores, so workers do not contend.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("HF_ARCH_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
