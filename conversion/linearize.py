@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..configuration import LINEAR_LAYER_TYPES
+from ..configuration import LINEAR_ATTN_FEATURE_MAPS, LINEAR_LAYER_TYPES
 from ..layers.norm import HfArchRMSNorm
 from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from ..models.gla import GLAConfig, GLAForCausalLM
@@ -52,6 +52,10 @@ class LinearizeOptions:
     window: int = 64  # sliding-window branch of the intra-layer hybrids (liger, lolcats, lizard)
     num_sinks: int = 4  # lizard's learnable sink logits
     gate_normalizer: float = 16.0  # τ of the GLA-style log gate
+    # Overrides of the method preset (recipe fields; None keeps the preset's): the linear branch's feature map
+    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights.
+    feature_map: str | None = None
+    mix_weights: list[float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +72,11 @@ class LinearizeOptions:
             raise ValueError(f"window must be a positive integer, got {self.window!r}")
         if not isinstance(self.num_sinks, int) or isinstance(self.num_sinks, bool) or self.num_sinks < 0:
             raise ValueError(f"num_sinks must be an integer >= 0, got {self.num_sinks!r}")
+        if self.feature_map is not None and self.feature_map not in LINEAR_ATTN_FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {LINEAR_ATTN_FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.mix_weights is not None and (
+                len(self.mix_weights) != 2 or not all(isinstance(w, (int, float)) for w in self.mix_weights)):
+            raise ValueError(f"mix_weights must be two numbers [w_linear, w_window], got {self.mix_weights!r}")
         if not self.gate_normalizer > 0:
             raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer!r}")
         if self.keep_full_attention is not None and num_layers is not None:
@@ -155,6 +164,12 @@ def linearized_config_from(source_config, options: LinearizeOptions, to: str | N
     kept = options.kept_layers(n)
     target = LINEAR_TARGETS[options.target(to)]
     config_class, overrides = target.config_class, target.methods[options.method](options)
+    if options.feature_map is not None:
+        overrides["linear_attn_feature_map"] = options.feature_map
+    if options.mix_weights is not None:
+        if overrides.get("linear_attn_hybrid", "none") == "none":
+            raise ValueError(f"mix_weights: method {options.method!r} has no window branch to mix with")
+        overrides["linear_attn_mix_weights"] = [float(w) for w in options.mix_weights]
     source_types = list(kwargs.pop("layer_types", None) or ["full_attention"] * n)
     source_window = kwargs.pop("sliding_window", None)
     layer_types = [source_types[i] if i in kept else "linear_attention" for i in range(n)]

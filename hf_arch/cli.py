@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
     conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers")
     conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
+    conv.add_argument("--feature-map", choices=["identity", "softmax", "hedgehog"],
+                      help="linearization: the linear branch's feature map (default: the method's)")
+    conv.add_argument("--mix-weights", type=float, nargs=2, metavar=("W_LINEAR", "W_WINDOW"),
+                      help="linearization hybrids: initial weights of the linear and window branches")
     conv.add_argument("--experts", type=int, help="moe: FFN experts per layer")
     conv.add_argument("--top-k", type=int, help="moe: experts per token")
     conv.add_argument("--split", choices=["random", "cluster", "activation"],

@@ -30,11 +30,14 @@ training minutes); each stage's checkpoints live under ``DIR/<method>/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,18 +45,54 @@ from transformers import TrainerCallback
 
 from ..atomic_io import atomic_write_text
 
+LORA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RecoveryMethod:
+    """One row of the table: the conversion (target and options) and how its stages train (``recipe``: overrides of
+    ``RECIPE_DEFAULTS``)."""
+
+    target: str
+    conversion: dict
+    recipe: dict = field(default_factory=dict)
+    about: str = ""
+
+
+# How stages train unless a method (or a ``name:key=value`` spec) says otherwise.
+RECIPE_DEFAULTS = {
+    "linear": {"stage1": True, "stage1_lr": 1e-2, "stage2_mode": "lora", "stage2_lr": 1e-3, "lora_r": 8,
+               "lora_alpha": 16, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"), "train_new": False,
+               "distill": False},
+    # stage2_mode experts: routers + experts (+ shared expert) train; full: every weight
+    "moe": {"stage1_lr": 1e-3, "stage2_lr": None, "stage2_mode": "experts"},  # stage2_lr None: MOE_STAGE2_LR
+}
 METHODS = {
-    # name: (conversion target, conversion options)
-    "liger": ("gla", {"method": "liger"}),
-    "liger_keep": ("gla", {"method": "liger", "ratio": 3}),
-    "lolcats": ("gla", {"method": "lolcats"}),
-    "lolcats_keep": ("gla", {"method": "lolcats", "ratio": 3}),
-    "lizard": ("gla", {"method": "lizard"}),
-    "mamba_init": ("gated_deltanet", {"method": "mamba_init"}),
-    "kda": ("kda", {"method": "mamba_init"}),
-    "moe_half": ("moe", {"method": "partition", "experts": 8, "top_k": 4}),
-    "moe_quarter": ("moe", {"method": "partition", "experts": 8, "top_k": 2}),
-    "moe_upcycle": ("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
+    "liger": RecoveryMethod("gla", {"method": "liger"}),
+    "liger_keep": RecoveryMethod("gla", {"method": "liger", "ratio": 3}),
+    "lolcats": RecoveryMethod("gla", {"method": "lolcats"}),
+    "lolcats_keep": RecoveryMethod("gla", {"method": "lolcats", "ratio": 3}),
+    "lizard": RecoveryMethod("gla", {"method": "lizard"}),
+    "mamba_init": RecoveryMethod("gated_deltanet", {"method": "mamba_init"}),
+    "kda": RecoveryMethod("kda", {"method": "mamba_init"}),
+    "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),
+    "moe_quarter": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 2}),
+    "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
+    # The anchors' published settings (shared/reference/peers-conversion.md), stage lengths scaled to the budget:
+    "lolcats_paper": RecoveryMethod(
+        "gla", {"method": "lolcats", "window": 64},
+        {"stage1_lr": 1e-2, "stage2_lr": 1e-4, "lora_r": 8, "lora_alpha": 16,
+         "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "LoLCATs: attention transfer lr 1e-2, then LoRA r8/α16 on q,k,v,o at lr 1e-4, window 64"),
+    "liger_paper": RecoveryMethod(
+        "gla", {"method": "liger", "window": 64},
+        {"stage2_lr": 1e-3, "lora_r": 8, "lora_alpha": 8, "lora_targets": ("q_proj", "k_proj", "v_proj")},
+        "Liger: one stage, LoRA r8/α8 on q,k,v at lr 1e-3, window 64, 0.5/0.5 mixing"),
+    "lizard_paper": RecoveryMethod(
+        "gla", {"method": "lizard", "window": 128},
+        {"stage1_lr": 1e-3, "stage2_lr": 5e-4, "lora_r": 8, "lora_alpha": 16,
+         "lora_targets": ("q_proj", "k_proj", "v_proj")},
+        "Lizard: attention transfer lr 1e-3, then LoRA r8/α16 on q,k,v at lr 5e-4, window 128"),
 }
 TASK_FILES = ("piqa_valid.jsonl", "arc_easy_test.jsonl", "winogrande_dev.jsonl")
 PILOT_STEPS = 6
@@ -146,37 +185,103 @@ def attention_mse(model_dir: Path, eval_file: Path, tokens: int = 1024) -> list[
     return [round(v, 6) for v in attention_mse_per_layer(model, ids)]
 
 
-def _stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
-    """``[(stage, recipe sections)]`` for a linearized (``linear``) or refactorized (``moe``) model."""
+def _parse_value(text: str):
+    if "+" in text:
+        return [_parse_value(part) for part in text.split("+")]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def resolve_method(spec: str) -> RecoveryMethod:
+    """``name`` (a key of ``METHODS``) or ``name:key=value,...`` with conversion options or recipe fields changed
+    (list values joined by ``+``), e.g. ``lolcats:window=128,lora_targets=all,stage2_lr=3e-3``."""
+    from ..conversion.api import CONVERSIONS
+
+    name, _, changes = spec.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"--methods {spec!r}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+    kind = "moe" if method.target == "moe" else "linear"
+    option_fields = sorted(set(CONVERSIONS[method.target].options_class.__dataclass_fields__) - {"method"})
+    conversion, recipe = dict(method.conversion), dict(method.recipe)
+    for item in filter(None, changes.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or not text:
+            raise SystemExit(f"--methods {spec!r}: {item!r} is not key=value")
+        value = _parse_value(text)
+        if key in RECIPE_DEFAULTS[kind]:
+            recipe[key] = value
+        elif key in option_fields:
+            conversion[key] = value
+        else:
+            raise SystemExit(f"--methods {spec!r}: {key!r} is neither a recipe field ({', '.join(RECIPE_DEFAULTS[kind])}) "
+                             f"nor an option of --to {method.target} ({', '.join(option_fields)})")
+    settings = recipe_settings(kind, recipe)
+    modes = ("lora", "full") if kind == "linear" else ("experts", "full")
+    if settings["stage2_mode"] not in modes:
+        raise SystemExit(f"--methods {spec!r}: stage2_mode must be one of {modes}, got {settings['stage2_mode']!r}")
+    if kind == "linear":
+        unknown = sorted(set(settings["lora_targets"]) - set(LORA_ALL))
+        if unknown:
+            raise SystemExit(f"--methods {spec!r}: lora_targets {unknown} are not among {', '.join(LORA_ALL)} (or all)")
+    return replace(method, conversion=conversion, recipe=recipe)
+
+
+def recipe_settings(kind: str, recipe: dict) -> dict:
+    """``RECIPE_DEFAULTS[kind]`` with a method's overrides (``lora_targets`` "all" → every projection)."""
+    settings = {**RECIPE_DEFAULTS[kind], **recipe}
+    if "lora_targets" in settings:
+        targets = settings["lora_targets"]
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        settings["lora_targets"] = list(LORA_ALL) if targets == ["all"] else targets
+    return settings
+
+
+def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = None) -> list[tuple[str, dict]]:
+    """``[(stage, recipe sections)]`` for a linearized (``linear``) or refactorized (``moe``) model: the method's
+    recipe settings, then ``--stage1-lr`` / ``--stage2-lr`` / ``--distill`` where given (they apply to every
+    method)."""
+    settings = recipe_settings(kind, method.recipe if method else {})
+    for key in ("stage1_lr", "stage2_lr"):
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
     base = {"per_device_train_batch_size": args.batch_size, "logging_steps": 10, "save_steps": 10**6,
             "save_total_limit": 1, "lr_scheduler_type": "cosine", "warmup_steps": 5}
     if kind == "moe":
         distill = {"teacher": source, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
+        stage2_moe = ({"mode": "full"} if settings["stage2_mode"] == "full" else
+                      {"mode": "patterns",
+                       "trainable_patterns": [r"\.router\.", r"\.experts\.", r"\.shared_expert\."]})
         return [
             ("stage1", {"training": {**base, "mode": "patterns", "trainable_patterns": [r"\.router\."],
-                                     "max_steps": args.stage1_steps, "learning_rate": 1e-3}, "distill": distill}),
-            ("stage2", {"training": {**base, "mode": "patterns", "max_steps": args.stage2_steps,
-                                     "learning_rate": MOE_STAGE2_LR,
-                                     "trainable_patterns": [r"\.router\.", r"\.experts\.", r"\.shared_expert\."]},
+                                     "max_steps": args.stage1_steps, "learning_rate": settings["stage1_lr"]},
+                        "distill": distill}),
+            ("stage2", {"training": {**base, **stage2_moe, "max_steps": args.stage2_steps,
+                                     "learning_rate": settings["stage2_lr"] or MOE_STAGE2_LR},
                         "distill": distill}),
         ]
-    stage2 = {"training": {**base, "mode": "lora", "max_steps": args.stage2_steps, "learning_rate": 1e-3},
-              "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
-    if args.distill:
-        stage2["distill"] = {"teacher": "self", "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
-    return [
-        ("stage1", {"training": {**base, "mode": "new_params", "objective": "attention_transfer",
-                                 "max_steps": args.stage1_steps, "learning_rate": 1e-2}}),
-        ("stage2", stage2),
-    ]
-
-
-def stage_recipes(kind: str, source: str, args) -> list[tuple[str, dict]]:
-    """``_stage_recipes`` with ``--stage1-lr`` / ``--stage2-lr`` applied where given."""
-    stages = _stage_recipes(kind, source, args)
-    for (stage, sections), lr in zip(stages, (args.stage1_lr, args.stage2_lr)):
-        if lr is not None:
-            sections["training"]["learning_rate"] = lr
+    training = {**base, "mode": settings["stage2_mode"], "max_steps": args.stage2_steps,
+                "learning_rate": settings["stage2_lr"]}
+    stage2 = {"training": training}
+    if settings["stage2_mode"] == "lora":
+        stage2["lora"] = {"r": settings["lora_r"], "alpha": settings["lora_alpha"],
+                          "target_modules": settings["lora_targets"], "train_new_params": settings["train_new"]}
+    if settings["distill"] or getattr(args, "distill", False):
+        # LoRA keeps the source weights: the model's own softmax function is the teacher; full fine-tuning changes
+        # them, so the source checkpoint is loaded as the teacher.
+        teacher = "self" if settings["stage2_mode"] == "lora" else source
+        stage2["distill"] = {"teacher": teacher, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
+    stages = [("stage2", stage2)]
+    if settings["stage1"]:
+        stages.insert(0, ("stage1", {"training": {**base, "mode": "new_params", "objective": "attention_transfer",
+                                                  "max_steps": args.stage1_steps,
+                                                  "learning_rate": settings["stage1_lr"]}}))
     return stages
 
 
@@ -220,14 +325,20 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
     return summary
 
 
+def _work_name(spec: str) -> str:
+    """A folder name for a method spec (``lolcats:window=128`` → ``lolcats__window-128``)."""
+    return spec.replace(":", "__").replace(",", "_").replace("=", "-").replace("+", "-")
+
+
 def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
     from ..peft_utils import new_parameter_names
 
-    to, options = METHODS[name]
-    work = out / name
+    method = resolve_method(name)
+    to, options = method.target, method.conversion
+    work = out / _work_name(name)
     if work.exists():
         shutil.rmtree(work)
     started = time.time()
@@ -236,7 +347,9 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     if to == "moe" and options["method"] == "partition":
         extra = {"calibration_file": args.calibration_file or args.train_file}
     record = convert(source, converted, to=to, **options, **extra).record
-    row = {"method": name, "target": to, "options": options, "max_abs_logit_diff": record["max_abs_logit_diff"],
+    kind = "moe" if to == "moe" else "linear"
+    row = {"method": name, "target": to, "options": options, "recipe": recipe_settings(kind, method.recipe),
+           "max_abs_logit_diff": record["max_abs_logit_diff"],
            "conversion_seconds": round(time.time() - started),
            "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0,
                        **evaluate_model(converted, args, assets)}]}
@@ -249,9 +362,14 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     has_new = bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
     routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
     carried = 0.0  # minutes of a skipped stage, given to the next one (every method gets the same budget)
-    for stage, sections in stage_recipes("linear" if linear else "moe", source, args):
+    stages = stage_recipes(kind, source, args, method)
+    if stages[0][0] != "stage1":
+        stages.insert(0, ("stage1", None))
+    for stage, sections in stages:
         skip = None
-        if stage == "stage1" and linear and not has_new:
+        if sections is None:
+            skip = "the recipe has no attention-transfer stage"
+        elif stage == "stage1" and linear and not has_new:
             skip = "no new parameters"
         elif stage == "stage1" and routers_fitted:
             skip = "routers fitted at conversion (router distillation)"
@@ -339,12 +457,42 @@ def _load_earlier(path: Path, args) -> dict | None:
     return earlier
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on ``out`` (several benchmark processes may share one ``--out``, each taking other methods)."""
+    with open(out / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _merge_and_save(result_path: Path, args, row: dict | None = None, source_eval: dict | None = None) -> dict:
+    """Re-read ``recovery.json`` under the lock, add ``row`` (replacing a row of the same method) and the source's
+    evaluation, write it atomically with the plot, and return it."""
+    with _locked(result_path.parent):
+        result = _load_earlier(result_path, args) or {
+            "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
+        if source_eval is not None and result["source_eval"] is None:
+            result["source_eval"] = source_eval
+        if row is not None:
+            result["methods"] = [r for r in result["methods"] if r["method"] != row["method"]] + [row]
+        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+        if result["methods"] and result["source_eval"]:
+            plot(result["methods"], result["source_eval"], result_path.parent / "recovery.png")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="Llama-family checkpoint dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="+", default=["liger", "liger_keep", "lolcats", "lolcats_keep",
-                                                         "moe_half"], choices=sorted(METHODS))
+                                                         "moe_half"], metavar="METHOD[:KEY=VALUE,...]",
+                        help=f"methods: {', '.join(METHODS)}; each may change conversion options or recipe fields "
+                             "after a colon, e.g. lolcats:window=128,lora_targets=all,stage2_mode=full "
+                             "(recipe fields: " + ", ".join(RECIPE_DEFAULTS["linear"]) + ")")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training minutes per stage (a pilot picks the steps); overrides the step counts")
     parser.add_argument("--stage1-steps", type=int, default=100)
@@ -384,24 +532,40 @@ def main(argv=None) -> int:
             raise SystemExit(f"{flag} {path} does not exist")
     if args.minutes is not None and not args.minutes > 0:
         raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
+    for spec in args.methods:  # refuse a bad method spec before anything runs
+        resolve_method(spec)
     check_eval_text(args.source, args.eval_file, args.eval_tokens)
 
     result_path = out / "recovery.json"
     out.mkdir(parents=True, exist_ok=True)
-    result = _load_earlier(result_path, args) or {
-        "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
+    if args.overwrite:  # start afresh once; rows this run writes are then kept
+        result_path.unlink(missing_ok=True)
+        args.overwrite = False
+    with _locked(out):
+        result = _load_earlier(result_path, args) or {
+            "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
     if result["source_eval"] is None:
-        result["source_eval"] = {"file": str(args.eval_file), **evaluate_model(Path(args.source), args, assets)}
-    done = {row["method"] for row in result["methods"]}
+        source_eval = {"file": str(args.eval_file), **evaluate_model(Path(args.source), args, assets)}
+        result = _merge_and_save(result_path, args, source_eval=source_eval)
     for name in args.methods:
+        with _locked(out):
+            done = {row["method"] for row in (_load_earlier(result_path, args) or result)["methods"]}
         if name in done:
             print(f"{name}: already in {result_path} (resumed); --overwrite to run it again")
             continue
-        result["methods"].append(run_method(name, args.source, out, args, assets))
-        # Written after every method, atomically, so a long run that stops keeps what it measured.
-        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
-        plot(result["methods"], result["source_eval"], out / "recovery.png")
-    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+        # A lock per method: a second process sharing --out skips the methods another one is running.
+        with open(out / f".running-{_work_name(name)}", "w") as claim:
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{name}: another process sharing {out} is running it; skipped here")
+                continue
+            with _locked(out):  # it may have finished between the check above and the lock
+                if name in {row["method"] for row in (_load_earlier(result_path, args) or result)["methods"]}:
+                    continue
+            row = run_method(name, args.source, out, args, assets)
+            result = _merge_and_save(result_path, args, row=row)
+    result = _merge_and_save(result_path, args)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if all(math.isfinite(p["ppl"]) for r in result["methods"] for p in r["points"]) else 1
 

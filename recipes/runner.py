@@ -238,10 +238,22 @@ def apply_mode(model, recipe: Recipe):
             r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
             target_modules=targets, target_parameters=target_parameters, task_type="CAUSAL_LM",
         )
+        added = []
+        if recipe.lora.train_new_params:
+            from ..peft_utils import new_parameter_names
+
+            names = set(new_parameter_names(model)) if _is_hf_arch(model) else set()
+            if not names:
+                raise ValueError(f"lora.train_new_params: {recipe.model} ({model.config.model_type}) has no new "
+                                 "parameters (only converted hf_arch variants do)")
+            added = [p for n, p in model.named_parameters() if n in names]
         try:
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
         except ValueError as err:
             raise ValueError(f"lora: could not apply LoRA to {recipe.model}: {err} (set lora.target_modules)") from err
+        for p in added:  # the same tensors, now inside the PeftModel; merged saves carry their trained values
+            p.requires_grad_(True)
+        return peft_model
     raise ValueError(f"unknown training.mode {mode!r}")
 
 

@@ -128,6 +128,9 @@ class LoraSection:
     # None: hf_arch.lora_target_modules(model) for hf_arch variants, peft's defaults for other models.
     target_modules: list[str] | None = None
     merge_on_save: bool = True  # final/ holds a full merged model (False: the adapter only)
+    # Also train, at full rank, the parameters a conversion added (gates, decays, feature maps, short convs): an
+    # hf_arch variant's new parameters, otherwise frozen under LoRA.
+    train_new_params: bool = False
 
 
 @dataclass
