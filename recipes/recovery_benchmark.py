@@ -100,7 +100,8 @@ PILOT_STEPS = 6
 MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
-               "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file")
+               "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file",
+               "generation_prompts", "generation_tokens")
 
 
 def _assets() -> Path:
@@ -167,8 +168,44 @@ def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8) -> 
                                       "stderr": round(result["acc_norm_stderr"], 4), "items": result["n"]}
         point["tasks"] = tasks
         point["avg_acc"] = round(sum(t["acc_norm"] for t in tasks.values()) / len(tasks), 4)
+    reference = getattr(args, "generation_reference", None)
+    if reference:
+        from .generation_check import agreement, greedy_continuations
+
+        continuations = greedy_continuations(model, tokenizer, reference["prompts"], args.generation_tokens,
+                                             show_progress=False)
+        point["generation"] = agreement(reference["continuations"], continuations)
     point["eval_seconds"] = round(time.time() - started)
     return point
+
+
+def generation_reference(args, out: Path) -> dict | None:
+    """The source's greedy continuations of ``--generation-prompts`` held-out prompts (cached in
+    ``out/generation_reference.json``), against which every point's generation agreement is measured."""
+    if not args.generation_prompts:
+        return None
+    path = out / "generation_reference.json"
+    settings = {"source": args.source, "eval_file": str(args.eval_file), "prompts": args.generation_prompts,
+                "new_tokens": args.generation_tokens}
+    with _locked(out):
+        if path.exists():
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("settings") == settings:
+                return cached
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .generation_check import greedy_continuations, held_out_prompts
+
+        tokenizer = AutoTokenizer.from_pretrained(args.source)
+        try:
+            prompts = held_out_prompts(args.eval_file, tokenizer, args.generation_prompts)
+        except ValueError as err:
+            raise SystemExit(f"--generation-prompts: {err}") from None
+        model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
+        reference = {"settings": settings, "prompts": prompts,
+                     "continuations": greedy_continuations(model, tokenizer, prompts, args.generation_tokens)}
+        atomic_write_text(path, json.dumps(reference) + "\n")
+    return reference
 
 
 def attention_mse(model_dir: Path, eval_file: Path, tokens: int = 1024) -> list[float] | None:
@@ -423,22 +460,29 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
 def format_table(result: dict) -> str:
     source = result["source_eval"]
     tasks = list(source.get("tasks", {}))
+    generation = any("generation" in p for row in result["methods"] for p in row["points"])
     task_cells = lambda point: [f"{point['tasks'][t]['acc_norm']} ± {point['tasks'][t]['stderr']}"  # noqa: E731
                                 for t in tasks]
+    gen_cells = lambda point: ([f"{point['generation']['token_agreement']} ± "  # noqa: E731
+                                f"{point['generation']['token_agreement_stderr']}" if "generation" in point else "-"]
+                               if generation else [])
     row_of = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
-    lines = [row_of(["method", "stage", "tokens", "train min", "ppl", "ppl / source", *tasks]),
-             row_of(["---"] * (6 + len(tasks)))]
-    lines.append(row_of(["source", "-", "-", "-", source["ppl"], "1.00", *task_cells(source)]))
+    header = ["method", "stage", "tokens", "train min", "ppl", "ppl / source", *tasks]
+    header += ["greedy agreement"] if generation else []
+    lines = [row_of(header), row_of(["---"] * len(header))]
+    lines.append(row_of(["source", "-", "-", "-", source["ppl"], "1.00", *task_cells(source)]
+                        + (["1.0"] if generation else [])))
     for row in result["methods"]:
         for p in row["points"]:
             lines.append(row_of([row["method"], p["stage"], p["tokens"], f"{p.get('train_seconds', 0) / 60:.1f}",
-                                 p["ppl"], f"{p['ppl'] / source['ppl']:.3f}", *(task_cells(p) if tasks else [])]))
+                                 p["ppl"], f"{p['ppl'] / source['ppl']:.3f}", *(task_cells(p) if tasks else []),
+                                 *gen_cells(p)]))
     return "\n".join(lines)
 
 
 def _settings(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("json", "overwrite", "methods")}
+            if k not in ("json", "overwrite", "methods", "generation_reference")}
 
 
 def _load_earlier(path: Path, args) -> dict | None:
@@ -511,6 +555,10 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", "--ppl-tokens", dest="eval_tokens", type=int, default=32768)
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="items per zero-shot task (default: the full sets; 0: no tasks)")
+    parser.add_argument("--generation-prompts", type=int, default=200,
+                        help="greedy continuations of this many held-out prompts (first 32 tokens of each evaluation "
+                             "document) compared with the source's at every point (0: off)")
+    parser.add_argument("--generation-tokens", type=int, default=32, help="new tokens per continuation")
     parser.add_argument("--distill", action="store_true", help="linearization stage 2: add self-distillation")
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     parser.add_argument("--json", action="store_true", help="print recovery.json instead of the table")
@@ -544,6 +592,7 @@ def main(argv=None) -> int:
     with _locked(out):
         result = _load_earlier(result_path, args) or {
             "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
+    args.generation_reference = generation_reference(args, out)
     if result["source_eval"] is None:
         source_eval = {"file": str(args.eval_file), **evaluate_model(Path(args.source), args, assets)}
         result = _merge_and_save(result_path, args, source_eval=source_eval)

@@ -167,6 +167,8 @@ def test_target_config_is_derived_from_source():
         (dict(keep_full_attention=[1], ratio=2), "only one of keep_full_attention and ratio"),
         (dict(window=0), "window must be a positive integer"),
         (dict(ratio=0), "ratio must be an integer >= 1"),
+        (dict(feature_map="relu"), r"feature_map must be one of \('identity', 'softmax', 'hedgehog'\), got 'relu'"),
+        (dict(mix_weights=[1.0]), r"mix_weights must be two numbers \[w_linear, w_window\], got \[1.0\]"),
     ],
 )
 def test_bad_options_raise_clear_errors(stories, kwargs, message):
@@ -176,7 +178,18 @@ def test_bad_options_raise_clear_errors(stories, kwargs, message):
 
 def test_options_as_dict():
     assert LinearizeOptions(method="lizard", ratio=3).as_dict() == dict(
-        method="lizard", keep_full_attention=None, ratio=3, window=64, num_sinks=4, gate_normalizer=16.0)
+        method="lizard", keep_full_attention=None, ratio=3, window=64, num_sinks=4, gate_normalizer=16.0,
+        feature_map=None, mix_weights=None)
+
+
+def test_feature_map_and_mixing_override_the_method_preset(stories):
+    config = linearize(stories, LinearizeOptions(method="lolcats", feature_map="softmax", mix_weights=[1.0, 0.1])).config
+    assert config.linear_attn_feature_map == "softmax" and config.linear_attn_mix_weights == [1.0, 0.1]
+    assert config.linear_attn_hybrid == "lizard"  # the rest of the preset stays
+    preset = linearize(stories, LinearizeOptions(method="lolcats")).config
+    assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 1.0]
+    with pytest.raises(ValueError, match="mix_weights: method 'mamba_init' has no window branch"):
+        linearize(stories, LinearizeOptions(method="mamba_init", mix_weights=[1.0, 1.0]))
 
 
 def test_shape_mismatch_names_the_tensor(stories):

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from hf_arch.cli import main
-from hf_arch.recipes.recovery_benchmark import format_table, split_text_file
+from hf_arch.recipes.recovery_benchmark import (format_table, resolve_method, split_text_file, stage_recipes,
+                                                 _merge_and_save)
 
 SEPARATOR = "<|endoftext|>"
 
@@ -25,7 +26,7 @@ def stories_text(tmp_path, assets):
 
 def _common(stories260k, out, stories_text):
     return ["bench", "recovery", str(stories260k), "--out", str(out), "--text-file", str(stories_text),
-            "--document-separator", SEPARATOR, "--batch-size", "2", "--block-size", "32", "--eval-tokens", "1200",
+            "--document-separator", SEPARATOR, "--generation-prompts", "0", "--batch-size", "2", "--block-size", "32", "--eval-tokens", "1200",
             "--eval-limit", "0"]
 
 
@@ -42,7 +43,7 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
     out = tmp_path / "recovery"
     args = _common(stories260k, out, stories_text) + ["--methods", "lolcats", "moe_half", "--stage1-steps", "1",
-                                                      "--stage2-steps", "1", "--json"]
+                                                      "--stage2-steps", "1", "--json", "--generation-prompts", "8"]
     assert main(args) == 0
     result = json.loads((out / "recovery.json").read_text())
     assert (out / "recovery.png").stat().st_size > 0
@@ -61,15 +62,25 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     assert moe["conversion_report"]["resolved_options"]["shared_neurons"] == 20
     assert len(moe["conversion_report"]["router_distillation"]) == 5
     assert format_table(result).count("| lolcats |") == 3
+    # Every point continues the same 8 held-out prompts greedily and compares with the source's continuations.
+    reference = json.loads((out / "generation_reference.json").read_text())
+    assert len(reference["prompts"]) == 8 and all(len(c) == 32 for c in reference["continuations"])
+    for point in lolcats["points"] + moe["points"]:
+        assert point["generation"]["prompts"] == 8 and 0 <= point["generation"]["token_agreement"] <= 1
+    assert "greedy agreement" in format_table(result)
 
     # A rerun resumes: the finished methods stay, only the new one runs.
     assert main(_common(stories260k, out, stories_text) + ["--methods", "lolcats", "moe_upcycle", "--stage1-steps",
-                                                           "1", "--stage2-steps", "1"]) == 0
+                                                           "1", "--stage2-steps", "1", "--generation-prompts",
+                                                           "8"]) == 0
     again = json.loads((out / "recovery.json").read_text())
     assert [row["method"] for row in again["methods"]] == ["lolcats", "moe_half", "moe_upcycle"]
     assert again["methods"][0] == result["methods"][0]
     # Upcycling is exact: the converted model scores like the source.
     assert again["methods"][2]["points"][0]["ppl"] == pytest.approx(result["source_eval"]["ppl"], rel=1e-4)
+    # ... and generates as the source does (a check that can fail: the untrained lolcats model does not).
+    assert again["methods"][2]["points"][0]["generation"]["token_agreement"] >= 0.99
+    assert lolcats["points"][0]["generation"]["token_agreement"] < 0.9
     # Other settings are refused by name rather than mixed into the same table.
     with pytest.raises(SystemExit, match="block_size: 32 there, 64 now"):
         main(_common(stories260k, out, stories_text)[:-6] + ["--block-size", "64", "--eval-tokens", "1200",
@@ -103,4 +114,60 @@ def test_bad_input_is_refused_before_training(tmp_path, stories260k, stories_tex
               str(tmp_path / "missing.txt"), "--methods", "liger"])
     with pytest.raises(SystemExit, match="--minutes must be > 0"):
         main(_common(stories260k, tmp_path / "c", stories_text) + ["--minutes", "0"])
+    with pytest.raises(SystemExit, match=r"--generation-prompts: .*eval.txt: only \d+ documents .* asks for 500"):
+        main(_common(stories260k, tmp_path / "d", stories_text) + ["--generation-prompts", "500"])
     assert not (tmp_path / "a" / "liger").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "d" / "liger").exists()
+
+
+def test_method_specs_change_conversion_options_and_recipe_fields():
+    method = resolve_method("lolcats:window=128,lora_targets=all,stage2_lr=3e-3,mix_weights=1+0.1,train_new=true")
+    assert method.target == "gla"
+    assert method.conversion == {"method": "lolcats", "window": 128, "mix_weights": [1, 0.1]}
+    assert method.recipe == {"lora_targets": "all", "stage2_lr": 0.003, "train_new": True}
+
+    class Args:
+        batch_size, stage1_steps, stage2_steps, stage1_lr, stage2_lr, distill = 2, 3, 4, None, None, False
+
+    stages = dict(stage_recipes("linear", "SRC", Args(), method))
+    assert stages["stage1"]["training"]["learning_rate"] == 1e-2
+    assert stages["stage2"]["training"]["learning_rate"] == 3e-3
+    assert stages["stage2"]["lora"]["target_modules"][-3:] == ["gate_proj", "up_proj", "down_proj"]
+    assert stages["stage2"]["lora"]["train_new_params"] is True and "distill" not in stages["stage2"]
+    # Full fine-tuning changes the source weights, so distillation loads the source as its teacher.
+    full = dict(stage_recipes("linear", "SRC", Args(), resolve_method("mamba_init:stage2_mode=full,distill=true,"
+                                                                     "stage1=false")))
+    assert list(full) == ["stage2"] and full["stage2"]["training"]["mode"] == "full"
+    assert full["stage2"]["distill"]["teacher"] == "SRC" and "lora" not in full["stage2"]
+    moe = dict(stage_recipes("moe", "SRC", Args(), resolve_method("moe_half:stage2_mode=full")))
+    assert moe["stage2"]["training"]["mode"] == "full" and moe["stage1"]["training"]["mode"] == "patterns"
+    # The anchors' published settings are methods of their own.
+    assert resolve_method("liger_paper").recipe["lora_targets"] == ("q_proj", "k_proj", "v_proj")
+    assert resolve_method("lizard_paper").conversion["window"] == 128
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown method 'nope'"),
+    ("lolcats:windw=3", "'windw' is neither a recipe field .* nor an option of --to gla"),
+    ("lolcats:window", "'window' is not key=value"),
+    ("lolcats:stage2_mode=half", "stage2_mode must be one of"),
+    ("moe_half:lora_r=4", "'lora_r' is neither a recipe field"),
+    ("lolcats:lora_targets=q_proj+qkv", r"lora_targets \['qkv'\] are not among"),
+])
+def test_bad_method_specs_are_refused_by_name(spec, message):
+    with pytest.raises(SystemExit, match=message):
+        resolve_method(spec)
+
+
+def test_processes_sharing_an_out_dir_merge_their_rows(tmp_path):
+    class Args:
+        overwrite, source = False, "SRC"
+
+    path = tmp_path / "recovery.json"
+    _merge_and_save(path, Args(), source_eval={"ppl": 2.0, "file": "eval.txt"})
+    _merge_and_save(path, Args(), row={"method": "a", "points": [{"stage": "converted", "tokens": 0, "ppl": 3.0}]})
+    _merge_and_save(path, Args(), row={"method": "b", "points": [{"stage": "converted", "tokens": 0, "ppl": 4.0}]})
+    result = _merge_and_save(path, Args(), row={"method": "a", "points": [{"stage": "converted", "tokens": 0,
+                                                                            "ppl": 5.0}]})
+    assert [(r["method"], r["points"][0]["ppl"]) for r in result["methods"]] == [("b", 4.0), ("a", 5.0)]
+    assert json.loads(path.read_text()) == result and (tmp_path / "recovery.png").stat().st_size > 0

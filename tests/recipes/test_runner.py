@@ -554,6 +554,29 @@ def test_attention_transfer_trains_only_new_parameters_and_lowers_the_mse(tmp_pa
     assert changed and all(k.endswith(("feature_map", "window_weight")) for k in changed), changed
 
 
+def test_lora_can_also_train_the_converted_models_new_parameters(tmp_path, lolcats_dir, stories_file, stories260k):
+    recipe = make_recipe(tmp_path, lolcats_dir, stories_file, training={"mode": "lora", "max_steps": 3,
+                                                                         "learning_rate": 1e-2},
+                         lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "train_new_params": True})
+    run_recipe(recipe)
+    changed = changed_keys(state_dict(lolcats_dir), state_dict(tmp_path / "out" / "final"))
+    assert any(k.endswith("feature_map") for k in changed), changed  # trained at full rank
+    assert any(k.endswith("q_proj.weight") for k in changed)  # LoRA merged
+    assert not any(k.endswith(("k_proj.weight", "o_proj.weight", "mlp.up_proj.weight")) for k in changed)
+    # Without the flag the new parameters stay frozen under LoRA.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "llama").mkdir()
+    plain = make_recipe(tmp_path / "plain", lolcats_dir, stories_file, training={"mode": "lora", "max_steps": 3,
+                                                                                  "learning_rate": 1e-2},
+                        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    run_recipe(plain)
+    changed = changed_keys(state_dict(lolcats_dir), state_dict(tmp_path / "plain" / "out" / "final"))
+    assert changed and not any(k.endswith("feature_map") for k in changed), changed
+    with pytest.raises(ValueError, match="lora.train_new_params: .* has no new parameters"):
+        run_recipe(make_recipe(tmp_path / "llama", stories260k, stories_file, training={"mode": "lora", "max_steps": 1},
+                               lora={"r": 4, "train_new_params": True}))
+
+
 def test_lora_with_self_distillation_needs_no_teacher_copy(tmp_path, lolcats_dir, stories_file, stories260k):
     from hf_arch.recipes.objectives import DistillationTeacher
 
