@@ -202,7 +202,11 @@ def convert(
                              "(calibration_file=...)")
         extra["calibration_ids"] = calibration_tokens(src, calibration_file, opts.calibration_tokens,
                                                       trust_remote_code)
-    target = convert_fn(source, opts, **extra)
+    # New parameters take random initialisations: seeded (the options' seed where they have one, else 0; the
+    # caller's RNG untouched) so that a conversion is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(getattr(opts, "seed", 0))
+        target = convert_fn(source, opts, **extra)
     # What the conversion measured or decided (e.g. options filled in from the source, router fits), if it says.
     report = target.__dict__.pop("conversion_report", None)
 

@@ -116,3 +116,17 @@ def test_bf16_source_keeps_dtype(tmp_path):
     assert result.max_abs_logit_diff <= 1e-5
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.dtype == torch.bfloat16
+
+
+def test_conversions_with_random_new_parameters_are_reproducible(stories260k, tmp_path):
+    from safetensors.torch import load_file
+
+    first = convert(stories260k, tmp_path / "a", to="gated_deltanet", method="mamba_init")
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    second = convert(stories260k, tmp_path / "b", to="gated_deltanet", method="mamba_init")
+    assert torch.equal(torch.rand(1), expected)  # the caller's RNG stream is left where it was
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.record["max_abs_logit_diff"] == second.record["max_abs_logit_diff"] > 0
