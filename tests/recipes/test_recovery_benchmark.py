@@ -121,10 +121,12 @@ def test_bad_input_is_refused_before_training(tmp_path, stories260k, stories_tex
 
 
 def test_method_specs_change_conversion_options_and_recipe_fields():
-    method = resolve_method("lolcats:window=128,lora_targets=all,stage2_lr=3e-3,mix_weights=1+0.1,train_new=true")
+    method = resolve_method("lolcats:window=128,stage2_mode=lora,lora_targets=all,stage2_lr=3e-3,mix_weights=1+0.1,"
+                            "train_new=true,distill=false")
     assert method.target == "gla"
     assert method.conversion == {"method": "lolcats", "window": 128, "mix_weights": [1, 0.1]}
-    assert method.recipe == {"lora_targets": "all", "stage2_lr": 0.003, "train_new": True}
+    assert method.recipe == {"stage2_mode": "lora", "lora_targets": "all", "stage2_lr": 0.003, "train_new": True,
+                             "distill": False}
 
     class Args:
         batch_size, stage1_steps, stage2_steps, stage1_lr, stage2_lr, distill = 2, 3, 4, None, None, False
@@ -135,8 +137,7 @@ def test_method_specs_change_conversion_options_and_recipe_fields():
     assert stages["stage2"]["lora"]["target_modules"][-3:] == ["gate_proj", "up_proj", "down_proj"]
     assert stages["stage2"]["lora"]["train_new_params"] is True and "distill" not in stages["stage2"]
     # Full fine-tuning changes the source weights, so distillation loads the source as its teacher.
-    full = dict(stage_recipes("linear", "SRC", Args(), resolve_method("mamba_init:stage2_mode=full,distill=true,"
-                                                                     "stage1=false")))
+    full = dict(stage_recipes("linear", "SRC", Args(), resolve_method("mamba_init:stage1=false")))
     assert list(full) == ["stage2"] and full["stage2"]["training"]["mode"] == "full"
     assert full["stage2"]["distill"]["teacher"] == "SRC" and "lora" not in full["stage2"]
     moe = dict(stage_recipes("moe", "SRC", Args(), resolve_method("moe_half:stage2_mode=full")))
@@ -152,7 +153,8 @@ def test_method_specs_change_conversion_options_and_recipe_fields():
     ("lolcats:window", "'window' is not key=value"),
     ("lolcats:stage2_mode=half", "stage2_mode must be one of"),
     ("moe_half:lora_r=4", "'lora_r' is neither a recipe field"),
-    ("lolcats:lora_targets=q_proj+qkv", r"lora_targets \['qkv'\] are not among"),
+    ("lolcats:stage2_mode=lora,lora_targets=q_proj+qkv", r"lora_targets \['qkv'\] are not among"),
+    ("lolcats:lora_r=4", r"lora_r apply to stage2_mode=lora \(this method's stage 2 is 'full'\)"),
 ])
 def test_bad_method_specs_are_refused_by_name(spec, message):
     with pytest.raises(SystemExit, match=message):
