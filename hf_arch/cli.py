@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--keep-full-attention", type=int, nargs="+", metavar="LAYER",
                       help="linearization: layers that keep softmax attention")
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
-    conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers")
+    conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers (default 128)")
     conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
     conv.add_argument("--feature-map", choices=["identity", "softmax", "hedgehog"],
                       help="linearization: the linear branch's feature map (default: the method's)")

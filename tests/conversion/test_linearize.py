@@ -90,7 +90,7 @@ def test_liger_adds_no_parameters(stories):
     assert sum(p.numel() for p in target.parameters()) == sum(p.numel() for p in stories.parameters())
     layer = target.model.layers[0].self_attn
     assert (layer.gate, layer.feature_map, layer.hybrid) == ("key_pooled", "softmax", "liger")
-    assert target.config.linear_attn_mix_weights == [0.5, 0.5] and target.config.sliding_window == 64
+    assert target.config.linear_attn_mix_weights == [0.5, 0.5] and target.config.sliding_window == 128
 
 
 def test_method_presets_add_their_parameters(stories):
@@ -178,7 +178,7 @@ def test_bad_options_raise_clear_errors(stories, kwargs, message):
 
 def test_options_as_dict():
     assert LinearizeOptions(method="lizard", ratio=3).as_dict() == dict(
-        method="lizard", keep_full_attention=None, ratio=3, window=64, num_sinks=4, gate_normalizer=16.0,
+        method="lizard", keep_full_attention=None, ratio=3, window=128, num_sinks=4, gate_normalizer=16.0,
         feature_map=None, mix_weights=None)
 
 
