@@ -194,6 +194,8 @@ def test_shipped_configs_load(monkeypatch):
     assert lora.training.mode == "lora" and lora.lora.merge_on_save
     stage1 = load_recipe(CONFIGS / "linearize_stage1_attention_transfer.yaml")
     assert (stage1.training.mode, stage1.training.objective) == ("new_params", "attention_transfer")
+    full = load_recipe(CONFIGS / "linearize_stage2_full.yaml", ["distill.teacher=/src"])
+    assert full.training.mode == "full" and full.distill.teacher == "/src"
     stage2 = load_recipe(CONFIGS / "linearize_stage2_lora.yaml")
     assert stage2.training.mode == "lora" and stage2.distill.teacher == "self"
     router = load_recipe(CONFIGS / "moe_router_warmup.yaml", ["distill.teacher=./dense"])
