@@ -435,6 +435,9 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         point = {"stage": stage, "tokens": tokens, "steps": summary["steps"], "train_seconds": round(seconds, 1),
                  "tokens_per_second": round(stage_tokens / max(summary["train_seconds"], 1e-9)),
                  "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
+                 # the training curve between this point and the last: (tokens so far, logged loss)
+                 "loss_curve": [(tokens - stage_tokens + step * args.batch_size * args.block_size, round(loss, 5))
+                                for step, loss in summary.get("loss_curve", [])],
                  **evaluate_model(current, args, assets)}
         row["points"].append(point)
         if linear and stage == "stage1":
@@ -449,13 +452,20 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     for row in rows:
         ratios = [p["ppl"] / source_eval["ppl"] for p in row["points"]]
-        axes[0].plot([p["tokens"] for p in row["points"]], ratios, marker="o", label=row["method"])
+        line, = axes[0].plot([p["tokens"] for p in row["points"]], ratios, marker="o", label=row["method"])
         axes[1].plot([p.get("train_seconds", 0.0) / 60 for p in row["points"]], ratios, marker="o",
                      label=row["method"])
-    for ax, label in zip(axes, ("training tokens", "training minutes (this CPU)")):
+        curve = [pair for p in row["points"] if p.get("stage") == "stage2" for pair in p.get("loss_curve", [])]
+        if curve:  # the last stage's training loss (next-token + distillation terms, as the trainer logs it)
+            axes[2].plot(*zip(*curve), color=line.get_color(), label=row["method"])
+    axes[2].set_xlabel("training tokens")
+    axes[2].set_ylabel("stage-2 training loss")
+    axes[2].grid(alpha=0.3)
+    axes[1].sharey(axes[0])
+    for ax, label in zip(axes[:2], ("training tokens", "training minutes (this CPU)")):
         ax.axhline(1.0, color="black", linestyle="--", label="source")
         ax.set_xlabel(label)
         ax.set_yscale("log")

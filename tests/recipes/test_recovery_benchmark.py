@@ -54,6 +54,9 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
         assert all(math.isfinite(p["ppl"]) for p in row["points"])
     lolcats, moe = result["methods"]
     assert [p["tokens"] for p in lolcats["points"]] == [0, 64, 128]
+    # Each trained point carries its stage's logged loss curve, in tokens since the start of training.
+    assert [tokens for tokens, _ in lolcats["points"][2]["loss_curve"]] == [128]
+    assert all(math.isfinite(loss) for _, loss in lolcats["points"][2]["loss_curve"])
     # The partition's routers were fitted at conversion, so its router-only stage is skipped.
     assert [p["tokens"] for p in moe["points"]] == [0, 0, 64]
     assert moe["points"][1]["skipped"] == "routers fitted at conversion (router distillation)"
