@@ -55,7 +55,8 @@ class LinearizeOptions:
     num_sinks: int = 4  # lizard's learnable sink logits
     gate_normalizer: float = 16.0  # τ of the GLA-style log gate
     # Overrides of the method preset (recipe fields; None keeps the preset's): the linear branch's feature map
-    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights.
+    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights (lolcats /
+    # lizard add the window to the linear branch with a learnable α: w_window is α's init, w_linear must be 1).
     feature_map: str | None = None
     mix_weights: list[float] | None = None
 
@@ -171,6 +172,9 @@ def linearized_config_from(source_config, options: LinearizeOptions, to: str | N
     if options.mix_weights is not None:
         if overrides.get("linear_attn_hybrid", "none") == "none":
             raise ValueError(f"mix_weights: method {options.method!r} has no window branch to mix with")
+        if overrides["linear_attn_hybrid"] == "lizard" and options.mix_weights[0] != 1:
+            raise ValueError(f"mix_weights: method {options.method!r} adds α·window to the linear branch (weight 1); "
+                             f"only w_window (α's init) can change, got w_linear={options.mix_weights[0]}")
         overrides["linear_attn_mix_weights"] = [float(w) for w in options.mix_weights]
     source_types = list(kwargs.pop("layer_types", None) or ["full_attention"] * n)
     source_window = kwargs.pop("sliding_window", None)

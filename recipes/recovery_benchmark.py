@@ -57,7 +57,12 @@ class RecoveryMethod:
     target: str
     conversion: dict
     recipe: dict = field(default_factory=dict)
-    about: str = ""
+    about: str = ""  # where the settings come from (recorded in the row)
+
+    @property
+    def kind(self) -> str:
+        """``moe`` for refactorized methods, ``linear`` for linearizations (the key of ``RECIPE_DEFAULTS``)."""
+        return "moe" if self.target == "moe" else "linear"
 
 
 # How stages train unless a method (or a ``name:key=value`` spec) says otherwise. Linearized models: stage 2
@@ -250,7 +255,7 @@ def resolve_method(spec: str) -> RecoveryMethod:
     if name not in METHODS:
         raise SystemExit(f"--methods {spec!r}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     method = METHODS[name]
-    kind = "moe" if method.target == "moe" else "linear"
+    kind = method.kind
     option_fields = sorted(set(CONVERSIONS[method.target].options_class.__dataclass_fields__) - {"method"})
     conversion, recipe = dict(method.conversion), dict(method.recipe)
     for item in filter(None, changes.split(",")):
@@ -394,15 +399,16 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     if to == "moe" and options["method"] == "partition":
         extra = {"calibration_file": args.calibration_file or args.train_file}
     record = convert(source, converted, to=to, **options, **extra).record
-    kind = "moe" if to == "moe" else "linear"
+    kind = method.kind
     row = {"method": name, "target": to, "options": options, "recipe": recipe_settings(kind, method.recipe),
+           **({"about": method.about} if method.about else {}),
            "max_abs_logit_diff": record["max_abs_logit_diff"],
            "conversion_seconds": round(time.time() - started),
            "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0,
                        **evaluate_model(converted, args, assets)}]}
     if "report" in record:
         row["conversion_report"] = record["report"]
-    linear = to != "moe"
+    linear = kind == "linear"
     if linear:
         row["attention_mse_before"] = attention_mse(converted, args.eval_file)
     current, tokens, seconds = converted, 0, 0.0
@@ -614,16 +620,12 @@ def main(argv=None) -> int:
     with _locked(out):
         result = _load_earlier(result_path, args) or {
             "source": args.source, "settings": _settings(args), "source_eval": None, "methods": []}
-    args.generation_reference = generation_reference(args, out)
+    args.generation_reference = None  # the source is scored before its continuations become the reference
     if result["source_eval"] is None:
         source_eval = {"file": str(args.eval_file), **evaluate_model(Path(args.source), args, assets)}
         result = _merge_and_save(result_path, args, source_eval=source_eval)
+    args.generation_reference = generation_reference(args, out)
     for name in args.methods:
-        with _locked(out):
-            done = {row["method"] for row in (_load_earlier(result_path, args) or result)["methods"]}
-        if name in done:
-            print(f"{name}: already in {result_path} (resumed); --overwrite to run it again")
-            continue
         # A lock per method: a second process sharing --out skips the methods another one is running.
         with open(out / f".running-{_work_name(name)}", "w") as claim:
             try:
@@ -631,9 +633,11 @@ def main(argv=None) -> int:
             except BlockingIOError:
                 print(f"{name}: another process sharing {out} is running it; skipped here")
                 continue
-            with _locked(out):  # it may have finished between the check above and the lock
-                if name in {row["method"] for row in (_load_earlier(result_path, args) or result)["methods"]}:
-                    continue
+            with _locked(out):
+                done = {row["method"] for row in (_load_earlier(result_path, args) or result)["methods"]}
+            if name in done:
+                print(f"{name}: already in {result_path} (resumed); --overwrite to run it again")
+                continue
             row = run_method(name, args.source, out, args, assets)
             result = _merge_and_save(result_path, args, row=row)
     result = _merge_and_save(result_path, args)

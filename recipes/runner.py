@@ -194,6 +194,13 @@ def _is_hf_arch(model) -> bool:
     return any(v.model_type == model.config.model_type for v in VARIANTS.values())
 
 
+def _new_parameter_set(model) -> set[str]:
+    """Names of the parameters a conversion added (empty for models that are not hf_arch variants)."""
+    from ..peft_utils import new_parameter_names
+
+    return set(new_parameter_names(model)) if _is_hf_arch(model) else set()
+
+
 def apply_mode(model, recipe: Recipe):
     """Freeze / wrap ``model`` for ``training.mode``; returns the model to train (a PeftModel in lora mode)."""
     mode = recipe.training.mode
@@ -202,9 +209,7 @@ def apply_mode(model, recipe: Recipe):
             p.requires_grad_(True)
         return model
     if mode == "new_params":
-        from ..peft_utils import new_parameter_names
-
-        names = set(new_parameter_names(model)) if _is_hf_arch(model) else set()
+        names = _new_parameter_set(model)
         if not names:
             raise ValueError(
                 f"training.mode new_params: model {recipe.model} ({model.config.model_type}) has no new parameters "
@@ -240,9 +245,7 @@ def apply_mode(model, recipe: Recipe):
         )
         added = []
         if recipe.lora.train_new_params:
-            from ..peft_utils import new_parameter_names
-
-            names = set(new_parameter_names(model)) if _is_hf_arch(model) else set()
+            names = _new_parameter_set(model)
             if not names:
                 raise ValueError(f"lora.train_new_params: {recipe.model} ({model.config.model_type}) has no new "
                                  "parameters (only converted hf_arch variants do)")
