@@ -7,10 +7,10 @@ what is added on top (``LinearizeOptions.method``):
   (``logsigmoid(k) / τ``), q/k go through a softmax over the head dim, and the layer mixes ``0.5·GLA + 0.5·SWA``
   with the same q/k/v. No new parameters at all: the converted model is usable before any training.
 * ``lolcats`` (Zhang et al., LoLCATs, arXiv 2410.10254) → ``hfa_gla``: no decay, learnable Hedgehog feature maps
-  (identity at init), a normalised linear branch, plus a sliding-window softmax branch weighted by a learnable α
-  (initialised to 1, no sinks). LoLCATs shares ONE softmax denominator between the window's ``exp(q·k)`` terms and
-  the linear part's ``φ(q)·φ(k)`` terms; we approximate that with ``normalised linear + α·window`` (each branch
-  normalised on its own), which the existing kernels compute without a new one.
+  (identity at init) and LoLCATs' hybrid (``linear_attn_hybrid="lolcats"``): the last ``window`` keys by softmax
+  ``γ·exp(q·k/√d - max)`` and every older key by ``φ(q)·φ(k)``, over ONE shared denominator, γ = sigmoid(·) per head,
+  learnable, initialised to 0.1 as LoLCATs does. Exact softmax attention as long as the window holds every key.
+  (Checkpoints converted before this kept loading as the ``lizard``-style sum they were built with.)
 * ``lizard`` (Van Nguyen et al., Lizard, arXiv 2507.09025) → ``hfa_gla``: a per-head scalar gate σ(W_γ x) (new
   parameters), GLA + α·(sliding window with ``num_sinks`` learnable sink logits, zero at init), α learnable and
   initialised to 1. Lizard also learns a feature map on q/k; we keep the identity map here.
@@ -55,8 +55,8 @@ class LinearizeOptions:
     num_sinks: int = 4  # lizard's learnable sink logits
     gate_normalizer: float = 16.0  # τ of the GLA-style log gate
     # Overrides of the method preset (recipe fields; None keeps the preset's): the linear branch's feature map
-    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights (lolcats /
-    # lizard add the window to the linear branch with a learnable α: w_window is α's init, w_linear must be 1).
+    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights (lizard adds
+    # α·window to the linear branch, w_window is α's init and w_linear must be 1; lolcats: w_window is γ's init).
     feature_map: str | None = None
     mix_weights: list[float] | None = None
 
@@ -142,8 +142,8 @@ register_linear_target("gla", GLAConfig, GLAForCausalLM, {
                             linear_attn_hybrid="liger", linear_attn_mix_weights=[0.5, 0.5],
                             linear_attn_output_norm="none", linear_attn_conv_size=0, linear_attn_qk_norm="none"),
     "lolcats": lambda o: dict(_common(o), linear_attn_gate="none", linear_attn_feature_map="hedgehog",
-                              linear_attn_normalize=True, linear_attn_hybrid="lizard", linear_attn_num_sinks=0,
-                              linear_attn_mix_weights=[1.0, 1.0], linear_attn_output_norm="none",
+                              linear_attn_normalize=True, linear_attn_hybrid="lolcats",
+                              linear_attn_mix_weights=[1.0, 0.1], linear_attn_output_norm="none",
                               linear_attn_conv_size=0, linear_attn_qk_norm="none"),
     # Lizard: Hedgehog feature maps (as LoLCATs; an identity map makes the unnormalised linear branch explode:
     # 87K perplexity before training on stories260K), a scalar gate σ(W_γ x), learnable sink logits.

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="linearization: the linear branch's feature map (default: the method's)")
     conv.add_argument("--mix-weights", type=float, nargs=2, metavar=("W_LINEAR", "W_WINDOW"),
                       help="linearization hybrids: initial weights of the linear and window branches "
-                           "(lolcats / lizard: W_LINEAR 1, W_WINDOW is the learnable α's init)")
+                           "(lizard: W_LINEAR 1, W_WINDOW is the learnable α's init; lolcats: W_WINDOW is γ's init in (0, 1))")
     conv.add_argument("--experts", type=int, help="moe: FFN experts per layer")
     conv.add_argument("--top-k", type=int, help="moe: experts per token")
     conv.add_argument("--split", choices=["random", "cluster", "activation"],

@@ -199,7 +199,7 @@ LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
 LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
-LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard")
+LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard", "lolcats")
 
 
 # Options that only matter while their mechanism is on: (the mechanism, is it on?, the fields only it reads). A config
@@ -228,7 +228,7 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "linear_attn_conv_size", "linear_attn_qk_norm", "linear_attn_output_norm", "linear_attn_use_rope",
       "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
       "linear_attn_feature_map", "linear_attn_normalize")),
-    ("an intra-layer hybrid (linear_attn_hybrid 'liger' or 'lizard')", lambda c: c.linear_attn_hybrid != "none",
+    ("an intra-layer hybrid (linear_attn_hybrid 'liger', 'lizard' or 'lolcats')", lambda c: c.linear_attn_hybrid != "none",
      ("linear_attn_mix_weights",)),
     ("GLA's low-rank forget gate (linear_attn_type='gla' with linear_attn_gate='low_rank')",
      lambda c: c.linear_attn_type == "gla" and c.linear_attn_gate == "low_rank", ("linear_attn_gate_low_rank_dim",)),
@@ -385,8 +385,11 @@ class HfArchConfig(PreTrainedConfig):
             an all-linear model keeps them for that teacher, so they are not refused there.
         linear_attn_hybrid: intra-layer hybrid: ``"none"``; ``"liger"`` (``w_lin·linear + w_win·SWA`` with the same
             q/k/v); ``"lizard"`` (SWA with ``linear_attn_num_sinks`` learnable sink logits, ``linear + α·SWA`` with α
-            learnable). The window is ``sliding_window``; such layers are stored as ``hybrid_sliding``.
-        linear_attn_mix_weights: ``[w_lin, w_win]`` (``w_win`` is α's initial value for lizard).
+            learnable); ``"lolcats"`` (LoLCATs: one softmax denominator shared by the window's ``exp(q·k/√d - max)``
+            terms, weighted by a learnable per-head γ = sigmoid(·), and the linear branch's ``w_lin·φ(q)·φ(k)`` terms
+            over the keys older than the window; needs ``linear_attn_normalize``; exact softmax attention while the
+            window holds every key). The window is ``sliding_window``; such layers are stored as ``hybrid_sliding``.
+        linear_attn_mix_weights: ``[w_lin, w_win]`` (``w_win`` is α's initial value for lizard, γ's for lolcats).
         linear_attn_num_sinks: learnable sink logits in the window branch's softmax denominator.
         full_attention_layers / linear_to_full_ratio: shorthands for ``layer_types`` of a linear variant: the listed
             layers (or every ``(ratio + 1)``-th layer) get full attention, the rest linear attention.
@@ -1065,6 +1068,14 @@ class HfArchConfig(PreTrainedConfig):
         if self.linear_attn_normalize and self.linear_attn_feature_map == "identity":
             raise ValueError(f"{cls}.linear_attn_normalize needs a positive feature map (linear_attn_feature_map "
                              "'softmax' or 'hedgehog'): with 'identity' the denominator φ(q)·z can be <= 0")
+        if self.linear_attn_hybrid == "lolcats":
+            if not self.linear_attn_normalize:
+                raise ValueError(f"{cls}: linear_attn_hybrid='lolcats' shares the linear branch's denominator φ(q)·z "
+                                 "with the window's softmax mass, so it needs linear_attn_normalize=True")
+            w_linear, gamma = self.linear_attn_mix_weights
+            if not 0 < gamma < 1 or not w_linear > 0:
+                raise ValueError(f"{cls}.linear_attn_mix_weights for linear_attn_hybrid='lolcats' are [w_linear > 0, "
+                                 f"γ₀ in (0, 1)] (γ = sigmoid of a learnable logit), got {self.linear_attn_mix_weights}")
         if self.linear_attn_num_sinks and self.linear_attn_hybrid != "lizard":
             raise ValueError(f"{cls}.linear_attn_num_sinks applies to linear_attn_hybrid='lizard' only, "
                              f"got {self.linear_attn_num_sinks} with {self.linear_attn_hybrid!r}")
@@ -1154,7 +1165,7 @@ def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_
     elif layer_types is None:
         layer_types = [default] * n
     layer_types = list(layer_types)
-    if getattr(config, "linear_attn_hybrid", "none") in ("liger", "lizard"):
+    if getattr(config, "linear_attn_hybrid", "none") not in (None, "none"):
         layer_types = ["hybrid_sliding" if t == "linear_attention" else t for t in layer_types]
     return layer_types
 

@@ -7,6 +7,7 @@ work where triton is missing or has no GPU driver.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Callable, Optional
@@ -28,7 +29,8 @@ from .sa_softmax.cached import sa_softmax_attention_over_cache
 from .sa_softmax.chunk import chunk_sa_softmax_attention
 from .sliding_window.chunk import chunk_sliding_window_attention
 
-__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "block_sparse_attention", "pooled_attention_scores",
+__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "sliding_window_attention_with_mass",
+           "block_sparse_attention", "pooled_attention_scores",
            "sa_softmax_attention", "krr_attention",
            "expert_mlp", "weighted_expert_mlp", "RECURRENT_MAX_TOKENS"]
 
@@ -68,6 +70,8 @@ _SWA_IMPLS = {
     "torch": chunk_sliding_window_attention,
     **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),
 }
+# With each row's softmax mass (LoLCATs' shared denominator): the PyTorch path only, on every device, for now.
+_SWA_MASS_IMPLS = {"torch": functools.partial(chunk_sliding_window_attention, return_mass=True)}
 _BSA_IMPLS = {
     "torch": chunk_block_sparse_attention,
     **_triton_op(".block_sparse.triton_block_sparse", "triton_block_sparse_attention"),
@@ -143,6 +147,22 @@ def sliding_window_attention(
     impl = select_backend("sliding_window_attention", _SWA_IMPLS, q, backend)
     return impl(q, k, v, window, sink_logits=sink_logits, scale=scale, cu_seqlens=cu_seqlens,
                 attention_mask=attention_mask)
+
+
+def sliding_window_attention_with_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sliding_window_attention` (no sinks) and each query row's ``Σ exp(score - row max)`` ``[B, T, H]`` in
+    fp32, the row max differentiable: what a hybrid needs to share one denominator with other terms (LoLCATs)."""
+    impl = select_backend("sliding_window_attention_with_mass", _SWA_MASS_IMPLS, q, backend)
+    return impl(q, k, v, window, scale=scale, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
 
 
 def block_sparse_attention(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import LINEAR_LAYER_TYPES
-from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention
+from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention, sliding_window_attention_with_mass
 from ..kernels.sliding_window import sliding_window_attention_over_cache
 from .attention import repeat_kv
 from .attention_transfer import softmax_teacher, transfer_loss
@@ -37,6 +37,7 @@ from .norm import HfArchGatedRMSNorm, HfArchRMSNorm
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
 from .token_count_cache import TokenCountLayerMixin, token_count_layer
+from .window_delay import delay_by_window
 
 __all__ = ["GLAAttention", "GatedDeltaNetAttention", "HfArchLinearAttention", "LINEAR_MIXER_KINDS", "cached_token_count"]
 
@@ -76,7 +77,7 @@ class HfArchLinearAttention(nn.Module):
     # itself new (ShortConvolution).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "output_gate_proj")
     new_parameters = ("forget_proj", "decay_proj", "beta_proj", "A_log", "dt_bias", "out_norm", "output_gate_proj",
-                      "window_weight", "sink_logits", "q_feature_map", "k_feature_map")
+                      "window_weight", "window_factor", "sink_logits", "q_feature_map", "k_feature_map")
     # Their options are the flat linear_attn_* fields (config.linear_attn_type must equal the registered name a layer
     # asks for). A hybrid's window branch sits in a hybrid_sliding layer.
     layer_types = LINEAR_LAYER_TYPES
@@ -99,6 +100,8 @@ class HfArchLinearAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.window = config.sliding_window if self.hybrid != "none" else None
+        # The linear terms of LoLCATs' shared denominator are φ(q)·φ(k), unscaled; a normalised branch cancels it.
+        self.linear_scale = 1.0 if self.hybrid == "lolcats" else self.scaling
 
         hidden, bias, H, D = config.hidden_size, config.attention_bias, self.num_heads, self.head_dim
         self.q_proj = nn.Linear(hidden, H * D, bias=bias)
@@ -126,11 +129,12 @@ class HfArchLinearAttention(nn.Module):
         self.out_norm = HfArchGatedRMSNorm(D, eps=config.rms_norm_eps) if norm != "none" else None
         self.output_gate_proj = nn.Linear(hidden, H * D, bias=False) if norm == "gated_rmsnorm" else None
 
+        self.window_weight, self.window_factor, self.sink_logits = None, None, None
         if self.hybrid == "lizard":
             self.window_weight = nn.Parameter(torch.empty(()))  # α, learnable
             self.sink_logits = nn.Parameter(torch.empty(H, config.linear_attn_num_sinks)) if config.linear_attn_num_sinks else None
-        else:
-            self.window_weight, self.sink_logits = None, None
+        elif self.hybrid == "lolcats":
+            self.window_factor = nn.Parameter(torch.empty(H))  # γ = sigmoid(window_factor) per head, learnable
 
     @torch.no_grad()
     def init_parameters(self, init) -> None:
@@ -143,6 +147,9 @@ class HfArchLinearAttention(nn.Module):
             init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
         if self.window_weight is not None:
             init.constant_(self.window_weight, self.config.linear_attn_mix_weights[1])
+        if self.window_factor is not None:
+            init.constant_(self.window_factor, math.log(self.config.linear_attn_mix_weights[1])
+                           - math.log1p(-self.config.linear_attn_mix_weights[1]))  # sigmoid⁻¹(γ₀)
         if self.sink_logits is not None:
             init.zeros_(self.sink_logits)
         for fmap in (self.q_feature_map, self.k_feature_map):
@@ -192,8 +199,9 @@ class HfArchLinearAttention(nn.Module):
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
         raise NotImplementedError
 
-    def _window_branch(self, q, k, v, cache, key_mask, cu_seqlens):
-        """q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]`` (rotated). Uses and extends the layer's window KV cache."""
+    def _window_branch(self, q, k, v, cache, key_mask, cu_seqlens, return_mass: bool = False):
+        """q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]`` (rotated). Uses and extends the layer's window KV cache.
+        ``return_mass``: also each row's ``Σ exp(score - row max)`` ``[B, T, H]`` (LoLCATs' shared denominator)."""
         T = q.shape[1]
         if cache is not None:
             had_past = cache.layers[self.layer_idx].get_seq_length() > 0
@@ -202,10 +210,25 @@ class HfArchLinearAttention(nn.Module):
                 k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
                 mask = key_mask[:, -k_all.shape[1]:] if key_mask is not None else None
                 return sliding_window_attention_over_cache(q, k_all, v_all, self.window, self.sink_logits,
-                                                           self.scaling, key_mask=mask)
+                                                           self.scaling, key_mask=mask, return_mass=return_mass)
         mask = key_mask[:, -T:] if key_mask is not None else None
+        if return_mass:
+            return sliding_window_attention_with_mass(q, k, v, self.window, scale=self.scaling,
+                                                      cu_seqlens=cu_seqlens, attention_mask=mask)
         return sliding_window_attention(q, k, v, self.window, sink_logits=self.sink_logits, scale=self.scaling,
                                             cu_seqlens=cu_seqlens, attention_mask=mask)
+
+    def _lolcats_mix(self, linear: torch.Tensor, window: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """LoLCATs' one denominator: ``(w·φ(q)S + γ·m·window) / (w·φ(q)z + γ·m)`` per head, with ``linear`` the
+        unnormalised ``[φ(q)S, φ(q)z]`` over keys older than the window, ``m`` the window's softmax mass
+        ``Σ exp(q·k/√d - max)`` and γ = sigmoid(window_factor); exact softmax while the window holds every key."""
+        D = self.head_dim
+        wide = torch.promote_types(linear.dtype, torch.float32)
+        w_linear = self.config.linear_attn_mix_weights[0]
+        window_mass = torch.sigmoid(self.window_factor.to(wide))[:, None] * mass.to(wide)[..., None]  # [B, T, H, 1]
+        numerator = w_linear * linear[..., :D].to(wide) + window_mass * window.to(wide)
+        denominator = w_linear * linear[..., D:].to(wide) + window_mass
+        return (numerator / denominator.clamp(min=LINEAR_NORMALIZE_EPS)).to(window.dtype)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -272,18 +295,26 @@ class HfArchLinearAttention(nn.Module):
             g = g * keep.to(g.dtype) if g.dim() == 4 else g * token[..., None].to(g.dtype)
             beta = beta * token[..., None].to(beta.dtype) if beta is not None else None
 
+        if self.hybrid == "lolcats":  # the linear terms cover only keys older than the window
+            in_sequence = position_in_sequence if cu_seqlens is not None else None
+            lk_h, lv_h, g, beta = delay_by_window([lk_h, lv_h, g, beta], self.window, layer, in_sequence)
+
         initial_state = None
         if layer is not None and layer.is_recurrent_states_initialized[0]:
             initial_state = layer.recurrent_states[0]
         o, final_state = self._linear_branch(lq, lk_h, lv_h, g, beta, initial_state, layer is not None, cu_seqlens)
-        if self.normalize:  # o = φ(q)S / (φ(q)·z); the kernel's scale cancels
+        if self.normalize and self.hybrid != "lolcats":  # o = φ(q)S / (φ(q)·z); the kernel's scale cancels
             wide = torch.promote_types(o.dtype, torch.float32)
             o = (o[..., :D].to(wide) / o[..., D:].to(wide).clamp(min=LINEAR_NORMALIZE_EPS)).to(o.dtype)
         if layer is not None:
             layer.update_recurrent_state(final_state, 0)
             layer.add_tokens(T)
 
-        if self.hybrid != "none":
+        if self.hybrid == "lolcats":
+            window, mass = self._window_branch(rotated[0], rotated[1], v, past_key_values, key_mask, cu_seqlens,
+                                               return_mass=True)
+            o = self._lolcats_mix(o, window, mass)
+        elif self.hybrid != "none":
             window = self._window_branch(rotated[0], rotated[1], v, past_key_values, key_mask, cu_seqlens)
             w_lin, w_win = self.config.linear_attn_mix_weights
             if self.hybrid == "lizard":
@@ -334,7 +365,7 @@ class GLAAttention(HfArchLinearAttention):
         return g.view(B, T, self.num_heads, 1).expand(B, T, self.num_heads, self.feature_dim)
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
-        return gla(q, k, v, g, scale=self.scaling, initial_state=initial_state, output_final_state=use_cache,
+        return gla(q, k, v, g, scale=self.linear_scale, initial_state=initial_state, output_final_state=use_cache,
                    cu_seqlens=cu_seqlens)
 
 
@@ -366,7 +397,7 @@ class GatedDeltaNetAttention(HfArchLinearAttention):
         return -self.A_log.float().exp() * F.softplus(self.decay_proj(x).float() + self.dt_bias.float())
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):
-        return gated_delta_rule(q, k, v, g, beta, scale=self.scaling, initial_state=initial_state,
+        return gated_delta_rule(q, k, v, g, beta, scale=self.linear_scale, initial_state=initial_state,
                                 output_final_state=use_cache, cu_seqlens=cu_seqlens,
                                 use_qk_l2norm=self.config.linear_attn_qk_norm == "l2")
 

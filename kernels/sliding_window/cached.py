@@ -21,10 +21,12 @@ def sliding_window_attention_over_cache(
     sink_logits: torch.Tensor | None = None,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q ``[B, T_q, H, D]``, k/v ``[B, T_k, H_kv, D]`` with ``T_k >= T_q``, key_mask ``[B, T_k]`` (0 = padding).
 
-    Returns ``[B, T_q, H, D]`` in q's dtype.
+    Returns ``[B, T_q, H, D]`` in q's dtype (and with ``return_mass`` each row's ``Σ exp(score - row max)``
+    ``[B, T_q, H]``, as :func:`naive_sliding_window_attention`).
     """
     B, Tq, H, D = q.shape
     Tk, H_kv = k.shape[1], k.shape[2]
@@ -51,10 +53,11 @@ def sliding_window_attention_over_cache(
     if sink_logits is not None:
         sinks = sink_logits.to(acc).view(1, H_kv, G, 1, -1).expand(B, H_kv, G, Tq, -1)
         scores = torch.cat([scores, sinks], dim=-1)  # sinks join the denominator only
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = scores.amax(dim=-1, keepdim=True) if return_mass else scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    probs = (weights / torch.where(denom > 0, denom, torch.ones_like(denom)))[..., :Tk]
+    mass = weights.sum(dim=-1, keepdim=True)
+    probs = (weights / torch.where(mass > 0, mass, torch.ones_like(mass)))[..., :Tk]
     out = probs.view(B, H_kv, G * Tq, Tk) @ vf  # [B, H_kv, G*Tq, D]
-    return out.view(B, H, Tq, D).transpose(1, 2).to(q.dtype)
+    out = out.view(B, H, Tq, D).transpose(1, 2).to(q.dtype)
+    return (out, mass.view(B, H, Tq).transpose(1, 2)) if return_mass else out

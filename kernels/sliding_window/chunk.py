@@ -42,8 +42,10 @@ def chunk_sliding_window_attention(
     cu_seqlens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Causal sliding-window attention computed block by block; same arguments and result as the naive version.
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention computed block by block; same arguments and result as the naive version
+    (``return_mass`` too).
 
     ``chunk_size`` (block length ``C``, default :func:`default_chunk_size`) trades score-matrix waste (each query
     scores ``(P + 1) * C`` keys) against the number of key-band copies (``P + 1``).
@@ -57,7 +59,8 @@ def chunk_sliding_window_attention(
     device = q.device
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
     if T == 0:
-        return q.new_zeros(B, T, H, D)
+        out = q.new_zeros(B, T, H, D)
+        return (out, q.new_zeros(B, T, H, dtype=acc)) if return_mass else out
 
     C = default_chunk_size(window, T) if chunk_size is None else min(chunk_size, T)
     n = -(-T // C)
@@ -97,18 +100,22 @@ def chunk_sliding_window_attention(
 
     scores = scores.masked_fill(~allowed, float("-inf"))
 
-    row_max = scores.detach().amax(dim=-1)  # [B, n, H_kv, G, C]
+    # The row max only stabilises exp() and cancels from the output; the mass keeps it (its gradient follows).
+    row_max = scores.amax(dim=-1) if return_mass else scores.detach().amax(dim=-1)  # [B, n, H_kv, G, C]
     if sink_logits is not None:
         sinks = sink_logits.to(acc).view(H_kv, G, 1, -1)  # [H_kv, G, 1, S]
-        row_max = torch.maximum(row_max, sinks.detach().amax(dim=-1))
+        sink_max = sinks.amax(dim=-1) if return_mass else sinks.detach().amax(dim=-1)
+        row_max = torch.maximum(row_max, sink_max)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max[..., None])
-    denom = weights.sum(dim=-1)
+    mass = weights.sum(dim=-1)
     if sink_logits is not None:
-        denom = denom + torch.exp(sinks - row_max[..., None]).sum(dim=-1)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty row -> output 0
+        mass = mass + torch.exp(sinks - row_max[..., None]).sum(dim=-1)
+    denom = torch.where(mass > 0, mass, torch.ones_like(mass))  # empty row -> output 0
 
     out = torch.matmul(weights.view(B, n, H_kv, G * C, L), vb)  # [B, n, H_kv, G*C, D]
     out = out.view(B, n, H_kv, G, C, D) / denom[..., None]
-    out = out.permute(0, 1, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T]
-    return out.to(q.dtype)
+    out = out.permute(0, 1, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T].to(q.dtype)
+    if not return_mass:
+        return out
+    return out, mass.permute(0, 1, 4, 2, 3).reshape(B, Tp, H)[:, :T]

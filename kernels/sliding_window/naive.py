@@ -61,12 +61,15 @@ def naive_sliding_window_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention via the full ``[T, T]`` masked score matrix.
 
     q ``[B, T, H, D]``, k/v ``[B, T, H_kv, D]`` (q head ``h`` uses kv head ``h // (H // H_kv)``), ``window >= 1``,
     sink_logits ``[H, S]`` or None, cu_seqlens ``[N + 1]`` (B == 1) or None, attention_mask ``[B, T]`` (1 = token,
-    0 = padding) or None. Returns ``[B, T, H, D]`` in q's dtype.
+    0 = padding) or None. Returns ``[B, T, H, D]`` in q's dtype; with ``return_mass`` also each row's
+    ``Σ exp(score - row max)`` ``[B, T, H]`` (fp32, sinks included, 0 for an empty row), the row max taking part in
+    autograd: LoLCATs' hybrid shares this denominator with its linear terms.
     """
     scale = validate_sliding_window_inputs(q, k, v, window, sink_logits, scale, cu_seqlens, attention_mask)
     B, T, H, D = q.shape
@@ -93,11 +96,11 @@ def naive_sliding_window_attention(
         sinks = sink_logits.to(acc)[None, :, None, :].expand(B, H, T, sink_logits.shape[1])
         scores = torch.cat([scores, sinks], dim=-1)  # sinks join the denominator only
 
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = scores.amax(dim=-1, keepdim=True) if return_mass else scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty row -> output 0
+    mass = weights.sum(dim=-1, keepdim=True)
+    denom = torch.where(mass > 0, mass, torch.ones_like(mass))  # empty row -> output 0
     probs = (weights / denom)[..., :T]
-    out = torch.matmul(probs, vf)  # [B, H, T, D]
-    return out.transpose(1, 2).to(q.dtype)
+    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)  # [B, T, H, D]
+    return (out, mass[..., 0].transpose(1, 2)) if return_mass else out

@@ -96,9 +96,10 @@ def test_liger_adds_no_parameters(stories):
 def test_method_presets_add_their_parameters(stories):
     lolcats = linearize(stories, LinearizeOptions(method="lolcats"))
     names = {n.rsplit("self_attn.", 1)[-1] for n in new_parameter_names(lolcats)}
-    assert names == {"q_feature_map", "k_feature_map", "window_weight"}
+    assert names == {"q_feature_map", "k_feature_map", "window_factor"}
     layer = lolcats.model.layers[0].self_attn
-    assert layer.normalize and layer.window_weight.item() == 1.0
+    assert layer.normalize and layer.hybrid == "lolcats"
+    torch.testing.assert_close(torch.sigmoid(layer.window_factor), torch.full((8,), 0.1))  # LoLCATs' γ₀
     torch.testing.assert_close(layer.q_feature_map, torch.eye(8).expand(8, 8, 8))
     lizard = linearize(stories, LinearizeOptions(method="lizard", num_sinks=3))
     names = {n.rsplit("self_attn.", 1)[-1] for n in new_parameter_names(lizard)}
@@ -110,6 +111,16 @@ def test_method_presets_add_their_parameters(stories):
     assert (cfg.linear_attn_conv_size, cfg.linear_attn_qk_norm, cfg.linear_attn_output_norm) == (4, "l2", "gated_rmsnorm")
     dt = torch.nn.functional.softplus(mamba.model.layers[0].self_attn.dt_bias)
     assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+
+
+@torch.no_grad()
+def test_lolcats_equals_the_source_while_the_window_holds_every_key(stories, story_batch):
+    """LoLCATs' shared denominator has no linear term for keys inside the window: up to the window's length the
+    converted model is the source, before any training (and differs beyond it)."""
+    target = linearize(stories, LinearizeOptions(method="lolcats", window=24)).eval()
+    short = story_batch[:, :24]
+    torch.testing.assert_close(target(short).logits, stories(short).logits, rtol=1e-4, atol=1e-4)
+    assert (target(story_batch).logits - stories(story_batch).logits)[:, 24:].abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", LINEARIZE_METHODS)
@@ -185,9 +196,9 @@ def test_options_as_dict():
 def test_feature_map_and_mixing_override_the_method_preset(stories):
     config = linearize(stories, LinearizeOptions(method="lolcats", feature_map="softmax", mix_weights=[1.0, 0.1])).config
     assert config.linear_attn_feature_map == "softmax" and config.linear_attn_mix_weights == [1.0, 0.1]
-    assert config.linear_attn_hybrid == "lizard"  # the rest of the preset stays
+    assert config.linear_attn_hybrid == "lolcats"  # the rest of the preset stays
     preset = linearize(stories, LinearizeOptions(method="lolcats")).config
-    assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 1.0]
+    assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 0.1]
     with pytest.raises(ValueError, match="mix_weights: method 'mamba_init' has no window branch"):
         linearize(stories, LinearizeOptions(method="mamba_init", mix_weights=[1.0, 1.0]))
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from hf_arch import GatedDeltaNetConfig, GLAConfig
 from hf_arch.layers.linear_attention import HfArchLinearAttention
+from hf_arch.layers.rope import apply_rotary_pos_emb
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -120,6 +121,70 @@ def test_key_pooled_and_softmax_add_no_parameters():
                                                       linear_attn_feature_map="softmax"))
     names = {n.split("self_attn.")[-1] for n, _ in base.named_parameters() if "self_attn" in n}
     assert names == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+
+
+# -- LoLCATs' shared denominator ---------------------------------------------------------------------------------
+
+def _lolcats_reference(layer, x, cos, sin):
+    """LoLCATs' hybrid written out quadratically: keys in the window by ``γ·exp(q·k/√d - max over the window)``,
+    older keys by ``w·φ(q)·φ(k)``, one denominator for both."""
+    B, T, _ = x.shape
+    H, H_kv, D, W = layer.num_heads, layer.num_key_value_heads, layer.head_dim, layer.window
+    q = layer.q_proj(x).view(B, T, H, D)
+    k = layer.k_proj(x).view(B, T, H_kv, D)
+    v = layer.v_proj(x).view(B, T, H_kv, D).repeat_interleave(H // H_kv, dim=2).transpose(1, 2)
+    qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    kr = kr.repeat_interleave(H // H_kv, dim=1)
+    t = torch.arange(T)
+    distance = t[:, None] - t[None, :]
+    in_window, older = (distance >= 0) & (distance < W), distance >= W
+    scores = (qr @ kr.transpose(-1, -2) / D**0.5).masked_fill(~in_window, float("-inf"))
+    gamma = torch.sigmoid(layer.window_factor)[None, :, None, None]
+    window_terms = gamma * torch.exp(scores - scores.amax(-1, keepdim=True))
+
+    def hedgehog(z, weight):  # [B, T, h, D] -> [B, h, T, 2D]
+        proj = torch.einsum("bthd,hde->bhte", z, weight)
+        return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+
+    fq = hedgehog(q, layer.q_feature_map)
+    fk = hedgehog(k, layer.k_feature_map).repeat_interleave(H // H_kv, dim=1)
+    linear_terms = layer.config.linear_attn_mix_weights[0] * (fq @ fk.transpose(-1, -2)) * older
+    weights = window_terms + linear_terms
+    y = (weights @ v) / weights.sum(-1, keepdim=True)
+    return layer.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def test_lolcats_hybrid_equals_its_quadratic_definition_and_softmax_inside_the_window():
+    config = GLAConfig(**TINY, linear_attn_gate="none", linear_attn_feature_map="hedgehog", linear_attn_normalize=True,
+                       linear_attn_hybrid="lolcats", sliding_window=5, linear_attn_mix_weights=[0.8, 0.2],
+                       linear_attn_output_norm="none", linear_attn_conv_size=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layer = model.model.layers[0].self_attn
+    with torch.no_grad():
+        layer.window_factor.normal_()
+        layer.q_feature_map.add_(0.3 * torch.randn_like(layer.q_feature_map))
+        layer.k_feature_map.add_(0.3 * torch.randn_like(layer.k_feature_map))
+    x = torch.randn(2, 17, TINY["hidden_size"])
+    cos, sin = model.model.rotary_emb(x, torch.arange(17)[None])
+    out = layer(x, position_embeddings=(cos, sin))[0]
+    torch.testing.assert_close(out, _lolcats_reference(layer, x, cos, sin), rtol=1e-5, atol=1e-5)
+
+    # Up to the window's length no key is old enough for the linear terms: softmax attention of the same weights.
+    short = x[:, :5]
+    cos, sin = model.model.rotary_emb(short, torch.arange(5)[None])
+    teacher = model.model.layers[0].self_attn(short, position_embeddings=(cos, sin), attention_transfer=True)[0]
+    torch.testing.assert_close(layer(short, position_embeddings=(cos, sin))[0], teacher, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mix_weights, message", [([1.0, 1.0], "γ₀ in \\(0, 1\\)"), ([0.0, 0.5], "w_linear > 0")])
+def test_lolcats_hybrid_rejects_bad_mixing(mix_weights, message):
+    with pytest.raises(ValueError, match=message):
+        GLAConfig(**TINY, linear_attn_gate="none", linear_attn_feature_map="hedgehog", linear_attn_normalize=True,
+                  linear_attn_hybrid="lolcats", sliding_window=3, linear_attn_mix_weights=mix_weights)
+    with pytest.raises(ValueError, match="needs linear_attn_normalize=True"):
+        GLAConfig(**TINY, linear_attn_feature_map="hedgehog", linear_attn_hybrid="lolcats", sliding_window=3,
+                  linear_attn_mix_weights=[1.0, 0.1])
 
 
 # -- attention transfer -----------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ LAYOUTS = {
     "gla_hedgehog_normalized_lizard_sinks": (GLAConfig, dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog",
                                                              linear_attn_normalize=True, linear_attn_hybrid="lizard",
                                                              linear_attn_num_sinks=2, sliding_window=3)),
+    # LoLCATs' shared denominator: window softmax mass + linear terms of the keys the window has left.
+    "gla_hedgehog_lolcats": (GLAConfig, dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog",
+                                             linear_attn_normalize=True, linear_attn_hybrid="lolcats", sliding_window=3,
+                                             linear_attn_mix_weights=[0.7, 0.3])),
     "gla_hedgehog_key_pooled_normalized": (GLAConfig, dict(linear_attn_gate="key_pooled",
                                                            linear_attn_feature_map="hedgehog",
                                                            linear_attn_normalize=True, linear_attn_conv_size=3)),
@@ -42,7 +46,7 @@ def build(name: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config_class(**TINY, **extra)).eval()
     with torch.no_grad():  # make sinks, window weight and gates matter
         for param_name, param in model.named_parameters():
-            if param_name.endswith(("sink_logits", "window_weight")):
+            if param_name.endswith(("sink_logits", "window_weight", "window_factor")):
                 param.normal_()
             if param_name.endswith("feature_map"):  # Hedgehog maps away from their identity init
                 param.add_(0.3 * torch.randn_like(param))
@@ -69,7 +73,8 @@ def test_chunked_prefill_and_decode_equal_full_forward(name):
 
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard", "gla_ratio_hybrid",
-                                  "gla_hedgehog_normalized_lizard_sinks", "gated_deltanet_key_pooled"])
+                                  "gla_hedgehog_normalized_lizard_sinks", "gated_deltanet_key_pooled",
+                                  "gla_hedgehog_lolcats"])
 @torch.no_grad()
 def test_left_padding_equals_unpadded_rows(name):
     model = build(name)
@@ -94,7 +99,7 @@ def test_left_padding_equals_unpadded_rows(name):
     assert generated[1, 12:].tolist() == alone[0, 7:].tolist()
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gated_deltanet_lizard"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gated_deltanet_lizard", "gla_hedgehog_lolcats"])
 @torch.no_grad()
 def test_cached_generation_equals_uncached_greedy_and_beam(name):
     model = build(name)
@@ -113,7 +118,7 @@ def test_all_linear_cache_reports_its_length():
     assert all(t == "linear_attention" for t in model.config.layer_types)
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard", "gla_hedgehog_lolcats"])
 def test_packed_sequences_equal_padded_batch_with_gradients(name):
     model = build(name).train()
     lengths = [9, 1, 14]

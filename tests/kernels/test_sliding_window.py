@@ -211,3 +211,46 @@ def test_attention_over_cache_equals_last_rows_of_full(sinks):
         torch.testing.assert_close(got, full[:, T - Tq:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="T_k >= T_q"):
         sliding_window_attention_over_cache(q, k[:, :3], v[:, :3], window)
+
+
+# -- the softmax mass (LoLCATs' shared denominator) -------------------------------------------------------------
+
+def _mass_by_hand(q, k, window, mask=None):
+    """Σ_keys in the window exp(score - row max), from the scores written out."""
+    B, T, H, D = q.shape
+    kf = k.repeat_interleave(H // k.shape[2], dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, kf) / D**0.5
+    t = torch.arange(T)
+    allowed = ((t[:, None] - t[None, :]) >= 0) & ((t[:, None] - t[None, :]) < window)
+    allowed = allowed[None, None] & (mask[:, None, None, :] != 0 if mask is not None else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    mass = torch.exp(scores - scores.amax(-1, keepdim=True)).sum(-1).transpose(1, 2)  # [B, T, H]
+    return mass.nan_to_num(0.0)  # a row with no key (padding) has no mass
+
+
+def test_mass_equals_its_definition_in_every_path_and_its_gradient_matches():
+    from hf_arch.kernels.sliding_window import sliding_window_attention_over_cache
+
+    q, k, v, _ = _inputs(T=13, dtype=torch.float64)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    expected = _mass_by_hand(q, k, 5, mask)
+    naive_out, naive_mass = naive_sliding_window_attention(q, k, v, 5, attention_mask=mask, return_mass=True)
+    chunk_out, chunk_mass = chunk_sliding_window_attention(q, k, v, 5, attention_mask=mask, return_mass=True,
+                                                           chunk_size=4)
+    torch.testing.assert_close(naive_out, naive_sliding_window_attention(q, k, v, 5, attention_mask=mask))
+    torch.testing.assert_close(chunk_out, naive_out)
+    torch.testing.assert_close(naive_mass, expected)
+    torch.testing.assert_close(chunk_mass, expected)
+    real = mask.bool()[..., None].expand_as(expected)
+    assert naive_mass.shape == (2, 13, 4) and (expected[real] >= 1).all() and (expected[~real] == 0).all()
+    cached_out, cached_mass = sliding_window_attention_over_cache(q[:, -3:], k[:, -7:], v[:, -7:], 5,
+                                                                  key_mask=mask[:, -7:], return_mass=True)
+    torch.testing.assert_close(cached_out, naive_out[:, -3:])
+    torch.testing.assert_close(cached_mass, expected[:, -3:])
+
+    # The mass is a function of the scores with the row max inside it: its gradient is checked, not detached.
+    small = [x[:1, :6, :2, :3].clone().requires_grad_(True) for x in (q, k[:, :, :1], v[:, :, :1])]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: chunk_sliding_window_attention(q, k, v, 3, return_mass=True, chunk_size=2), small)
+    assert torch.autograd.gradcheck(lambda q, k, v: naive_sliding_window_attention(q, k, v, 3, return_mass=True), small)
