@@ -112,7 +112,7 @@ MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
                "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file",
-               "generation_prompts", "generation_tokens")
+               "generation_prompts", "generation_tokens", "task_points")
 
 
 def _assets() -> Path:
@@ -159,7 +159,9 @@ def check_eval_text(source: str, eval_file: Path, eval_tokens: int) -> int:
     return n
 
 
-def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8) -> dict:
+def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8, tasks: bool = True) -> dict:
+    """Perplexity on the evaluation text, the zero-shot tasks (unless ``--eval-limit 0`` or not ``tasks``) and the
+    generation agreement with the source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluation import multiple_choice, perplexity
@@ -170,15 +172,15 @@ def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8) -> 
     ppl = perplexity(model, tokenizer, args.eval_file, context_length=_context_length(model),
                      max_tokens=args.eval_tokens, batch_size=batch_size, show_progress=False)
     point = {"ppl": round(ppl["ppl"], 4), "eval_tokens_scored": ppl["tokens"]}
-    if args.eval_limit != 0:
-        tasks = {}
+    if args.eval_limit != 0 and tasks:
+        scores = {}
         for name in TASK_FILES:
             result = multiple_choice(model, tokenizer, assets / "data" / name, limit=args.eval_limit,
                                      batch_size=batch_size, show_progress=False)
-            tasks[Path(name).stem] = {"acc_norm": round(result["acc_norm"], 4),
-                                      "stderr": round(result["acc_norm_stderr"], 4), "items": result["n"]}
-        point["tasks"] = tasks
-        point["avg_acc"] = round(sum(t["acc_norm"] for t in tasks.values()) / len(tasks), 4)
+            scores[Path(name).stem] = {"acc_norm": round(result["acc_norm"], 4),
+                                       "stderr": round(result["acc_norm_stderr"], 4), "items": result["n"]}
+        point["tasks"] = scores
+        point["avg_acc"] = round(sum(t["acc_norm"] for t in scores.values()) / len(scores), 4)
     reference = getattr(args, "generation_reference", None)
     if reference:
         from .generation_check import agreement, greedy_continuations
@@ -405,7 +407,7 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
            "max_abs_logit_diff": record["max_abs_logit_diff"],
            "conversion_seconds": round(time.time() - started),
            "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0,
-                       **evaluate_model(converted, args, assets)}]}
+                       **evaluate_model(converted, args, assets, tasks=args.task_points == "all")}]}
     if "report" in record:
         row["conversion_report"] = record["report"]
     linear = kind == "linear"
@@ -418,7 +420,7 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     stages = stage_recipes(kind, source, args, method)
     if stages[0][0] != "stage1":
         stages.insert(0, ("stage1", None))
-    for stage, sections in stages:
+    for index, (stage, sections) in enumerate(stages):
         skip = None
         if sections is None:
             skip = "the recipe has no attention-transfer stage"
@@ -444,7 +446,8 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
                  # the training curve between this point and the last: (tokens so far, logged loss)
                  "loss_curve": [(tokens - stage_tokens + step * args.batch_size * args.block_size, round(loss, 5))
                                 for step, loss in summary.get("loss_curve", [])],
-                 **evaluate_model(current, args, assets)}
+                 **evaluate_model(current, args, assets,
+                                  tasks=args.task_points == "all" or index == len(stages) - 1)}
         row["points"].append(point)
         if linear and stage == "stage1":
             row["attention_mse_after_stage1"] = attention_mse(current, args.eval_file)
@@ -488,7 +491,7 @@ def format_table(result: dict) -> str:
     tasks = list(source.get("tasks", {}))
     generation = any("generation" in p for row in result["methods"] for p in row["points"])
     task_cells = lambda point: [f"{point['tasks'][t]['acc_norm']} ± {point['tasks'][t]['stderr']}"  # noqa: E731
-                                for t in tasks]
+                                if t in point.get("tasks", {}) else "-" for t in tasks]
     gen_cells = lambda point: ([f"{point['generation']['token_agreement']} ± "  # noqa: E731
                                 f"{point['generation']['token_agreement_stderr']}" if "generation" in point else "-"]
                                if generation else [])
@@ -581,6 +584,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", "--ppl-tokens", dest="eval_tokens", type=int, default=32768)
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="items per zero-shot task (default: the full sets; 0: no tasks)")
+    parser.add_argument("--task-points", choices=["all", "final"], default="all",
+                        help="where the zero-shot tasks run: every point, or only the source and each method's last "
+                             "stage (the full sets take ~20 CPU-minutes per 135M model)")
     parser.add_argument("--generation-prompts", type=int, default=200,
                         help="greedy continuations of this many held-out prompts (first 32 tokens of each evaluation "
                              "document) compared with the source's at every point (0: off)")
