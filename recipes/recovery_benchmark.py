@@ -113,6 +113,8 @@ MOE_STAGE2_LR = 3e-3
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
                "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file",
                "generation_prompts", "generation_tokens", "task_points")
+# Settings added after results were first written: what those results ran with.
+RESUME_DEFAULTS = {"task_points": "all"}
 
 
 def _assets() -> Path:
@@ -523,9 +525,10 @@ def _load_earlier(path: Path, args) -> dict | None:
     earlier = json.loads(path.read_text(encoding="utf-8"))
     settings = earlier.get("settings", {})
     now = _settings(args)
-    different = [k for k in RESUME_KEYS if settings.get(k) != now.get(k)]
+    then = {k: settings.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    different = [k for k in RESUME_KEYS if then[k] != now.get(k)]
     if different:
-        changes = ", ".join(f"{k}: {settings.get(k)!r} there, {now.get(k)!r} now" for k in different)
+        changes = ", ".join(f"{k}: {then[k]!r} there, {now.get(k)!r} now" for k in different)
         raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
     return earlier
 

@@ -57,6 +57,11 @@ CONFIGS = {
         TINY, variant="gated_deltanet", linear_attn_hybrid="lizard", sliding_window=4, linear_attn_num_sinks=2,
         full_attention_layers=[1],
     ),
+    # LoLCATs' shared denominator: the window's softmax mass and the delayed linear inputs in a second state slot.
+    "gla_lolcats_hybrid": dict(
+        TINY, variant="gla", linear_attn_gate="none", linear_attn_feature_map="hedgehog", linear_attn_normalize=True,
+        linear_attn_hybrid="lolcats", sliding_window=4, linear_attn_mix_weights=[1.0, 0.3],
+    ),
     # MoE: the grouped PyTorch expert path, zero-computation experts, gating residuals, the global pool.
     "moe_plus_plus_shared_expert": dict(TINY, variant="moe", moe_preset="moe_plus_plus", num_shared_experts=1,
                                         shared_expert_gate=True, moe_intermediate_size=32),
