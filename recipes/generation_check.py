@@ -12,6 +12,7 @@ token.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -19,11 +20,11 @@ from tqdm.auto import tqdm
 
 
 def held_out_prompts(text_file, tokenizer, n: int = 200, prompt_tokens: int = 32) -> list[list[int]]:
-    """The first ``prompt_tokens`` tokens of each of the first ``n`` documents (blank-line separated) of
-    ``text_file`` that have at least that many tokens; refuses a text with too few."""
+    """The first ``prompt_tokens`` tokens of each of the first ``n`` documents (separated by blank lines, which may
+    hold spaces as WikiText's do) of ``text_file`` that have at least that many tokens; refuses a text with too few."""
     text = Path(text_file).read_text(encoding="utf-8")
     prompts = []
-    for document in text.split("\n\n"):
+    for document in re.split(r"\n[ \t]*\n", text):
         ids = tokenizer(document.strip(), add_special_tokens=True, verbose=False)["input_ids"]
         if len(ids) >= prompt_tokens:
             prompts.append(ids[:prompt_tokens])

@@ -46,3 +46,18 @@ def test_prompts_and_continuations_on_stories260k(stories260k, assets, tmp_path)
         assert continuation == ids[0, len(prompt):].tolist()
     with pytest.raises(ValueError, match=r"held_out.txt: only \d+ documents .* asks for 10000 prompts"):
         held_out_prompts(path, tokenizer, n=10000, prompt_tokens=16)
+
+
+def test_prompts_split_on_blank_lines_holding_spaces(stories260k, tmp_path):
+    """WikiText's blank lines hold a space (" \\n \\n"): each paragraph is still a document of its own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    paragraphs = ["Once upon a time there was a little girl named Lily who loved to play in the park every day.",
+                  "One day she found a big red ball under a tree and she was very happy to take it home with her.",
+                  "Her mom said that they had to find the owner of the ball, so they walked around the whole park."]
+    path = tmp_path / "wiki_style.txt"
+    path.write_text(" \n = Title = \n \n " + " \n \n ".join(paragraphs) + " \n", encoding="utf-8")
+    prompts = held_out_prompts(path, tokenizer, n=3, prompt_tokens=12)
+    assert [tokenizer.decode(p, skip_special_tokens=True) for p in prompts] == [
+        tokenizer.decode(tokenizer(p)["input_ids"][:12], skip_special_tokens=True) for p in paragraphs]
