@@ -9,7 +9,8 @@ what is added on top (``LinearizeOptions.method``):
 * ``lolcats`` (Zhang et al., LoLCATs, arXiv 2410.10254) → ``hfa_gla``: no decay, learnable Hedgehog feature maps
   (identity at init) and LoLCATs' hybrid (``linear_attn_hybrid="lolcats"``): the last ``window`` keys by softmax
   ``γ·exp(q·k/√d - max)`` and every older key by ``φ(q)·φ(k)``, over ONE shared denominator, γ = sigmoid(·) per head,
-  learnable, initialised to 0.1 as LoLCATs does. Exact softmax attention as long as the window holds every key.
+  learnable, initialised to 0.5 (LoLCATs starts at 0.1: 1.0094x against 1.0054x after 10 CPU-minutes on stories260K,
+  52x against 14x SmolLM2's perplexity before training). Exact softmax attention while the window holds every key.
   (Checkpoints converted before this kept loading as the ``lizard``-style sum they were built with.)
 * ``lizard`` (Van Nguyen et al., Lizard, arXiv 2507.09025) → ``hfa_gla``: a per-head scalar gate σ(W_γ x) (new
   parameters), GLA + α·(sliding window with ``num_sinks`` learnable sink logits, zero at init), α learnable and
@@ -143,7 +144,7 @@ register_linear_target("gla", GLAConfig, GLAForCausalLM, {
                             linear_attn_output_norm="none", linear_attn_conv_size=0, linear_attn_qk_norm="none"),
     "lolcats": lambda o: dict(_common(o), linear_attn_gate="none", linear_attn_feature_map="hedgehog",
                               linear_attn_normalize=True, linear_attn_hybrid="lolcats",
-                              linear_attn_mix_weights=[1.0, 0.1], linear_attn_output_norm="none",
+                              linear_attn_mix_weights=[1.0, 0.5], linear_attn_output_norm="none",
                               linear_attn_conv_size=0, linear_attn_qk_norm="none"),
     # Lizard: Hedgehog feature maps (as LoLCATs; an identity map makes the unnormalised linear branch explode:
     # 87K perplexity before training on stories260K), a scalar gate σ(W_γ x), learnable sink logits.

@@ -90,10 +90,10 @@ METHODS = {
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
     # The anchors' published settings (shared/reference/peers-conversion.md), stage lengths scaled to the budget:
     "lolcats_paper": RecoveryMethod(
-        "gla", {"method": "lolcats", "window": 64},
+        "gla", {"method": "lolcats", "window": 64, "mix_weights": [1.0, 0.1]},
         {"stage1_lr": 1e-2, "stage2_mode": "lora", "stage2_lr": 1e-4, "lora_r": 8, "lora_alpha": 16,
          "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"), "distill": False},
-        "LoLCATs: attention transfer lr 1e-2, then LoRA r8/α16 on q,k,v,o at lr 1e-4, window 64"),
+        "LoLCATs: attention transfer lr 1e-2, then LoRA r8/α16 on q,k,v,o at lr 1e-4, window 64, γ₀ 0.1"),
     "liger_paper": RecoveryMethod(
         "gla", {"method": "liger", "window": 64},
         {"stage2_mode": "lora", "stage2_lr": 1e-3, "lora_r": 8, "lora_alpha": 8,
@@ -526,9 +526,10 @@ def _load_earlier(path: Path, args) -> dict | None:
     settings = earlier.get("settings", {})
     now = _settings(args)
     then = {k: settings.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-    different = [k for k in RESUME_KEYS if then[k] != now.get(k)]
+    now = {k: now.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    different = [k for k in RESUME_KEYS if then[k] != now[k]]
     if different:
-        changes = ", ".join(f"{k}: {then[k]!r} there, {now.get(k)!r} now" for k in different)
+        changes = ", ".join(f"{k}: {then[k]!r} there, {now[k]!r} now" for k in different)
         raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
     return earlier
 

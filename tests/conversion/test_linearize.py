@@ -99,7 +99,7 @@ def test_method_presets_add_their_parameters(stories):
     assert names == {"q_feature_map", "k_feature_map", "window_factor"}
     layer = lolcats.model.layers[0].self_attn
     assert layer.normalize and layer.hybrid == "lolcats"
-    torch.testing.assert_close(torch.sigmoid(layer.window_factor), torch.full((8,), 0.1))  # LoLCATs' γ₀
+    torch.testing.assert_close(torch.sigmoid(layer.window_factor), torch.full((8,), 0.5))  # γ₀ (LoLCATs: 0.1)
     torch.testing.assert_close(layer.q_feature_map, torch.eye(8).expand(8, 8, 8))
     lizard = linearize(stories, LinearizeOptions(method="lizard", num_sinks=3))
     names = {n.rsplit("self_attn.", 1)[-1] for n in new_parameter_names(lizard)}
@@ -198,7 +198,7 @@ def test_feature_map_and_mixing_override_the_method_preset(stories):
     assert config.linear_attn_feature_map == "softmax" and config.linear_attn_mix_weights == [1.0, 0.1]
     assert config.linear_attn_hybrid == "lolcats"  # the rest of the preset stays
     preset = linearize(stories, LinearizeOptions(method="lolcats")).config
-    assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 0.1]
+    assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 0.5]
     with pytest.raises(ValueError, match="mix_weights: method 'mamba_init' has no window branch"):
         linearize(stories, LinearizeOptions(method="mamba_init", mix_weights=[1.0, 1.0]))
 
