@@ -112,9 +112,9 @@ MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
                "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file",
-               "generation_prompts", "generation_tokens", "task_points")
+               "generation_prompts", "generation_tokens", "generation_prompt_tokens", "task_points")
 # Settings added after results were first written: what those results ran with.
-RESUME_DEFAULTS = {"task_points": "all"}
+RESUME_DEFAULTS = {"task_points": "all", "generation_prompt_tokens": 32}
 
 
 def _assets() -> Path:
@@ -201,7 +201,7 @@ def generation_reference(args, out: Path) -> dict | None:
         return None
     path = out / "generation_reference.json"
     settings = {"source": args.source, "eval_file": str(args.eval_file), "prompts": args.generation_prompts,
-                "new_tokens": args.generation_tokens}
+                "new_tokens": args.generation_tokens, "prompt_tokens": args.generation_prompt_tokens}
     with _locked(out):
         if path.exists():
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -213,7 +213,8 @@ def generation_reference(args, out: Path) -> dict | None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.source)
         try:
-            prompts = held_out_prompts(args.eval_file, tokenizer, args.generation_prompts)
+            prompts = held_out_prompts(args.eval_file, tokenizer, args.generation_prompts,
+                                       prompt_tokens=args.generation_prompt_tokens)
         except ValueError as err:
             raise SystemExit(f"--generation-prompts: {err}") from None
         model = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
@@ -592,9 +593,12 @@ def main(argv=None) -> int:
                         help="where the zero-shot tasks run: every point, or only the source and each method's last "
                              "stage (the full sets take ~20 CPU-minutes per 135M model)")
     parser.add_argument("--generation-prompts", type=int, default=200,
-                        help="greedy continuations of this many held-out prompts (first 32 tokens of each evaluation "
-                             "document) compared with the source's at every point (0: off)")
+                        help="greedy continuations of this many held-out prompts (the first --generation-prompt-tokens "
+                             "of each evaluation document) compared with the source's at every point (0: off)")
     parser.add_argument("--generation-tokens", type=int, default=32, help="new tokens per continuation")
+    parser.add_argument("--generation-prompt-tokens", type=int, default=256,
+                        help="tokens per prompt: longer than the hybrids' window (128 by default), or the check never "
+                             "leaves the window, where a LoLCATs hybrid is exact")
     parser.add_argument("--distill", action="store_true",
                         help="linearization stage 2: distil from the source in every method (the default recipe "
                              "already does; the anchors' settings do not)")

@@ -26,7 +26,8 @@ def stories_text(tmp_path, assets):
 
 def _common(stories260k, out, stories_text):
     return ["bench", "recovery", str(stories260k), "--out", str(out), "--text-file", str(stories_text),
-            "--document-separator", SEPARATOR, "--generation-prompts", "0", "--batch-size", "2", "--block-size", "32", "--eval-tokens", "1200",
+            "--document-separator", SEPARATOR, "--generation-prompts", "0", "--generation-prompt-tokens", "32",
+            "--batch-size", "2", "--block-size", "32", "--eval-tokens", "1200",
             "--eval-limit", "0"]
 
 
