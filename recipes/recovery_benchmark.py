@@ -514,11 +514,15 @@ def format_table(result: dict) -> str:
 
 def _settings(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("json", "overwrite", "methods", "generation_reference")}
+            if k not in ("json", "overwrite", "methods", "generation_reference", "recheck_generation")}
 
 
-def _load_earlier(path: Path, args) -> dict | None:
-    """The results a rerun extends (same settings), or None to start afresh; refuses mismatched settings by name."""
+GENERATION_KEYS = ("generation_prompts", "generation_tokens", "generation_prompt_tokens")
+
+
+def _load_earlier(path: Path, args, ignore: tuple[str, ...] = ()) -> dict | None:
+    """The results a rerun extends (same settings but ``ignore``), or None to start afresh; refuses mismatched
+    settings by name."""
     if not path.exists():
         return None
     if args.overwrite:
@@ -528,7 +532,7 @@ def _load_earlier(path: Path, args) -> dict | None:
     now = _settings(args)
     then = {k: settings.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
     now = {k: now.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-    different = [k for k in RESUME_KEYS if then[k] != now[k]]
+    different = [k for k in RESUME_KEYS if then[k] != now[k] and k not in ignore]
     if different:
         changes = ", ".join(f"{k}: {then[k]!r} there, {now[k]!r} now" for k in different)
         raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
@@ -544,6 +548,47 @@ def _locked(out: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recheck_generation(result_path: Path, args) -> dict:
+    """Score every point of the finished methods again with the current generation settings, from the checkpoints
+    the run kept (``<method>/converted``, ``<method>/<stage>/final``), and record those settings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generation_check import agreement, greedy_continuations
+
+    out = result_path.parent
+    with _locked(out):
+        result = _load_earlier(result_path, args, ignore=GENERATION_KEYS)
+    if result is None:
+        raise SystemExit(f"--recheck-generation: {result_path} holds no results to score again")
+    reference = generation_reference(args, out)
+    if reference is None:
+        raise SystemExit("--recheck-generation needs --generation-prompts > 0")
+    for row in result["methods"]:
+        work = out / _work_name(row["method"])
+        for point in row["points"]:
+            if point.get("skipped"):  # the same model as the point before it
+                point.pop("generation", None)
+                continue
+            model_dir = work / "converted" if point["stage"] == "converted" else work / point["stage"] / "final"
+            if not (model_dir / "config.json").is_file():
+                raise SystemExit(f"--recheck-generation: {model_dir} is missing; rerun {row['method']!r} instead")
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            continuations = greedy_continuations(model, tokenizer, reference["prompts"], args.generation_tokens,
+                                                 show_progress=False)
+            point["generation"] = agreement(reference["continuations"], continuations)
+        for before, point in zip(row["points"], row["points"][1:]):
+            if point.get("skipped"):
+                point["generation"] = before["generation"]
+        print(f"{row['method']}: greedy agreement " + " / ".join(
+            str(p["generation"]["token_agreement"]) for p in row["points"]))
+    with _locked(out):
+        result["settings"].update({k: v for k, v in _settings(args).items() if k in GENERATION_KEYS})
+        atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+        plot(result["methods"], result["source_eval"], out / "recovery.png")
+    return result
 
 
 def _merge_and_save(result_path: Path, args, row: dict | None = None, source_eval: dict | None = None) -> dict:
@@ -602,6 +647,9 @@ def main(argv=None) -> int:
     parser.add_argument("--distill", action="store_true",
                         help="linearization stage 2: distil from the source in every method (the default recipe "
                              "already does; the anchors' settings do not)")
+    parser.add_argument("--recheck-generation", action="store_true",
+                        help="score the finished methods' points again with these generation settings, from their "
+                             "saved checkpoints (nothing is trained)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     parser.add_argument("--json", action="store_true", help="print recovery.json instead of the table")
     args = parser.parse_args(argv)
@@ -627,6 +675,10 @@ def main(argv=None) -> int:
     check_eval_text(args.source, args.eval_file, args.eval_tokens)
 
     result_path = out / "recovery.json"
+    if args.recheck_generation:
+        result = recheck_generation(result_path, args)
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:  # start afresh once; rows this run writes are then kept
         result_path.unlink(missing_ok=True)

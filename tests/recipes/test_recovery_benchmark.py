@@ -87,6 +87,16 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     assert again["methods"][2]["points"][0]["generation"]["token_agreement"] >= 0.99
     assert lolcats["points"][0]["generation"]["token_agreement"] >= 0.99
     assert moe["points"][0]["generation"]["token_agreement"] < 0.9
+    # The generation check can be scored again from the saved checkpoints with other settings (nothing trains).
+    assert main(_common(stories260k, out, stories_text) + ["--stage1-steps", "1", "--stage2-steps", "1",
+                                                           "--recheck-generation", "--generation-prompts", "4",
+                                                           "--generation-prompt-tokens", "40"]) == 0
+    rechecked = json.loads((out / "recovery.json").read_text())
+    assert rechecked["settings"]["generation_prompts"] == 4 and rechecked["settings"]["generation_prompt_tokens"] == 40
+    for row, before in zip(rechecked["methods"], again["methods"]):
+        assert [p["ppl"] for p in row["points"]] == [p["ppl"] for p in before["points"]]
+        assert all(p["generation"]["prompts"] == 4 for p in row["points"])
+    assert rechecked["methods"][1]["points"][1]["generation"] == rechecked["methods"][1]["points"][0]["generation"]
     # Other settings are refused by name rather than mixed into the same table.
     with pytest.raises(SystemExit, match="block_size: 32 there, 64 now"):
         main(_common(stories260k, out, stories_text)[:-6] + ["--block-size", "64", "--eval-tokens", "1200",
