@@ -112,9 +112,9 @@ MOE_STAGE2_LR = 3e-3
 # Settings a resumed run must share with the results it extends.
 RESUME_KEYS = ("source", "train_file", "eval_file", "eval_tokens", "eval_limit", "minutes", "stage1_steps",
                "stage2_steps", "stage1_lr", "stage2_lr", "batch_size", "block_size", "distill", "calibration_file",
-               "generation_prompts", "generation_tokens", "generation_prompt_tokens", "task_points")
+               "generation_prompts", "generation_tokens", "generation_prompt_tokens", "task_points", "compile")
 # Settings added after results were first written: what those results ran with.
-RESUME_DEFAULTS = {"task_points": "all", "generation_prompt_tokens": 32}
+RESUME_DEFAULTS = {"task_points": "all", "generation_prompt_tokens": 32, "compile": False}
 
 
 def _assets() -> Path:
@@ -309,7 +309,8 @@ def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = 
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
     base = {"per_device_train_batch_size": args.batch_size, "logging_steps": 10, "save_steps": 10**6,
-            "save_total_limit": 1, "lr_scheduler_type": "cosine", "warmup_steps": 5}
+            "save_total_limit": 1, "lr_scheduler_type": "cosine", "warmup_steps": 5,
+            "torch_compile": bool(getattr(args, "compile", False))}
     if kind == "moe":
         distill = {"teacher": source, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
         stage2_moe = ({"mode": "full"} if settings["stage2_mode"] == "full" else
@@ -623,6 +624,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stage1-lr", type=float, default=None, help="override the stage 1 recipes' learning rate")
     parser.add_argument("--stage2-lr", type=float, default=None, help="override the stage 2 recipes' learning rate")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--compile", action="store_true",
+                        help="train under torch.compile (TrainingArguments.torch_compile); its compile time counts "
+                             "in the budget")
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--text-file", default=None,
                         help="one text to split into training text and a held-out evaluation tail (in-domain runs)")

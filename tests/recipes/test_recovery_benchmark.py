@@ -164,6 +164,11 @@ def test_method_specs_change_conversion_options_and_recipe_fields():
     assert full["stage2"]["distill"]["teacher"] == "SRC" and "lora" not in full["stage2"]
     moe = dict(stage_recipes("moe", "SRC", Args(), resolve_method("moe_half:stage2_mode=full")))
     assert moe["stage2"]["training"]["mode"] == "full" and moe["stage1"]["training"]["mode"] == "patterns"
+    # --compile trains every stage under torch.compile (the Trainer's own torch_compile).
+    assert not any(section["training"]["torch_compile"] for section in moe.values())
+    Args.compile = True
+    compiled = stage_recipes("linear", "SRC", Args(), method) + stage_recipes("moe", "SRC", Args(), method)
+    assert all(section["training"]["torch_compile"] for _, section in compiled)
     # The anchors' published settings are methods of their own.
     assert resolve_method("liger_paper").recipe["lora_targets"] == ("q_proj", "k_proj", "v_proj")
     assert resolve_method("lizard_paper").conversion["window"] == 128
