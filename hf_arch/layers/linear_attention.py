@@ -12,7 +12,9 @@ padded tokens get k = v = 0, no decay and β = 0, and zero conv inputs.
 Linearization options (Liger / LoLCATs): a parameter-free key-pooled forget gate (``linear_attn_gate="key_pooled"``)
 or none at all; a feature map on the linear branch's q/k (``softmax`` over the head dim, or LoLCATs' learnable
 Hedgehog map ``[softmax(x W) ⊕ softmax(-x W)]`` of width 2D); a normalised linear branch
-``φ(q)S / (φ(q)·z)`` computed with the same kernels by appending a ones column to v. The forward argument
+``φ(q)S / (φ(q)·z)`` computed with the same kernels by appending a ones column to v. LoLCATs' hybrid
+(``linear_attn_hybrid="lolcats"``) instead shares that denominator with the window's softmax mass, its linear
+inputs delayed by the window (``window_delay``) so only the keys the window has left enter the state. The forward argument
 ``attention_transfer=True`` (stage 1 of LoLCATs-style recovery) makes the layer return the exact softmax attention of
 its own q/k/v/o weights, with the MSE between its linear output and that teacher as its auxiliary ``transfer_loss``
 (``layers.auxiliary``; the model output gathers them in ``transfer_losses``).

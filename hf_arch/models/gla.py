@@ -4,7 +4,8 @@ Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient Traini
 ``S_t = Diag(α_t) S_{t-1} + k_tᵀ v_t``, ``o_t = q_t S_t`` with a data-dependent per-key-channel forget gate
 ``α_t = σ(x W_1 W_2 + b)^{1/τ}``, and a gated RMSNorm on the output. Hybrids: full/sliding attention at chosen
 layers (``full_attention_layers``, ``linear_to_full_ratio`` or ``layer_types``), and inside a layer Liger's
-``0.5·GLA + 0.5·SWA`` or Lizard's ``GLA + α·SWA-with-sinks`` (``linear_attn_hybrid``).
+``0.5·GLA + 0.5·SWA``, Lizard's ``GLA + α·SWA-with-sinks`` or LoLCATs' window softmax and linear attention over
+the older keys sharing one denominator (``linear_attn_hybrid``).
 """
 
 from ..configuration import HfArchConfig
