@@ -553,7 +553,7 @@ def test_attention_transfer_trains_only_new_parameters_and_lowers_the_mse(tmp_pa
     losses = [loss for _, loss in summary["loss_curve"]]
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
     changed = changed_keys(state_dict(lolcats_dir), state_dict(tmp_path / "out" / "final"))
-    assert changed and all(k.endswith(("feature_map", "window_weight")) for k in changed), changed
+    assert changed and all(k.endswith(("feature_map", "window_factor")) for k in changed), changed
 
 
 def test_lora_can_also_train_the_converted_models_new_parameters(tmp_path, lolcats_dir, stories_file, stories260k):
