@@ -13,11 +13,9 @@ Numerics: every exponent is <= 0, so nothing overflows however strong the gates 
 g over the tokens it spans (prefix sums, suffix sums, sums inside a block), never the difference of two long
 cumsums: a gate spike (g = -1000 on some channel) costs no precision elsewhere in the chunk.
 
-The pairwise decays ``exp(b_i - b_j)`` differ per channel, so they cannot be one ``[C, C]`` mask, and a ``[C, C, K]``
-tensor per chunk is large and slow. ``_kda_decayed_pairs`` builds the two ``[C, C]`` matrices by halving instead:
-a block of 2s tokens is ``[[P_left, 0], [Q, P_right]]`` where the off-diagonal quadrant factorises exactly through
-the boundary between the halves, ``exp(b_i - b_j) = exp(b_i - r) * exp(r - b_j)`` (both factors <= 1), so Q is one
-matmul. Chunks are padded to a power of two with inert tokens (q = k = v = 0, g = 0, beta = 0) for that.
+The pairwise decays ``exp(b_i - b_j)`` differ per channel, so they cannot be one ``[C, C]`` mask; the two ``[C, C]``
+matrices come from :func:`..decay_pairs.decayed_pairs` (exact halving, one matmul per block), with chunks padded to a
+power of two by inert tokens (q = k = v = 0, g = 0, beta = 0).
 Everything but the cross-chunk recurrence is vectorised over all chunks at once; the recurrence works on tensors
 unbound once before the loop (slicing whole tensors per chunk would make the backward O(T^2)).
 """
@@ -27,46 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..decay_pairs import decayed_pairs, suffix_sum
 from ._checks import check_kda_inputs, prepare_kda_inputs, run_kda_sequences
 
 __all__ = ["chunk_kda"]
-
-
-def _kda_suffix_sum(x):
-    """``sum_{l > j} x_l`` along dim -2 (exclusive suffix sum: a sum of same-sign terms, no cancellation)."""
-    return F.pad(x.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))
-
-
-def _kda_decayed_pairs(xs, k, g):
-    """For each x of ``xs``: ``P[i, j] = sum_d x_id k_jd exp(b_id - b_jd)`` for j <= i, 0 above the diagonal, with
-    ``b = cumsum(g)`` the cumulative log decay (g <= 0).
-
-    xs: tensors ``[*, C, K]``; k, g: ``[*, C, K]`` with C a power of two. Returns ``[len(xs), *, C, C]``. Built
-    bottom-up by halving: at level s every block of 2s tokens is ``[[P_left, 0], [Q, P_right]]`` with the
-    off-diagonal quadrant factorised through ``r = b`` at the end of the left half::
-
-        Q = (x_right * exp(b_right - r)) @ (k_left * exp(r - b_left))^T
-
-    Both exponents are <= 0 and are sums of g inside the block (no difference of long cumsums), one matmul per block,
-    and no ``[C, C, K]`` tensor: elementwise work and memory are ``O(C K log C)`` per chunk.
-    """
-    *lead, C, K = k.shape
-    X = torch.stack(xs)  # [m, *, C, K]
-    m = X.shape[0]
-    P = (X * k).sum(-1).reshape(m, *lead, C, 1, 1)  # the diagonal: exp(0) = 1
-    s = 1
-    while s < C:
-        nb = C // (2 * s)
-        Xv = X.reshape(m, *lead, nb, 2, s, K)
-        kv, gv = k.reshape(*lead, nb, 2, s, K), g.reshape(*lead, nb, 2, s, K)
-        x_right = Xv[..., 1, :, :] * gv[..., 1, :, :].cumsum(-2).exp()  # exp(b_i - r), i in the right half
-        k_left = kv[..., 0, :, :] * _kda_suffix_sum(gv[..., 0, :, :]).exp()  # exp(r - b_j), j in the left half
-        Q = x_right @ k_left.transpose(-1, -2)  # [m, *, nb, s, s]
-        Pv = P.reshape(m, *lead, nb, 2, s, s)
-        left, right = Pv[..., 0, :, :], Pv[..., 1, :, :]
-        P = torch.cat([torch.cat([left, torch.zeros_like(left)], -1), torch.cat([Q, right], -1)], -2)
-        s *= 2
-    return P.reshape(m, *lead, C, C)
 
 
 def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
@@ -75,7 +37,7 @@ def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
     BH = B * H
     C = min(chunk_size, T)  # tokens per chunk
     NC = -(-T // C)
-    P2 = 1 << (C - 1).bit_length()  # each chunk padded to a power of two for the halving in _kda_decayed_pairs
+    P2 = 1 << (C - 1).bit_length()  # each chunk padded to a power of two for the halving in decayed_pairs
 
     def chunked(x):  # [B, T, H, *] -> [B*H, NC, P2, *]; padding tokens (q = k = v = 0, g = 0, beta = 0) are inert
         x = x.transpose(1, 2)
@@ -87,9 +49,9 @@ def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
 
     q, k, v, g, beta = chunked(q * scale), chunked(k), chunked(v), chunked(g), chunked(beta)
     b = g.cumsum(-2)  # [BH, NC, P2, K] in-chunk cumulative log decay
-    b_tail = _kda_suffix_sum(g)  # b_last - b, summed directly (no cancellation when g has large spikes)
+    b_tail = suffix_sum(g)  # b_last - b, summed directly (no cancellation when g has large spikes)
 
-    attn, A = _kda_decayed_pairs([q, k], k, g)  # [BH, NC, P2, P2] each, causal incl. diagonal
+    attn, A = decayed_pairs([q, k], k, g)  # [BH, NC, P2, P2] each, causal incl. diagonal
     # Only the strict lower triangle of A is read by the unit-triangular solve (and its backward projects onto it).
     A = A * beta.unsqueeze(-1)
     k_beta = k * beta.unsqueeze(-1)
