@@ -12,7 +12,9 @@ against its softmax source before and after stage 1.
 In-domain runs: ``--text-file F`` splits one file into training text and a held-out tail (``--holdout-fraction``,
 whole documents), e.g. stories260K on ``tinystories_2mib.txt`` (``--document-separator '<|endoftext|>'``).
 
-Budgets: ``--minutes M`` gives every stage ``M`` minutes of training (wall clock on this machine): a short pilot
+Budgets: ``--minutes M`` gives every stage ``M`` minutes of training, counted in this process's CPU time
+(``--budget-clock cpu``, the default: methods run side by side on a shared machine get equal budgets; with
+``OMP_NUM_THREADS=1`` a CPU-minute is a core-minute) or wall-clock time (``--budget-clock wall``): a short pilot
 measures the stage's step time, the stage then runs the steps that fit (its LR schedule spans exactly them) with a
 time guard; or fixed ``--stage1-steps`` / ``--stage2-steps``. Every point records its tokens and training seconds.
 
@@ -344,14 +346,17 @@ def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = 
 
 
 class StepClock(TrainerCallback):
-    """Times steps: the steady-state seconds per step, leaving out the first (which pays for warm-up work the later
-    ones do not)."""
+    """Times steps on the budget's clock (wall or this process's CPU time): the steady-state seconds per step,
+    leaving out the first (which pays for warm-up work the later ones do not)."""
 
-    def __init__(self):
+    def __init__(self, clock: str = "wall"):
+        from .runner import TimeBudgetCallback
+
+        self.now = TimeBudgetCallback.CLOCKS[clock]
         self.ends: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.ends.append(self.now())
 
     def seconds_per_step(self) -> float:
         if len(self.ends) < 2:
@@ -368,7 +373,7 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
         return run_recipe(recipe)
     minutes = args.minutes + extra_minutes
     pilot_dir = work / f"{stage}_pilot"
-    clock = StepClock()
+    clock = StepClock(args.budget_clock)
     run_recipe({**recipe, "output_dir": str(pilot_dir),
                 "training": {**recipe["training"], "max_steps": PILOT_STEPS, "warmup_steps": 0}}, callbacks=[clock])
     shutil.rmtree(pilot_dir, ignore_errors=True)
@@ -377,6 +382,7 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
     if steps < 1:
         raise SystemExit(f"--minutes {args.minutes}: one {stage} step takes {per_step:.1f} s; the budget fits none")
     training = {**recipe["training"], "max_steps": steps, "max_train_minutes": minutes,
+                "budget_clock": args.budget_clock,
                 "warmup_steps": min(recipe["training"].get("warmup_steps", 0), max(steps // 10, 1))}
     summary = run_recipe({**recipe, "training": training})
     summary["pilot_seconds_per_step"] = round(per_step, 4)
@@ -410,14 +416,16 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
            **({"about": method.about} if method.about else {}),
            "max_abs_logit_diff": record["max_abs_logit_diff"],
            "conversion_seconds": round(time.time() - started),
-           "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0,
+           "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
                        **evaluate_model(converted, args, assets, tasks=args.task_points == "all")}]}
     if "report" in record:
         row["conversion_report"] = record["report"]
     linear = kind == "linear"
     if linear:
         row["attention_mse_before"] = attention_mse(converted, args.eval_file)
-    current, tokens, seconds = converted, 0, 0.0
+    current, tokens, seconds, cpu_seconds = converted, 0, 0.0, 0.0
+    if args.minutes is not None:
+        row["budget_clock"] = args.budget_clock
     has_new = bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
     routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
     carried = 0.0  # minutes of a skipped stage, given to the next one (every method gets the same budget)
@@ -444,7 +452,9 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         stage_tokens = summary["steps"] * args.batch_size * args.block_size
         tokens += stage_tokens
         seconds += summary["train_seconds"]
+        cpu_seconds += summary["train_cpu_seconds"]
         point = {"stage": stage, "tokens": tokens, "steps": summary["steps"], "train_seconds": round(seconds, 1),
+                 "train_cpu_seconds": round(cpu_seconds, 1),
                  "tokens_per_second": round(stage_tokens / max(summary["train_seconds"], 1e-9)),
                  "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
                  # the training curve between this point and the last: (tokens so far, logged loss)
@@ -469,7 +479,7 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
     for row in rows:
         ratios = [p["ppl"] / source_eval["ppl"] for p in row["points"]]
         line, = axes[0].plot([p["tokens"] for p in row["points"]], ratios, marker="o", label=row["method"])
-        axes[1].plot([p.get("train_seconds", 0.0) / 60 for p in row["points"]], ratios, marker="o",
+        axes[1].plot([_train_minutes(row, p) for p in row["points"]], ratios, marker="o",
                      label=row["method"])
         curve = [pair for p in row["points"] if p.get("stage") == "stage2" for pair in p.get("loss_curve", [])]
         if curve:  # the last stage's training loss (next-token + distillation terms, as the trainer logs it)
@@ -478,7 +488,7 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
     axes[2].set_ylabel("stage-2 training loss")
     axes[2].grid(alpha=0.3)
     axes[1].sharey(axes[0])
-    for ax, label in zip(axes[:2], ("training tokens", "training minutes (this CPU)")):
+    for ax, label in zip(axes[:2], ("training tokens", "training minutes (each row's budget clock)")):
         ax.axhline(1.0, color="black", linestyle="--", label="source")
         ax.set_xlabel(label)
         ax.set_yscale("log")
@@ -488,6 +498,12 @@ def plot(rows: list[dict], source_eval: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _train_minutes(row: dict, point: dict) -> float:
+    """Training minutes up to ``point`` on the clock that budgeted the row (CPU time, or wall time for old rows)."""
+    key = "train_cpu_seconds" if row.get("budget_clock") == "cpu" else "train_seconds"
+    return point.get(key, 0.0) / 60
 
 
 def format_table(result: dict) -> str:
@@ -507,7 +523,7 @@ def format_table(result: dict) -> str:
                         + (["1.0"] if generation else [])))
     for row in result["methods"]:
         for p in row["points"]:
-            lines.append(row_of([row["method"], p["stage"], p["tokens"], f"{p.get('train_seconds', 0) / 60:.1f}",
+            lines.append(row_of([row["method"], p["stage"], p["tokens"], f"{_train_minutes(row, p):.1f}",
                                  p["ppl"], f"{p['ppl'] / source['ppl']:.3f}", *(task_cells(p) if tasks else []),
                                  *gen_cells(p)]))
     return "\n".join(lines)
@@ -515,7 +531,7 @@ def format_table(result: dict) -> str:
 
 def _settings(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("json", "overwrite", "methods", "generation_reference", "recheck_generation")}
+            if k not in ("json", "overwrite", "methods", "generation_reference", "recheck_generation", "budget_clock")}
 
 
 GENERATION_KEYS = ("generation_prompts", "generation_tokens", "generation_prompt_tokens")
@@ -619,6 +635,10 @@ def main(argv=None) -> int:
                              "(recipe fields: " + ", ".join(RECIPE_DEFAULTS["linear"]) + ")")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training minutes per stage (a pilot picks the steps); overrides the step counts")
+    parser.add_argument("--budget-clock", choices=["cpu", "wall"], default="cpu",
+                        help="how --minutes are counted: this process's CPU time (default: other jobs on a shared "
+                             "machine take nothing from the budget; set OMP_NUM_THREADS for what a CPU-minute means) "
+                             "or wall-clock time; each row records its clock")
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--stage1-lr", type=float, default=None, help="override the stage 1 recipes' learning rate")

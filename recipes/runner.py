@@ -60,20 +60,26 @@ class TrainingDivergedError(RuntimeError):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stops training at the first step end past ``minutes`` of wall-clock time since training began."""
+    """Stops training at the first step end past ``minutes`` since training began, counted on ``clock``: ``"wall"``
+    (elapsed time) or ``"cpu"`` (this process's CPU time, all its threads)."""
 
-    def __init__(self, minutes: float):
+    CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+    def __init__(self, minutes: float, clock: str = "wall"):
         if not minutes > 0:
             raise ValueError(f"training.max_train_minutes must be > 0, got {minutes!r}")
+        if clock not in self.CLOCKS:
+            raise ValueError(f"training.budget_clock must be one of {sorted(self.CLOCKS)}, got {clock!r}")
         self.seconds = 60.0 * minutes
+        self.now = self.CLOCKS[clock]
         self.started = None
         self.stopped_at_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
+        self.started = self.now()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.time() - self.started >= self.seconds and not control.should_training_stop:
+        if self.now() - self.started >= self.seconds and not control.should_training_stop:
             control.should_training_stop = True
             self.stopped_at_step = state.global_step
 
@@ -333,7 +339,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
     teacher = DistillationTeacher(recipe.distill.teacher, model, recipe.distill.temperature) \
         if recipe.distill.teacher else None
     routing_callbacks = [RoutingStatsCallback()] if has_moe_layers(model) else []
-    budget = TimeBudgetCallback(t.max_train_minutes) if t.max_train_minutes is not None else None
+    budget = TimeBudgetCallback(t.max_train_minutes, t.budget_clock) if t.max_train_minutes is not None else None
 
     trainer = RecipeTrainer(
         model=model,
@@ -349,9 +355,9 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         teacher=teacher,
         distill=recipe.distill,
     )
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - started
+    train_seconds, train_cpu_seconds = time.time() - started, time.process_time() - cpu_started
     eval_loss = None
     if eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
@@ -372,6 +378,7 @@ def run_recipe(recipe: str | os.PathLike | Recipe | dict, overrides: Iterable[st
         "distill_teacher": recipe.distill.teacher,
         "resumed_from": resume_from,
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),
         "stopped_by_time_budget_at_step": budget.stopped_at_step if budget else None,
         "train_blocks": len(train_ds),
         "world_size": args.world_size,

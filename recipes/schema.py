@@ -101,10 +101,14 @@ class RecipeTrainingArguments(TrainingArguments):
     # gates learn their frozen layers' block-pooled attention maps (KL).
     objective: Literal["lm", "attention_transfer", "gate_distillation"] = field(
         default="lm", metadata={"help": "the loss: lm | attention_transfer | gate_distillation"})
-    # A wall-clock budget: training stops at the first step end past it (the schedule still spans max_steps, so
+    # A time budget: training stops at the first step end past it (the schedule still spans max_steps, so
     # pick max_steps from a measured step time, as `hf-arch bench recovery --minutes` does).
     max_train_minutes: float | None = field(
         default=None, metadata={"help": "stop training after this many minutes (None: no time limit)"})
+    # "cpu" counts this process's CPU time, which other jobs on a shared machine do not eat into (a fair budget when
+    # methods are compared side by side); with N threads a CPU-minute passes N times faster than a wall minute.
+    budget_clock: Literal["wall", "cpu"] = field(
+        default="wall", metadata={"help": "how max_train_minutes is counted: wall | cpu (this process's CPU time)"})
     # Recipe defaults (TrainingArguments' own in brackets).
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate [5e-5]"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1 [3.0]"})

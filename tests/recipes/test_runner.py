@@ -16,6 +16,7 @@ from hf_arch.recipes.data import DataError, PadCollator, build_datasets, load_do
 from hf_arch.recipes.runner import (
     NanLossCallback,
     OutputDirExistsError,
+    TimeBudgetCallback,
     TrainingDivergedError,
     build_param_groups,
     run_recipe,
@@ -324,6 +325,30 @@ def test_nan_callback_message():
     with pytest.raises(TrainingDivergedError, match="loss became NaN at step 7; lower the learning rate"):
         NanLossCallback(1e6).on_log(None, State(), None, logs={"loss": float("nan")})
     NanLossCallback(1e-3).on_log(None, State(), None, logs={"loss": 1.0})
+
+
+def test_time_budget_counts_wall_or_cpu_time():
+    """A CPU-time budget ignores time the process spends waiting (another job holding the core); a wall one does not."""
+    import time
+    from types import SimpleNamespace
+
+    def step(callback):
+        control = SimpleNamespace(should_training_stop=False)
+        callback.on_step_end(None, SimpleNamespace(global_step=3), control)
+        return control.should_training_stop
+
+    wall, cpu = TimeBudgetCallback(0.001, "wall"), TimeBudgetCallback(0.001, "cpu")  # 0.06 s each
+    for callback in (wall, cpu):
+        callback.on_train_begin(None, None, None)
+    time.sleep(0.2)  # waiting: wall time passes, CPU time hardly does
+    assert step(wall) and wall.stopped_at_step == 3
+    assert not step(cpu) and cpu.stopped_at_step is None
+    busy_until = time.process_time() + 0.1
+    while time.process_time() < busy_until:  # working: now CPU time passes too
+        pass
+    assert step(cpu) and cpu.stopped_at_step == 3
+    with pytest.raises(ValueError, match="training.budget_clock must be one of \\['cpu', 'wall'\\], got 'gpu'"):
+        TimeBudgetCallback(1.0, "gpu")
 
 
 # -------------------------------------------------------------------------------------------------------------- modes
