@@ -22,6 +22,8 @@ Stages (``RECIPE_DEFAULTS``; a method spec ``name:key=value,...`` changes any fi
 - linearization: stage 1 attention transfer (new parameters only; skipped for Liger, which adds none), stage 2
   every weight fine-tuned with next-token loss plus distillation from the source (``stage2_mode=lora`` for LoRA,
   as the anchors' settings ``lolcats_paper`` / ``liger_paper`` / ``lizard_paper`` do);
+- ``source_ft``: the source unconverted, trained by the linearizations' stage 2 for the same budget: the fair bar
+  (beating the raw source may be adaptation to the training text; beating this row is not);
 - MoE partition / upcycling: stage 1 router-only warm-up, stage 2 routers + experts, both distilled from the dense
   source (partitions first fit their routers at conversion, on ``--calibration-file``, default the training text).
 
@@ -63,8 +65,12 @@ class RecoveryMethod:
 
     @property
     def kind(self) -> str:
-        """``moe`` for refactorized methods, ``linear`` for linearizations (the key of ``RECIPE_DEFAULTS``)."""
+        """``moe`` for refactorized methods, ``linear`` for linearizations and the unconverted source (the key of
+        ``RECIPE_DEFAULTS``)."""
         return "moe" if self.target == "moe" else "linear"
+
+
+SOURCE_TARGET = "source"  # a method's target that keeps the source unconverted (the fine-tuned-source bar)
 
 
 # How stages train unless a method (or a ``name:key=value`` spec) says otherwise. Linearized models: stage 2
@@ -90,6 +96,10 @@ METHODS = {
     "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),
     "moe_quarter": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 2}),
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
+    # The bar for every row: the source itself, trained by the linearizations' stage-2 recipe for the same budget. A
+    # row that beats the source may only have adapted to the training text; beating this one is recovery.
+    "source_ft": RecoveryMethod(SOURCE_TARGET, {}, {"stage1": False},
+                                "the unconverted source fine-tuned with the linearizations' stage-2 recipe"),
     # The anchors' published settings (shared/reference/peers-conversion.md), stage lengths scaled to the budget:
     "lolcats_paper": RecoveryMethod(
         "gla", {"method": "lolcats", "window": 64, "mix_weights": [1.0, 0.1]},
@@ -263,7 +273,8 @@ def resolve_method(spec: str) -> RecoveryMethod:
         raise SystemExit(f"--methods {spec!r}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     method = METHODS[name]
     kind = method.kind
-    option_fields = sorted(set(CONVERSIONS[method.target].options_class.__dataclass_fields__) - {"method"})
+    option_fields = [] if method.target == SOURCE_TARGET else \
+        sorted(set(CONVERSIONS[method.target].options_class.__dataclass_fields__) - {"method"})
     conversion, recipe = dict(method.conversion), dict(method.recipe)
     for item in filter(None, changes.split(",")):
         key, eq, text = item.partition("=")
@@ -364,13 +375,19 @@ class StepClock(TrainerCallback):
         return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
 
 
+def _warmup(recipe: dict, steps: int) -> int:
+    """The recipe's warmup, at most a tenth of the stage (none below 10 steps: the first warmup step has LR 0)."""
+    return min(recipe["training"].get("warmup_steps", 0), steps // 10)
+
+
 def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float = 0.0) -> dict:
     """One stage: with ``--minutes`` (plus what a skipped stage left), a pilot of ``PILOT_STEPS`` steps sets how many
     steps fit the budget."""
     from .runner import run_recipe
 
     if args.minutes is None:
-        return run_recipe(recipe)
+        steps = recipe["training"]["max_steps"]
+        return run_recipe({**recipe, "training": {**recipe["training"], "warmup_steps": _warmup(recipe, steps)}})
     minutes = args.minutes + extra_minutes
     pilot_dir = work / f"{stage}_pilot"
     clock = StepClock(args.budget_clock)
@@ -383,7 +400,7 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
         raise SystemExit(f"--minutes {args.minutes}: one {stage} step takes {per_step:.1f} s; the budget fits none")
     training = {**recipe["training"], "max_steps": steps, "max_train_minutes": minutes,
                 "budget_clock": args.budget_clock,
-                "warmup_steps": min(recipe["training"].get("warmup_steps", 0), max(steps // 10, 1))}
+                "warmup_steps": _warmup(recipe, steps)}
     summary = run_recipe({**recipe, "training": training})
     summary["pilot_seconds_per_step"] = round(per_step, 4)
     return summary
@@ -392,6 +409,15 @@ def _run_stage(recipe: dict, work: Path, stage: str, args, extra_minutes: float 
 def _work_name(spec: str) -> str:
     """A folder name for a method spec (``lolcats:window=128`` → ``lolcats__window-128``)."""
     return spec.replace(":", "__").replace(",", "_").replace("=", "-").replace("+", "-")
+
+
+def _copy_source(source: str, out: Path) -> None:
+    """The source checkpoint as the starting point of a method that converts nothing (fp32, as conversions write)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
 def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
@@ -410,7 +436,11 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     extra = {}
     if to == "moe" and options["method"] == "partition":
         extra = {"calibration_file": args.calibration_file or args.train_file}
-    record = convert(source, converted, to=to, **options, **extra).record
+    if to == SOURCE_TARGET:
+        _copy_source(source, converted)
+        record = {"max_abs_logit_diff": 0.0}
+    else:
+        record = convert(source, converted, to=to, **options, **extra).record
     kind = method.kind
     row = {"method": name, "target": to, "options": options, "recipe": recipe_settings(kind, method.recipe),
            **({"about": method.about} if method.about else {}),
@@ -420,13 +450,13 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
                        **evaluate_model(converted, args, assets, tasks=args.task_points == "all")}]}
     if "report" in record:
         row["conversion_report"] = record["report"]
-    linear = kind == "linear"
+    linear = kind == "linear" and to != SOURCE_TARGET
     if linear:
         row["attention_mse_before"] = attention_mse(converted, args.eval_file)
     current, tokens, seconds, cpu_seconds = converted, 0, 0.0, 0.0
     if args.minutes is not None:
         row["budget_clock"] = args.budget_clock
-    has_new = bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
+    has_new = to != SOURCE_TARGET and bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
     routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
     carried = 0.0  # minutes of a skipped stage, given to the next one (every method gets the same budget)
     stages = stage_recipes(kind, source, args, method)

@@ -74,12 +74,18 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     assert "greedy agreement" in format_table(result)
 
     # A rerun resumes: the finished methods stay, only the new one runs.
-    assert main(_common(stories260k, out, stories_text) + ["--methods", "lolcats", "moe_upcycle", "--stage1-steps",
-                                                           "1", "--stage2-steps", "1", "--generation-prompts",
-                                                           "8"]) == 0
+    assert main(_common(stories260k, out, stories_text) + ["--methods", "lolcats", "moe_upcycle", "source_ft",
+                                                           "--stage1-steps", "1", "--stage2-steps", "1",
+                                                           "--generation-prompts", "8"]) == 0
     again = json.loads((out / "recovery.json").read_text())
-    assert [row["method"] for row in again["methods"]] == ["lolcats", "moe_half", "moe_upcycle"]
+    assert [row["method"] for row in again["methods"]] == ["lolcats", "moe_half", "moe_upcycle", "source_ft"]
     assert again["methods"][0] == result["methods"][0]
+    # The fine-tuned source, the bar for every row: unconverted, then the linearizations' stage-2 recipe.
+    source_ft = again["methods"][3]
+    assert source_ft["max_abs_logit_diff"] == 0.0 and source_ft["recipe"]["stage2_mode"] == "full"
+    assert source_ft["points"][0]["ppl"] == pytest.approx(result["source_eval"]["ppl"], rel=1e-5)
+    assert source_ft["points"][1]["skipped"] == "the recipe has no attention-transfer stage"
+    assert source_ft["points"][2]["tokens"] == 64 and source_ft["points"][2]["ppl"] != source_ft["points"][0]["ppl"]
     # Upcycling is exact: the converted model scores like the source.
     assert again["methods"][2]["points"][0]["ppl"] == pytest.approx(result["source_eval"]["ppl"], rel=1e-4)
     # ... and generates as the source does (a check that can fail: the untrained MoE partition does not). So does the
