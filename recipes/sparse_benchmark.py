@@ -1,6 +1,6 @@
 """Learned sparse attention on a frozen checkpoint: perplexity vs attention density, and attention time sparse/dense.
 
-    hf-arch bench sparse SRC --out outputs/sparse [--context 2048 --gate-steps 60 --flux-steps 30] [--json]
+    hf-arch bench sparse SRC --out outputs/sparse [--context 2048 --gate-steps 60 --flux-steps 30 | --minutes M] [--json]
 
 1. **SeerAttention**: convert (``--to sparse_attention --method seer``), train the block gates by self-distillation
    (the shipped recipe's settings, ``--gate-steps`` steps of ``--context`` tokens of WikiText-2 validation), then
@@ -12,7 +12,8 @@
 3. **Attention time**: the attention op alone at ``--context`` with the source's head shapes, dense causal SDPA vs
    ``block_sparse_attention`` at the measured Seer masks' densities (torch path on CPU, Triton on CUDA).
 
-Writes ``sparse.json`` and ``sparse.png`` (perplexity vs density) in ``--out``.
+``--minutes M`` trains the gates and each Flux target for M minutes of this process's CPU time (``--budget-clock``)
+instead of fixed steps, as `bench recovery` budgets its stages. Writes ``sparse.json`` and ``sparse.png`` (perplexity vs density) in ``--out``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_io import atomic_write_text
-from .recovery_benchmark import _assets, split_text_file
+from .recovery_benchmark import _assets, _run_stage, split_text_file
 
 
 def eval_windows(tokenizer, eval_file: Path, context: int, windows: int) -> torch.Tensor:
@@ -62,12 +63,12 @@ def score(model, windows: torch.Tensor) -> dict:
     return result
 
 
-def _train(converted: Path, out: Path, sections: dict, train_file: Path, context: int) -> dict:
-    from .runner import run_recipe
-
+def _train(converted: Path, out: Path, sections: dict, train_file: Path, args) -> dict:
+    """Trains for the fixed steps in ``sections`` or, with ``--minutes``, for the steps a pilot says fit the budget
+    (as `bench recovery` does); the summary carries the wall and CPU seconds of training alone."""
     recipe = {"model": str(converted), "output_dir": str(out),
-              "data": {"train_file": str(train_file), "block_size": context, "add_bos": False}, **sections}
-    return run_recipe(recipe)
+              "data": {"train_file": str(train_file), "block_size": args.context, "add_bos": False}, **sections}
+    return _run_stage(recipe, out.parent, out.name, args)
 
 
 def _base_training(steps: int) -> dict:
@@ -85,11 +86,10 @@ def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dic
     shutil.rmtree(work, ignore_errors=True)
     converted = work / "converted"
     convert(args.source, converted, to="sparse_attention", method="seer", block_size=args.block_size)
-    started = time.time()
     summary = _train(converted, work / "gates", {"training": {**_base_training(args.gate_steps),
                                                               "objective": "gate_distillation",
                                                               "learning_rate": args.gate_lr}},
-                     train_file, args.context)
+                     train_file, args)
     model = AutoModelForCausalLM.from_pretrained(work / "gates" / "final", dtype=torch.float32).eval()
     points = []
     settings = [("threshold", {"sparse_attn_threshold": t}) for t in args.thresholds]
@@ -101,8 +101,15 @@ def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dic
         points.append({"selection": selection, **{k.replace("sparse_attn_", ""): v for k, v in fields.items()},
                        **score(model, windows)})
         print(f"seer {points[-1]}", flush=True)
-    return {"train_seconds": round(time.time() - started), "gate_loss_start": summary["loss_start"],
+    return {**_training_record(summary, args), "gate_loss_start": summary["loss_start"],
             "gate_loss_end": summary["loss_end"], "points": points, "checkpoint": str(work / "gates" / "final")}
+
+
+def _training_record(summary: dict, args) -> dict:
+    """What a trained component's row records of its training: steps, tokens, wall and CPU seconds."""
+    return {"steps": summary["steps"], "tokens": summary["steps"] * args.context,
+            "train_seconds": round(summary["train_seconds"]), "train_cpu_seconds": round(summary["train_cpu_seconds"]),
+            **({"budget_minutes": args.minutes, "budget_clock": args.budget_clock} if args.minutes else {})}
 
 
 def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dict:
@@ -119,12 +126,11 @@ def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dic
         convert(args.source, converted, to="sparse_attention", method="flux", block_size=args.block_size,
                 sink_blocks=args.sink_blocks, window_blocks=args.window_blocks, target_sparsity=target,
                 router_bias=args.flux_router_bias)
-        started = time.time()
         sections = {"training": {**_base_training(args.flux_steps), "learning_rate": args.flux_lr},
                     "distill": {"teacher": "self", "kl_weight": 1.0, "lm_weight": 0.0, "temperature": 1.0}}
-        summary = _train(converted, work / "router", sections, train_file, args.context)
+        summary = _train(converted, work / "router", sections, train_file, args)
         model = AutoModelForCausalLM.from_pretrained(work / "router" / "final", dtype=torch.float32).eval()
-        rows.append({"target_sparsity": target, "train_seconds": round(time.time() - started),
+        rows.append({"target_sparsity": target, **_training_record(summary, args),
                      "loss_start": summary["loss_start"], "loss_end": summary["loss_end"], **score(model, windows)})
         print(f"flux {rows[-1]}", flush=True)
     # The floor: every layer on the sink + window branch.
@@ -232,6 +238,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-steps", type=int, default=60)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--flux-steps", type=int, default=30)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training minutes for the gates and for each Flux target (a pilot picks the steps, as in "
+                             "`bench recovery`); overrides --gate-steps / --flux-steps")
+    parser.add_argument("--budget-clock", choices=["cpu", "wall"], default="cpu",
+                        help="how --minutes are counted: this process's CPU time (default) or wall-clock time")
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--thresholds", type=float, nargs="*", default=[1e-3, 5e-3, 2e-2, 5e-2])
     parser.add_argument("--topk", type=int, nargs="*", default=[4, 8])
@@ -259,6 +270,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if args.minutes is not None and not args.minutes > 0:
+        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
     if args.context < 2 * args.block_size:
         raise SystemExit(f"--context {args.context} holds fewer than two blocks of --block-size {args.block_size}: "
                          "nothing could be skipped")

@@ -39,6 +39,9 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     topk = result["seer"]["points"][1]
     assert topk["density"] < 1  # top-2 of 8 key blocks cannot be dense
     assert result["flux"]["targets"][0]["target_sparsity"] == 0.5
+    # Each trained component records what it trained: steps, tokens, wall and CPU seconds of training alone.
+    for record in (result["seer"], result["flux"]["targets"][0]):
+        assert record["steps"] == 2 and record["tokens"] == 2 * 128 and record["train_cpu_seconds"] >= 0
     assert result["flux"]["all_sparse"]["sparse_share"] == 1.0
     assert math.isfinite(result["dense"]["ppl"]) and result["attention_time"]["block_sparse"]
     assert "| seer | top-2 blocks |" in format_table(result)
@@ -49,6 +52,14 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     after = json.loads((out / "sparse.json").read_text())
     assert after["seer"] == result["seer"] and [r["density"] for r in after["attention_time"]["block_sparse"]] == [
         r["density"] for r in before["block_sparse"]]
+    # A CPU-time budget instead of step counts: a pilot sizes the run, the record says which clock budgeted it.
+    timed = tmp_path / "timed"
+    assert main(args[:4] + [str(timed)] + args[5:-1] + ["--minutes", "0.05", "--flux-targets"]) == 0
+    seer = json.loads((timed / "sparse.json").read_text())["seer"]
+    assert seer["budget_clock"] == "cpu" and seer["budget_minutes"] == 0.05 and seer["steps"] >= 1
+    assert seer["train_cpu_seconds"] <= 0.05 * 60 * 1.5 + 5
+    with pytest.raises(SystemExit, match="--minutes must be > 0"):
+        main(args[:4] + [str(tmp_path / "y")] + args[5:] + ["--minutes", "0"])
     with pytest.raises(SystemExit, match="fewer than two blocks"):
         main(["bench", "sparse", str(stories260k), "--out", str(tmp_path / "x"), "--context", "16",
               "--block-size", "16"])
