@@ -13,7 +13,9 @@
    ``block_sparse_attention`` at the measured Seer masks' densities (torch path on CPU, Triton on CUDA).
 
 ``--minutes M`` trains the gates and each Flux target for M minutes of this process's CPU time (``--budget-clock``)
-instead of fixed steps, as `bench recovery` budgets its stages. Writes ``sparse.json`` and ``sparse.png`` (perplexity vs density) in ``--out``.
+instead of fixed steps, as `bench recovery` budgets its stages. A rerun continues ``sparse.json`` when its settings
+match (the trained gates are reused and only new ``--thresholds`` / ``--topk`` settings scored; finished Flux targets
+are kept); ``--overwrite`` starts afresh. Writes ``sparse.json`` and ``sparse.png`` (perplexity vs density) in ``--out``.
 """
 
 from __future__ import annotations
@@ -77,32 +79,50 @@ def _base_training(steps: int) -> dict:
             "warmup_steps": 5}
 
 
-def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dict:
+def _seer_settings(args) -> list[tuple[str, dict]]:
+    return ([("threshold", {"sparse_attn_threshold": t}) for t in args.thresholds]
+            + [("topk", {"sparse_attn_topk": k}) for k in args.topk])
+
+
+def _point_key(selection: str, fields: dict) -> tuple:
+    return (selection, *fields.values())
+
+
+def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path, earlier: dict | None = None) -> dict:
+    """Gates converted and trained, then every selection setting scored; with ``earlier`` (a finished run's record
+    whose checkpoint is still there) the trained gates are reused and only the settings it lacks are scored."""
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
 
     work = Path(args.out) / "seer"
-    shutil.rmtree(work, ignore_errors=True)
-    converted = work / "converted"
-    convert(args.source, converted, to="sparse_attention", method="seer", block_size=args.block_size)
-    summary = _train(converted, work / "gates", {"training": {**_base_training(args.gate_steps),
-                                                              "objective": "gate_distillation",
-                                                              "learning_rate": args.gate_lr}},
-                     train_file, args)
-    model = AutoModelForCausalLM.from_pretrained(work / "gates" / "final", dtype=torch.float32).eval()
-    points = []
-    settings = [("threshold", {"sparse_attn_threshold": t}) for t in args.thresholds]
-    settings += [("topk", {"sparse_attn_topk": k}) for k in args.topk]
-    for selection, fields in settings:
-        model.config.sparse_attn_selection = selection
-        for name, value in fields.items():
-            setattr(model.config, name, value)
-        points.append({"selection": selection, **{k.replace("sparse_attn_", ""): v for k, v in fields.items()},
-                       **score(model, windows)})
-        print(f"seer {points[-1]}", flush=True)
-    return {**_training_record(summary, args), "gate_loss_start": summary["loss_start"],
-            "gate_loss_end": summary["loss_end"], "points": points, "checkpoint": str(work / "gates" / "final")}
+    if earlier is not None and Path(earlier["checkpoint"]).is_dir():
+        record = dict(earlier)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        converted = work / "converted"
+        convert(args.source, converted, to="sparse_attention", method="seer", block_size=args.block_size)
+        summary = _train(converted, work / "gates", {"training": {**_base_training(args.gate_steps),
+                                                                  "objective": "gate_distillation",
+                                                                  "learning_rate": args.gate_lr}},
+                         train_file, args)
+        record = {**_training_record(summary, args), "gate_loss_start": summary["loss_start"],
+                  "gate_loss_end": summary["loss_end"], "points": [], "checkpoint": str(work / "gates" / "final")}
+    done = {_point_key(p["selection"], {k: v for k, v in p.items() if k in ("threshold", "topk")})
+            for p in record["points"]}
+    todo = [(selection, fields) for selection, fields in _seer_settings(args)
+            if _point_key(selection, fields) not in done]
+    points = list(record["points"])
+    if todo:
+        model = AutoModelForCausalLM.from_pretrained(record["checkpoint"], dtype=torch.float32).eval()
+        for selection, fields in todo:
+            model.config.sparse_attn_selection = selection
+            for name, value in fields.items():
+                setattr(model.config, name, value)
+            points.append({"selection": selection, **{k.replace("sparse_attn_", ""): v for k, v in fields.items()},
+                           **score(model, windows)})
+            print(f"seer {points[-1]}", flush=True)
+    return {**record, "points": points}
 
 
 def _training_record(summary: dict, args) -> dict:
@@ -112,14 +132,21 @@ def _training_record(summary: dict, args) -> dict:
             **({"budget_minutes": args.minutes, "budget_clock": args.budget_clock} if args.minutes else {})}
 
 
-def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dict:
+def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path, earlier: dict | None = None,
+             save=None) -> dict:
+    """Each ``--flux-targets`` target converted, its routers trained and scored (targets ``earlier`` holds are kept),
+    then the all-sparse floor; ``save(flux)`` after each target, so an interrupted run keeps what it finished."""
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
     from ..layers.sparse_attention import sparse_attention_layers
 
-    rows = []
+    rows = list((earlier or {}).get("targets", []))
+    done = {row["target_sparsity"] for row in rows}
+    model = None
     for target in args.flux_targets:
+        if target in done:
+            continue
         work = Path(args.out) / f"flux_{target}"
         shutil.rmtree(work, ignore_errors=True)
         converted = work / "converted"
@@ -133,12 +160,18 @@ def run_flux(args, assets: Path, windows: torch.Tensor, train_file: Path) -> dic
         rows.append({"target_sparsity": target, **_training_record(summary, args),
                      "loss_start": summary["loss_start"], "loss_end": summary["loss_end"], **score(model, windows)})
         print(f"flux {rows[-1]}", flush=True)
-    # The floor: every layer on the sink + window branch.
-    with torch.no_grad():
-        for layer in sparse_attention_layers(model):
-            layer.layer_router.out_bias.copy_(torch.tensor([-30.0, 30.0]))
-    floor = score(model, windows)
-    return {"targets": rows, "all_sparse": floor}
+        if save is not None:
+            save({**(earlier or {}), "targets": rows})
+    result = {**(earlier or {}), "targets": rows}
+    if "all_sparse" not in result:  # the floor: every layer on the sink + window branch
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(Path(args.out) / f"flux_{rows[-1]['target_sparsity']}"
+                                                         / "router" / "final", dtype=torch.float32).eval()
+        with torch.no_grad():
+            for layer in sparse_attention_layers(model):
+                layer.layer_router.out_bias.copy_(torch.tensor([-30.0, 30.0]))
+        result["all_sparse"] = score(model, windows)
+    return result
 
 
 def branch_density(context: int, block: int, sink: int, window: int) -> float:
@@ -278,37 +311,62 @@ def main(argv=None) -> int:
     assets = _assets()
     out = Path(args.out)
     result_path = out / "sparse.json"
-    if result_path.exists() and not args.overwrite:
-        raise SystemExit(f"{result_path} exists; pass --overwrite to run again")
     out.mkdir(parents=True, exist_ok=True)
     if args.text_file:
         args.train_file, args.eval_file = split_text_file(Path(args.text_file), out / "data", args.document_separator,
                                                           args.holdout_fraction)
     train_file = Path(args.train_file) if args.train_file else assets / "data" / "wikitext2_valid.txt"
     eval_file = Path(args.eval_file) if args.eval_file else assets / "data" / "wikitext2_test.txt"
+    earlier = _resumable(result_path, args) if result_path.exists() and not args.overwrite else None
     tokenizer = AutoTokenizer.from_pretrained(args.source)
     windows = eval_windows(tokenizer, eval_file, args.context, args.eval_windows)
-    source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
-    result = {"source": args.source, "eval_file": str(eval_file),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "dense": score(source, windows),
-              "flux_branch_density": round(branch_density(args.context, args.block_size, args.sink_blocks,
-                                                          args.window_blocks), 4)}
-    del source
+    if earlier is not None:
+        result = {**earlier, "settings": {**earlier["settings"], **_settings(args)}}
+    else:
+        source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
+        result = {"source": args.source, "eval_file": str(eval_file), "settings": _settings(args),
+                  "dense": score(source, windows),
+                  "flux_branch_density": round(branch_density(args.context, args.block_size, args.sink_blocks,
+                                                              args.window_blocks), 4)}
+        del source
 
     def save() -> None:
         atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
 
-    result["seer"] = run_seer(args, assets, windows, train_file)
+    result["seer"] = run_seer(args, assets, windows, train_file, earlier=result.get("seer"))
     save()
     if args.flux_targets:
-        result["flux"] = run_flux(args, assets, windows, train_file)
+        def save_flux(flux: dict) -> None:
+            result["flux"] = flux
+            save()
+
+        result["flux"] = run_flux(args, assets, windows, train_file, earlier=result.get("flux"), save=save_flux)
         save()
     result["attention_time"] = time_attention(args, AutoConfig.from_pretrained(args.source), _densities(result))
     save()
     plot(result, out / "sparse.png")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if math.isfinite(result["dense"]["ppl"]) else 1
+
+
+# Settings a rerun must share with the results it continues (the selection sweeps and Flux targets may grow).
+RESUME_KEYS = ("source", "context", "block_size", "gate_steps", "gate_lr", "flux_steps", "flux_lr", "flux_router_bias",
+               "sink_blocks", "window_blocks", "eval_windows", "train_file", "eval_file", "minutes", "budget_clock")
+
+
+def _settings(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+
+
+def _resumable(path: Path, args) -> dict:
+    """The results in ``path`` if this run may continue them (same settings), else a SystemExit naming the keys."""
+    earlier = json.loads(path.read_text())
+    then, now = earlier.get("settings", {}), _settings(args)
+    different = [k for k in RESUME_KEYS if then.get(k) != now.get(k)]
+    if different:
+        changes = ", ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in different)
+        raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
+    return earlier
 
 
 def _densities(result: dict) -> list[float]:

@@ -45,8 +45,15 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     assert result["flux"]["all_sparse"]["sparse_share"] == 1.0
     assert math.isfinite(result["dense"]["ppl"]) and result["attention_time"]["block_sparse"]
     assert "| seer | top-2 blocks |" in format_table(result)
-    with pytest.raises(SystemExit, match="pass --overwrite"):
-        main(args)
+    # A rerun continues the results: the trained gates and routers are reused, only new settings are scored.
+    assert main(args[:-1] + ["--thresholds", "0.05", "0.2"]) == 0
+    resumed = json.loads((out / "sparse.json").read_text())
+    assert resumed["seer"]["points"][:2] == result["seer"]["points"]
+    assert [p.get("threshold") for p in resumed["seer"]["points"]] == [0.05, None, 0.2]
+    assert resumed["flux"] == result["flux"] and resumed["dense"] == result["dense"]
+    with pytest.raises(SystemExit, match=r"\(gate_steps: 2 there, 3 now\); pass --overwrite"):
+        main(args[:-1] + ["--gate-steps", "3"])
+    result = resumed
     before = result["attention_time"]
     assert main(args + ["--retime"]) == 0  # timing alone, on the results already there
     after = json.loads((out / "sparse.json").read_text())
