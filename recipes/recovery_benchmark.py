@@ -575,15 +575,20 @@ def _load_earlier(path: Path, args, ignore: tuple[str, ...] = ()) -> dict | None
     if args.overwrite:
         return None
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    settings = earlier.get("settings", {})
-    now = _settings(args)
-    then = {k: settings.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-    now = {k: now.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
-    different = [k for k in RESUME_KEYS if then[k] != now[k] and k not in ignore]
-    if different:
-        changes = ", ".join(f"{k}: {then[k]!r} there, {now[k]!r} now" for k in different)
-        raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
+    refuse_other_settings(path, earlier.get("settings", {}), _settings(args),
+                          [k for k in RESUME_KEYS if k not in ignore], RESUME_DEFAULTS)
     return earlier
+
+
+def refuse_other_settings(path: Path, then: dict, now: dict, keys, defaults: dict | None = None) -> None:
+    """A SystemExit naming every key of ``keys`` whose value differs between the results in ``path`` (``then``) and
+    this run (``now``); a key missing from either reads as its ``defaults`` value (what older results ran with)."""
+    defaults = defaults or {}
+    value = lambda settings, k: settings.get(k, defaults.get(k))  # noqa: E731
+    different = [k for k in keys if value(then, k) != value(now, k)]
+    if different:
+        changes = ", ".join(f"{k}: {value(then, k)!r} there, {value(now, k)!r} now" for k in different)
+        raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
 
 
 @contextlib.contextmanager

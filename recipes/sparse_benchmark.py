@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_io import atomic_write_text
-from .recovery_benchmark import _assets, _run_stage, split_text_file
+from .recovery_benchmark import _assets, _run_stage, refuse_other_settings, split_text_file
 
 
 def eval_windows(tokenizer, eval_file: Path, context: int, windows: int) -> torch.Tensor:
@@ -79,13 +79,9 @@ def _base_training(steps: int) -> dict:
             "warmup_steps": 5}
 
 
-def _seer_settings(args) -> list[tuple[str, dict]]:
-    return ([("threshold", {"sparse_attn_threshold": t}) for t in args.thresholds]
-            + [("topk", {"sparse_attn_topk": k}) for k in args.topk])
-
-
-def _point_key(selection: str, fields: dict) -> tuple:
-    return (selection, *fields.values())
+def _seer_settings(args) -> list[tuple[str, float]]:
+    """``(selection, value)``: the config field ``sparse_attn_<selection>`` takes the value."""
+    return [("threshold", t) for t in args.thresholds] + [("topk", k) for k in args.topk]
 
 
 def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path, earlier: dict | None = None) -> dict:
@@ -108,19 +104,15 @@ def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path, earlie
                          train_file, args)
         record = {**_training_record(summary, args), "gate_loss_start": summary["loss_start"],
                   "gate_loss_end": summary["loss_end"], "points": [], "checkpoint": str(work / "gates" / "final")}
-    done = {_point_key(p["selection"], {k: v for k, v in p.items() if k in ("threshold", "topk")})
-            for p in record["points"]}
-    todo = [(selection, fields) for selection, fields in _seer_settings(args)
-            if _point_key(selection, fields) not in done]
     points = list(record["points"])
+    done = {(p["selection"], p[p["selection"]]) for p in points}
+    todo = [setting for setting in _seer_settings(args) if setting not in done]
     if todo:
         model = AutoModelForCausalLM.from_pretrained(record["checkpoint"], dtype=torch.float32).eval()
-        for selection, fields in todo:
+        for selection, value in todo:
             model.config.sparse_attn_selection = selection
-            for name, value in fields.items():
-                setattr(model.config, name, value)
-            points.append({"selection": selection, **{k.replace("sparse_attn_", ""): v for k, v in fields.items()},
-                           **score(model, windows)})
+            setattr(model.config, f"sparse_attn_{selection}", value)
+            points.append({"selection": selection, selection: value, **score(model, windows)})
             print(f"seer {points[-1]}", flush=True)
     return {**record, "points": points}
 
@@ -360,12 +352,8 @@ def _settings(args) -> dict:
 
 def _resumable(path: Path, args) -> dict:
     """The results in ``path`` if this run may continue them (same settings), else a SystemExit naming the keys."""
-    earlier = json.loads(path.read_text())
-    then, now = earlier.get("settings", {}), _settings(args)
-    different = [k for k in RESUME_KEYS if then.get(k) != now.get(k)]
-    if different:
-        changes = ", ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in different)
-        raise SystemExit(f"{path} holds results with other settings ({changes}); pass --overwrite to start afresh")
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    refuse_other_settings(path, earlier.get("settings", {}), _settings(args), RESUME_KEYS)
     return earlier
 
 
