@@ -1,7 +1,8 @@
 """The public ops: one function per op, choosing the implementation per call (see :mod:`.dispatch`).
 
 Each op has a PyTorch implementation (the CPU path, and the fallback anywhere) and a Triton one (forward and
-backward, used by default on CUDA tensors). The Triton modules are imported only when chosen, so these functions
+backward, used by default on CUDA tensors); GLA, the gated delta rule and KDA also run on fla's kernels where fla is
+installed, the CUDA default then (see :mod:`.fla_backend`). The Triton modules are imported only when chosen, so these functions
 work where triton is missing or has no GPU driver.
 """
 
@@ -19,6 +20,7 @@ from .block_sparse.pooled_scores import chunk_pooled_attention_scores
 from .delta_rule.chunk import chunk_gated_delta_rule
 from .delta_rule.recurrent import fused_recurrent_gated_delta_rule
 from .dispatch import select_backend
+from .fla_backend import fla_op
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .krr.chunk import krr_attention_torch
@@ -64,8 +66,12 @@ def _torch_gdr(q, k, v, g, beta, **kwargs):
     return fn(q, k, v, g, beta, **kwargs)
 
 
-_GLA_IMPLS = {"torch": _torch_gla, **_triton_op(".gla.triton_gla", "triton_gla")}
-_GDR_IMPLS = {"torch": _torch_gdr, **_triton_op(".delta_rule.triton_delta_rule", "triton_gated_delta_rule")}
+_GLA_IMPLS = {"torch": _torch_gla, **_triton_op(".gla.triton_gla", "triton_gla"), **fla_op("gla", RECURRENT_MAX_TOKENS)}
+_GDR_IMPLS = {
+    "torch": _torch_gdr,
+    **_triton_op(".delta_rule.triton_delta_rule", "triton_gated_delta_rule"),
+    **fla_op("gated_delta_rule", RECURRENT_MAX_TOKENS),
+}
 _SWA_IMPLS = {
     "torch": chunk_sliding_window_attention,
     **_triton_op(".sliding_window.triton_sliding_window", "triton_sliding_window_attention"),

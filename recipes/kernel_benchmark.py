@@ -3,7 +3,7 @@
 ``benchmark_kernels`` times forward (under ``torch.no_grad``) and forward+backward of our ops (``gated_delta_rule``,
 ``gla``, ``sliding_window_attention``) against PyTorch SDPA causal attention and transformers' own pure-PyTorch
 gated-delta-rule fallback (``torch_chunk_gated_delta_rule`` from Qwen3-Next), over a range of sequence lengths.
-On CUDA it also times our Triton backends and fla's kernels when ``import fla`` works.
+On CUDA it also times our Triton backends and fla's kernels (through our adapter) where fla-core >= 0.6 is installed.
 
 ``benchmark_decode`` times per-token cached decoding of a random-init Gated DeltaNet LM against a Llama of the same
 width, depth, heads and vocabulary, after prefilling contexts of several lengths.
@@ -95,18 +95,11 @@ def _impls(device: str, window: int) -> list[tuple[str, str, object, object]]:
     if cuda:
         impls.append(("sliding_window_attention", f"{OURS}.triton", btdh, ours_swa("triton")))
     impls.append(("causal_attention", SDPA, bhtd, sdpa))
-    if cuda:
-        try:
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdr
-            from fla.ops.gla import chunk_gla as fla_gla
-
-            impls.append(("gated_delta_rule", "fla", btdh,
-                          lambda t: fla_gdr(t["q"], t["k"], t["v"], t["g_gdn"], t["beta"], output_final_state=True,
-                                            use_qk_l2norm_in_kernel=True)))
-            impls.append(("gla", "fla", btdh,
-                          lambda t: fla_gla(t["q"], t["k"], t["v"], t["g_gla"], output_final_state=True)))
-        except Exception:  # fla missing or broken: benchmark without it
-            pass
+    if cuda:  # fla's chunked kernels through our adapter (kernels/fla_backend.py), where a usable fla is installed
+        if "fla" in ops._GDR_IMPLS:
+            impls.append(("gated_delta_rule", "fla", btdh, ours_gdr("fla")))
+        if "fla" in ops._GLA_IMPLS:
+            impls.append(("gla", "fla", btdh, ours_gla("fla")))
     return impls + registered_kernel_impls(device)
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..dispatch import select_backend
+from ..fla_backend import fla_op
 from ..ops import RECURRENT_MAX_TOKENS, _triton_op
 from .chunk import chunk_kda
 from .naive import naive_recurrent_kda
@@ -28,7 +29,7 @@ def _torch_kda(q, k, v, g, beta, **kwargs):
 
 # _triton_op resolves the module relative to ops' package; the Triton module is imported only when
 # chosen, so this works where triton is missing or has no GPU driver.
-_KDA_IMPLS = {"torch": _torch_kda, **_triton_op(".kda.triton_kda", "triton_kda")}
+_KDA_IMPLS = {"torch": _torch_kda, **_triton_op(".kda.triton_kda", "triton_kda"), **fla_op("kda", RECURRENT_MAX_TOKENS)}
 
 
 def kda(

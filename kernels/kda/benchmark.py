@@ -24,7 +24,7 @@ def _inputs(x: dict) -> dict:
 
 def kernel_benchmark_impls(device: str) -> list[tuple[str, str, object, object]]:
     """``(op, impl, prepare(shared inputs) -> tensors, run(tensors) -> (o, final_state))``."""
-    from . import kda
+    from . import _KDA_IMPLS, kda
 
     def ours(backend):
         return lambda t: kda(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True, use_qk_l2norm=True,
@@ -33,6 +33,8 @@ def kernel_benchmark_impls(device: str) -> list[tuple[str, str, object, object]]
     impls = [("kda", f"{OURS}.torch", _inputs, ours("torch"))]
     if torch.device(device).type == "cuda":
         impls.append(("kda", f"{OURS}.triton", _inputs, ours("triton")))
+        if "fla" in _KDA_IMPLS:  # fla's chunked kernel through our adapter
+            impls.append(("kda", "fla", _inputs, ours("fla")))
     try:
         from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
     except ImportError:  # a transformers without Kimi Linear: ours alone (no ratio)

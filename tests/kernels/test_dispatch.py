@@ -27,6 +27,15 @@ def test_argument_beats_env_var(monkeypatch):
 
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    with pytest.raises(ValueError, match="backend 'triton' is not available .*HF_ARCH_KERNEL_BACKEND"):
+    monkeypatch.setenv(dispatch.ENV_VAR, "tritn")
+    with pytest.raises(ValueError, match="backend 'tritn' is not available .*HF_ARCH_KERNEL_BACKEND"):
         dispatch.select_backend("op", _impls(), torch.zeros(1))
+    with pytest.raises(ValueError, match="backend 'triton' is not available .*backend="):
+        dispatch.select_backend("op", _impls(), torch.zeros(1), backend="triton")
+
+
+def test_global_choice_applies_where_an_op_has_it(monkeypatch):
+    """HF_ARCH_KERNEL_BACKEND=fla moves the ops fla has; an op without it (sliding window) keeps its default."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "fla")
+    assert dispatch.select_backend("op", _impls(), torch.zeros(1))() == "torch"
+    assert dispatch.select_backend("op", {**_impls(), "fla": lambda: "fla"}, torch.zeros(1))() == "fla"
