@@ -173,7 +173,7 @@ def _cmd_bench_kernels(args) -> int:
         raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
     kernels = benchmark_kernels(seq_lens=tuple(args.seq_lens or DEFAULT_SEQ_LENS), device=device,
                                 repeats=3 if args.repeats is None else args.repeats, time_budget_s=args.time_budget,
-                                ops=tuple(args.ops) if args.ops else None)
+                                ops=tuple(args.ops) if args.ops else None, windows=tuple(args.windows))
     decode = [] if args.skip_decode else benchmark_decode(
         contexts=tuple(args.decode_contexts), hidden_size=args.decode_hidden_size, layers=args.decode_layers,
         new_tokens=16 if args.decode_tokens is None else args.decode_tokens,
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None,
                    help="bench kernels: skip what is left of the kernel table after this many seconds")
     p.add_argument("--ops", nargs="+", default=None, help="bench kernels: only these ops (e.g. gated_delta_rule kda)")
+    p.add_argument("--windows", type=int, nargs="+", default=[64],
+                   help="bench kernels: sliding windows of the sliding_window_attention and liger_hybrid rows")
     p.add_argument("--experts", type=int, nargs="+", default=None,
                    help="bench moe: numbers of experts for the layer table (default 8 16 64)")
     p.add_argument("--tokens", type=int, default=4096, help="bench moe: tokens per layer call")

@@ -54,7 +54,7 @@ def _make_inputs(T: int, batch: int, heads: int, head_dim: int, device, dtype, s
     }
 
 
-def _impls(device: str, window: int) -> list[tuple[str, str, object, object]]:
+def _impls(device: str, windows: tuple[int, ...]) -> list[tuple[str, str, object, object]]:
     """``(op, impl, prepare(inputs) -> tensors, run(tensors) -> outputs)``; grads flow into the q/k/v tensors."""
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
@@ -73,8 +73,15 @@ def _impls(device: str, window: int) -> list[tuple[str, str, object, object]]:
     def ours_gla(backend):
         return lambda t: ops.gla(t["q"], t["k"], t["v"], t["g_gla"], output_final_state=True, backend=backend)
 
-    def ours_swa(backend):
+    def ours_swa(backend, window):
         return lambda t: ops.sliding_window_attention(t["q"], t["k"], t["v"], window, backend=backend)
+
+    def liger_layer(window):  # a Liger hybrid layer's two kernels on shared q/k/v: GLA plus the window branch
+        def run(t):
+            linear, _ = ops.gla(t["q"], t["k"], t["v"], t["g_gla"])
+            return linear + ops.sliding_window_attention(t["q"], t["k"], t["v"], window)
+
+        return run
 
     def hf_gdr(t):
         return torch_chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g_gdn"], t["beta"], output_final_state=True,
@@ -91,9 +98,11 @@ def _impls(device: str, window: int) -> list[tuple[str, str, object, object]]:
     impls.append(("gla", f"{OURS}.torch", btdh, ours_gla("torch")))
     if cuda:
         impls.append(("gla", f"{OURS}.triton", btdh, ours_gla("triton")))
-    impls.append(("sliding_window_attention", f"{OURS}.torch", btdh, ours_swa("torch")))
-    if cuda:
-        impls.append(("sliding_window_attention", f"{OURS}.triton", btdh, ours_swa("triton")))
+    for window in windows:  # the window in the impl name: one row per window at each T
+        impls.append(("sliding_window_attention", f"{OURS}.torch w={window}", btdh, ours_swa("torch", window)))
+        if cuda:
+            impls.append(("sliding_window_attention", f"{OURS}.triton w={window}", btdh, ours_swa("triton", window)))
+        impls.append(("liger_hybrid", f"{OURS} w={window}", btdh, liger_layer(window)))
     impls.append(("causal_attention", SDPA, bhtd, sdpa))
     if cuda:  # fla's chunked kernels through our adapter (kernels/fla_backend.py), where a usable fla is installed
         if "fla" in ops._GDR_IMPLS:
@@ -133,7 +142,7 @@ def benchmark_kernels(
     head_dim: int = 64,
     device: str = "cpu",
     repeats: int = 3,
-    window: int = 64,
+    windows: tuple[int, ...] = (64,),
     time_budget_s: float | None = None,
     per_call_limit_s: float = 20.0,
     progress: bool = True,
@@ -148,7 +157,7 @@ def benchmark_kernels(
     from tqdm.auto import tqdm
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    impls = _impls(device, window)
+    impls = _impls(device, tuple(windows))
     if ops is not None:
         unknown = sorted(set(ops) - {op for op, *_ in impls})
         if unknown:

@@ -32,6 +32,48 @@ def _bands(x: torch.Tensor, pad_left: int, pad_right: int, size: int, step: int)
     return bands.movedim(-1, 2)
 
 
+def fused_chunk_size(window: int) -> int:
+    """Block length for the fused path: a quarter of the window rounded up to a power of two, within [64, 256]
+    (a CPU sweep, T 2K-8K, windows 64-512: smaller blocks waste fewer scores, larger ones make fewer calls)."""
+    return min(256, max(64, 1 << max(0, (window - 1).bit_length() - 2)))
+
+
+def _band_mask(B, T, n, C, L, left, window, attention_mask, cu_seqlens, device) -> torch.Tensor:
+    """``[B or 1, n, C, L]`` bool: query i of block b may attend key j of its band (window, padding, sequences)."""
+    i = torch.arange(C, device=device)
+    j = torch.arange(L, device=device)
+    dist = (i[:, None] + left) - j[None, :]  # query i of a block, key j of its band -> distance in [0, window)
+    allowed = ((dist >= 0) & (dist < window)).view(1, 1, C, L)
+    right = n * C - T
+    # Per-key validity (left padding of the band, attention_mask) and packed-sequence ids, banded like the keys.
+    if left > 0 or attention_mask is not None:
+        key_valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask != 0
+        kv_band = _bands(key_valid[..., None].to(torch.uint8), left, right, L, C)[..., 0] != 0  # [B, n, L]; pad False
+        allowed = allowed & kv_band[:, :, None, :]
+    if cu_seqlens is not None:
+        seq = sequence_ids(cu_seqlens, T, device)[None]  # [1, T]
+        seq_q = F.pad(seq, (0, right), value=-1).view(1, n, C)
+        seq_k = _bands((seq + 1)[..., None], left, right, L, C)[..., 0] - 1  # padding -> -1
+        allowed = allowed & (seq_q[:, :, :, None] == seq_k[:, :, None, :])  # [1, n, C, L]
+    return allowed
+
+
+def _fused_blocks(qb, kb, vb, allowed, scale, G) -> torch.Tensor:
+    """Each (batch, block) is one SDPA call over its key band; rows with no key output 0 (their mask is opened so
+    the fused kernel sees no empty row, then the output is zeroed: no NaN forward or backward)."""
+    B, n, H_kv, GC, D = qb.shape
+    L = kb.shape[3]
+    C = GC // G
+    mask = allowed.expand(B, n, C, L)
+    empty = ~mask.any(dim=-1)  # [B, n, C]; no data-dependent branch, so torch.compile traces one graph
+    mask = (mask | empty[..., None])[:, :, None].expand(B, n, G, C, L).reshape(B * n, 1, GC, L)
+    out = F.scaled_dot_product_attention(qb.reshape(B * n, H_kv, GC, D), kb.reshape(B * n, H_kv, L, D),
+                                         vb.reshape(B * n, H_kv, L, D), attn_mask=mask, scale=scale)
+    keep = ~empty[:, :, None, None, :, None].expand(B, n, 1, G, C, 1).reshape(B, n, 1, GC, 1)
+    out = torch.where(keep, out.view(B, n, H_kv, GC, D), torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
 def chunk_sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,7 +90,9 @@ def chunk_sliding_window_attention(
     (``return_mass`` too).
 
     ``chunk_size`` (block length ``C``, default :func:`default_chunk_size`) trades score-matrix waste (each query
-    scores ``(P + 1) * C`` keys) against the number of key-band copies (``P + 1``).
+    scores ``(P + 1) * C`` keys) against the number of key-band copies (``P + 1``). Without sinks or the mass, every
+    block is one fused ``scaled_dot_product_attention`` call over its key band with a boolean band mask (no score
+    tensor in Python, 2-4x faster on CPU than the explicit softmax, which sinks and ``return_mass`` still take).
     """
     scale = validate_sliding_window_inputs(q, k, v, window, sink_logits, scale, cu_seqlens, attention_mask)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -62,7 +106,10 @@ def chunk_sliding_window_attention(
         out = q.new_zeros(B, T, H, D)
         return (out, q.new_zeros(B, T, H, dtype=acc)) if return_mass else out
 
-    C = default_chunk_size(window, T) if chunk_size is None else min(chunk_size, T)
+    fused = sink_logits is None and not return_mass
+    if chunk_size is None:
+        chunk_size = fused_chunk_size(window) if fused else default_chunk_size(window, T)
+    C = min(chunk_size, T)
     n = -(-T // C)
     Tp = n * C
     P = min(math.ceil((window - 1) / C), n - 1)  # previous blocks the window reaches into
@@ -74,30 +121,15 @@ def chunk_sliding_window_attention(
     qb = qb.permute(0, 1, 3, 4, 2, 5).reshape(B, n, H_kv, G * C, D)
     kb = _bands(k.to(acc), left, right, L, C).permute(0, 1, 3, 2, 4)  # [B, n, H_kv, L, D]
     vb = _bands(v.to(acc), left, right, L, C).permute(0, 1, 3, 2, 4)
+    allowed = _band_mask(B, T, n, C, L, left, window, attention_mask, cu_seqlens, device)  # [B or 1, n, C, L]
+
+    if fused:
+        out = _fused_blocks(qb, kb, vb, allowed, scale, G)  # [B, n, H_kv, G*C, D]
+        return out.view(B, n, H_kv, G, C, D).permute(0, 1, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T].to(q.dtype)
 
     scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [B, n, H_kv, G*C, L]
     scores = scores.view(B, n, H_kv, G, C, L)
-
-    # Band mask: query i of a block, key j of its band -> distance (i + P*C) - j in [0, window).
-    i = torch.arange(C, device=device)
-    j = torch.arange(L, device=device)
-    dist = (i[:, None] + left) - j[None, :]
-    allowed = ((dist >= 0) & (dist < window)).view(1, 1, 1, 1, C, L)
-
-    # Per-key validity (left padding of the band, attention_mask) and packed-sequence ids, banded like the keys.
-    key_valid = torch.ones(B, T, dtype=torch.bool, device=device)
-    if attention_mask is not None:
-        key_valid = attention_mask != 0
-    if P > 0 or attention_mask is not None:
-        kv_band = _bands(key_valid[..., None].to(torch.uint8), left, right, L, C)[..., 0] != 0  # [B, n, L]; pad -> False
-        allowed = allowed & kv_band.view(B, n, 1, 1, 1, L)
-    if cu_seqlens is not None:
-        seq = sequence_ids(cu_seqlens, T, device)[None]  # [1, T]
-        seq_q = F.pad(seq, (0, right), value=-1).view(1, n, C)
-        seq_k = _bands((seq + 1)[..., None], left, right, L, C)[..., 0] - 1  # padding -> -1
-        same = seq_q[:, :, :, None] == seq_k[:, :, None, :]  # [1, n, C, L]
-        allowed = allowed & same.view(1, n, 1, 1, C, L)
-
+    allowed = allowed[:, :, None, None]  # [B or 1, n or 1, 1, 1, C, L]
     scores = scores.masked_fill(~allowed, float("-inf"))
 
     # The row max only stabilises exp() and cancels from the output; the mass keeps it (its gradient follows).

@@ -42,7 +42,8 @@ def _compare(q, k, v, sinks, tol=1e-5, chunk_size=None, **kwargs):
     assert _rel_rms(out, ref) < tol
     for name, a, b in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads):
         assert torch.isfinite(a).all(), name
-        assert _rel_rms(a, b, floor=1e-2) < tol, (name, _rel_rms(a, b, floor=1e-2))
+        # floor 0.1: a gradient that is exactly 0 (one key in the row) comes out of the fused kernel at ~1e-7
+        assert _rel_rms(a, b, floor=1e-1) < tol, (name, _rel_rms(a, b, floor=1e-1))
 
 
 @pytest.mark.parametrize(
@@ -61,9 +62,10 @@ def test_chunk_matches_naive_fp16():
 
 
 def test_chunk_matches_naive_mqa_and_mha():
-    for H_kv in (1, 4):
+    for H_kv in (1, 2, 4):
         q, k, v, sinks = _inputs(T=13, H=4, H_kv=H_kv, S=1)
         _compare(q, k, v, sinks, window=5, chunk_size=4)
+        _compare(q, k, v, None, window=5, chunk_size=4)  # the fused (SDPA per block) path
 
 
 def test_naive_matches_sdpa_band_mask():
@@ -130,11 +132,13 @@ def test_cu_seqlens_equals_separate_runs():
     q, k, v, sinks = _inputs(B=1, T=T, S=2)
     cu = torch.tensor([0, 5, 6, 14, 17])
     _compare(q, k, v, sinks, window=4, chunk_size=3, cu_seqlens=cu)
-    packed = chunk_sliding_window_attention(q, k, v, 4, sink_logits=sinks, cu_seqlens=cu, chunk_size=3)
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        sl = slice(start, end)
-        alone = naive_sliding_window_attention(q[:, sl], k[:, sl], v[:, sl], 4, sink_logits=sinks)
-        torch.testing.assert_close(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
+    _compare(q, k, v, None, window=4, chunk_size=3, cu_seqlens=cu)
+    for sink in (sinks, None):
+        packed = chunk_sliding_window_attention(q, k, v, 4, sink_logits=sink, cu_seqlens=cu, chunk_size=3)
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            sl = slice(start, end)
+            alone = naive_sliding_window_attention(q[:, sl], k[:, sl], v[:, sl], 4, sink_logits=sink)
+            torch.testing.assert_close(packed[:, sl], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_mask_padding_never_nan():
@@ -191,6 +195,19 @@ def test_chunk_gradcheck_fp64():
         return chunk_sliding_window_attention(q, k, v, 3, sink_logits=s, attention_mask=mask, chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, sinks))
+
+
+def test_fused_path_gradcheck_fp64_with_empty_rows():
+    """No sinks: the SDPA-per-block path, its opened-then-zeroed empty rows (left padding) included."""
+    q, k, v = (x.double().requires_grad_(True) for x in _inputs(B=2, T=7, H=2, H_kv=1, D=3, S=0)[:3])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+
+    def fn(q, k, v):
+        return chunk_sliding_window_attention(q, k, v, 3, attention_mask=mask, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    assert (out[0, :2] == 0).all()
 
 
 @pytest.mark.parametrize("sinks", [False, True])

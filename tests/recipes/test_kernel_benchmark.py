@@ -18,7 +18,8 @@ CPU_IMPLS = {
     ("gated_delta_rule", "hf_arch.torch"),
     ("gated_delta_rule", "transformers"),
     ("gla", "hf_arch.torch"),
-    ("sliding_window_attention", "hf_arch.torch"),
+    ("sliding_window_attention", "hf_arch.torch w=64"),
+    ("liger_hybrid", "hf_arch w=64"),
     ("causal_attention", "sdpa"),
 }
 
@@ -50,6 +51,15 @@ def test_ops_filter_and_unknown_ops():
     assert {r["op"] for r in rows} == {"gla"}
     with pytest.raises(ValueError, match=r"ops \['no_such_op'\] have no kernel benchmark; known: \["):
         benchmark_kernels(seq_lens=[16], progress=False, ops=("no_such_op",))
+
+
+def test_windows_give_one_row_each():
+    rows = benchmark_kernels(seq_lens=[40], heads=1, head_dim=8, repeats=1, progress=False,
+                             ops=("sliding_window_attention", "liger_hybrid"), windows=(4, 16))
+    assert sorted((r["op"], r["impl"]) for r in rows) == [
+        ("liger_hybrid", "hf_arch w=16"), ("liger_hybrid", "hf_arch w=4"),
+        ("sliding_window_attention", "hf_arch.torch w=16"), ("sliding_window_attention", "hf_arch.torch w=4")]
+    assert all(_positive_finite(r["fwd_ms"]) for r in rows)
 
 
 def test_slow_impls_are_skipped_at_longer_lengths():
