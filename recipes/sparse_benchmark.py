@@ -178,6 +178,7 @@ def time_attention(args, config, densities: list[float]) -> dict:
     kept), one layer's heads at ``--context``; median of ``--repeats`` runs, forward only."""
     import torch.nn.functional as F
 
+    from ..kernels.block_sparse.benchmark import random_block_mask
     from ..kernels.ops import block_sparse_attention
     from .benchmark import sync_device
 
@@ -206,22 +207,13 @@ def time_attention(args, config, densities: list[float]) -> dict:
         N = math.ceil(T / args.block_size)
         rows = []
         for density in densities:
-            mask = _mask_of_density(N, H, density, generator).to(device)
+            mask = random_block_mask(N, H, density, generator).to(device)
             actual = float(mask.sum()) / (H * N * (N + 1) / 2)
             seconds = timed(lambda: block_sparse_attention(q, k, v, mask, args.block_size))
             rows.append({"density": round(actual, 4), "seconds": round(seconds, 5),
                          "dense_over_sparse": round(dense / seconds, 3)})
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "context": T, "heads": H, "kv_heads": H_kv,
             "head_dim": D, "dense_sdpa_seconds": round(dense, 5), "block_sparse": rows}
-
-
-def _mask_of_density(N: int, H: int, density: float, generator) -> torch.Tensor:
-    causal = torch.ones(N, N, dtype=torch.bool).tril()
-    scores = torch.rand(H, N, N, generator=generator)
-    keep = (scores < density) & causal
-    keep |= torch.eye(N, dtype=torch.bool)
-    keep[..., 0] = True
-    return keep[None]
 
 
 def plot(result: dict, path: Path) -> None:

@@ -74,6 +74,25 @@ def test_chunk_matches_naive_fp32(T, block_size, kind):
     _compare(q, k, v, _block_mask(2, 4, T, block_size, kind), block_size)
 
 
+def test_width_ladder_pads_at_most_one_and_a_half_times():
+    from hf_arch.kernels.block_sparse.chunk import width_ladder
+
+    assert width_ladder(1) == [1] and width_ladder(13) == [1, 2, 3, 4, 6, 8, 12, 13]
+    for n in (5, 64, 100):
+        ladder = width_ladder(n)
+        assert ladder[-1] == n
+        for count in range(1, n + 1):
+            assert next(w for w in ladder if w >= count) <= max(2, 1.5 * count)
+
+
+def test_traced_graph_path_matches_naive(monkeypatch):
+    """Under torch.compile the op cannot size groups by the counts: one group of every causal block."""
+    q, k, v = _inputs(T=29)
+    mask = _block_mask(2, 4, 29, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _compare(q, k, v, mask, 4)
+
+
 def test_chunk_matches_naive_fp16_and_custom_scale():
     q, k, v = _inputs(T=21, dtype=torch.float16)
     _compare(q, k, v, _block_mask(2, 4, 21, 4), 4, tol=2e-3)
