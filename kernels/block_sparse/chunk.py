@@ -1,10 +1,10 @@
 """Block-sparse causal attention on CPU: fused SDPA calls over gathered key blocks, cost in proportion to the density.
 
-Every (batch, head, query block) row selects its causal key blocks (``block_mask[b, h, i, j]``, ``j <= i``); their
-indices come first in ascending order after a stable sort. Rows are grouped by how many blocks they select, each
-group padded to one width from a short geometric ladder (1, 2, 3, 4, 6, 8, 12, ...: at most 1.5x padding), and each
-group is one ``scaled_dot_product_attention`` call over ``[rows, block, width · block]`` with a boolean mask (causal
-inside the diagonal block, padding slots and padded keys off). No Python loop over query blocks and no ``[T, T]``
+Every (batch, head, query block) row selects its causal key blocks (``block_mask[b, h, i, j]``, ``j <= i``), the
+diagonal block first, then the others ascending. Rows are grouped by how many blocks they select, each group padded
+to one width from a short geometric ladder (1, 2, 3, 4, 6, 8, 12, ...: at most 1.5x padding), and each group is one
+``scaled_dot_product_attention`` call over ``[rows, block, width · block]`` with an additive mask built from two
+small pieces (per key: padding slots and padded tokens; per group: causal inside the diagonal block at slot 0). No Python loop over query blocks and no ``[T, T]``
 scores; the backward pass is autograd through the gathers. Semantics match :func:`naive_block_sparse_attention`.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .naive import num_blocks, token_mask, validate_block_sparse_inputs
 
-__all__ = ["chunk_block_sparse_attention", "selected_blocks", "width_ladder"]
+__all__ = ["chunk_block_sparse_attention", "diagonal_first", "selected_blocks", "width_ladder"]
 
 
 def selected_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +25,16 @@ def selected_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """
     order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True)
     return order, selected.sum(dim=-1)
+
+
+def diagonal_first(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`selected_blocks` for ``selected [..., N, N]`` (query block, key block), but each row's diagonal
+    block comes first when selected (then the others ascending): the causal part of a row's mask sits at slot 0."""
+    n = selected.shape[-1]
+    j = torch.arange(n, device=selected.device)
+    rank = torch.where(j[None, :] == j[:, None], -1, j[None, :]).expand_as(selected)  # the diagonal ranks first
+    rank = torch.where(selected, rank, rank + n + 1)  # unselected blocks after every selected one
+    return torch.argsort(rank, dim=-1, stable=True), selected.sum(dim=-1)
 
 
 def width_ladder(n: int) -> list[int]:
@@ -69,37 +79,54 @@ def chunk_block_sparse_attention(
     key_real = F.pad(token_mask(attention_mask, B, T, device), (0, pad), value=False).view(B, n, bs)
 
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    indices, counts = selected_blocks(block_mask & causal)  # [B, H, N, N], [B, H, N]
+    selected = block_mask & causal
+    indices, counts = diagonal_first(selected)  # [B, H, N, N], [B, H, N]
+    has_diagonal = selected.diagonal(dim1=-2, dim2=-1).reshape(B * H * n)
     indices, counts = indices.reshape(B * H * n, n), counts.reshape(B * H * n)
     row = torch.arange(B * H * n, device=device)
-    batch, head, qblock = row // (H * n), (row // n) % H, row % n
+    batch, head = row // (H * n), (row // n) % H
     kv_row_base = (batch * H_kv + head // G) * n  # + key block index -> row of kb / vb
-    offs = torch.arange(bs, device=device)
 
-    # Rows grouped by the ladder width that holds their count (a traced graph cannot size by the counts: one group
-    # of every causal block, the unselected ones masked).
+    # Rows grouped by (whether the diagonal block is selected, the ladder width that holds their count); a traced
+    # graph cannot size by the counts: there, one group of every row and every causal block (unselected ones masked,
+    # the diagonal's causal part chosen per row).
     if torch.compiler.is_compiling():
-        groups = [(n, row)]
+        groups = [(n, None, row)]
     else:
         ladder = torch.tensor(width_ladder(n), device=device)
-        rung = torch.searchsorted(ladder, counts.clamp(min=1))
-        groups = [(int(ladder[r]), torch.nonzero(rung == r).flatten()) for r in torch.unique(rung).tolist()]
+        rung = torch.searchsorted(ladder, counts.clamp(min=1)) * 2 + (~has_diagonal).long()
+        groups = [(int(ladder[r // 2]), r % 2 == 0, torch.nonzero(rung == r).flatten())
+                  for r in torch.unique(rung).tolist()]
+
+    # Masks are additive and finite: a masked key adds MASKED (exp underflows to exactly 0) and a row with no key at
+    # all stays finite (uniform weights, then zeroed), so neither pass ever sees a NaN.
+    masked = -1e30
+    in_block = torch.arange(bs, device=device)
+    diagonal_penalty = torch.where(in_block[None, :] <= in_block[:, None], 0.0, masked).to(acc)  # [bs (q), bs (k)]
 
     outputs, order = [], []
-    for width, rows in groups:
-        idx = indices[rows, :width]  # [R, W] key block indices, selected first
+    for width, diagonal, rows in groups:
+        R = len(rows)
+        idx = indices[rows, :width]  # [R, W] key block indices, the diagonal first when selected
         slot_used = torch.arange(width, device=device) < counts[rows, None]
-        keys = kb[kv_row_base[rows, None] + idx].reshape(len(rows), width * bs, D)
-        values = vb[kv_row_base[rows, None] + idx].reshape(len(rows), width * bs, D)
-        key_pos = (idx[..., None] * bs + offs).reshape(len(rows), width * bs)
-        key_ok = (slot_used[..., None] & key_real[batch[rows, None], idx]).reshape(len(rows), width * bs)
-        query_pos = qblock[rows, None] * bs + offs  # [R, bs]
-        allowed = key_ok[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [R, bs, W·bs]
-        # A row with no attendable key outputs 0: its mask is opened for the fused kernel, then the output zeroed.
-        empty = ~allowed.any(dim=-1, keepdim=True)  # [R, bs, 1]
-        out = F.scaled_dot_product_attention(qb[rows, None], keys[:, None], values[:, None],
-                                             attn_mask=(allowed | empty)[:, None], scale=scale)[:, 0]
-        outputs.append(torch.where(empty, torch.zeros((), dtype=out.dtype, device=device), out))
+        kv_rows = (kv_row_base[rows, None] + idx).flatten()  # index_select: one contiguous block copy per index
+        keys = kb.index_select(0, kv_rows).view(R, width * bs, D)
+        values = vb.index_select(0, kv_rows).view(R, width * bs, D)
+        key_ok = (slot_used[..., None] & key_real[batch[rows, None], idx]).reshape(R, width * bs)
+        penalty = torch.where(key_ok, 0.0, masked).to(acc)[:, None, :]  # [R, 1, W·bs]
+        # Causal inside the diagonal block (slot 0); every other selected block lies wholly before the queries.
+        causal_part = F.pad(diagonal_penalty, (0, (width - 1) * bs))  # [bs, W·bs]
+        with_diagonal = key_ok[:, bs:].sum(-1, keepdim=True) + key_ok[:, :bs].cumsum(-1)  # keys visible [R, bs]
+        without = key_ok.sum(-1, keepdim=True).expand(R, bs)
+        if diagonal is None:  # mixed rows (traced graph)
+            penalty = penalty + torch.where(has_diagonal[rows, None, None], causal_part, 0.0)
+            visible = torch.where(has_diagonal[rows, None], with_diagonal, without)
+        else:
+            penalty = penalty + causal_part if diagonal else penalty
+            visible = with_diagonal if diagonal else without
+        out = F.scaled_dot_product_attention(qb.index_select(0, rows)[:, None], keys[:, None], values[:, None],
+                                             attn_mask=penalty[:, None], scale=scale)[:, 0]
+        outputs.append(torch.where((visible > 0)[..., None], out, torch.zeros((), dtype=out.dtype, device=device)))
         order.append(rows)
     order = torch.cat(order)
     out = torch.cat(outputs)[torch.argsort(order)]  # back to (batch, head, block) order

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..decay_pairs import decayed_pairs, suffix_sum
+from ..decay_pairs import decayed_pairs, prefix_sum, suffix_sum
 from ._checks import check_gla_inputs, compute_dtype, run_per_sequence
 
 __all__ = ["chunk_gla"]
@@ -40,7 +40,7 @@ def _gla_chunk_core(q, k, v, g, h0, chunk_size):
         return F.pad(x, (0, 0, 0, P2 - C)) if P2 > C else x
 
     q, k, v, g = chunked(q), chunked(k), chunked(v), chunked(g)
-    b = g.cumsum(-2)  # in-chunk cumulative log decay, <= 0
+    b = prefix_sum(g)  # in-chunk cumulative log decay, <= 0
     b_tail = suffix_sum(g)  # b_last - b, summed directly
 
     A = decayed_pairs([q], k, g)[0]  # [B, H, NC, P2, P2], causal incl. the diagonal

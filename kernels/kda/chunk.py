@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..decay_pairs import decayed_pairs, suffix_sum
+from ..decay_pairs import decayed_pairs, prefix_sum, suffix_sum
 from ._checks import check_kda_inputs, prepare_kda_inputs, run_kda_sequences
 
 __all__ = ["chunk_kda"]
@@ -48,7 +48,7 @@ def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
         return x
 
     q, k, v, g, beta = chunked(q * scale), chunked(k), chunked(v), chunked(g), chunked(beta)
-    b = g.cumsum(-2)  # [BH, NC, P2, K] in-chunk cumulative log decay
+    b = prefix_sum(g)  # [BH, NC, P2, K] in-chunk cumulative log decay
     b_tail = suffix_sum(g)  # b_last - b, summed directly (no cancellation when g has large spikes)
 
     attn, A = decayed_pairs([q, k], k, g)  # [BH, NC, P2, P2] each, causal incl. diagonal

@@ -85,10 +85,32 @@ def test_width_ladder_pads_at_most_one_and_a_half_times():
             assert next(w for w in ladder if w >= count) <= max(2, 1.5 * count)
 
 
+def test_rows_without_their_diagonal_block_match_naive():
+    """Rows that skip their own block (attending only earlier ones) and rows that keep it, in one call."""
+    q, k, v = _inputs(T=40)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 4, 10, 10, generator=g) < 0.5  # the diagonal kept or not at random
+    assert (~mask.diagonal(dim1=-2, dim2=-1)).any() and mask.diagonal(dim1=-2, dim2=-1).any()
+    _compare(q, k, v, mask, 4)
+
+
+def test_diagonal_first_orders_selected_blocks():
+    from hf_arch.kernels.block_sparse.chunk import diagonal_first
+
+    selected = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    order, counts = diagonal_first(selected)
+    assert counts.tolist() == [1, 2, 2]
+    assert order[0, :1].tolist() == [0] and order[1, :2].tolist() == [1, 0] and order[2, :2].tolist() == [2, 0]
+    off_diagonal = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    order, counts = diagonal_first(off_diagonal)
+    assert order[2, :2].tolist() == [0, 1] and counts.tolist() == [0, 1, 2]
+
+
 def test_traced_graph_path_matches_naive(monkeypatch):
     """Under torch.compile the op cannot size groups by the counts: one group of every causal block."""
     q, k, v = _inputs(T=29)
     mask = _block_mask(2, 4, 29, 4)
+    mask[0, 0, 3, 3] = False  # one row without its diagonal block: the second traced group
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     _compare(q, k, v, mask, 4)
 
@@ -291,3 +313,12 @@ def test_bad_inputs_raise():
             fn(q, k[0], 4)
         with pytest.raises(ValueError, match="block_size"):
             fn(q, k, True)
+
+
+@pytest.mark.slow
+def test_compiles_to_one_graph():
+    q, k, v = _inputs(B=1, T=40, H=2, H_kv=2)
+    mask = torch.rand(1, 2, 10, 10, generator=torch.Generator().manual_seed(2)) < 0.5
+    compiled = torch.compile(chunk_block_sparse_attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask, 4), naive_block_sparse_attention(q, k, v, mask, 4),
+                               rtol=1e-5, atol=1e-5)
