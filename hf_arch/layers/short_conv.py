@@ -1,7 +1,8 @@
 """Depthwise causal short convolution with SiLU (the q/k/v conv of Gated DeltaNet-style layers).
 
-Computed tap by tap (``kernel_size`` is 2-4) so that packed sequences are cut exactly: a tap that would reach
-before the start of its sequence reads zero, as it would with each sequence run on its own. With a cache, the
+One grouped ``conv1d`` call for plain batches; packed sequences are computed tap by tap (``kernel_size`` is 2-4)
+so that they are cut exactly: a tap that would reach before the start of its sequence reads zero, as it would with
+each sequence run on its own. With a cache, the
 inputs of the last ``kernel_size`` tokens live in transformers' ``LinearAttentionLayer`` conv state.
 """
 
@@ -36,6 +37,15 @@ class ShortConvolution(nn.Module):
         position_in_sequence ``[B | 1, T]`` index of each token in its packed sequence (taps stop at its start)."""
         K = self.kernel_size
         T = x.shape[1]
+        if position_in_sequence is None:  # one depthwise conv1d call (decode takes ~5 ops instead of ~4K)
+            x_cf = x.transpose(1, 2)  # [B, C, T]
+            if past_inputs is not None:
+                context = past_inputs[..., past_inputs.shape[-1] - (K - 1):].to(x.dtype)
+            else:
+                context = x_cf.new_zeros(x_cf.shape[0], x_cf.shape[1], K - 1)
+            padded = torch.cat([context, x_cf], dim=-1)  # [B, C, K-1+T]
+            out = nn.functional.conv1d(padded, self.weight[:, None, :].to(x.dtype), groups=self.weight.shape[0])
+            return nn.functional.silu(out.transpose(1, 2))
         if past_inputs is not None:
             context = past_inputs[..., past_inputs.shape[-1] - (K - 1):].transpose(1, 2).to(x.dtype)
         else:
