@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "convert, recover and evaluate, see `hf-arch bench recovery --help`; `bench sparse "
                                      "SRC --out DIR`: learned sparse attention, see `hf-arch bench sparse --help`; "
                                      "`bench scratch --out DIR`: every variant vs a Llama of equal parameter count, "
-                                     "trained from scratch, see `hf-arch bench scratch --help`)")
+                                     "trained from scratch, see `hf-arch bench scratch --help`; `bench e2e SRC`: "
+                                     "prefill, decode and memory of conversions vs the source, see "
+                                     "`hf-arch bench e2e --help`)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -456,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.scratch_comparison import main as scratch_main
 
         return scratch_main(argv[2:])
+    if argv[:2] == ["bench", "e2e"]:  # its own options: prefill / decode / memory of conversions vs the source
+        from hf_arch.recipes.e2e_benchmark import main as e2e_main
+
+        return e2e_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import hf_arch  # noqa: F401  (registers the variants)
