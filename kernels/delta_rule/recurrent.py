@@ -1,4 +1,4 @@
-"""Per-token gated delta rule for decoding: four batched ops per step, inputs unbound once."""
+"""Per-token gated delta rule for decoding: four batched ops per step, inputs unbound once (one token: nine ops)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ def delta_rule_recurrent_core(q, k, v, g, beta, h0, *, scale):
     one ``[B, T, H, K]`` (Kimi Delta Attention), scaling the state's rows."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if T == 1:
+        return _one_step(q, k, v, g, beta, h0, scale)
     BH = B * H
 
     def heads_first(x):  # [B, T, H, D] -> [B*H, T, D]
@@ -33,6 +35,19 @@ def delta_rule_recurrent_core(q, k, v, g, beta, h0, *, scale):
         outs.append(torch.bmm(q_rows[t], S))
     o = torch.stack(outs, dim=1).reshape(B, H, T, V).transpose(1, 2)
     return o, S.reshape(B, H, K, V)
+
+
+def _one_step(q, k, v, g, beta, h0, scale):
+    """One token (decoding) on ``[B, H, ...]`` views, no per-step unbinding: nine ops."""
+    B, _, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if h0 is None else h0
+    decay = g[:, 0].exp()  # [B, H] or [B, H, K]
+    S = S * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
+    k_row = k[:, 0, :, None, :]  # [B, H, 1, K]
+    u = beta[:, 0, :, None, None] * (v[:, 0, :, None, :] - k_row @ S)  # beta (v - S^T k), [B, H, 1, V]
+    S = S + k_row.transpose(-1, -2) * u  # S + k u^T
+    o = (q[:, 0, :, None, :] * scale) @ S  # [B, H, 1, V]
+    return o.transpose(1, 2), S
 
 
 def fused_recurrent_gated_delta_rule(

@@ -113,8 +113,9 @@ def test_fp16_inputs(fn):
 
 
 @pytest.mark.parametrize("fn", FNS.values(), ids=FNS.keys())
-def test_gva_and_no_initial_state(fn):
-    inputs = make_inputs(B=1, T=21, H=1, HV=2, K=8, V=12, h0=False, seed=5)
+@pytest.mark.parametrize("T", [1, 21])  # 1: the recurrent path's one-step form
+def test_gva_and_no_initial_state(fn, T):
+    inputs = make_inputs(B=1, T=T, H=1, HV=2, K=8, V=12, h0=False, seed=5)
     compare(fn, inputs, 1e-4, use_qk_l2norm=True, scale=0.3)
 
 
