@@ -23,6 +23,19 @@ def _cmd_variants(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    if not args.native:
+        raise ValueError("hf-arch export: say which format; --native (a built-in transformers architecture) is the one "
+                         "there is")
+    from hf_arch.conversion.native_export import export_native
+
+    record = export_native(args.model, args.out, overwrite=args.overwrite, check=not args.no_check)
+    diff = record.get("max_abs_logit_diff", record["in_memory_max_abs_logit_diff"])
+    print(f"wrote {args.out} as {record['model_type']} (max |Δlogit| {diff:.2e} against the hf-arch model"
+          + (", greedy generation identical)" if record.get("generation_agrees") else ")"))
+    return 0
+
+
 def _cmd_gates(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
@@ -267,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="the base checkpoint (export: required; apply: default the recorded one)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_gates)
+
+    p = sub.add_parser("export", help="write a model as a built-in transformers architecture (--native: MoE models as "
+                                      "mixtral / qwen2_moe), checked against ours in a process without hf-arch")
+    p.add_argument("model", help="an hf-arch model directory")
+    p.add_argument("out")
+    p.add_argument("--native", action="store_true", help="a built-in transformers model type (refused, with the "
+                                                         "reason, where the model is not exactly one)")
+    p.add_argument("--no-check", action="store_true", help="skip reloading the export with plain transformers")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("variants", help="list the registered architecture variants")
     p.add_argument("--json", action="store_true")

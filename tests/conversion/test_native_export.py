@@ -1,0 +1,110 @@
+"""Native export: MoE models written as transformers' own mixtral / qwen2_moe, checked in a process without hf_arch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_arch import MoEConfig
+from hf_arch.cli import main
+from hf_arch.conversion.api import CONVERSIONS, conversion_options
+from hf_arch.conversion.native_export import RECORD_FILE, NativeExportError, export_native, native_moe_state
+
+from .conftest import SOURCE_DIMS
+
+
+def _partition(source, **options):
+    ids = torch.randint(0, SOURCE_DIMS["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
+    opts = {**dict(method="partition", experts=4, top_k=2, split="random", router_distill_steps=0), **options}
+    model = CONVERSIONS["moe"].convert(source, conversion_options("moe", **opts), calibration_ids=ids).eval()
+    _as_if_trained(model)
+    return model
+
+
+def _as_if_trained(model, seed=1):
+    """Away from the conversion's exact init: temperatures and router rows that matter, as after training."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("temperature"):
+                param.fill_(0.7)
+            elif name.endswith(("router.weight", "shared_expert_gate.weight")):
+                param.add_(torch.randn(param.shape, generator=gen))
+
+
+@pytest.mark.parametrize("family, shared, expected", [
+    ("llama", True, "qwen2_moe"), ("llama", False, "mixtral"), ("qwen2", False, "qwen2_moe"),
+    ("llama3_rope", True, "qwen2_moe")])
+def test_partitions_export_exactly(random_source, tmp_path, family, shared, expected):
+    model = _partition(random_source(family), **({} if shared else {"shared_neurons": 0}))
+    record = export_native(model, tmp_path / "native")
+    assert record["model_type"] == record["loaded_as"] == expected
+    assert record["max_abs_logit_diff"] <= 1e-5 and record["generation_agrees"]
+    assert json.loads((tmp_path / "native" / RECORD_FILE).read_text())["model_type"] == expected
+    assert f"`{expected}`" in (tmp_path / "native" / "README.md").read_text()
+
+
+def test_dense_layers_gated_shared_expert_and_unnormalised_router(tmp_path):
+    config = MoEConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                       num_experts_per_tok=2, mlp_layer_types=["dense", "sparse", "sparse"], moe_preset="qwen_moe",
+                       moe_norm_topk_prob=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    _as_if_trained(model)
+    target, native, _ = native_moe_state(model)
+    assert target == "qwen2_moe" and native.mlp_only_layers == [0] and native.norm_topk_prob is False
+    record = export_native(model, tmp_path / "native")
+    assert record["max_abs_logit_diff"] <= 1e-5 and record["generation_agrees"]
+
+
+def test_export_from_a_directory_copies_tokenizer_files_and_refuses_to_overwrite(random_source, tmp_path, capsys):
+    model = _partition(random_source("llama"), shared_neurons=0)
+    model.save_pretrained(tmp_path / "moe")
+    (tmp_path / "moe" / "tokenizer_config.json").write_text("{}")
+    assert main(["export", str(tmp_path / "moe"), str(tmp_path / "native"), "--native"]) == 0
+    assert "as mixtral" in capsys.readouterr().out
+    assert (tmp_path / "native" / "tokenizer_config.json").is_file()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_native(tmp_path / "moe", tmp_path / "native", check=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(attn_output_gate="headwise"), "config field attn_output_gate"),
+    (dict(moe_preset="moe_plus_plus"), "config field moe_"),
+    (dict(moe_router="sigmoid_topk"), "moe_router='sigmoid_topk'"),
+    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=4), "layer 1: sliding_attention"),
+])
+def test_what_has_no_native_form_is_refused_by_name(tmp_path, change, message):
+    config = MoEConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                       num_experts_per_tok=2, **change)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(NativeExportError, match=message):
+        export_native(model, tmp_path / "native")
+    assert not (tmp_path / "native").exists() and not list(tmp_path.iterdir())
+
+
+def test_zero_temperature_router_is_refused_unless_every_expert_is_active(random_source, tmp_path):
+    model = _partition(random_source("llama"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("temperature"):
+                param.zero_()
+    with pytest.raises(NativeExportError, match="layer 0: router temperature 0"):
+        native_moe_state(model)
+    every = _partition(random_source("llama"), top_k=4)
+    with torch.no_grad():
+        for name, param in every.named_parameters():
+            if name.endswith("temperature"):
+                param.zero_()
+    assert native_moe_state(every)[0] == "qwen2_moe"
+
+
+def test_non_moe_models_are_refused(random_source):
+    gated = CONVERSIONS["gated_attention"].convert(random_source("llama"), conversion_options("gated_attention"))
+    with pytest.raises(NativeExportError, match="model_type 'hfa_gated_attention'"):
+        native_moe_state(gated)
