@@ -1,9 +1,9 @@
 """Export to transformers' built-in architectures, so servers that know nothing of hf-arch can run the result.
 
 Today: MoE models (``--to moe`` partitions with or without their shared expert, upcycles, models built with
-``MoEConfig``) become ``mixtral`` (every layer sparse, no shared expert, no attention biases) or ``qwen2_moe``
-(otherwise: a shared expert, dense layers listed in ``mlp_only_layers``, q/k/v biases, or top-k weights that are not
-renormalised). The maths is kept exactly:
+``MoEConfig``) become ``qwen3_moe`` (with per-head q/k norm, as from Qwen3 sources; no shared expert), ``mixtral``
+(every layer sparse, no shared expert, no attention biases) or ``qwen2_moe`` (otherwise: a shared expert, dense
+layers listed in ``mlp_only_layers``, q/k/v biases, or top-k weights that are not renormalised). The maths is kept exactly:
 
 - routers: ``tempered_topk`` weighs the k chosen experts by ``softmax(τ · logits)`` over them, which is the native
   ``softmax(logits')`` over all experts, top-k, renormalised, with ``logits' = (τ W) x``: τ is folded into the router
@@ -45,7 +45,8 @@ _STRUCTURAL = (
     "tie_word_embeddings", "rope_parameters", "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id",
 )
 _HANDLED = (
-    "layer_types", "mlp_layer_types", "sliding_window", "attention_bias", "num_experts", "num_experts_per_tok",
+    "layer_types", "mlp_layer_types", "sliding_window", "attention_bias", "attention_output_bias", "qk_norm",
+    "num_experts", "num_experts_per_tok",
     "moe_intermediate_size", "num_shared_experts", "shared_expert_intermediate_size", "shared_expert_gate",
     "moe_router", "moe_routed_scale", "moe_norm_topk_prob", "moe_preset", "moe_sparse_step",
     "moe_pool_size",  # read only with moe_expert_pool="global", which is checked (refused)
@@ -94,6 +95,10 @@ def _check_config(config) -> None:
 
 
 def _target(config, has_attention_bias: bool) -> str:
+    if config.qk_norm:  # per-head q/k RMSNorm (Qwen3 sources): Qwen3-MoE has it, and no shared expert
+        if config.num_shared_experts:
+            _refuse("a shared expert with q/k norm: qwen3_moe (the native model with q/k norm) has no shared expert")
+        return "qwen3_moe"
     sparse_everywhere = all(kind == "sparse" for kind in config.mlp_layer_types)
     renormalised = config.moe_router == "tempered_topk" or config.moe_norm_topk_prob
     if sparse_everywhere and not config.num_shared_experts and renormalised and not has_attention_bias:
@@ -103,7 +108,7 @@ def _target(config, has_attention_bias: bool) -> str:
 
 def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
     """``(model_type, native config, native state dict)`` for an hfa_moe model, or :class:`NativeExportError`."""
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     config = model.config
     _check_config(config)
@@ -115,7 +120,8 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         return state[key]
 
     L = config.num_hidden_layers
-    has_bias = any(f"model.layers.{i}.self_attn.q_proj.bias" in state for i in range(L))
+    has_bias = any(f"model.layers.{i}.self_attn.{proj}.bias" in state for i in range(L)
+                   for proj in ("q_proj", "k_proj", "v_proj", "o_proj"))
     target = _target(config, has_bias)
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": take("model.embed_tokens.weight"),
                                     "model.norm.weight": take("model.norm.weight")}
@@ -129,10 +135,15 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             weight = take(p + f"self_attn.{proj}.weight")
             out[q + f"self_attn.{proj}.weight"] = weight
-            if proj != "o_proj" and target == "qwen2_moe":
+            # qwen2_moe: q/k/v always biased; qwen3_moe: all four when any is (attention_bias); zeros where ours has none
+            biased = (target == "qwen2_moe" and proj != "o_proj") or (target == "qwen3_moe" and has_bias)
+            if biased:
                 bias_key = p + f"self_attn.{proj}.bias"
                 out[q + f"self_attn.{proj}.bias"] = take(bias_key) if bias_key in state else weight.new_zeros(
                     weight.shape[0])
+        if target == "qwen3_moe":
+            for norm in ("q_norm", "k_norm"):
+                out[q + f"self_attn.{norm}.weight"] = take(p + f"self_attn.{norm}.weight")
         if config.mlp_layer_types[i] != "sparse":
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 out[q + f"mlp.{proj}.weight"] = take(p + f"mlp.{proj}.weight")
@@ -147,7 +158,7 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         out[q + "mlp.gate.weight"] = router
         out[q + "mlp.experts.gate_up_proj"] = take(p + "mlp.experts.gate_up_proj")
         out[q + "mlp.experts.down_proj"] = take(p + "mlp.experts.down_proj") * config.moe_routed_scale
-        if target == "mixtral":
+        if target in ("mixtral", "qwen3_moe"):
             continue
         if config.num_shared_experts:
             for proj in ("gate_proj", "up_proj"):
@@ -176,6 +187,12 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
     if target == "mixtral":
         native = MixtralConfig(**{**common, "intermediate_size": config.moe_intermediate_size},
                                num_local_experts=config.num_experts, sliding_window=None)
+    elif target == "qwen3_moe":
+        native = Qwen3MoeConfig(**common, num_experts=config.num_experts,
+                                moe_intermediate_size=config.moe_intermediate_size, attention_bias=has_bias,
+                                norm_topk_prob=config.moe_router == "tempered_topk" or config.moe_norm_topk_prob,
+                                decoder_sparse_step=1, use_sliding_window=False,
+                                mlp_only_layers=[i for i, kind in enumerate(config.mlp_layer_types) if kind != "sparse"])
     else:
         dense = [i for i, kind in enumerate(config.mlp_layer_types) if kind != "sparse"]
         native = Qwen2MoeConfig(**common, num_experts=config.num_experts,

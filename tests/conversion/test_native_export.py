@@ -37,7 +37,7 @@ def _as_if_trained(model, seed=1):
 
 @pytest.mark.parametrize("family, shared, expected", [
     ("llama", True, "qwen2_moe"), ("llama", False, "mixtral"), ("qwen2", False, "qwen2_moe"),
-    ("llama3_rope", True, "qwen2_moe")])
+    ("llama3_rope", True, "qwen2_moe"), ("qwen3", False, "qwen3_moe")])
 def test_partitions_export_exactly(random_source, tmp_path, family, shared, expected):
     model = _partition(random_source(family), **({} if shared else {"shared_neurons": 0}))
     record = export_native(model, tmp_path / "native")
@@ -102,6 +102,11 @@ def test_zero_temperature_router_is_refused_unless_every_expert_is_active(random
             if name.endswith("temperature"):
                 param.zero_()
     assert native_moe_state(every)[0] == "qwen2_moe"
+
+
+def test_qwen3_with_a_shared_expert_is_refused(random_source):
+    with pytest.raises(NativeExportError, match="qwen3_moe .* has no shared expert"):
+        native_moe_state(_partition(random_source("qwen3")))
 
 
 def test_non_moe_models_are_refused(random_source):
