@@ -18,6 +18,23 @@ def sync_device(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_greedy_decode(model, prefill_output, steps: int, device="cpu"):
+    """``steps`` one-token cached greedy calls after a prefill's output (under the caller's ``no_grad``); returns
+    (the last output, seconds per token). The shared decode loop of the kernel and end-to-end benchmarks."""
+    from ..models.cache_names import CACHE_OUTPUT_FIELD
+
+    out = prefill_output
+    cache = getattr(out, CACHE_OUTPUT_FIELD)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, use_cache=True, **{CACHE_OUTPUT_FIELD: cache})
+        cache = getattr(out, CACHE_OUTPUT_FIELD)
+        token = out.logits[:, -1:].argmax(-1)
+    sync_device(device)
+    return out, (time.perf_counter() - start) / max(steps, 1)
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, lazy init)
     times = []

@@ -97,7 +97,7 @@ def _build(source: str, spec: E2EModel, device: str, dtype: torch.dtype):
 def _measure_one_model(source: str, name: str, contexts: list[int], decode_tokens: int, repeats: int,
                        device: str, dtype_name: str) -> list[dict]:
     from ..models.cache_names import CACHE_OUTPUT_FIELD
-    from .benchmark import sync_device
+    from .benchmark import sync_device, timed_greedy_decode
 
     spec = E2E_MODELS[name]
     dtype = getattr(torch, dtype_name)
@@ -116,23 +116,16 @@ def _measure_one_model(source: str, name: str, contexts: list[int], decode_token
                 out = model(ids, use_cache=True)
                 sync_device(device)
                 prefill = time.perf_counter() - start
-                cache = getattr(out, CACHE_OUTPUT_FIELD)
-                token = out.logits[:, -1:].argmax(-1)
-                start = time.perf_counter()
-                for _ in range(decode_tokens):
-                    out = model(token, use_cache=True, **{CACHE_OUTPUT_FIELD: cache})
-                    cache = getattr(out, CACHE_OUTPUT_FIELD)
-                    token = out.logits[:, -1:].argmax(-1)
-                sync_device(device)
+                out, per_token = timed_greedy_decode(model, out, decode_tokens, device)
                 if repeat:
                     prefill_s.append(prefill)
-                    decode_s.append((time.perf_counter() - start) / decode_tokens)
+                    decode_s.append(per_token)
         prefill = statistics.median(prefill_s)
         rows.append({"model": name, "context": context, "prefill_tokens_per_s": context / prefill,
                      "prefill_s": prefill, "decode_ms_per_token": statistics.median(decode_s) * 1e3,
-                     "cache_mb": _cache_bytes(cache) / 2**20, "peak_memory_mb": _peak_memory_mb(device),
+                     "cache_mb": _cache_bytes(getattr(out, CACHE_OUTPUT_FIELD)) / 2**20, "peak_memory_mb": _peak_memory_mb(device),
                      "memory_after_load_mb": loaded_mb, "decode_tokens": decode_tokens, "repeats": repeats})
-        del cache, out
+        del out
     return rows
 
 

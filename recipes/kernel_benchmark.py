@@ -27,8 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..models.cache_names import CACHE_OUTPUT_FIELD
-from .benchmark import _median_seconds, sync_device
+from .benchmark import _median_seconds, sync_device, timed_greedy_decode
 
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 
@@ -253,15 +252,7 @@ def benchmark_decode(
             times = []
             with torch.no_grad():
                 for _ in range(repeats + 1):
-                    out = model(ids, use_cache=True)
-                    cache = getattr(out, CACHE_OUTPUT_FIELD)
-                    token = out.logits[:, -1:].argmax(-1)
-                    begin = time.perf_counter()
-                    for _ in range(new_tokens):
-                        out = model(token, use_cache=True, **{CACHE_OUTPUT_FIELD: cache})
-                        cache = getattr(out, CACHE_OUTPUT_FIELD)
-                        token = out.logits[:, -1:].argmax(-1)
-                    times.append((time.perf_counter() - begin) / new_tokens)
+                    times.append(timed_greedy_decode(model, model(ids, use_cache=True), new_tokens)[1])
             rows.append({"model": name, "context": context, "ms_per_token": statistics.median(times[1:]) * 1e3,
                          "new_tokens": new_tokens, "hidden_size": hidden_size, "layers": layers, "heads": heads})
             bar.update(1)
