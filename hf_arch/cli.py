@@ -80,6 +80,8 @@ def _cmd_convert(args) -> int:
         flags = ", ".join(_CONVERSION_FLAGS[name] for name in foreign)
         raise ValueError(f"{flags} does not apply to --to {args.to} (its options: {', '.join(sorted(fields))})")
     options = {name: value for name, value in given.items() if name in fields}
+    if args.native:
+        return _convert_native(args, options)
     result = convert(
         args.src,
         args.out,
@@ -98,6 +100,37 @@ def _cmd_convert(args) -> int:
         print(f"wrote {result.output_dir}")
         if result.max_abs_logit_diff is not None:
             print(f"max |Δlogit| vs source (fp32): {result.max_abs_logit_diff:.3g}")
+    return 0
+
+
+def _convert_native(args, options: dict) -> int:
+    """``convert --native``: the conversion into a temporary directory, then its native export into OUT."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from hf_arch.conversion import convert
+    from hf_arch.conversion.native_export import export_native
+
+    if args.to != "moe":
+        raise ValueError(f"--native applies to --to moe (exported as qwen3_moe / mixtral / qwen2_moe), not --to {args.to}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"Output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf-arch-", dir=out.parent))
+    try:
+        converted = convert(args.src, staging / "model", to="moe", dtype=args.dtype, verify=not args.no_verify,
+                            remote_code=False, trust_remote_code=args.trust_remote_code,
+                            calibration_file=args.calibration_file, **options)
+        record = export_native(converted.output_dir, out, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"wrote {out} as {record['model_type']} (max |Δlogit| {record['max_abs_logit_diff']:.2e} against the "
+              "hf-arch model; greedy generation identical)")
     return 0
 
 
@@ -375,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison against the source")
     p.add_argument("--no-remote-code", action="store_true", help="do not write trust_remote_code files + auto_map")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the SOURCE to run its own code")
+    p.add_argument("--native", action="store_true",
+                   help="--to moe: write OUT as transformers' own qwen3_moe / mixtral / qwen2_moe (see `export`)")
     p.add_argument("--json", action="store_true", help="print the conversion record as JSON")
     p.set_defaults(func=_cmd_convert)
 

@@ -113,3 +113,18 @@ def test_non_moe_models_are_refused(random_source):
     gated = CONVERSIONS["gated_attention"].convert(random_source("llama"), conversion_options("gated_attention"))
     with pytest.raises(NativeExportError, match="model_type 'hfa_gated_attention'"):
         native_moe_state(gated)
+
+
+def test_convert_native_in_one_step(random_source, tmp_path, capsys):
+    src = tmp_path / "src"
+    random_source("llama").save_pretrained(src)
+    # Every expert active with the conversion's exact router init (temperature 0): exportable, and exact.
+    code = main(["convert", str(src), str(tmp_path / "native"), "--to", "moe", "--method", "partition",
+                 "--experts", "4", "--top-k", "4", "--split", "random", "--shared-neurons", "0",
+                 "--router-distill-steps", "0", "--native"])
+    assert code == 0 and "as mixtral" in capsys.readouterr().out
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and "auto_map" not in config
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    assert main(["convert", str(src), str(tmp_path / "other"), "--to", "gated_attention", "--native"]) == 2
+    assert "--native applies to --to moe" in capsys.readouterr().err and not (tmp_path / "other").exists()
