@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_gates)
 
     p = sub.add_parser("export", help="write a model as a built-in transformers architecture (--native: MoE models "
-                                      "as qwen3_moe / mixtral / qwen2_moe, all-Gated-DeltaNet as qwen3_next), checked against ours in a process "
-                                      "without hf-arch")
+                                      "as qwen3_moe / mixtral / qwen2_moe, all-Gated-DeltaNet as qwen3_next), "
+                                      "checked against ours in a process without hf-arch")
     p.add_argument("model", help="an hf-arch model directory")
     p.add_argument("out")
     p.add_argument("--native", action="store_true", help="a built-in transformers model type (refused, with the "
