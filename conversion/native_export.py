@@ -3,7 +3,8 @@
 Today: MoE models (``--to moe`` partitions with or without their shared expert, upcycles, models built with
 ``MoEConfig``) become ``qwen3_moe`` (with per-head q/k norm, as from Qwen3 sources; no shared expert), ``mixtral``
 (every layer sparse, no shared expert, no attention biases) or ``qwen2_moe`` (otherwise: a shared expert, dense
-layers listed in ``mlp_only_layers``, q/k/v biases, or top-k weights that are not renormalised). The maths is kept exactly:
+layers listed in ``mlp_only_layers``, q/k/v biases, or top-k weights that are not renormalised). The maths is kept
+exactly:
 
 - routers: ``tempered_topk`` weighs the k chosen experts by ``softmax(τ · logits)`` over them, which is the native
   ``softmax(logits')`` over all experts, top-k, renormalised, with ``logits' = (τ W) x``: τ is folded into the router
@@ -145,7 +146,7 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             weight = take(p + f"self_attn.{proj}.weight")
             out[q + f"self_attn.{proj}.weight"] = weight
-            # qwen2_moe: q/k/v always biased; qwen3_moe: all four when any is (attention_bias); zeros where ours has none
+            # qwen2_moe: q/k/v always biased; qwen3_moe: all four when any is (attention_bias); zeros where we have none
             biased = (target == "qwen2_moe" and proj != "o_proj") or (target == "qwen3_moe" and has_bias)
             if biased:
                 bias_key = p + f"self_attn.{proj}.bias"
@@ -189,7 +190,8 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
             out[q + "mlp.shared_expert_gate.weight"] = router.new_zeros(1, H)
     left = sorted(set(state) - used)
     if left:
-        _refuse(f"weight {left[0]} has no place in {target}" + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        _refuse(f"weight {left[0]} has no place in {target}{more}")
 
     common = {k: getattr(config, k) for k in _STRUCTURAL if hasattr(config, k) and k != "head_dim"}
     common.update(num_experts_per_tok=config.num_experts_per_tok, output_router_logits=False,

@@ -113,7 +113,8 @@ def _convert_native(args, options: dict) -> int:
     from hf_arch.conversion.native_export import export_native
 
     if args.to != "moe":
-        raise ValueError(f"--native applies to --to moe (exported as qwen3_moe / mixtral / qwen2_moe), not --to {args.to}")
+        raise ValueError(f"--native applies to --to moe (exported as qwen3_moe / mixtral / qwen2_moe), "
+                         f"not --to {args.to}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"Output {out} already exists; pass --overwrite to replace it")
