@@ -146,7 +146,7 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             weight = take(p + f"self_attn.{proj}.weight")
             out[q + f"self_attn.{proj}.weight"] = weight
-            # qwen2_moe: q/k/v always biased; qwen3_moe: all four when any is (attention_bias); zeros where we have none
+            # qwen2_moe: q/k/v always biased; qwen3_moe: all four when any is; zeros where we have none
             biased = (target == "qwen2_moe" and proj != "o_proj") or (target == "qwen3_moe" and has_bias)
             if biased:
                 bias_key = p + f"self_attn.{proj}.bias"
@@ -204,7 +204,7 @@ def native_moe_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
                                 moe_intermediate_size=config.moe_intermediate_size, attention_bias=has_bias,
                                 norm_topk_prob=config.moe_router == "tempered_topk" or config.moe_norm_topk_prob,
                                 decoder_sparse_step=1, use_sliding_window=False,
-                                mlp_only_layers=[i for i, kind in enumerate(config.mlp_layer_types) if kind != "sparse"])
+                                mlp_only_layers=[i for i, k in enumerate(config.mlp_layer_types) if k != "sparse"])
     else:
         dense = [i for i, kind in enumerate(config.mlp_layer_types) if kind != "sparse"]
         native = Qwen2MoeConfig(**common, num_experts=config.num_experts,
@@ -296,7 +296,8 @@ def native_qwen3_next_state(model) -> tuple[str, object, dict[str, torch.Tensor]
             out[a.replace("self_attn", "linear_attn") + native_name] = take(a + name)
     left = sorted(set(state) - used)
     if left:
-        _refuse(f"weight {left[0]} has no place in qwen3_next" + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        _refuse(f"weight {left[0]} has no place in qwen3_next{more}")
 
     common = {k: getattr(config, k) for k in _STRUCTURAL if hasattr(config, k) and k != "head_dim"}
     native = Qwen3NextConfig(**common, layer_types=["linear_attention"] * config.num_hidden_layers,
@@ -439,5 +440,5 @@ def _card(target: str, record: dict) -> str:
     return (f"# Native `{target}` export\n\nWritten by `hf-arch export --native` from an hf-arch model: a plain "
             f"transformers `{target}` checkpoint, loaded without hf-arch or `trust_remote_code` "
             f"(`AutoModelForCausalLM.from_pretrained`); servers that implement `{target}` load it as they load that "
-            f"family's own checkpoints. Checked when written: max |Δlogit| {diff:.2e} against the hf-arch model (fp32, reloaded in a "
-            f"process without hf-arch); {generation}.\n")
+            f"family's own checkpoints. Checked when written: max |Δlogit| {diff:.2e} against the hf-arch model "
+            f"(fp32, reloaded in a process without hf-arch); {generation}.\n")
