@@ -323,7 +323,8 @@ def native_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
 def _build_native(native_config, state: dict[str, torch.Tensor], dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(native_config, dtype=dtype)
+    extra = {"experts_implementation": "eager"} if _grouped_mm_unaligned(native_config, dtype) else {}
+    model = AutoModelForCausalLM.from_config(native_config, dtype=dtype, **extra)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and native_config.tie_word_embeddings)]
     if missing or unexpected:
@@ -414,6 +415,13 @@ def export_native(model_or_path, out, *, overwrite: bool = False, check: bool = 
               "loads_with": f"transformers' built-in {target} (no hf-arch, no trust_remote_code)"}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         native.save_pretrained(tmp)
+        unaligned = _grouped_mm_unaligned(native_config, dtype)
+        if unaligned:  # transformers' default grouped_mm experts need 16-byte strides: name the eager ones instead
+            config_path = tmp / "config.json"
+            saved = json.loads(config_path.read_text())
+            saved["experts_implementation"] = "eager"
+            atomic_write_text(config_path, json.dumps(saved, indent=2) + "\n")
+            record["experts_implementation"] = f"eager ({unaligned})"
         if source_dir is not None:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                          "generation_config.json", "chat_template.jinja"):
@@ -429,6 +437,21 @@ def export_native(model_or_path, out, *, overwrite: bool = False, check: bool = 
         atomic_write_text(tmp / "README.md", _card(target, record))
     logger.info("exported %s as %s: %s", source_dir or "the model", target, record)
     return record
+
+
+def _grouped_mm_unaligned(native_config, dtype: torch.dtype) -> str | None:
+    """Why transformers' grouped_mm experts cannot run this checkpoint (torch's grouped GEMM wants every row stride a
+    multiple of 16 bytes; transformers 5.25 checks only the pointers), or None."""
+    width = getattr(native_config, "moe_intermediate_size", None)
+    if width is None and native_config.model_type == "mixtral":
+        width = native_config.intermediate_size
+    if width is None:
+        return None
+    size = torch.tensor([], dtype=dtype).element_size()
+    for name, value in (("expert width", width), ("hidden size", native_config.hidden_size)):
+        if value * size % 16:
+            return f"{name} {value} x {size} bytes is not a multiple of 16"
+    return None
 
 
 def _card(target: str, record: dict) -> str:
