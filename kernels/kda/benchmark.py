@@ -40,6 +40,11 @@ def kernel_benchmark_impls(device: str) -> list[tuple[str, str, object, object]]
     except ImportError:  # a transformers without Kimi Linear: ours alone (no ratio)
         return impls
 
+    if torch.device(device).type == "cpu":
+        # its PyTorch fallback: the hub-kernel wrapper of transformers < 5.25 would call fla's Triton kernel on CPU
+        # tensors whenever fla is installed
+        chunk_kimi_delta_attention = getattr(chunk_kimi_delta_attention, "__wrapped__", chunk_kimi_delta_attention)
+
     def hf(t):  # scale fixed at K**-0.5 there; its l2norm flag is use_qk_l2norm_in_kernel
         return chunk_kimi_delta_attention(t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True,
                                           use_qk_l2norm_in_kernel=True)

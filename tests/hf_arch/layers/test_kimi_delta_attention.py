@@ -63,8 +63,22 @@ def kimi_reference(conv_size: int, rms_norm_eps: float):
     return config, randomize_(kimi.KimiLinearDeltaAttention(config, layer_idx=0)).eval()
 
 
+@pytest.fixture
+def kimi_torch_paths(monkeypatch):
+    """Pin transformers' reference PyTorch paths in its Kimi layer. Its kernel wrappers run fla whenever fla is
+    importable, and before 5.25 without looking at the device (fla's Triton kernels then fail on CPU tensors: "0 active
+    drivers"); fla-core is in our dev extra. The wrappers keep the torch function as ``__wrapped__``."""
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    for name in ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention", "causal_conv1d_fn",
+                 "causal_conv1d_update"):
+        fn = getattr(kimi, name, None)
+        if fn is not None and hasattr(fn, "__wrapped__"):
+            monkeypatch.setattr(kimi, name, fn.__wrapped__)
+
+
 @pytest.mark.parametrize("length", [5, 11])  # ours: per-token path (<= 8 tokens), chunked path
 @torch.no_grad()
+@pytest.mark.usefixtures("kimi_torch_paths")
 def test_matches_transformers_kimi_linear_delta_attention(length):
     ours = KimiDeltaAttention(kda_config(conv_size=3), layer_idx=0).eval()
     _, reference = kimi_reference(3, ours.config.rms_norm_eps)
@@ -76,6 +90,7 @@ def test_matches_transformers_kimi_linear_delta_attention(length):
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("kimi_torch_paths")
 def test_cached_decode_matches_transformers():
     reference_config, reference = kimi_reference(4, 1e-6)
     ours = KimiDeltaAttention(kda_config(), layer_idx=0).eval()
