@@ -1,8 +1,8 @@
 """Block-sparse attention's rows in ``hf-arch bench kernels``: our op at fixed block densities, to read against the
 dense SDPA row of the same T (the table's "× vs SDPA" columns).
 
-Found by ``recipes.kernel_benchmark.registered_kernel_impls``. Masks are random at each density (each causal block
-kept independently, the diagonal and the first block always), blocks of 64 tokens, one mask per head.
+Found by ``recipes.kernel_benchmark.registered_kernel_impls``. Masks are random at each density (that share of the
+causal blocks, the diagonal and the first block among them), blocks of 64 tokens, one mask per head.
 
     hf-arch bench kernels --ops block_sparse_attention causal_attention --seq-lens 2048 4096 8192 --skip-decode --json
 """
@@ -21,12 +21,19 @@ DENSITIES = (0.25, 0.5)
 
 
 def random_block_mask(N: int, H: int, density: float, generator: torch.Generator) -> torch.Tensor:
-    """``[1, H, N, N]`` bool: causal blocks kept with probability ``density``, plus the diagonal and first block."""
+    """``[1, H, N, N]`` bool holding ``density`` of the causal blocks per head (rounded; never fewer than the
+    diagonal and the first block, which are always kept), the others drawn uniformly among the causal blocks."""
     causal = torch.ones(N, N, dtype=torch.bool).tril()
-    keep = (torch.rand(H, N, N, generator=generator) < density) & causal
-    keep |= torch.eye(N, dtype=torch.bool)
-    keep[..., 0] = True
-    return keep[None]
+    forced = torch.eye(N, dtype=torch.bool)
+    forced[:, 0] = True
+    optional = torch.nonzero((causal & ~forced).flatten()).flatten()
+    extra = min(len(optional), max(0, round(density * N * (N + 1) / 2) - int(forced.sum())))
+    heads = []
+    for _ in range(H):
+        keep = forced.clone().flatten()
+        keep[optional[torch.randperm(len(optional), generator=generator)[:extra]]] = True
+        heads.append(keep.view(N, N))
+    return torch.stack(heads)[None]
 
 
 def kernel_benchmark_impls(device: str) -> list[tuple[str, str, object, object]]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .naive import num_blocks, token_mask, validate_block_sparse_inputs
+from .split_flash import split_flash_block_sparse
 
 __all__ = ["chunk_block_sparse_attention", "diagonal_first", "selected_blocks", "width_ladder"]
 
@@ -35,6 +36,12 @@ def diagonal_first(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank = torch.where(j[None, :] == j[:, None], -1, j[None, :]).expand_as(selected)  # the diagonal ranks first
     rank = torch.where(selected, rank, rank + n + 1)  # unselected blocks after every selected one
     return torch.argsort(rank, dim=-1, stable=True), selected.sum(dim=-1)
+
+
+def _split_flash_applies(q: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """The merged-flash path (:mod:`.split_flash`) runs eager CPU calls without key padding."""
+    return (q.device.type == "cpu" and not torch.compiler.is_compiling()
+            and (attention_mask is None or bool(attention_mask.all())))
 
 
 def width_ladder(n: int) -> list[int]:
@@ -86,6 +93,9 @@ def chunk_block_sparse_attention(
     row = torch.arange(B * H * n, device=device)
     batch, head = row // (H * n), (row // n) % H
     kv_row_base = (batch * H_kv + head // G) * n  # + key block index -> row of kb / vb
+    if _split_flash_applies(q, attention_mask):
+        out = split_flash_block_sparse(qb, kb, vb, selected.reshape(B * H * n, n), kv_row_base, n, scale)
+        return out.view(B, H, n * bs, D)[:, :, :T].transpose(1, 2).to(q.dtype)
 
     # Rows grouped by (whether the diagonal block is selected, the ladder width that holds their count); a traced
     # graph cannot size by the counts: there, one group of every row and every causal block (unselected ones masked,

@@ -69,9 +69,33 @@ def _compare(q, k, v, block_mask, block_size, tol=1e-5, **kwargs):
         (1, 4, "all"),
     ],
 )
-def test_chunk_matches_naive_fp32(T, block_size, kind):
+@pytest.mark.parametrize("path", ["split_flash", "masked_groups"])
+def test_chunk_matches_naive_fp32(T, block_size, kind, path, monkeypatch):
+    """Both eager CPU paths: merged flash calls (no key padding) and the masked groups (what padding needs)."""
+    from hf_arch.kernels.block_sparse import chunk, split_flash
+
+    calls = []
+    real_split = split_flash.split_flash_block_sparse
+    monkeypatch.setattr(chunk, "split_flash_block_sparse", lambda *a: calls.append(1) or real_split(*a))
+    if path == "masked_groups":
+        monkeypatch.setattr(chunk, "_split_flash_applies", lambda q, attention_mask: False)
     q, k, v = _inputs(T=T)
     _compare(q, k, v, _block_mask(2, 4, T, block_size, kind), block_size)
+    assert len(calls) == (1 if path == "split_flash" else 0)
+
+
+def test_split_flash_gradcheck_fp64_and_rows_without_keys():
+    """The merged path's backward (torch's flash backward per part, against the merged output and log-sum-exp)."""
+    q, k, v = (x.double().requires_grad_(True) for x in _inputs(B=1, T=11, H=2, H_kv=1, D=3))
+    mask = _block_mask(1, 2, 11, 3)
+    mask[0, 0, 2, 2] = False  # a row with earlier blocks only
+    mask[0, 1, 3] = False  # a row with no key at all: zeros
+
+    def fn(q, k, v):
+        return chunk_block_sparse_attention(q, k, v, mask, 3)
+
+    assert (fn(q, k, v)[0, 9:, 1] == 0).all()
+    assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
 def test_width_ladder_pads_at_most_one_and_a_half_times():
