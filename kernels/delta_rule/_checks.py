@@ -77,7 +77,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def prepare_inputs(q, k, v, g, beta, scale, use_qk_l2norm):
     """fp32 copies, optional q/k L2 norm, q/k repeated to the v-head count (GVA); returns (q, k, v, g, beta, scale)."""
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (x if x.dtype == torch.float32 else x.float() for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     rep = v.shape[2] // q.shape[2]
