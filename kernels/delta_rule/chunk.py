@@ -55,7 +55,9 @@ def _gdr_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
     k_decayed_t = (k * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2)  # [BH, NC, K, C]
     chunk_decay = b_last.exp().unsqueeze(-1)  # [BH, NC, 1, 1]
 
-    U_l, W_l, kdt_l, cd_l = U.unbind(1), W.unbind(1), k_decayed_t.unbind(1), chunk_decay.unbind(1)
+    # Chunk-major contiguous copies (one pass each): per-chunk slices of [BH, NC, ...] are strided, and the batched
+    # matmuls below would copy them again on every step.
+    U_l, W_l, kdt_l, cd_l = (x.transpose(0, 1).contiguous().unbind(0) for x in (U, W, k_decayed_t, chunk_decay))
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
     states, v_news = [], []
     for c in range(NC):
