@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from ..layers.output_gate import AttentionOutputGate
 from ..models.gated_attention import GatedAttentionConfig, GatedAttentionForCausalLM
-from .sources import adapter_for
+from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
 GATE_INITS = ("identity", "normal")
@@ -48,6 +48,7 @@ def gated_attention_config_from(source_config, options: GateInsertionOptions) ->
     return GatedAttentionConfig(**kwargs, **options.config_overrides())
 
 
+@takes_source_families
 def insert_gates(source_model, options: GateInsertionOptions | None = None) -> GatedAttentionForCausalLM:
     """Build the gated model from an in-memory source model (same dtype), copying and checking every weight."""
     options = options or GateInsertionOptions()

@@ -13,7 +13,7 @@ from ..layers.affine_attention import AffineAttentionScale
 from ..layers.value_bank import ValueBank, ValueGate
 from ..models.affine_attention import AffineAttentionConfig, AffineAttentionForCausalLM
 from ..models.move import MoVEConfig, MoVEForCausalLM
-from .sources import adapter_for
+from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
 INITS = ("identity", "normal")
@@ -63,11 +63,13 @@ def _insert(source_model, config_class, model_class, overrides: dict):
     return build_from_source(source_model, config_class(**kwargs, **overrides), model_class, init_new)
 
 
+@takes_source_families
 def insert_affine_scale(source_model, options: AffineInsertionOptions | None = None) -> AffineAttentionForCausalLM:
     options = options or AffineInsertionOptions()
     return _insert(source_model, AffineAttentionConfig, AffineAttentionForCausalLM, options.config_overrides())
 
 
+@takes_source_families
 def insert_value_bank(source_model, options: ValueBankInsertionOptions | None = None) -> MoVEForCausalLM:
     options = options or ValueBankInsertionOptions()
     return _insert(source_model, MoVEConfig, MoVEForCausalLM, options.config_overrides())

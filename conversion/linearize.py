@@ -36,7 +36,7 @@ from ..layers.norm import HfArchRMSNorm
 from ..models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 from ..models.gla import GLAConfig, GLAForCausalLM
 from ..peft_utils import new_parameter_names
-from .sources import adapter_for
+from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
 __all__ = ["LINEARIZE_METHODS", "LINEAR_TARGETS", "LinearTarget", "LinearizeOptions", "attention_mse_per_layer",
@@ -235,6 +235,7 @@ def _init_new_parameters(target, added: set[str]) -> None:
 
 
 @torch.no_grad()
+@takes_source_families
 def linearize(source_model, options: LinearizeOptions | None = None, to: str | None = None):
     """Build the linearized model from an in-memory source model (same dtype), copying and checking every weight
     (``to``: the linear target, when more than one offers the method)."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
 from .moe_router_distill import distill_routers, layer_ffn_inputs
-from .sources import adapter_for
+from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
 METHODS = ("partition", "upcycle")
@@ -243,6 +243,7 @@ def split_neurons(gate_weight: torch.Tensor, options: MoERefactorOptions, activa
 # -- the conversion ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+@takes_source_families
 def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibration_ids: torch.Tensor | None = None,
                  calibration_mask: torch.Tensor | None = None) -> MoEForCausalLM:
     """Build the MoE model from an in-memory Llama-family source (same dtype), copying every non-FFN weight."""

@@ -1,13 +1,18 @@
 """Source adapters: map a Llama-family checkpoint's config onto the backbone's fields.
 
 The target config is always derived from the source config (never from our defaults), so every size, RoPE setting,
-bias and window of the source survives. Weights need no renaming: the backbone keeps Llama's parameter names.
+bias and window of the source survives. Weights need no renaming: the backbone keeps Llama's parameter names. A
+family laid out differently (Phi-3's fused projections) is first rewritten as the Llama-family model it equals
+(``SourceAdapter.normalize``); every public conversion function does that through :func:`takes_source_families`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
+
+from .phi3_source import phi3_as_mistral
 
 # Fields copied verbatim from every Llama-family config.
 _COMMON_FIELDS = (
@@ -34,6 +39,7 @@ class SourceAdapter:
     model_type: str
     description: str
     extra_fields: Callable[[object], dict]
+    normalize: Callable | None = None  # model -> the equal model of a family below (exact, checked on logits)
 
     def backbone_kwargs(self, config) -> dict:
         kwargs = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
@@ -79,6 +85,8 @@ SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
         SourceAdapter("mistral", "Mistral (optional sliding window on every layer)", _mistral),
         SourceAdapter("qwen2", "Qwen2 / Qwen2.5 (qkv bias, optional sliding layers)", _qwen2),
         SourceAdapter("qwen3", "Qwen3 dense (q/k RMSNorm)", _qwen3),
+        SourceAdapter("phi3", "Phi-3 (fused qkv / gate-up projections; converted as the Mistral it equals)", _mistral,
+                      normalize=phi3_as_mistral),
     )
 }
 
@@ -91,3 +99,20 @@ def adapter_for(config) -> SourceAdapter:
         f"Unsupported source architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
         f"supported source model types: {', '.join(sorted(SOURCE_ADAPTERS))}"
     )
+
+
+def backbone_source(model):
+    """``model`` in a layout the conversions read (Llama parameter names): rewritten by its family's ``normalize``
+    where it has one, else unchanged (an unsupported family is refused later, by :func:`adapter_for`)."""
+    adapter = SOURCE_ADAPTERS.get(getattr(model.config, "model_type", None))
+    return adapter.normalize(model) if adapter is not None and adapter.normalize is not None else model
+
+
+def takes_source_families(convert: Callable) -> Callable:
+    """Decorator for a conversion ``convert(source_model, ...)``: the source goes through :func:`backbone_source`."""
+
+    @functools.wraps(convert)
+    def wrapper(source_model, *args, **kwargs):
+        return convert(backbone_source(source_model), *args, **kwargs)
+
+    return wrapper

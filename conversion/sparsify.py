@@ -21,7 +21,7 @@ import torch
 from ..models.sparse_attention import SparseAttentionConfig, SparseAttentionForCausalLM
 from ..peft_utils import new_parameter_names
 from .checkpoint_io import atomic_output_dir
-from .sources import adapter_for
+from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
 METHODS = ("seer", "flux")
@@ -62,6 +62,7 @@ def sparse_attention_config_from(source_config, options: SparsifyOptions) -> Spa
     return SparseAttentionConfig(**kwargs, **options.config_overrides())
 
 
+@takes_source_families
 def sparsify(source_model, options: SparsifyOptions | None = None) -> SparseAttentionForCausalLM:
     """Build the sparse-attention model from an in-memory source (same dtype), copying and checking every weight."""
     options = options or SparsifyOptions()
