@@ -14,6 +14,7 @@ Two methods, both copying every non-FFN weight unchanged:
   experts' terms dropped; LLaMA-MoE uses ``E/k``), so every expert active is the dense FFN whatever the router rows.
 - ``upcycle`` (sparse upcycling): every expert is a copy of the dense FFN and a router is added; with renormalised
   weights the output equals the dense FFN exactly until training makes the experts differ.
+- ``native``: the source is already an MoE (Qwen3-MoE, Mixtral, Qwen2-MoE); imported as it is (``moe_import.py``).
 
 MoE++ zero / copy experts can be added to either (their router rows start at zero). ``pool=True`` (UniPool) puts
 every layer's experts into one global pool of ``L·E`` experts that every layer's router can reach; a router bias
@@ -28,17 +29,18 @@ or without router distillation), and the pooled form of either; all equal the so
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..models.moe import MoEConfig, MoEForCausalLM
+from .moe_import import NATIVE_MOE_TYPES, moe_from_native
 from .moe_router_distill import distill_routers, layer_ffn_inputs
 from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
-METHODS = ("partition", "upcycle")
+METHODS = ("partition", "upcycle", "native")  # native: an MoE source imported as it is (moe_import.py)
 # The dense FFN's tensors, which the conversion maps itself (into experts and the shared expert).
 DENSE_FFN = r"\.mlp\.(shared_expert\.)?(gate_proj|up_proj|down_proj)\."
 SPLITS = ("random", "cluster", "activation")
@@ -243,10 +245,15 @@ def split_neurons(gate_weight: torch.Tensor, options: MoERefactorOptions, activa
 # -- the conversion ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-@takes_source_families
+@takes_source_families(takes_moe=True)
 def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibration_ids: torch.Tensor | None = None,
                  calibration_mask: torch.Tensor | None = None) -> MoEForCausalLM:
-    """Build the MoE model from an in-memory Llama-family source (same dtype), copying every non-FFN weight."""
+    """Build the MoE model from an in-memory Llama-family source (same dtype), copying every non-FFN weight; or,
+    with ``method="native"``, import a native MoE source exactly (:func:`.moe_import.moe_from_native`)."""
+    options = options or MoERefactorOptions()
+    native_source = source_model.config.model_type in NATIVE_MOE_TYPES
+    if native_source or options.method == "native":
+        return _import_native(source_model, options)
     options = (options or MoERefactorOptions()).resolve(source_model.config.intermediate_size)
     config = moe_config_from(source_model.config, options)
     if options.needs_calibration:
@@ -274,6 +281,25 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
                                                         steps=options.router_distill_steps, first_expert=first,
                                                         inputs=inputs)
     target.conversion_report = report  # read (and removed) by conversion.api into the conversion record
+    return target
+
+
+def _import_native(source_model, options: MoERefactorOptions) -> MoEForCausalLM:
+    """``method="native"``: the experts, router and shared expert are the source's; the options that would shape
+    new ones must stay at their defaults (each named otherwise)."""
+    model_type = source_model.config.model_type
+    if options.method != "native":
+        raise ValueError(f"a {model_type} source is already a Mixture of Experts: convert it with method='native' "
+                         f"(--method native), not {options.method!r}")
+    defaults = MoERefactorOptions()
+    changed = [f.name for f in fields(MoERefactorOptions)
+               if f.name not in ("method", "seed", "calibration_tokens")
+               and getattr(options, f.name) != getattr(defaults, f.name)]
+    if changed:
+        raise ValueError(f"method='native' keeps the source's experts and router; these options do not apply: "
+                         f"{', '.join(changed)}")
+    target = moe_from_native(source_model)
+    target.conversion_report = {"resolved_options": options.as_dict(), "imported_from": model_type}
     return target
 
 

@@ -40,6 +40,7 @@ class SourceAdapter:
     description: str
     extra_fields: Callable[[object], dict]
     normalize: Callable | None = None  # model -> the equal model of a family below (exact, checked on logits)
+    moe_only: bool = False  # an MoE source: only the MoE conversion (``method="native"``) takes it
 
     def backbone_kwargs(self, config) -> dict:
         kwargs = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
@@ -87,6 +88,10 @@ SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
         SourceAdapter("qwen3", "Qwen3 dense (q/k RMSNorm)", _qwen3),
         SourceAdapter("phi3", "Phi-3 (fused qkv / gate-up projections; converted as the Mistral it equals)", _mistral,
                       normalize=phi3_as_mistral),
+        # Native MoE sources: --to moe --method native only (moe_import.py).
+        SourceAdapter("qwen3_moe", "Qwen3-MoE (--to moe --method native)", _qwen3, moe_only=True),
+        SourceAdapter("mixtral", "Mixtral (--to moe --method native)", _mistral, moe_only=True),
+        SourceAdapter("qwen2_moe", "Qwen2-MoE, shared expert (--to moe --method native)", _qwen2, moe_only=True),
     )
 }
 
@@ -101,18 +106,26 @@ def adapter_for(config) -> SourceAdapter:
     )
 
 
-def backbone_source(model):
+def backbone_source(model, takes_moe: bool = False):
     """``model`` in a layout the conversions read (Llama parameter names): rewritten by its family's ``normalize``
-    where it has one, else unchanged (an unsupported family is refused later, by :func:`adapter_for`)."""
+    where it has one, else unchanged (an unsupported family is refused later, by :func:`adapter_for`). An MoE
+    source is refused unless the conversion ``takes_moe``."""
     adapter = SOURCE_ADAPTERS.get(getattr(model.config, "model_type", None))
+    if adapter is not None and adapter.moe_only and not takes_moe:
+        raise ValueError(f"a {adapter.model_type} source is already a Mixture of Experts: it converts with --to moe "
+                         "--method native (then anything built on hfa_moe); the other conversions need a dense source")
     return adapter.normalize(model) if adapter is not None and adapter.normalize is not None else model
 
 
-def takes_source_families(convert: Callable) -> Callable:
-    """Decorator for a conversion ``convert(source_model, ...)``: the source goes through :func:`backbone_source`."""
+def takes_source_families(convert: Callable | None = None, *, takes_moe: bool = False):
+    """Decorator for a conversion ``convert(source_model, ...)``: the source goes through :func:`backbone_source`
+    (``@takes_source_families``, or ``@takes_source_families(takes_moe=True)`` for the MoE conversion)."""
 
-    @functools.wraps(convert)
-    def wrapper(source_model, *args, **kwargs):
-        return convert(backbone_source(source_model), *args, **kwargs)
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(source_model, *args, **kwargs):
+            return function(backbone_source(source_model, takes_moe), *args, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate(convert) if convert is not None else decorate
