@@ -5,14 +5,16 @@ Each model runs in its own child process (so peak memory is that model's alone):
 it in memory (untrained: speed does not depend on the weights, except Seer's density, fixed here by a token budget),
 then for each context, shortest first, times a prefill of ``context`` tokens and ``decode_tokens`` cached greedy steps
 after it (medians over ``repeats`` after one warm-up), and records the cache's bytes (every tensor it holds) and the
-process's peak memory (CUDA: ``max_memory_allocated``; CPU: peak resident set, which only grows, hence shortest
-context first). Nothing here asserts a speed; the command writes JSON, a markdown table and a plot.
+peak memory of that context's runs (CUDA: ``max_memory_allocated``; CPU: the resident high-water mark, reset before
+each context where Linux allows, else the process's lifetime peak, hence shortest context first). Prefill keeps the
+last position's logits only, as ``generate()`` does. Nothing here asserts a speed; the command writes JSON, a markdown table and a plot.
 
     OMP_NUM_THREADS=2 hf-arch bench e2e /tmp/smol/fp32 --contexts 512 2048 8192 --out /tmp/e2e
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import resource
@@ -69,11 +71,40 @@ def _cache_bytes(cache) -> int:
     return total
 
 
+def _reset_peak_memory(device: str) -> None:
+    """Start a new peak: CUDA's allocator statistics, or Linux's resident high-water mark (``clear_refs`` 5), so a
+    context's peak is not the conversion's (which held the source and the converted model at once)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's lifetime high-water mark
+        pass
+
+
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return peak_kb / 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def _resident_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _build(source: str, spec: E2EModel, device: str, dtype: torch.dtype):
@@ -110,10 +141,13 @@ def _measure_one_model(source: str, name: str, contexts: list[int], decode_token
             model.config.sparse_attn_token_budget = max(model.config.sparse_attn_block_size, context // 4)
         ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(context)).to(device)
         prefill_s, decode_s = [], []
+        gc.collect()
+        before_mb = _resident_mb(device)
+        _reset_peak_memory(device)
         with torch.no_grad():
             for repeat in range(repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
-                out = model(ids, use_cache=True)
+                out = model(ids, use_cache=True, logits_to_keep=1)  # as generate() prefills: the last logits only
                 sync_device(device)
                 prefill = time.perf_counter() - start
                 out, per_token = timed_greedy_decode(model, out, decode_tokens, device)
@@ -124,7 +158,7 @@ def _measure_one_model(source: str, name: str, contexts: list[int], decode_token
         rows.append({"model": name, "context": context, "prefill_tokens_per_s": context / prefill,
                      "prefill_s": prefill, "decode_ms_per_token": statistics.median(decode_s) * 1e3,
                      "cache_mb": _cache_bytes(getattr(out, CACHE_OUTPUT_FIELD)) / 2**20, "peak_memory_mb": _peak_memory_mb(device),
-                     "memory_after_load_mb": loaded_mb, "decode_tokens": decode_tokens, "repeats": repeats})
+                     "resident_before_mb": before_mb, "memory_after_load_mb": loaded_mb, "decode_tokens": decode_tokens, "repeats": repeats})
         del out
     return rows
 
