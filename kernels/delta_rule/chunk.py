@@ -9,9 +9,9 @@ Per chunk of C tokens with in-chunk cumulative log-decay ``b_i = g_1 + ... + g_i
     S_next  = exp(b_C) S0 + (k exp(b_C - b))^T v_new
 
 Every exponent is <= 0 (upper-triangle differences are masked to -inf before ``exp``), so nothing overflows even
-for very strong gates. Everything but the cross-chunk recurrence is vectorised over all chunks at once; the
-recurrence works on tensors unbound once before the loop (slicing whole tensors per chunk would make the
-backward O(T^2)). Backward is plain autograd.
+for very strong gates. Everything but the cross-chunk recurrence is vectorised over a group of chunks at once
+(groups sized to stay in cache, ``GROUP_BYTES``); the recurrence works on tensors unbound once per group (slicing
+whole tensors per chunk would make the backward O(T^2)). Backward is plain autograd.
 """
 
 from __future__ import annotations
@@ -20,6 +20,42 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_gated_delta_rule_inputs, prepare_inputs, run_sequences
+
+
+# Chunks are processed in groups whose [B·H, group, C, C] intermediates stay near a megabyte: every stage makes a
+# full pass over its tensors, and on CPU a group that fits in cache runs them at cache speed, not memory speed.
+GROUP_BYTES = 1 << 19
+
+
+def _chunk_group(q, k, v, g, beta, S, causal):
+    """One group of chunks (``[BH, G, C, *]``; q already scaled) from entering state ``S [BH, K, V]``: returns the
+    group's output ``[BH, G, C, V]`` and the state after it."""
+    V, K = v.shape[-1], k.shape[-1]
+    b = g.cumsum(dim=-1)  # [BH, G, C] in-chunk cumulative log decay (fp32)
+    rel = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # exp(b_i - b_j), j <= i
+
+    k_beta = k * beta.unsqueeze(-1)
+    # Only the strict lower triangle of A is read by the unit-triangular solve (and its backward projects onto it).
+    A = (k_beta @ k.transpose(-1, -2)) * rel
+    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * b.exp().unsqueeze(-1)], dim=-1)
+    U, W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+
+    attn = (q @ k.transpose(-1, -2)) * rel  # causal incl. diagonal (rel is 0 above it)
+    q_decayed = q * b.exp().unsqueeze(-1)
+    b_last = b[..., -1:]
+    k_decayed_t = (k * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2)  # [BH, G, K, C]
+    chunk_decay = b_last.exp().unsqueeze(-1)  # [BH, G, 1, 1]
+
+    # Tensors unbound once before the loop (slicing whole tensors per chunk would make the backward quadratic).
+    U_l, W_l, kdt_l, cd_l = U.unbind(1), W.unbind(1), k_decayed_t.unbind(1), chunk_decay.unbind(1)
+    states, v_news = [], []
+    for c in range(len(U_l)):
+        states.append(S)
+        v_new = torch.baddbmm(U_l[c], W_l[c], S, alpha=-1.0)
+        v_news.append(v_new)
+        S = torch.baddbmm(S * cd_l[c], kdt_l[c], v_new)
+    o = q_decayed @ torch.stack(states, dim=1) + attn @ torch.stack(v_news, dim=1)  # [BH, G, C, V]
+    return o, S
 
 
 def _gdr_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
@@ -38,35 +74,15 @@ def _gdr_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
 
     q, k, v = chunked(q * scale), chunked(k), chunked(v)
     g, beta = chunked(g), chunked(beta)
-
-    b = g.cumsum(dim=-1)  # [BH, NC, C] in-chunk cumulative log decay (fp32)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    rel = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # exp(b_i - b_j), j <= i
-
-    k_beta = k * beta.unsqueeze(-1)
-    # Only the strict lower triangle of A is read by the unit-triangular solve (and its backward projects onto it).
-    A = (k_beta @ k.transpose(-1, -2)) * rel
-    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * b.exp().unsqueeze(-1)], dim=-1)
-    U, W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
-
-    attn = (q @ k.transpose(-1, -2)) * rel  # causal incl. diagonal (rel is 0 above it)
-    q_decayed = q * b.exp().unsqueeze(-1)
-    b_last = b[..., -1:]
-    k_decayed_t = (k * (b_last - b).exp().unsqueeze(-1)).transpose(-1, -2)  # [BH, NC, K, C]
-    chunk_decay = b_last.exp().unsqueeze(-1)  # [BH, NC, 1, 1]
-
-    # Chunk-major contiguous copies (one pass each): per-chunk slices of [BH, NC, ...] are strided, and the batched
-    # matmuls below would copy them again on every step.
-    U_l, W_l, kdt_l, cd_l = (x.transpose(0, 1).contiguous().unbind(0) for x in (U, W, k_decayed_t, chunk_decay))
+    group = NC if q.device.type != "cpu" else max(1, GROUP_BYTES // (BH * C * max(C, K, V) * q.element_size()))
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
-    states, v_news = [], []
-    for c in range(NC):
-        states.append(S)
-        v_new = torch.baddbmm(U_l[c], W_l[c], S, alpha=-1.0)
-        v_news.append(v_new)
-        S = torch.baddbmm(S * cd_l[c], kdt_l[c], v_new)
-
-    o = q_decayed @ torch.stack(states, dim=1) + attn @ torch.stack(v_news, dim=1)  # [BH, NC, C, V]
+    outs = []
+    for first in range(0, NC, group):
+        part = slice(first, first + group)
+        o, S = _chunk_group(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], S, causal)
+        outs.append(o)
+    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     o = o.reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2)
     return o, S.reshape(B, H, K, V)
 
