@@ -10,21 +10,19 @@ Per chunk of C tokens with in-chunk cumulative log-decay ``b_i = g_1 + ... + g_i
 
 Every exponent is <= 0 (upper-triangle differences are masked to -inf before ``exp``), so nothing overflows even
 for very strong gates. Everything but the cross-chunk recurrence is vectorised over a group of chunks at once
-(groups sized to stay in cache, ``GROUP_BYTES``); the recurrence works on tensors unbound once per group (slicing
+(groups sized to stay in cache, :mod:`..chunk_groups`); the recurrence works on tensors unbound once per group (slicing
 whole tensors per chunk would make the backward O(T^2)). Backward is plain autograd.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from ..chunk_groups import chunk_group_size, scan_chunk_groups
 from ._checks import check_gated_delta_rule_inputs, prepare_inputs, run_sequences
-
-
-# Chunks are processed in groups whose [B·H, group, C, C] intermediates stay near a megabyte: every stage makes a
-# full pass over its tensors, and on CPU a group that fits in cache runs them at cache speed, not memory speed.
-GROUP_BYTES = 1 << 19
 
 
 def _chunk_group(q, k, v, g, beta, S, causal):
@@ -75,14 +73,9 @@ def _gdr_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
     q, k, v = chunked(q * scale), chunked(k), chunked(v)
     g, beta = chunked(g), chunked(beta)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    group = NC if q.device.type != "cpu" else max(1, GROUP_BYTES // (BH * C * max(C, K, V) * q.element_size()))
+    group = chunk_group_size(NC, BH * C * max(C, K, V) * q.element_size(), q.device)
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
-    outs = []
-    for first in range(0, NC, group):
-        part = slice(first, first + group)
-        o, S = _chunk_group(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], S, causal)
-        outs.append(o)
-    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    o, S = scan_chunk_groups(partial(_chunk_group, causal=causal), (q, k, v, g, beta), S, dim=1, group=group)
     o = o.reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2)
     return o, S.reshape(B, H, K, V)
 

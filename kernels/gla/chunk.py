@@ -11,8 +11,8 @@ Numerics: every exponential evaluated here has a non-positive argument that is a
 costs no precision elsewhere in the chunk. The intra-chunk scores ``sum_d q_id k_jd exp(b_id - b_jd)`` differ in decay
 per key channel, so they come from :func:`..decay_pairs.decayed_pairs` (exact halving: one matmul per block and level,
 no ``[C, C, D_k]`` tensor), with chunks padded to a power of two by inert steps (q = k = v = 0, g = 0). The
-inter-chunk part is vectorised over all chunks except a short scan of NC = T / C state updates (the per-chunk
-tensors are unbound once before that loop). Packed sequences (``cu_seqlens``) are processed one after another.
+inter-chunk part is vectorised over a group of chunks (sized to stay in cache, :mod:`..chunk_groups`) except a
+short scan of state updates (the per-chunk tensors are unbound once before that loop). Packed sequences (``cu_seqlens``) are processed one after another.
 """
 
 from __future__ import annotations
@@ -22,10 +22,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..chunk_groups import chunk_group_size, scan_chunk_groups
 from ..decay_pairs import decayed_pairs, prefix_sum, suffix_sum
 from ._checks import check_gla_inputs, compute_dtype, run_per_sequence
 
 __all__ = ["chunk_gla"]
+
+def _gla_chunk_group(q, k, v, g, S):
+    """One group of chunks ``[B, H, G, P2, *]`` from entering state ``S [B, H, Dk, Dv]``: (output, state after)."""
+    b = prefix_sum(g)  # in-chunk cumulative log decay, <= 0
+    b_tail = suffix_sum(g)  # b_last - b, summed directly
+
+    A = decayed_pairs([q], k, g)[0]  # [B, H, G, P2, P2], causal incl. the diagonal
+    k_decayed_t = (k * b_tail.exp()).transpose(-1, -2)  # [B, H, G, Dk, P2]
+    dS = k_decayed_t @ v  # per-chunk state increments, [B, H, G, Dk, Dv]
+    chunk_decay = b[..., -1:, :].transpose(-1, -2).exp()  # [B, H, G, Dk, 1]
+    states = []
+    for dS_n, a_n in zip(dS.unbind(2), chunk_decay.unbind(2)):
+        states.append(S)
+        S = torch.addcmul(dS_n, a_n, S)
+    return A @ v + (q * b.exp()) @ torch.stack(states, 2), S
+
 
 def _gla_chunk_core(q, k, v, g, h0, chunk_size):
     # q, k, g: [B, T, H, Dk] (q already scaled), v: [B, T, H, Dv], all in the compute dtype; h0: [B, H, Dk, Dv] | None
@@ -40,19 +57,9 @@ def _gla_chunk_core(q, k, v, g, h0, chunk_size):
         return F.pad(x, (0, 0, 0, P2 - C)) if P2 > C else x
 
     q, k, v, g = chunked(q), chunked(k), chunked(v), chunked(g)
-    b = prefix_sum(g)  # in-chunk cumulative log decay, <= 0
-    b_tail = suffix_sum(g)  # b_last - b, summed directly
-
-    A = decayed_pairs([q], k, g)[0]  # [B, H, NC, P2, P2], causal incl. the diagonal
-    k_decayed_t = (k * b_tail.exp()).transpose(-1, -2)  # [B, H, NC, Dk, P2]
-    dS = k_decayed_t @ v  # per-chunk state increments, [B, H, NC, Dk, Dv]
-    chunk_decay = b[..., -1:, :].transpose(-1, -2).exp()  # [B, H, NC, Dk, 1]
     S = h0 if h0 is not None else q.new_zeros(B, H, Dk, Dv)
-    states = []
-    for dS_n, a_n in zip(dS.unbind(2), chunk_decay.unbind(2)):
-        states.append(S)
-        S = torch.addcmul(dS_n, a_n, S)
-    o = A @ v + (q * b.exp()) @ torch.stack(states, 2)
+    group = chunk_group_size(NC, B * H * P2 * max(P2, Dk, Dv) * q.element_size(), q.device)
+    o, S = scan_chunk_groups(_gla_chunk_group, (q, k, v, g), S, dim=2, group=group)
 
     o = o[..., :C, :].reshape(B, H, NC * C, Dv)[:, :, :T].transpose(1, 2)
     return o, S

@@ -16,8 +16,8 @@ cumsums: a gate spike (g = -1000 on some channel) costs no precision elsewhere i
 The pairwise decays ``exp(b_i - b_j)`` differ per channel, so they cannot be one ``[C, C]`` mask; the two ``[C, C]``
 matrices come from :func:`..decay_pairs.decayed_pairs` (exact halving, one matmul per block), with chunks padded to a
 power of two by inert tokens (q = k = v = 0, g = 0, beta = 0).
-Everything but the cross-chunk recurrence is vectorised over all chunks at once; the recurrence works on tensors
-unbound once before the loop (slicing whole tensors per chunk would make the backward O(T^2)).
+Everything but the cross-chunk recurrence is vectorised over a group of chunks (sized to stay in cache,
+:mod:`..chunk_groups`); the recurrence works on tensors unbound once before the loop (slicing whole tensors per chunk would make the backward O(T^2)).
 """
 
 from __future__ import annotations
@@ -25,10 +25,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..chunk_groups import chunk_group_size, scan_chunk_groups
 from ..decay_pairs import decayed_pairs, prefix_sum, suffix_sum
 from ._checks import check_kda_inputs, prepare_kda_inputs, run_kda_sequences
 
 __all__ = ["chunk_kda"]
+
+
+def _kda_chunk_group(q, k, v, g, beta, S):
+    """One group of chunks ``[BH, G, P2, *]`` (q already scaled) from entering state ``S [BH, K, V]``: returns the
+    group's output ``[BH, G, P2, V]`` and the state after it."""
+    V, K = v.shape[-1], k.shape[-1]
+    b = prefix_sum(g)  # [BH, G, P2, K] in-chunk cumulative log decay
+    b_tail = suffix_sum(g)  # b_last - b, summed directly (no cancellation when g has large spikes)
+
+    attn, A = decayed_pairs([q, k], k, g)  # [BH, G, P2, P2] each, causal incl. diagonal
+    # Only the strict lower triangle of A is read by the unit-triangular solve (and its backward projects onto it).
+    A = A * beta.unsqueeze(-1)
+    k_beta = k * beta.unsqueeze(-1)
+    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * b.exp()], dim=-1)
+    U, W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+
+    q_decayed = q * b.exp()
+    b_last = b[..., -1:, :]  # [BH, G, 1, K]
+    k_decayed_t = (k * b_tail.exp()).transpose(-1, -2)  # [BH, G, K, P2]
+    chunk_decay = b_last.exp().transpose(-1, -2)  # [BH, G, K, 1]: per state row
+
+    U_l, W_l, kdt_l, cd_l = U.unbind(1), W.unbind(1), k_decayed_t.unbind(1), chunk_decay.unbind(1)
+    states, v_news = [], []
+    for i in range(len(U_l)):
+        states.append(S)
+        v_new = torch.baddbmm(U_l[i], W_l[i], S, alpha=-1.0)  # u = U - W S0
+        v_news.append(v_new)
+        S = torch.baddbmm(S * cd_l[i], kdt_l[i], v_new)
+    return q_decayed @ torch.stack(states, dim=1) + attn @ torch.stack(v_news, dim=1), S
 
 
 def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
@@ -48,31 +78,9 @@ def _kda_chunk_core(q, k, v, g, beta, h0, *, scale, chunk_size):
         return x
 
     q, k, v, g, beta = chunked(q * scale), chunked(k), chunked(v), chunked(g), chunked(beta)
-    b = prefix_sum(g)  # [BH, NC, P2, K] in-chunk cumulative log decay
-    b_tail = suffix_sum(g)  # b_last - b, summed directly (no cancellation when g has large spikes)
-
-    attn, A = decayed_pairs([q, k], k, g)  # [BH, NC, P2, P2] each, causal incl. diagonal
-    # Only the strict lower triangle of A is read by the unit-triangular solve (and its backward projects onto it).
-    A = A * beta.unsqueeze(-1)
-    k_beta = k * beta.unsqueeze(-1)
-    rhs = torch.cat([v * beta.unsqueeze(-1), k_beta * b.exp()], dim=-1)
-    U, W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
-
-    q_decayed = q * b.exp()
-    b_last = b[..., -1:, :]  # [BH, NC, 1, K]
-    k_decayed_t = (k * b_tail.exp()).transpose(-1, -2)  # [BH, NC, K, P2]
-    chunk_decay = b_last.exp().transpose(-1, -2)  # [BH, NC, K, 1]: per state row
-
-    U_l, W_l, kdt_l, cd_l = U.unbind(1), W.unbind(1), k_decayed_t.unbind(1), chunk_decay.unbind(1)
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
-    states, v_news = [], []
-    for i in range(NC):
-        states.append(S)
-        v_new = torch.baddbmm(U_l[i], W_l[i], S, alpha=-1.0)  # u = U - W S0
-        v_news.append(v_new)
-        S = torch.baddbmm(S * cd_l[i], kdt_l[i], v_new)
-
-    o = q_decayed @ torch.stack(states, dim=1) + attn @ torch.stack(v_news, dim=1)  # [BH, NC, P2, V]
+    group = chunk_group_size(NC, BH * P2 * max(P2, K, V) * q.element_size(), q.device)
+    o, S = scan_chunk_groups(_kda_chunk_group, (q, k, v, g, beta), S, dim=1, group=group)
     o = o[:, :, :C].reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2)
     return o, S.reshape(B, H, K, V)
 
