@@ -20,6 +20,7 @@ from .layers.attention_registry import register_attention_score
 from .layers.mixer_registry import mixer_options, register_channel_mixer, register_token_mixer
 from .layers.moe_routers import MoERouter, TopKRouter, register_moe_router
 from .layers.moe_stats import disable_routing_stats, enable_routing_stats
+from .hub_kernels import use_kernels
 from .peft_utils import lora_target_modules, lora_target_parameters, new_parameter_names
 from .registry import VARIANTS, Variant, get_variant
 
@@ -47,5 +48,6 @@ __all__ = [
     "register_channel_mixer",
     "register_moe_router",
     "register_token_mixer",
+    "use_kernels",
     *models.__all__,
 ]

@@ -254,7 +254,23 @@ def _cmd_bench_moe(args) -> int:
     return 0
 
 
+def _cmd_bench_hub_kernels(args) -> int:
+    import torch
+
+    from hf_arch.recipes.hub_kernel_benchmark import benchmark_hub_kernels, format_hub_kernel_table
+
+    results = benchmark_hub_kernels(seq_lens=tuple(args.seq_lens or (512, 2048, 8192)),
+                                    decode_contexts=tuple(args.decode_contexts),
+                                    decode_tokens=16 if args.decode_tokens is None else args.decode_tokens,
+                                    repeats=3 if args.repeats is None else args.repeats)
+    _print_bench(args, "cpu", {"torch_threads": torch.get_num_threads(), **results},
+                 [format_hub_kernel_table(results)])
+    return 0
+
+
 def _cmd_bench(args) -> int:
+    if args.model == "hub-kernels":
+        return _cmd_bench_hub_kernels(args)
     if args.model == "kernels":
         return _cmd_bench_kernels(args)
     if args.model == "moe":
@@ -451,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`bench scratch --out DIR`: every variant vs a Llama of equal parameter count, "
                                      "trained from scratch, see `hf-arch bench scratch --help`; `bench e2e SRC`: "
                                      "prefill, decode and memory of conversions vs the source, see "
-                                     "`hf-arch bench e2e --help`)")
+                                     "`hf-arch bench e2e --help`; `bench hub-kernels`: transformers' own Qwen3-Next "
+                                     "with and without hf_arch.use_kernels(), training step and decode)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
