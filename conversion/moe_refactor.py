@@ -350,7 +350,11 @@ def _fill_experts(source_model, target, options: MoERefactorOptions, activations
             foreign[own] = False
             bias = options.pool_foreign_bias
             if bias is None:
-                bias = router_logit_bound(router[own], dst_layer.post_attention_layernorm.weight) + 1.0
+                if dst_layer.mlp_input_norm is None:
+                    raise ValueError("pool with a default pool_foreign_bias needs an RMS-normalised MLP input to bound "
+                                     "the router logits; this source's MLP reads the residual stream (post norms, "
+                                     "OLMo-2): set pool_foreign_bias")
+                bias = router_logit_bound(router[own], dst_layer.mlp_input_norm.weight) + 1.0
             moe.router.bias[: config.moe_pool_size][foreign] = -bias
 
 

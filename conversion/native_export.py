@@ -103,6 +103,10 @@ def _check_config(config) -> None:
         _refuse(f"moe_router={config.moe_router!r}: native routers are softmax top-k")
     if (config.num_shared_experts or 0) > 1:
         _refuse(f"num_shared_experts={config.num_shared_experts}: qwen2_moe has one shared expert")
+    if config.norm_placement != "pre":
+        _refuse(f"norm_placement={config.norm_placement!r}: mixtral / qwen2_moe / qwen3_moe norm before each branch")
+    if config.qk_norm and config.qk_norm_scope != "head":
+        _refuse(f"qk_norm_scope={config.qk_norm_scope!r}: qwen3_moe's q/k norms are per head")
 
 
 def _target(config, has_attention_bias: bool) -> str:

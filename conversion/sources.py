@@ -45,11 +45,27 @@ class SourceAdapter:
     def backbone_kwargs(self, config) -> dict:
         kwargs = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
         kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None)
+        rope = _single_rope(config)
         if rope:
-            kwargs["rope_parameters"] = dict(rope)
+            kwargs["rope_parameters"] = rope
         kwargs.update(self.extra_fields(config))
         return kwargs
+
+
+def _single_rope(config) -> dict | None:
+    """The source's RoPE parameters as one dict. Per-layer-type parameters (OLMo-3, Gemma 3) are taken when every
+    layer type has the same ones; different ones are refused by name (the backbone has one rotary embedding)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not rope:
+        return None
+    rope = dict(rope)
+    if not all(isinstance(value, dict) for value in rope.values()):
+        return rope
+    distinct = {repr(sorted(value.items())) for value in rope.values()}
+    if len(distinct) > 1:
+        raise ValueError(f"{config.model_type} source: RoPE differs per layer type ({rope}); the backbone has one "
+                         "rotary embedding for every layer, so this source is not supported yet")
+    return dict(next(iter(rope.values())))
 
 
 def _llama(config) -> dict:
@@ -79,6 +95,12 @@ def _qwen3(config) -> dict:
     return {"attention_bias": bias, "attention_output_bias": bias, "qk_norm": True, **_layer_types_with_window(config)}
 
 
+def _olmo2(config) -> dict:
+    # OLMo-2: q/k RMSNorm over the whole projection, norms on the branches' outputs (no input norm).
+    return {**_llama(config), "qk_norm": True, "qk_norm_scope": "projection", "norm_placement": "post",
+            **_layer_types_with_window(config)}
+
+
 SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
     a.model_type: a
     for a in (
@@ -86,6 +108,8 @@ SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
         SourceAdapter("mistral", "Mistral (optional sliding window on every layer)", _mistral),
         SourceAdapter("qwen2", "Qwen2 / Qwen2.5 (qkv bias, optional sliding layers)", _qwen2),
         SourceAdapter("qwen3", "Qwen3 dense (q/k RMSNorm)", _qwen3),
+        SourceAdapter("olmo2", "OLMo-2 (q/k RMSNorm over the whole projection, post norms)", _olmo2),
+        SourceAdapter("olmo3", "OLMo-3 (OLMo-2 with sliding-window layers)", _olmo2),
         SourceAdapter("phi3", "Phi-3 (fused qkv / gate-up projections; converted as the Mistral it equals)", _mistral,
                       normalize=phi3_as_mistral),
         # Native MoE sources: --to moe --method native only (moe_import.py).

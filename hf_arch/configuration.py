@@ -199,6 +199,8 @@ LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
 LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
+QK_NORM_SCOPES = ("head", "projection")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
 LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard", "lolcats")
 
 
@@ -314,7 +316,12 @@ class HfArchConfig(PreTrainedConfig):
 
     Args (beyond the usual Llama fields):
         attention_output_bias: bias on ``o_proj`` (Llama ties it to ``attention_bias``; Qwen2 has qkv bias only).
-        qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
+        qk_norm: RMSNorm on queries and keys before RoPE (Qwen3, OLMo-2).
+        qk_norm_scope: what that RMSNorm spans: ``"head"`` (each head's ``head_dim``, Qwen3) or ``"projection"``
+            (the whole q / k projection, all heads at once, OLMo-2).
+        norm_placement: where each block's RMSNorms sit: ``"pre"`` (Llama: before the mixer and before the MLP),
+            ``"post"`` (OLMo-2: on the mixer's and the MLP's outputs, before the residual add) or ``"sandwich"``
+            (Gemma 2/3: both). Parameter names follow those families' checkpoints.
         layer_types: one token-mixer type per layer (``full_attention`` | ``sliding_attention``).
         mlp_layer_types: one channel-mixer type per layer: ``dense`` (SwiGLU MLP) or ``sparse`` (Mixture of Experts).
         sliding_window: window size for ``sliding_attention`` layers.
@@ -493,6 +500,8 @@ class HfArchConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
         qk_norm: bool = False,
+        qk_norm_scope: str = "head",
+        norm_placement: str = "pre",
         layer_types: list[str] | None = None,
         mlp_layer_types: list[str] | None = None,
         token_mixer_types: list[str] | None = None,
@@ -599,6 +608,8 @@ class HfArchConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
+        self.qk_norm_scope = qk_norm_scope
+        self.norm_placement = norm_placement
         self.sliding_window = sliding_window
         # Explicit per-layer channel mixers by registered name (None: mlp_layer_types names them); mlp_layer_types then
         # follows (transformers' own validators accept "dense" / "sparse" only).
@@ -733,6 +744,9 @@ class HfArchConfig(PreTrainedConfig):
             raise ValueError(f"{type(self).__name__}.attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"{type(self).__name__}.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        for field, allowed in (("qk_norm_scope", QK_NORM_SCOPES), ("norm_placement", NORM_PLACEMENTS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
         _check_per_layer(self, "layer_types", SUPPORTED_LAYER_TYPES)
         _check_per_layer(self, "mlp_layer_types", ("dense", "sparse"))
         if self.channel_mixer_types is not None:

@@ -32,7 +32,7 @@ from .attention_backend import eager_attention_forward, repeat_kv, weighted_valu
 from .attention_registry import ATTENTION_FEATURES, attention_feature_class, attention_score_class
 from .auxiliary import merge_auxiliary, mixer_result, split_mixer_result
 from .mixer_registry import register_token_mixer
-from .norm import HfArchRMSNorm
+from .norm import build_qk_norms
 from .rope import apply_rotary_pos_emb
 
 __all__ = ["HfArchAttention", "eager_attention_forward", "repeat_kv", "weighted_values"]
@@ -64,8 +64,7 @@ class HfArchAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_output_bias)
-        self.q_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = HfArchRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm, self.k_norm = build_qk_norms(config, self.num_heads, self.num_key_value_heads, self.head_dim)
         self.build_features(config, layer_idx)
 
     def build_features(self, config, layer_idx: int) -> None:

@@ -46,7 +46,7 @@ from .attention import repeat_kv
 from .attention_transfer import softmax_teacher, transfer_loss
 from .auxiliary import mixer_result
 from .mixer_registry import mixer_options, register_token_mixer
-from .norm import HfArchRMSNorm
+from .norm import HfArchRMSNorm, build_qk_norms
 from .short_conv import ShortConvolution
 from .token_count_cache import token_count_layer
 
@@ -163,9 +163,8 @@ class KimiDeltaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, H_kv * D, bias=bias)
         self.v_proj = nn.Linear(hidden, H_kv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, hidden, bias=config.attention_output_bias)
-        # A source with per-head q/k RMSNorm (Qwen3) keeps it, after the conv (as the GLA / Gated DeltaNet layers).
-        self.q_norm = HfArchRMSNorm(D, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = HfArchRMSNorm(D, eps=config.rms_norm_eps) if config.qk_norm else None
+        # A source with q/k RMSNorm (Qwen3, OLMo-2) keeps it, after the conv (as the GLA / Gated DeltaNet layers).
+        self.q_norm, self.k_norm = build_qk_norms(config, H, H_kv, D)
         self.conv = ShortConvolution((H + 2 * H_kv) * D, options.conv_size)  # [q | k | v] channels, one conv
 
         decay_rank = options.decay_low_rank_dim or D

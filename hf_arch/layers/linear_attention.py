@@ -35,7 +35,7 @@ from .attention import repeat_kv
 from .attention_transfer import softmax_teacher, transfer_loss
 from .auxiliary import mixer_result
 from .mixer_registry import register_token_mixer
-from .norm import HfArchGatedRMSNorm, HfArchRMSNorm
+from .norm import HfArchGatedRMSNorm, build_qk_norms
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
 from .token_count_cache import TokenCountLayerMixin, token_count_layer
@@ -110,8 +110,7 @@ class HfArchLinearAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_key_value_heads * D, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_key_value_heads * D, bias=bias)
         self.o_proj = nn.Linear(H * D, hidden, bias=config.attention_output_bias)
-        self.q_norm = HfArchRMSNorm(D, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = HfArchRMSNorm(D, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm, self.k_norm = build_qk_norms(config, H, self.num_key_value_heads, D)
         conv_channels = (H + 2 * self.num_key_value_heads) * D
         self.conv = ShortConvolution(conv_channels, config.linear_attn_conv_size) if config.linear_attn_conv_size else None
 

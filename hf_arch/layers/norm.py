@@ -29,3 +29,22 @@ class HfArchGatedRMSNorm(HfArchRMSNorm):
         if gate is None:
             return normed
         return (normed.float() * torch.nn.functional.silu(gate.float())).to(hidden_states.dtype)
+
+
+class HfArchProjectionRMSNorm(HfArchRMSNorm):
+    """RMSNorm over a whole projection, all heads at once (OLMo-2's q/k norm), on ``[..., heads, head_dim]``."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.flatten(-2)).view(hidden_states.shape)
+
+
+def build_qk_norms(config, num_heads: int, num_key_value_heads: int, head_dim: int):
+    """``(q_norm, k_norm)`` for ``config.qk_norm`` (None, None when off): per head (``qk_norm_scope="head"``,
+    Qwen3) or over the whole projection (``"projection"``, OLMo-2). Both take ``[B, T, heads, head_dim]``."""
+    if not config.qk_norm:
+        return None, None
+    eps = config.rms_norm_eps
+    if getattr(config, "qk_norm_scope", "head") == "projection":
+        return (HfArchProjectionRMSNorm(num_heads * head_dim, eps=eps),
+                HfArchProjectionRMSNorm(num_key_value_heads * head_dim, eps=eps))
+    return HfArchRMSNorm(head_dim, eps=eps), HfArchRMSNorm(head_dim, eps=eps)

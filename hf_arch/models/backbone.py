@@ -156,15 +156,32 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HfArchConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        self.input_layernorm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # Llama's attribute names, so checkpoints of the Llama family map onto ours key for key.
+        # The norms of config.norm_placement under the names each family's checkpoints use, so they map key for key:
+        # pre (Llama): input_layernorm before the mixer, post_attention_layernorm before the MLP; post (OLMo-2):
+        # post_attention_layernorm on the mixer's output, post_feedforward_layernorm on the MLP's; sandwich (Gemma):
+        # input_layernorm, post_attention_layernorm (on the output), pre_feedforward_layernorm, post_feedforward_layernorm.
+        self.norm_placement = placement = getattr(config, "norm_placement", "pre")
+
+        def norm():
+            return HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+        self.input_layernorm = norm() if placement != "post" else None
         self.self_attn = build_token_mixer(config, layer_idx)
-        self.post_attention_layernorm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if placement == "sandwich" else None
+        self.post_feedforward_layernorm = norm() if placement != "pre" else None
         self.mlp = build_channel_mixer(config, layer_idx)
         # GeoNorm: each branch moves the (spherical) hidden state along a geodesic instead of adding to it.
         geodesic = config.residual_update == "geodesic"
         self.attn_update = GeodesicUpdate(config, layer_idx) if geodesic else None
         self.mlp_update = GeodesicUpdate(config, layer_idx) if geodesic else None
+
+    @property
+    def mlp_input_norm(self) -> nn.Module | None:
+        """The RMSNorm the MLP's input goes through (None under post norms: the residual stream itself)."""
+        if self.norm_placement == "pre":
+            return self.post_attention_layernorm
+        return self.pre_feedforward_layernorm
 
     def _residual(self, update: GeodesicUpdate | None, hidden_states: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         return hidden_states + mixed if update is None else update(hidden_states, mixed)
@@ -192,19 +209,29 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         past_key_values = resolve_cache(cache, past_key_values)
         residual = hidden_states
         mixed, attn_weights, auxiliary = split_mixer_result(self.self_attn(
-            self.input_layernorm(hidden_states),
+            self.input_layernorm(hidden_states) if self.input_layernorm is not None else hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         ))
+        pre = self.norm_placement == "pre"
+        if not pre:
+            mixed = self.post_attention_layernorm(mixed)
         hidden_states = self._residual(self.attn_update, residual, mixed)
-        normed = self.post_attention_layernorm(hidden_states)
+        if pre:
+            normed = self.post_attention_layernorm(hidden_states)
+        elif self.pre_feedforward_layernorm is not None:
+            normed = self.pre_feedforward_layernorm(hidden_states)
+        else:
+            normed = hidden_states
         router_logits = None
         if self.mlp.routes_tokens:
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
         else:
             mixed = self.mlp(normed)
+        if self.post_feedforward_layernorm is not None:
+            mixed = self.post_feedforward_layernorm(mixed)
         # The mixer's training terms leave as outputs, not attributes, and flat (not in a dict): a (reentrant)
         # checkpointed layer only carries gradients through the tensors it returns.
         return (self._residual(self.mlp_update, hidden_states, mixed), attn_weights, router_logits, tuple(auxiliary),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM, LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
+)
 
 SOURCE_DIMS = dict(
     vocab_size=96,
@@ -29,6 +31,10 @@ SOURCE_CONFIGS = {
     "qwen2": (Qwen2Config, {}),
     "qwen2_sliding_layers": (Qwen2Config, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     "qwen3": (Qwen3Config, dict(head_dim=16, attention_bias=True)),
+    "olmo2": (Olmo2Config, dict(attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "olmo3_window": (Olmo3Config, dict(sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
+                                                                     "full_attention"],
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi3_window": (Phi3Config, dict(sliding_window=8, tie_word_embeddings=True, pad_token_id=None, bos_token_id=1,
                                      eos_token_id=2)),  # fused qkv / gate-up projections
 }
