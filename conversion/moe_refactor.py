@@ -136,6 +136,9 @@ def auto_shared_neurons(intermediate_size: int, experts: int) -> int:
 
 def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
     kwargs = adapter_for(source_config).backbone_kwargs(source_config)
+    if kwargs.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={kwargs['hidden_act']!r}: the MoE experts are SwiGLU (silu) MLPs, so a "
+                         f"{source_config.model_type} FFN cannot become experts exactly")
     I = source_config.intermediate_size
     options = options.resolve(I)
     options.validate(I)

@@ -45,27 +45,25 @@ class SourceAdapter:
     def backbone_kwargs(self, config) -> dict:
         kwargs = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
         kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rope = _single_rope(config)
+        rope = _rope(config)
         if rope:
             kwargs["rope_parameters"] = rope
         kwargs.update(self.extra_fields(config))
         return kwargs
 
 
-def _single_rope(config) -> dict | None:
-    """The source's RoPE parameters as one dict. Per-layer-type parameters (OLMo-3, Gemma 3) are taken when every
-    layer type has the same ones; different ones are refused by name (the backbone has one rotary embedding)."""
+def _rope(config) -> dict | None:
+    """The source's RoPE parameters: one dict, or one per layer type (OLMo-3, Gemma 3) where the types differ
+    (collapsed to one dict where they are all the same)."""
     rope = getattr(config, "rope_parameters", None)
     if not rope:
         return None
-    rope = dict(rope)
+    rope = {key: (dict(value) if isinstance(value, dict) else value) for key, value in rope.items()}
     if not all(isinstance(value, dict) for value in rope.values()):
         return rope
-    distinct = {repr(sorted(value.items())) for value in rope.values()}
-    if len(distinct) > 1:
-        raise ValueError(f"{config.model_type} source: RoPE differs per layer type ({rope}); the backbone has one "
-                         "rotary embedding for every layer, so this source is not supported yet")
-    return dict(next(iter(rope.values())))
+    if len({repr(sorted(value.items())) for value in rope.values()}) == 1:
+        return next(iter(rope.values()))
+    return rope
 
 
 def _llama(config) -> dict:
@@ -101,6 +99,19 @@ def _olmo2(config) -> dict:
             **_layer_types_with_window(config)}
 
 
+def _gemma3(config) -> dict:
+    # Gemma 3 (text): zero-centred (1 + w) RMSNorms around both branches, per-head q/k norms, embeddings scaled by
+    # √hidden, scores by query_pre_attn_scalar^-½, GELU-tanh MLP, local / global layers with their own RoPE.
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, field, None) is not None:
+            raise ValueError(f"{config.model_type} source: {field}={getattr(config, field)} is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"{config.model_type} source: use_bidirectional_attention is not a causal LM")
+    return {**_llama(config), "qk_norm": True, "norm_placement": "sandwich", "norm_weight_offset": 1.0,
+            "embedding_multiplier": config.hidden_size**0.5, "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "hidden_act": config.hidden_activation, **_layer_types_with_window(config)}
+
+
 SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
     a.model_type: a
     for a in (
@@ -109,7 +120,9 @@ SOURCE_ADAPTERS: dict[str, SourceAdapter] = {
         SourceAdapter("qwen2", "Qwen2 / Qwen2.5 (qkv bias, optional sliding layers)", _qwen2),
         SourceAdapter("qwen3", "Qwen3 dense (q/k RMSNorm)", _qwen3),
         SourceAdapter("olmo2", "OLMo-2 (q/k RMSNorm over the whole projection, post norms)", _olmo2),
-        SourceAdapter("olmo3", "OLMo-3 (OLMo-2 with sliding-window layers)", _olmo2),
+        SourceAdapter("olmo3", "OLMo-3 (OLMo-2 with sliding-window layers, RoPE per layer type)", _olmo2),
+        SourceAdapter("gemma3_text", "Gemma 3 text ((1 + w) sandwich norms, q/k norm, scaled embeddings, local / "
+                      "global layers with their own RoPE)", _gemma3),
         SourceAdapter("phi3", "Phi-3 (fused qkv / gate-up projections; converted as the Mistral it equals)", _mistral,
                       normalize=phi3_as_mistral),
         # Native MoE sources: --to moe --method native only (moe_import.py).

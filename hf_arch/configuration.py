@@ -319,6 +319,12 @@ class HfArchConfig(PreTrainedConfig):
         qk_norm: RMSNorm on queries and keys before RoPE (Qwen3, OLMo-2).
         qk_norm_scope: what that RMSNorm spans: ``"head"`` (each head's ``head_dim``, Qwen3) or ``"projection"``
             (the whole q / k projection, all heads at once, OLMo-2).
+        norm_weight_offset: RMSNorm scales are ``norm_weight_offset + weight`` (Gemma's zero-centred norms: 1.0).
+        embedding_multiplier: token embeddings are multiplied by it (Gemma: ``√hidden_size``); None: not scaled.
+        query_pre_attn_scalar: softmax attention scales scores by ``query_pre_attn_scalar ** -0.5`` (Gemma); None:
+            ``head_dim ** -0.5``.
+        rope_parameters: one dict for every layer, or one per layer type (``{"sliding_attention": {...},
+            "full_attention": {...}}``, Gemma 3 / OLMo-3; linear layers take the ``full_attention`` one).
         norm_placement: where each block's RMSNorms sit: ``"pre"`` (Llama: before the mixer and before the MLP),
             ``"post"`` (OLMo-2: on the mixer's and the MLP's outputs, before the residual add) or ``"sandwich"``
             (Gemma 2/3: both). Parameter names follow those families' checkpoints.
@@ -502,6 +508,9 @@ class HfArchConfig(PreTrainedConfig):
         qk_norm: bool = False,
         qk_norm_scope: str = "head",
         norm_placement: str = "pre",
+        norm_weight_offset: float = 0.0,
+        embedding_multiplier: float | None = None,
+        query_pre_attn_scalar: float | None = None,
         layer_types: list[str] | None = None,
         mlp_layer_types: list[str] | None = None,
         token_mixer_types: list[str] | None = None,
@@ -610,6 +619,9 @@ class HfArchConfig(PreTrainedConfig):
         self.qk_norm = qk_norm
         self.qk_norm_scope = qk_norm_scope
         self.norm_placement = norm_placement
+        self.norm_weight_offset = norm_weight_offset
+        self.embedding_multiplier = embedding_multiplier
+        self.query_pre_attn_scalar = query_pre_attn_scalar
         self.sliding_window = sliding_window
         # Explicit per-layer channel mixers by registered name (None: mlp_layer_types names them); mlp_layer_types then
         # follows (transformers' own validators accept "dense" / "sparse" only).
@@ -747,6 +759,8 @@ class HfArchConfig(PreTrainedConfig):
         for field, allowed in (("qk_norm_scope", QK_NORM_SCOPES), ("norm_placement", NORM_PLACEMENTS)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{type(self).__name__}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.query_pre_attn_scalar is not None and not self.query_pre_attn_scalar > 0:
+            raise ValueError(f"{type(self).__name__}.query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar!r}")
         _check_per_layer(self, "layer_types", SUPPORTED_LAYER_TYPES)
         _check_per_layer(self, "mlp_layer_types", ("dense", "sparse"))
         if self.channel_mixer_types is not None:
@@ -758,6 +772,7 @@ class HfArchConfig(PreTrainedConfig):
                     raise ValueError(f"{type(self).__name__}: layer {i} has channel mixer {name!r}, a "
                                      f"{CHANNEL_MIXER_KINDS[name]!r} layer, but mlp_layer_types[{i}] is {kind!r}")
         self._validate_token_mixers()
+        self._validate_rope_per_layer_type()
         if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window <= 0):
             raise ValueError(
                 f"{type(self).__name__}: layer_types contains 'sliding_attention' but sliding_window is "
@@ -773,6 +788,20 @@ class HfArchConfig(PreTrainedConfig):
             self._validate_sparse_attention()
         self._validate_attention_only_switches()
         self._validate_mechanism_options()
+
+    def softmax_scale(self, head_dim: int) -> float:
+        """The score scale of softmax attention: ``query_pre_attn_scalar ** -0.5`` (Gemma) or ``head_dim ** -0.5``."""
+        return (self.query_pre_attn_scalar or head_dim) ** -0.5
+
+    def _validate_rope_per_layer_type(self) -> None:
+        rope = self.rope_parameters
+        if not rope or not all(isinstance(value, dict) for value in rope.values()):
+            return
+        needed = {t if t in ("full_attention", "sliding_attention") else "full_attention" for t in self.layer_types}
+        missing = sorted(needed - set(rope))
+        if missing:
+            raise ValueError(f"{type(self).__name__}.rope_parameters is given per layer type ({sorted(rope)}) but has "
+                             f"none for {missing} (linear layers take the full_attention one)")
 
     def _validate_attention_only_switches(self) -> None:
         """A softmax-attention feature (or score other than softmax) switched on must be built by one of this config's

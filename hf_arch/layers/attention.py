@@ -79,7 +79,7 @@ class HfArchAttention(nn.Module):
             setattr(self, feature.attribute, attention_feature_class(name)(config, layer_idx))
         self.score = attention_score_class(config.attn_score_function if spec.builds_feature("score_function")
                                            else "softmax")(config, layer_idx)
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.softmax_scale(self.head_dim)
         for feature in self.features:
             self.scaling = feature.scaling(self.scaling)
         # Names, not the modules: a second attribute holding a module would register its parameters twice.

@@ -42,7 +42,8 @@ def softmax_teacher(mixer, x: torch.Tensor, position_embeddings, key_mask: torch
             allowed = allowed & key_mask[:, -T:].to(torch.bool)[:, None, None, :]
         # A padded query with nothing to attend to would give NaN; let it see itself (its output is unused).
         mask = allowed | torch.eye(T, dtype=torch.bool, device=x.device)[None, None]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=D**-0.5)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                       scale=getattr(mixer, "scaling", D**-0.5))
     return mixer.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
 

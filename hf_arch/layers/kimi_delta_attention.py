@@ -153,7 +153,7 @@ class KimiDeltaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.softmax_scale(self.head_dim)
         self.use_qk_l2norm = options.use_qk_l2norm
         self.gate_lower_bound = options.gate_lower_bound
 

@@ -100,10 +100,10 @@ class HfArchLinearAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.softmax_scale(self.head_dim)
         self.window = config.sliding_window if self.hybrid != "none" else None
         # The linear terms of LoLCATs' shared denominator are φ(q)·φ(k), unscaled; a normalised branch cancels it.
-        self.linear_scale = 1.0 if self.hybrid == "lolcats" else self.scaling
+        self.linear_scale = 1.0 if self.hybrid == "lolcats" else self.head_dim**-0.5
 
         hidden, bias, H, D = config.hidden_size, config.attention_bias, self.num_heads, self.head_dim
         self.q_proj = nn.Linear(hidden, H * D, bias=bias)

@@ -5,16 +5,26 @@ from torch import nn
 
 
 class HfArchRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    """``weight_offset``: the scale is ``weight_offset + weight`` (Gemma's zero-centred ``(1 + w)``, weight 0 at
+    init), computed in fp32 as Gemma does; 0 (Llama) keeps Llama's arithmetic."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset))
         self.variance_epsilon = eps
+        self.weight_offset = weight_offset
+
+    @torch.no_grad()
+    def init_parameters(self, init) -> None:
+        init.constant_(self.weight, 1.0 - self.weight_offset)  # the identity scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight_offset:
+            return (hidden_states * (self.weight_offset + self.weight.float())).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
@@ -43,8 +53,8 @@ def build_qk_norms(config, num_heads: int, num_key_value_heads: int, head_dim: i
     Qwen3) or over the whole projection (``"projection"``, OLMo-2). Both take ``[B, T, heads, head_dim]``."""
     if not config.qk_norm:
         return None, None
-    eps = config.rms_norm_eps
+    eps, offset = config.rms_norm_eps, getattr(config, "norm_weight_offset", 0.0)
     if getattr(config, "qk_norm_scope", "head") == "projection":
-        return (HfArchProjectionRMSNorm(num_heads * head_dim, eps=eps),
-                HfArchProjectionRMSNorm(num_key_value_heads * head_dim, eps=eps))
-    return HfArchRMSNorm(head_dim, eps=eps), HfArchRMSNorm(head_dim, eps=eps)
+        return (HfArchProjectionRMSNorm(num_heads * head_dim, eps=eps, weight_offset=offset),
+                HfArchProjectionRMSNorm(num_key_value_heads * head_dim, eps=eps, weight_offset=offset))
+    return HfArchRMSNorm(head_dim, eps=eps, weight_offset=offset), HfArchRMSNorm(head_dim, eps=eps, weight_offset=offset)

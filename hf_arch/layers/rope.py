@@ -1,4 +1,8 @@
-"""Rotary position embedding driven by ``config.rope_parameters`` (default, linear, dynamic, yarn, llama3, …)."""
+"""Rotary position embedding driven by ``config.rope_parameters`` (default, linear, dynamic, yarn, llama3, …), one
+set of parameters for every layer or one per layer type (Gemma 3, OLMo-3: ``{"sliding_attention": {...},
+"full_attention": {...}}``)."""
+
+import copy
 
 import torch
 from torch import nn
@@ -30,6 +34,33 @@ class HfArchRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rope_per_layer_type(rope_parameters) -> bool:
+    """Whether ``rope_parameters`` holds one dict per layer type (transformers' nested form)."""
+    return bool(rope_parameters) and all(isinstance(value, dict) for value in rope_parameters.values())
+
+
+class LayerTypeRotaryEmbeddings(nn.Module):
+    """One :class:`HfArchRotaryEmbedding` per layer type; ``forward`` returns ``{layer type: (cos, sin)}``."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        embeddings = {}
+        for layer_type, parameters in config.rope_parameters.items():
+            view = copy.copy(config)  # the type's parameters where the init functions read them
+            view.rope_parameters = dict(parameters)
+            embeddings[layer_type] = HfArchRotaryEmbedding(view)
+        self.per_type = nn.ModuleDict(embeddings)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        return {layer_type: embedding(x, position_ids) for layer_type, embedding in self.per_type.items()}
+
+
+def build_rotary_embedding(config) -> nn.Module:
+    if rope_per_layer_type(config.rope_parameters):
+        return LayerTypeRotaryEmbeddings(config)
+    return HfArchRotaryEmbedding(config)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

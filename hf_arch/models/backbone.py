@@ -47,7 +47,7 @@ from ..layers.moe_experts import HfArchExperts
 from ..layers.moe_losses import moe_auxiliary_losses
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
-from ..layers.rope import HfArchRotaryEmbedding
+from ..layers.rope import build_rotary_embedding
 from ..layers.sparse_attention import HfArchSparseAttention, sparse_attention_auxiliary_loss
 from ..layers.value_bank import ValueBank
 from .cache_names import CACHE_OUTPUT_FIELD, MASK_CACHE_ARGUMENT, cache_output, resolve_cache
@@ -163,7 +163,8 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         self.norm_placement = placement = getattr(config, "norm_placement", "pre")
 
         def norm():
-            return HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            return HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                                 weight_offset=getattr(config, "norm_weight_offset", 0.0))
 
         self.input_layernorm = norm() if placement != "post" else None
         self.self_attn = build_token_mixer(config, layer_idx)
@@ -362,8 +363,9 @@ class HfArchModel(HfArchPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(HfArchDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = HfArchRotaryEmbedding(config)
+        self.norm = HfArchRMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                                  weight_offset=getattr(config, "norm_weight_offset", 0.0))
+        self.rotary_emb = build_rotary_embedding(config)
         # UniPool: one set of FFN experts that every sparse layer routes into (each with its own router).
         self.expert_pool = (
             HfArchExperts(config, config.moe_pool_size)
@@ -464,6 +466,9 @@ class HfArchModel(HfArchPreTrainedModel):
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            multiplier = getattr(self.config, "embedding_multiplier", None)
+            if multiplier is not None:  # Gemma: √hidden, as a tensor of the weights' dtype
+                inputs_embeds = inputs_embeds * torch.tensor(multiplier, dtype=inputs_embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = new_cache(self.config)
         past_seen = cached_token_count(past_key_values)
@@ -499,7 +504,9 @@ class HfArchModel(HfArchPreTrainedModel):
                 expert_pool=self.expert_pool,
                 token_mask=attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                 else None,
-                position_embeddings=position_embeddings,
+                # One (cos, sin) for every layer, or per layer type (linear layers take the full-attention one).
+                position_embeddings=position_embeddings if not isinstance(position_embeddings, dict) else
+                position_embeddings.get(layer.layer_type, position_embeddings.get("full_attention")),
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 cu_seqlens=cu_seqlens,

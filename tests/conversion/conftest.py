@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM, LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
+    AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Phi3Config,
+    Qwen2Config, Qwen3Config,
 )
 
 SOURCE_DIMS = dict(
@@ -35,6 +36,8 @@ SOURCE_CONFIGS = {
     "olmo3_window": (Olmo3Config, dict(sliding_window=8, layer_types=["sliding_attention", "sliding_attention",
                                                                      "full_attention"],
                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma3": (Gemma3TextConfig, dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=8,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
     "phi3_window": (Phi3Config, dict(sliding_window=8, tie_word_embeddings=True, pad_token_id=None, bos_token_id=1,
                                      eos_token_id=2)),  # fused qkv / gate-up projections
 }

@@ -43,6 +43,10 @@ def test_upcycled_experts_equal_the_dense_model(source_name, random_source, sour
         with pytest.raises(ValueError, match="mlp_bias"):
             refactor_moe(source, MoERefactorOptions(method="upcycle", experts=3, top_k=2))
         return
+    if getattr(source.config, "hidden_activation", "silu") != "silu":  # Gemma's GELU-tanh FFN
+        with pytest.raises(ValueError, match="SwiGLU"):
+            refactor_moe(source, MoERefactorOptions(method="upcycle", experts=3, top_k=2))
+        return
     # A random router, so tokens really spread over the (identical) experts with unequal weights.
     target = refactor_moe(source, MoERefactorOptions(method="upcycle", experts=3, top_k=2, router_std=0.5))
     assert target.config.model_type == "hfa_moe" and target.config.moe_intermediate_size == 64

@@ -77,13 +77,14 @@ def test_convert_writes_an_olmo3_conversion_that_generates_as_the_source(tmp_pat
     assert torch.equal(ours.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
 
 
-def test_per_layer_type_rope_that_differs_is_refused():
+def test_per_layer_type_rope_is_kept_and_exact():
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+            "full_attention": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}}
     source = _olmo(Olmo3Config, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                    rope_parameters=rope)
-    with pytest.raises(ValueError, match="RoPE differs per layer type"):
-        refactor_moe(source, MoERefactorOptions(method="upcycle", experts=2, top_k=2))
+    moe = refactor_moe(source, MoERefactorOptions(method="upcycle", experts=2, top_k=2))
+    assert set(moe.config.rope_parameters) == {"sliding_attention", "full_attention"}
+    assert _max_diff(source, moe) <= 1e-5
 
 
 def test_expert_pool_needs_an_explicit_bias_under_post_norms():
