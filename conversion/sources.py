@@ -48,6 +48,8 @@ class SourceAdapter:
         rope = _rope(config)
         if rope:
             kwargs["rope_parameters"] = rope
+            if all(isinstance(value, dict) for value in rope.values()):  # per layer type: kept per source layer
+                kwargs["rope_layer_types"] = list(config.layer_types)
         kwargs.update(self.extra_fields(config))
         return kwargs
 

@@ -325,6 +325,8 @@ class HfArchConfig(PreTrainedConfig):
             ``head_dim ** -0.5``.
         rope_parameters: one dict for every layer, or one per layer type (``{"sliding_attention": {...},
             "full_attention": {...}}``, Gemma 3 / OLMo-3; linear layers take the ``full_attention`` one).
+        rope_layer_types: with RoPE per layer type, the type whose RoPE each layer takes (None: its own layer type;
+            a linearized model keeps its source layers' types here).
         norm_placement: where each block's RMSNorms sit: ``"pre"`` (Llama: before the mixer and before the MLP),
             ``"post"`` (OLMo-2: on the mixer's and the MLP's outputs, before the residual add) or ``"sandwich"``
             (Gemma 2/3: both). Parameter names follow those families' checkpoints.
@@ -463,6 +465,10 @@ class HfArchConfig(PreTrainedConfig):
             grow faster than the routers move for the target to bind within a short budget).
     """
 
+    # RoPE given per layer type is keyed by the attention types whatever this model's layers are (a linearized
+    # model's linear layers keep their source layers' RoPE through rope_layer_types).
+    _rope_type_labels = ("full_attention", "sliding_attention")
+
     model_type = "hfa_base"
     # The token mixer a layer type gets when token_mixer_types is not given, where it is not the flat fields' choice
     # (a variant whose linear layers are another registered mixer: {"linear_attention": "kda"}).
@@ -511,6 +517,7 @@ class HfArchConfig(PreTrainedConfig):
         norm_weight_offset: float = 0.0,
         embedding_multiplier: float | None = None,
         query_pre_attn_scalar: float | None = None,
+        rope_layer_types: list[str] | None = None,
         layer_types: list[str] | None = None,
         mlp_layer_types: list[str] | None = None,
         token_mixer_types: list[str] | None = None,
@@ -622,6 +629,7 @@ class HfArchConfig(PreTrainedConfig):
         self.norm_weight_offset = norm_weight_offset
         self.embedding_multiplier = embedding_multiplier
         self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.rope_layer_types = list(rope_layer_types) if rope_layer_types is not None else None
         self.sliding_window = sliding_window
         # Explicit per-layer channel mixers by registered name (None: mlp_layer_types names them); mlp_layer_types then
         # follows (transformers' own validators accept "dense" / "sparse" only).
@@ -797,7 +805,11 @@ class HfArchConfig(PreTrainedConfig):
         rope = self.rope_parameters
         if not rope or not all(isinstance(value, dict) for value in rope.values()):
             return
-        needed = {t if t in ("full_attention", "sliding_attention") else "full_attention" for t in self.layer_types}
+        needed = {t if t in ("full_attention", "sliding_attention") else "full_attention"
+                  for t in (self.rope_layer_types or self.layer_types)}
+        if self.rope_layer_types is not None and len(self.rope_layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{type(self).__name__}.rope_layer_types has {len(self.rope_layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
         missing = sorted(needed - set(rope))
         if missing:
             raise ValueError(f"{type(self).__name__}.rope_parameters is given per layer type ({sorted(rope)}) but has "

@@ -156,6 +156,9 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HfArchConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
+        # Whose RoPE this layer takes when it differs per layer type (a linearized layer keeps its source's).
+        rope_types = getattr(config, "rope_layer_types", None)
+        self.rope_layer_type = rope_types[layer_idx] if rope_types else self.layer_type
         # The norms of config.norm_placement under the names each family's checkpoints use, so they map key for key:
         # pre (Llama): input_layernorm before the mixer, post_attention_layernorm before the MLP; post (OLMo-2):
         # post_attention_layernorm on the mixer's output, post_feedforward_layernorm on the MLP's; sandwich (Gemma):
@@ -506,7 +509,7 @@ class HfArchModel(HfArchPreTrainedModel):
                 else None,
                 # One (cos, sin) for every layer, or per layer type (linear layers take the full-attention one).
                 position_embeddings=position_embeddings if not isinstance(position_embeddings, dict) else
-                position_embeddings.get(layer.layer_type, position_embeddings.get("full_attention")),
+                position_embeddings.get(layer.rope_layer_type, position_embeddings.get("full_attention")),
                 past_key_values=past_key_values,
                 position_ids=position_ids,
                 cu_seqlens=cu_seqlens,

@@ -65,6 +65,13 @@ def test_exact_conversions_and_linearization():
         if "norm" in name:
             assert torch.equal(state[name], tensor), name
     assert torch.isfinite(linear(_ids()).logits).all()
+    # Attention transfer's teachers are the source layers' softmax attention, each with its own RoPE (local for
+    # the linearized sliding layers): run as the layers' outputs, they give the source's logits.
+    assert [layer.rope_layer_type for layer in linear.model.layers] == DIMS["layer_types"]
+    short = _ids(8)  # within the window: the teachers attend causally without one
+    with torch.no_grad():
+        teacher_logits = linear(short, attention_transfer=True, use_cache=False).logits
+        assert (teacher_logits - source(short).logits).abs().max().item() <= 1e-5
 
 
 def test_what_cannot_be_expressed_is_refused():
