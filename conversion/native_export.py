@@ -25,6 +25,11 @@ linear, dense MLPs). Its logits match ours to fp32 rounding, but transformers 5.
 ``qwen3_next`` without any attention layer (its mask creation asks the cache for an attention layer): the record and
 the card say so, and Qwen3-Next's own attention layers (gated query, q/k norms) have no exact counterpart in a kept
 source layer, so hybrids are refused.
+
+A KDA model in Kimi Linear's layout (Kimi Delta Attention layers with Kimi's options, NoPE MLA layers, dense MLPs)
+becomes ``kimi_linear``; an all-KDA linearization too (transformers then cannot run cached generation on it, for the
+same reason as qwen3_next). Kimi's sigmoid, bias-corrected, group-limited MoE router is none of ours: sparse layers
+are refused.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from ..atomic_io import atomic_output_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NativeExportError", "export_native", "native_moe_state", "native_qwen3_next_state", "native_state"]
+__all__ = ["NativeExportError", "export_native", "native_kimi_linear_state", "native_moe_state",
+           "native_qwen3_next_state", "native_state"]
 
 RECORD_FILE = "hf_arch_native_export.json"
 # Fields a native MoE config carries itself (copied), or that only matter in training or bookkeeping.
@@ -312,6 +318,124 @@ def native_qwen3_next_state(model) -> tuple[str, object, dict[str, torch.Tensor]
     return "qwen3_next", native, out
 
 
+def _kimi_layer_kinds(model) -> list[str]:
+    """``"kda"`` / ``"mla"`` per layer, or :class:`NativeExportError` naming the first other mixer."""
+    from ..layers.kimi_delta_attention import KimiDeltaAttention
+    from ..layers.latent_attention import MultiHeadLatentAttention
+
+    kinds = []
+    for i, layer in enumerate(model.model.layers):
+        mixer = layer.self_attn
+        if isinstance(mixer, KimiDeltaAttention):
+            kinds.append("kda")
+        elif isinstance(mixer, MultiHeadLatentAttention):
+            kinds.append("mla")
+        else:
+            _refuse(f"layer {i}: {type(mixer).__name__} (kimi_linear's layers are Kimi Delta Attention and NoPE MLA)")
+    return kinds
+
+
+def native_kimi_linear_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
+    """``("kimi_linear", native config, state dict)`` for a KDA model in Kimi Linear's layout: KDA layers with Kimi's
+    options, NoPE MLA layers (their latent norms at eps 1e-6, as Kimi's), dense SwiGLU MLPs and plain pre-norms.
+    Shared key/value heads (GQA, from a Llama's) are repeated per query head, which is exact.
+
+    Names map key for key except the KDA conv (``conv.weight [3·H·D, K]`` → ``conv1d.weight [3·H·D, 1, K]``) and
+    the decay (``f_a_proj``, ``f_b_proj``, ``dt_bias``, ``A_log [H]`` → ``forget_gate.*``, ``A_log [1, 1, H, 1]``)."""
+    from transformers import KimiLinearConfig
+
+    from ..layers.kimi_delta_attention import KDAOptions
+    from ..layers.latent_attention import MLAOptions
+    from ..layers.mixer_registry import mixer_options
+
+    config = model.config
+    if config.model_type not in ("hfa_kda", "hfa_hybrid"):
+        _refuse(f"model_type {config.model_type!r} is not a KDA model")
+    kinds = _kimi_layer_kinds(model)
+    H, H_kv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    G = H // H_kv
+    if G != 1 and "mla" in kinds:
+        _refuse(f"num_key_value_heads={H_kv} with MLA layers (Kimi Linear's MLA takes num_key_value_heads = "
+                "num_attention_heads)")
+    kda = mixer_options(config, "kda", KDAOptions)
+    if kda != KDAOptions(conv_size=kda.conv_size):
+        field = next(f for f in ("decay_low_rank_dim", "gate_low_rank_dim", "use_qk_l2norm", "gate_activation",
+                                 "gate_lower_bound") if getattr(kda, f) != getattr(KDAOptions(), f))
+        _refuse(f"KDA option {field}={getattr(kda, field)!r} (Kimi Linear's is {getattr(KDAOptions(), field)!r})")
+    mla = mixer_options(config, "mla", MLAOptions)
+    if "mla" in kinds:
+        if mla.use_rope:
+            _refuse("MLA with use_rope=True (Kimi Linear's MLA is NoPE)")
+        eps = config.rms_norm_eps if mla.latent_norm_eps is None else mla.latent_norm_eps
+        if eps != 1e-6:
+            _refuse(f"MLA latent norm eps {eps:g} (Kimi Linear's latent norms use 1e-6)")
+    for i, kind in enumerate(config.mlp_layer_types):
+        if kind != "dense":
+            _refuse(f"layer {i}: {kind} MLP (Kimi Linear's MoE router, sigmoid scores with a bias correction and "
+                    "group-limited top-k, is not one of ours; dense layers only)")
+    for key, value in (("qk_norm", False), ("attention_bias", False), ("attention_output_bias", False)):
+        if getattr(config, key) != value:
+            _refuse(f"config field {key}={getattr(config, key)!r} (Kimi Linear has {value!r})")
+    handled = ("layer_types", "mlp_layer_types", "token_mixer_types", "mixer_options", "channel_mixer_types",
+               "full_attention_layers", "linear_to_full_ratio", "qk_norm", "attention_bias", "attention_output_bias",
+               "sliding_window", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_pool_size",
+               "linear_attn_type", "linear_attn_gate", "linear_attn_gate_low_rank_dim",
+               "linear_attn_gate_normalizer", "linear_attn_conv_size", "linear_attn_qk_norm",
+               "linear_attn_output_norm", "linear_attn_use_rope", "linear_attn_hybrid", "linear_attn_mix_weights",
+               "linear_attn_num_sinks", "linear_attn_feature_map", "linear_attn_normalize")
+    _check_plain(config, handled, "kimi_linear")
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return state[key]
+
+    out = {name: take(name) for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+           if name in state}
+    def per_q_head(rows: torch.Tensor) -> torch.Tensor:
+        """``[H_kv·D, X]`` → ``[H·D, X]``: each key/value head repeated for the query heads sharing it (exact: ours
+        shares them inside the layer; Kimi's layer has one per query head)."""
+        return rows.reshape(H_kv, D, -1).repeat_interleave(G, dim=0).reshape(H * D, -1) if G != 1 else rows
+
+    renamed = {"f_a_proj.weight": "forget_gate.f_a_proj.weight", "f_b_proj.weight": "forget_gate.f_b_proj.weight",
+               "dt_bias": "forget_gate.dt_bias"}
+    for i, kind in enumerate(kinds):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        for key in [k for k in state if k.startswith(p)]:
+            name = key[len(a):] if key.startswith(a) else None
+            if name is None:  # norms and the dense MLP: Kimi's names
+                out[key] = take(key)
+            elif kind == "kda" and name == "conv.weight":  # [q | k | v] channels; shared k/v heads repeated
+                cq, ck, cv = take(key).split([H * D, H_kv * D, H_kv * D])
+                out[a + "conv1d.weight"] = torch.cat([cq, per_q_head(ck), per_q_head(cv)])[:, None]
+            elif kind == "kda" and name in ("k_proj.weight", "v_proj.weight"):
+                out[key] = per_q_head(take(key))
+            elif kind == "kda" and name == "A_log":
+                out[a + "forget_gate.A_log"] = take(key).reshape(1, 1, H, 1)
+            elif kind == "kda" and name in renamed:
+                out[a + renamed[name]] = take(key)
+            else:
+                out[key] = take(key)
+    left = sorted(set(state) - used)
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        _refuse(f"weight {left[0]} has no place in kimi_linear{more}")
+
+    common = {k: getattr(config, k) for k in _STRUCTURAL
+              if hasattr(config, k) and k not in ("head_dim", "rope_parameters", "num_key_value_heads")}
+    layer_types = ["linear_attention" if kind == "kda" else "full_attention" for kind in kinds]
+    native = KimiLinearConfig(**common, num_key_value_heads=H, layer_types=layer_types,
+                              mlp_layer_types=["dense"] * config.num_hidden_layers, linear_head_dim=D,
+                              linear_num_heads=H, linear_conv_kernel_dim=kda.conv_size, kv_lora_rank=mla.kv_lora_rank,
+                              q_lora_rank=mla.q_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
+                              qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+                              attention_bias=False)
+    return "kimi_linear", native, out
+
+
 def native_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
     """``(model_type, native config, state dict)`` of the built-in architecture ``model`` is exactly, or
     :class:`NativeExportError` naming what is in the way."""
@@ -320,8 +444,10 @@ def native_state(model) -> tuple[str, object, dict[str, torch.Tensor]]:
         return native_moe_state(model)
     if model_type == "hfa_gated_deltanet":
         return native_qwen3_next_state(model)
-    _refuse(f"model_type {model_type!r}: native export covers MoE models (qwen3_moe / mixtral / qwen2_moe) and "
-            "all-Gated-DeltaNet models (qwen3_next) so far")
+    if model_type in ("hfa_kda", "hfa_hybrid"):
+        return native_kimi_linear_state(model)
+    _refuse(f"model_type {model_type!r}: native export covers MoE models (qwen3_moe / mixtral / qwen2_moe), "
+            "all-Gated-DeltaNet models (qwen3_next) and KDA / NoPE-MLA models (kimi_linear) so far")
 
 
 def _build_native(native_config, state: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -458,14 +584,26 @@ def _grouped_mm_unaligned(native_config, dtype: torch.dtype) -> str | None:
     return None
 
 
+# Servers known (late 2025) to list each architecture; a card names them so users know where the export runs.
+_KNOWN_RUNTIMES = {
+    "mixtral": "vLLM, SGLang, TGI, llama.cpp (after GGUF conversion)",
+    "qwen2_moe": "vLLM, SGLang, llama.cpp (after GGUF conversion)",
+    "qwen3_moe": "vLLM, SGLang, llama.cpp (after GGUF conversion)",
+    "qwen3_next": "vLLM, SGLang",
+    "kimi_linear": "vLLM",
+}
+
+
 def _card(target: str, record: dict) -> str:
     diff = record.get("max_abs_logit_diff", record["in_memory_max_abs_logit_diff"])
     agrees = record.get("generation_agrees", True)
     generation = {True: "greedy cached generation identical", False: "greedy cached generation DIFFERENT",
                   None: "cached generation could not run in this transformers release: "
                         + record.get("generation_error_in_transformers", "")}[agrees]
+    runtimes = "known to list it: " + _KNOWN_RUNTIMES[target] if target in _KNOWN_RUNTIMES else "no server list known"
     return (f"# Native `{target}` export\n\nWritten by `hf-arch export --native` from an hf-arch model: a plain "
             f"transformers `{target}` checkpoint, loaded without hf-arch or `trust_remote_code` "
             f"(`AutoModelForCausalLM.from_pretrained`); servers that implement `{target}` load it as they load that "
-            f"family's own checkpoints. Checked when written: max |Δlogit| {diff:.2e} against the hf-arch model "
+            f"family's own checkpoints ({runtimes}; check your server's supported-model list for its version). "
+            f"Checked when written: max |Δlogit| {diff:.2e} against the hf-arch model "
             f"(fp32, reloaded in a process without hf-arch); {generation}.\n")

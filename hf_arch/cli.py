@@ -30,10 +30,17 @@ def _cmd_export(args) -> int:
     from hf_arch.conversion.native_export import export_native
 
     record = export_native(args.model, args.out, overwrite=args.overwrite, check=not args.no_check)
-    diff = record.get("max_abs_logit_diff", record["in_memory_max_abs_logit_diff"])
-    print(f"wrote {args.out} as {record['model_type']} (max |Δlogit| {diff:.2e} against the hf-arch model"
-          + (", greedy generation identical)" if record.get("generation_agrees") else ")"))
+    print(_native_summary(args.out, record))
     return 0
+
+
+def _native_summary(out, record: dict) -> str:
+    """One line on a native export: what it was written as, its logit difference and what generation showed."""
+    diff = record.get("max_abs_logit_diff", record["in_memory_max_abs_logit_diff"])
+    generation = {True: "; greedy generation identical", False: "; greedy generation DIFFERENT",
+                  None: "; plain transformers could not run cached generation on it: "
+                        + str(record.get("generation_error_in_transformers", ""))}.get(record.get("generation_agrees", "unchecked"), "")
+    return f"wrote {out} as {record['model_type']} (max |Δlogit| {diff:.2e} against the hf-arch model{generation})"
 
 
 def _cmd_gates(args) -> int:
@@ -112,16 +119,13 @@ def _convert_native(args, options: dict) -> int:
     from hf_arch.conversion import convert
     from hf_arch.conversion.native_export import export_native
 
-    if args.to != "moe":
-        raise ValueError(f"--native applies to --to moe (exported as qwen3_moe / mixtral / qwen2_moe), "
-                         f"not --to {args.to}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"Output {out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf-arch-", dir=out.parent))
     try:
-        converted = convert(args.src, staging / "model", to="moe", dtype=args.dtype, verify=not args.no_verify,
+        converted = convert(args.src, staging / "model", to=args.to, dtype=args.dtype, verify=not args.no_verify,
                             remote_code=False, trust_remote_code=args.trust_remote_code,
                             calibration_file=args.calibration_file, **options)
         record = export_native(converted.output_dir, out, overwrite=args.overwrite)
@@ -130,8 +134,7 @@ def _convert_native(args, options: dict) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
     else:
-        print(f"wrote {out} as {record['model_type']} (max |Δlogit| {record['max_abs_logit_diff']:.2e} against the "
-              "hf-arch model; greedy generation identical)")
+        print(_native_summary(out, record))
     return 0
 
 
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_gates)
 
     p = sub.add_parser("export", help="write a model as a built-in transformers architecture (--native: MoE models "
-                                      "as qwen3_moe / mixtral / qwen2_moe, all-Gated-DeltaNet as qwen3_next), "
+                                      "as qwen3_moe / mixtral / qwen2_moe, all-Gated-DeltaNet as qwen3_next, KDA "
+                                      "with NoPE MLA as kimi_linear), "
                                       "checked against ours in a process without hf-arch")
     p.add_argument("model", help="an hf-arch model directory")
     p.add_argument("out")
@@ -426,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-remote-code", action="store_true", help="do not write trust_remote_code files + auto_map")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the SOURCE to run its own code")
     p.add_argument("--native", action="store_true",
-                   help="--to moe: write OUT as transformers' own qwen3_moe / mixtral / qwen2_moe (see `export`)")
+                   help="write OUT as the built-in transformers architecture the conversion equals (MoE: qwen3_moe / "
+                        "mixtral / qwen2_moe; all-GDN: qwen3_next; KDA: kimi_linear; see `export`), or refuse")
     p.add_argument("--json", action="store_true", help="print the conversion record as JSON")
     p.set_defaults(func=_cmd_convert)
 

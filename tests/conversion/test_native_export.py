@@ -161,5 +161,53 @@ def test_convert_native_in_one_step(random_source, tmp_path, capsys):
     config = json.loads((tmp_path / "native" / "config.json").read_text())
     assert config["model_type"] == "mixtral" and "auto_map" not in config
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    # A conversion with no native form is refused after converting, with the reason, and leaves nothing behind.
     assert main(["convert", str(src), str(tmp_path / "other"), "--to", "gated_attention", "--native"]) == 2
-    assert "--native applies to --to moe" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert "native export covers" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # An all-KDA linearization (mamba_init) is Kimi Linear without MLA layers.
+    code = main(["convert", str(src), str(tmp_path / "kimi"), "--to", "kda", "--method", "mamba_init", "--native"])
+    assert code == 0 and json.loads((tmp_path / "kimi" / "config.json").read_text())["model_type"] == "kimi_linear"
+
+
+def _kimi_layout(mixers=("kda", "kda", "kda", "mla"), mla=None, **config):
+    import hf_arch
+
+    mla = {"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+           "latent_norm_eps": 1e-6, **(mla or {})}
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=len(mixers),
+                  num_attention_heads=4, num_key_value_heads=config.pop("num_key_value_heads", 4), head_dim=8,
+                  token_mixer_types=list(mixers),
+                  layer_types=["full_attention" if m == "mla" else "linear_attention" for m in mixers],
+                  mixer_options={"mla": mla, **config.pop("mixer_options", {})}, **config)
+    torch.manual_seed(0)
+    model = hf_arch.KDAForCausalLM(hf_arch.KDAConfig(**kwargs)).eval()
+    with torch.no_grad():  # away from the init, so every tensor shows in the comparison
+        for name, param in model.named_parameters():
+            param.copy_(torch.empty_like(param).uniform_(0, 1.5)) if "A_log" in name else param.add_(
+                torch.randn_like(param) * 0.1)
+    return model
+
+
+def test_kda_with_nope_mla_exports_as_kimi_linear(tmp_path):
+    record = export_native(_kimi_layout(), tmp_path / "native")
+    assert record["model_type"] == record["loaded_as"] == "kimi_linear"
+    assert record["max_abs_logit_diff"] <= 1e-5 and record["generation_agrees"]
+    card = (tmp_path / "native" / "README.md").read_text()
+    assert "`kimi_linear`" in card and "vLLM" in card
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mla={"use_rope": True, "qk_rope_head_dim": 8}), "NoPE"),
+    (dict(mla={"latent_norm_eps": 1e-5}), "eps 1e-05"),
+    (dict(mixer_options={"kda": {"gate_lower_bound": -5.0}}), "gate_lower_bound"),
+    (dict(num_key_value_heads=2), "num_key_value_heads=2 with MLA"),
+    (dict(mlp_layer_types=["dense", "sparse", "dense", "dense"], num_experts=4), "layer 1: sparse MLP"),
+    (dict(mixers=("kda", "gated_deltanet", "kda", "mla"), linear_attn_type="gated_deltanet"),
+     "layer 1: GatedDeltaNetAttention"),
+])
+def test_what_kimi_linear_cannot_express_is_refused(change, message):
+    change = dict(change)
+    mixers = change.pop("mixers", ("kda", "kda", "kda", "mla"))
+    with pytest.raises(NativeExportError, match=message):
+        native_state(_kimi_layout(mixers, **change))
