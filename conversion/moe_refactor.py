@@ -295,13 +295,15 @@ def _import_native(source_model, options: MoERefactorOptions) -> MoEForCausalLM:
         raise ValueError(f"a {model_type} source is already a Mixture of Experts: convert it with method='native' "
                          f"(--method native), not {options.method!r}")
     defaults = MoERefactorOptions()
+    reshaping = ("router", "zero_experts", "copy_experts", "pool")
     changed = [f.name for f in fields(MoERefactorOptions)
-               if f.name not in ("method", "seed", "calibration_tokens")
+               if f.name not in ("method", "seed", "calibration_tokens", *reshaping)
                and getattr(options, f.name) != getattr(defaults, f.name)]
     if changed:
-        raise ValueError(f"method='native' keeps the source's experts and router; these options do not apply: "
-                         f"{', '.join(changed)}")
-    target = moe_from_native(source_model)
+        raise ValueError(f"method='native' keeps the source's experts and router (reshaped only by "
+                         f"{', '.join(reshaping)}); these options do not apply: {', '.join(changed)}")
+    target = moe_from_native(source_model, router=options.router, zero_experts=options.zero_experts,
+                             copy_experts=options.copy_experts, pool=options.pool)
     target.conversion_report = {"resolved_options": options.as_dict(), "imported_from": model_type}
     return target
 

@@ -70,8 +70,8 @@ def test_moe_sources_take_only_the_native_import(random_source):
     source = _source("mixtral")
     with pytest.raises(ValueError, match="method='native'"):
         refactor_moe(source, MoERefactorOptions(method="upcycle"))
-    with pytest.raises(ValueError, match="do not apply: experts, zero_experts"):
-        refactor_moe(source, MoERefactorOptions(method="native", experts=4, zero_experts=1))
+    with pytest.raises(ValueError, match="do not apply: experts, split"):
+        refactor_moe(source, MoERefactorOptions(method="native", experts=4, split="random", zero_experts=1))
     with pytest.raises(ValueError, match="already a Mixture of Experts"):
         insert_gates(source)
     with pytest.raises(ValueError, match="'llama'"):
@@ -85,3 +85,35 @@ def test_convert_cli_path_imports_a_saved_qwen3_moe(tmp_path):
     assert result.max_abs_logit_diff <= 1e-5 and result.record["source_model_type"] == "qwen3_moe"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
     assert _max_diff(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), reloaded) <= 1e-5
+
+
+@pytest.mark.parametrize("name, options", [
+    ("mixtral", dict(router="tempered_topk", zero_experts=1, copy_experts=1)),
+    ("qwen3_moe_unnormalised", dict(zero_experts=2)),  # the new experts' softmax mass below fp32 rounding
+    ("mixtral", dict(pool=True)),
+    ("qwen3_moe_unnormalised", dict(pool=True, copy_experts=1)),
+])
+def test_reshaped_imports_keep_the_function(name, options):
+    """MoE++ zero / copy experts, a UniPool pool and the tempered router on an imported MoE: exact at import, the
+    new experts (and other layers' pool slices) unreachable until training moves the routers."""
+    source = _source(name)
+    target = refactor_moe(source, MoERefactorOptions(method="native", **options))
+    config = target.config
+    assert config.moe_zero_experts == options.get("zero_experts", 0)
+    assert config.moe_copy_experts == options.get("copy_experts", 0)
+    assert (config.moe_expert_pool == "global") == options.get("pool", False)
+    assert _max_diff(source, target) <= 1e-5
+    with torch.no_grad():
+        prompt = torch.tensor([[1, 5, 9, 3]])
+        assert torch.equal(target.generate(prompt, max_new_tokens=8, do_sample=False),
+                           source.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("qwen3_moe_unnormalised", dict(router="tempered_topk"), "norm_topk_prob=False"),
+    ("qwen2_moe", dict(pool=True), "dense layers \\[0, 2\\]"),
+    ("mixtral", dict(router="sigmoid_topk"), "keeps its function only"),
+])
+def test_reshaping_that_would_change_the_model_is_refused(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        refactor_moe(_source(name), MoERefactorOptions(method="native", **options))
