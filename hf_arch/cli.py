@@ -162,27 +162,41 @@ def _cmd_eval(args) -> int:
         )
         print(json.dumps(results, indent=2, default=str))
         return 0
-    if not args.ppl_file and not args.tasks:
-        raise SystemExit("hf-arch eval: give --ppl-file and/or --tasks (or --lm-eval TASKS)")
+    if not args.ppl_file and not args.tasks and not args.recall:
+        raise SystemExit("hf-arch eval: give --ppl-file, --tasks and/or --recall (or --lm-eval TASKS)")
     for task in args.tasks or ():  # names and paths checked before the model loads
         evaluation.resolve_task(task)
+    recall_settings = None
+    if args.recall:
+        from hf_arch.recipes.recall_probe import RecallSettings
+
+        recall_settings = RecallSettings(lengths=tuple(args.recall_lengths), samples=args.recall_samples,
+                                         batch_size=args.batch_size)
     model, tokenizer = evaluation.load_model_and_tokenizer(args.model, dtype=args.dtype)
-    results = evaluation.evaluate(
-        model,
-        tokenizer,
-        ppl_file=args.ppl_file,
-        tasks=args.tasks or (),
-        limit=args.limit,
-        ppl_max_tokens=args.ppl_max_tokens,
-        context_length=args.context_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
-    )
+    results = {}
+    if args.ppl_file or args.tasks:
+        results = evaluation.evaluate(
+            model,
+            tokenizer,
+            ppl_file=args.ppl_file,
+            tasks=args.tasks or (),
+            limit=args.limit,
+            ppl_max_tokens=args.ppl_max_tokens,
+            context_length=args.context_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+        )
+    tables = [evaluation.format_table(results)] if results else []
+    if recall_settings is not None:
+        from hf_arch.recipes.recall_probe import format_recall_table, recall_probe
+
+        results["recall"] = recall_probe(model, tokenizer, recall_settings)
+        tables.append(format_recall_table(results["recall"]))
     if args.diagnostics:
         results["diagnostics"] = _diagnostics(model, tokenizer, args)
     if args.output:
         _write_json(Path(args.output), results)
-    print(json.dumps(results, indent=2) if args.json else evaluation.format_table(results))
+    print(json.dumps(results, indent=2) if args.json else "\n\n".join(tables))
     return 0
 
 
@@ -442,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing final model in output_dir")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity and zero-shot multiple choice")
+    p = sub.add_parser("eval", help="perplexity, zero-shot multiple choice and recall probes")
     p.add_argument("model")
     p.add_argument("--ppl-file", help="text file for sliding-window perplexity")
     p.add_argument("--ppl-max-tokens", type=int, default=None)
@@ -456,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (needs [eval])")
     p.add_argument("--include-path", help="lm-eval --include_path for local task YAMLs")
+    p.add_argument("--recall", action="store_true",
+                   help="recall probes generated from the model's vocabulary: multi-query associative recall (MQAR) "
+                        "and passkey retrieval, accuracy ± stderr per length")
+    p.add_argument("--recall-lengths", type=int, nargs="+", default=[256, 512, 1024],
+                   help="--recall: tokens per sequence / prompt")
+    p.add_argument("--recall-samples", type=int, default=16, help="--recall: sequences and prompts per length")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report attention-sink share and gate-score statistics (Gated Attention paper)")
     p.add_argument("--diagnostics-tokens", type=int, default=256)

@@ -57,6 +57,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sas": ("hfa_sas", {}),
     "geonorm": ("hfa_geonorm", {}),
 }
+# The hybrid study's question (recall with the linear : full ratio; opt in with --variants): Gated DeltaNet layers with
+# one softmax attention layer after every `ratio` linear ones (use enough layers for 6 : 1), and none at all.
+RATIO_VARIANTS: dict[str, tuple[str, dict]] = {
+    "gdn_hybrid_1to1": ("hfa_gated_deltanet", {"linear_to_full_ratio": 1}),
+    "gdn_hybrid_3to1": ("hfa_gated_deltanet", {"linear_to_full_ratio": 3}),
+    "gdn_hybrid_6to1": ("hfa_gated_deltanet", {"linear_to_full_ratio": 6}),
+    "gdn_linear": ("hfa_gated_deltanet", {}),
+}
+MODELS = {**VARIANTS, **RATIO_VARIANTS}
 PARAM_TOLERANCE = 0.02  # largest accepted |params - baseline| / baseline
 STORIES_FILE = "data/tinystories_2mib.txt"
 TOKENIZER_DIR = "models/stories260K"
@@ -84,7 +93,7 @@ def model_spec(name: str, table: dict[str, tuple[str, dict]] | None = None) -> M
     """The baseline or a table entry; refuses a model type that transformers does not know (yet)."""
     if name == BASELINE:
         return ModelSpec(BASELINE, "llama")
-    table = VARIANTS if table is None else table
+    table = MODELS if table is None else table
     if name not in table:
         raise ScratchComparisonError(f"unknown model {name!r}; choose from {BASELINE}, {', '.join(table)}")
     model_type, kwargs = table[name]
@@ -334,7 +343,8 @@ def training_arguments(args, output_dir: str, warmup_steps: int):
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False)
 
 
-def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks: torch.Tensor) -> dict:
+def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks: torch.Tensor,
+                tokenizer=None) -> dict:
     """Train one model from scratch on the fixed stream; its steps, throughput and loss curves."""
     from transformers import ProgressCallback, Trainer, default_data_collator, set_seed
 
@@ -356,7 +366,15 @@ def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks:
     if recorder.val_curve[-1]["step"] != steps:
         recorder.validate(model, steps)
     final = recorder.val_curve[-1]["loss"]
-    return {"architecture": type(model).__name__, "attn_implementation": model.config._attn_implementation,
+    recall = {}
+    if getattr(args, "recall", False):
+        from .recall_probe import RecallSettings, recall_probe
+
+        model.eval()
+        recall = {"recall": recall_probe(model, tokenizer, RecallSettings(
+            lengths=tuple(args.recall_lengths), samples=args.recall_samples, batch_size=args.batch_size,
+            seed=args.seed), progress=False)}
+    return {**recall, "architecture": type(model).__name__, "attn_implementation": model.config._attn_implementation,
             "device": str(next(model.parameters()).device), "warmup_steps": warmup_steps, "steps_planned": args.steps,
             "steps_done": steps, "cut": recorder.cut, "train_tokens": steps * tokens_per_step,
             "train_seconds": round(recorder.train_seconds, 2), "eval_seconds": round(recorder.eval_seconds, 2),
@@ -410,11 +428,19 @@ def plot_curves(result: dict, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| model | params | Δparams | steps | tokens/s | val loss | val ppl |", "|---|---|---|---|---|---|---|"]
+    recall = [(probe, length) for probe in ("mqar", "passkey")
+              for length in (result["models"][0].get("recall", {}).get(probe, {}) if result["models"] else {})]
+    extra = "".join(f" {probe} {length} |" for probe, length in recall)
+    lines = ["| model | params | Δparams | steps | tokens/s | val loss | val ppl |" + extra,
+             "|---|---|---|---|---|---|---|" + "---|" * len(recall)]
     for row in result["models"]:
         steps = str(row["steps_done"]) if not row["cut"] else f"{row['steps_done']}/{row['steps_planned']} (cut)"
+        scores = "".join(
+            f" {row['recall'][probe][length]['accuracy']:.3f} ± {row['recall'][probe][length]['stderr']:.3f} |"
+            if probe in row.get("recall", {}) and length in row["recall"][probe] else " - |" for probe, length in recall)
         lines.append(f"| {row['name']} | {row['params']:,} | {row['params_rel_diff']:+.2%} | {steps} | "
-                     f"{row['tokens_per_second']:,.0f} | {row['final_val_loss']:.4f} | {row['final_val_ppl']:.3f} |")
+                     f"{row['tokens_per_second']:,.0f} | {row['final_val_loss']:.4f} | {row['final_val_ppl']:.3f} |"
+                     + scores)
     data = result["data"]
     lines += ["", (f"{data['tokens_per_step']:,} training tokens per step; tokens/s counts training time only "
                    f"(validation excluded); validation: {data['val_blocks_used']} blocks of "
@@ -439,9 +465,10 @@ def write_outputs(result: dict, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-arch bench scratch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--variants", nargs="+", default=[BASELINE, *VARIANTS], choices=[BASELINE, *VARIANTS],
-                        metavar="NAME", help=f"models to train, in order (default: all): {BASELINE}, "
-                                             f"{', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="+", default=[BASELINE, *VARIANTS], choices=[BASELINE, *MODELS],
+                        metavar="NAME", help=f"models to train, in order (default: {BASELINE} and every variant): "
+                                             f"{BASELINE}, {', '.join(VARIANTS)}; hybrid ratios: "
+                                             f"{', '.join(RATIO_VARIANTS)}")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
@@ -464,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="discard the results in --out and start again")
     mode.add_argument("--resume", action="store_true",
                       help="keep the models already in --out's JSON (same settings required); train the others")
+    parser.add_argument("--recall", action="store_true",
+                        help="after training, the recall probes (MQAR and passkey, recipes/recall_probe.py) beside the "
+                             "loss: the hybrid-ratio question")
+    parser.add_argument("--recall-lengths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--recall-samples", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     return parser
 
@@ -518,7 +550,7 @@ def run(args) -> int:
                "intermediate_size": config.intermediate_size, "params": params, "baseline_params": baseline_params,
                "params_rel_diff": round(relative_difference(params, baseline_params), 6),
                "rope_parameters": getattr(config, "rope_parameters", None),
-               **train_model(spec, config, args, stream, val_blocks)}
+               **train_model(spec, config, args, stream, val_blocks, tokenizer)}
         result["models"].append(row)
         write_outputs(result, out)  # after every model, atomically: a run that stops keeps what it finished
     write_outputs(result, out)

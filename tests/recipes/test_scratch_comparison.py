@@ -56,6 +56,7 @@ def test_unregistered_model_type_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(scratch.ScratchComparisonError, match="'hfa_not_written_yet' is not registered"):
         scratch.model_spec("not_yet", table)
     monkeypatch.setattr(scratch, "VARIANTS", table)
+    monkeypatch.setattr(scratch, "MODELS", {**table, **scratch.RATIO_VARIANTS})
     # Refused before any data is read or any model trained.
     with pytest.raises(SystemExit, match="not registered with transformers.*--variants"):
         main(["bench", "scratch", "--out", str(tmp_path / "x"), "--variants", "llama", "not_yet"])
@@ -100,3 +101,20 @@ def test_scratch_comparison_end_to_end(tmp_path, assets, stories260k, monkeypatc
     (row,) = json.loads((out / "scratch_comparison.json").read_text())["models"]
     assert row["steps_done"] == 1 and row["cut"].startswith("time budget") and row["train_tokens"] == 64
     assert "| 1/5 (cut) |" in (out / "scratch_comparison.md").read_text()
+
+
+def test_hybrid_ratios_with_recall(tmp_path, assets, stories260k, monkeypatch):
+    """The hybrid-ratio models train beside the baseline and report the recall probes next to the loss."""
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    out = tmp_path / "ratios"
+    args = ["bench", "scratch", "--out", str(out), "--variants", "llama", "gdn_hybrid_1to1", "gdn_linear", *TINY,
+            "--recall", "--recall-lengths", "32", "--recall-samples", "2", "--json"]
+    assert main(args) == 0
+    result = json.loads((out / "scratch_comparison.json").read_text())
+    layer_types = {row["name"]: row["model_type"] for row in result["models"]}
+    assert layer_types == {"llama": "llama", "gdn_hybrid_1to1": "hfa_gated_deltanet", "gdn_linear": "hfa_gated_deltanet"}
+    for row in result["models"]:
+        assert abs(row["params"] - result["baseline_params"]) / result["baseline_params"] <= 0.02
+        for probe in ("mqar", "passkey"):
+            assert 0.0 <= row["recall"][probe]["32"]["accuracy"] <= 1.0
+    assert "| mqar 32 | passkey 32 |" in (out / "scratch_comparison.md").read_text()
