@@ -333,6 +333,8 @@ _CONVERSION_FLAGS: dict[str, str] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .configuration import LINEAR_ATTN_FEATURE_MAPS
+
     parser = argparse.ArgumentParser(prog="hf-arch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
     conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers (default 128)")
     conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
-    conv.add_argument("--feature-map", choices=["identity", "softmax", "hedgehog"],
-                      help="linearization: the linear branch's feature map (default: the method's)")
+    conv.add_argument("--feature-map", choices=list(LINEAR_ATTN_FEATURE_MAPS),
+                      help="linearization: the linear branch's feature map (default: the method's; norm_aware: NaLaFormer)")
     conv.add_argument("--mix-weights", type=float, nargs=2, metavar=("W_LINEAR", "W_WINDOW"),
                       help="linearization hybrids: initial weights of the linear and window branches "
                            "(lizard: W_LINEAR 1, W_WINDOW is the learnable α's init; lolcats: W_WINDOW is γ's init in (0, 1))")

@@ -69,6 +69,25 @@ def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
 
 
+def norm_aware_query(q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """NaLaFormer's query map ``[relu(q̂)^p ⊕ relu(-q̂)^p]`` with ``q̂ = q/‖q‖`` and ``p = 3(½ + tanh‖q‖)`` per query
+    (``[B, T, H, D]`` → ``[B, T, H, 2D]``, computed in fp32): the norm softmax would use as a temperature sets how
+    peaked the query's features are, which a plain positive map loses in the normalisation."""
+    x = q.to(torch.promote_types(q.dtype, torch.float32))
+    norm = x.norm(dim=-1, keepdim=True)
+    direction = x / norm.clamp(min=eps)
+    power = 3.0 * (0.5 + torch.tanh(norm))
+    return torch.cat([direction.clamp(min=0) ** power, (-direction).clamp(min=0) ** power], dim=-1).to(q.dtype)
+
+
+def norm_aware_key(k: torch.Tensor) -> torch.Tensor:
+    """NaLaFormer's key map ``[relu(k³) ⊕ relu(-k³)]`` (``[B, T, H, D]`` → ``[B, T, H, 2D]``): non-negative, and a
+    dimension only meets the query's feature of the same sign, so opposite directions add nothing (instead of the
+    negative term a ReLU map would silently drop on one side only)."""
+    cubed = k.to(torch.promote_types(k.dtype, torch.float32)) ** 3
+    return torch.cat([cubed.clamp(min=0), (-cubed).clamp(min=0)], dim=-1).to(k.dtype)
+
+
 class HfArchLinearAttention(nn.Module):
     """What GLA and Gated DeltaNet layers share (projections, conv, feature maps, normalisation, the window branch,
     cache and padding handling); each kind is a subclass below that builds its gates and runs its recurrence.
@@ -117,7 +136,7 @@ class HfArchLinearAttention(nn.Module):
         self.gate = config.linear_attn_gate
         self.feature_map = config.linear_attn_feature_map
         self.normalize = config.linear_attn_normalize
-        self.feature_dim = 2 * D if self.feature_map == "hedgehog" else D
+        self.feature_dim = 2 * D if self.feature_map in ("hedgehog", "norm_aware") else D
         self.forget_proj, self.decay_proj, self.beta_proj = None, None, None
         self._build_gates(config)
         if self.feature_map == "hedgehog":  # LoLCATs: one learnable D×D map per head, separate for q and k
@@ -195,6 +214,8 @@ class HfArchLinearAttention(nn.Module):
                     k.softmax(-1, dtype=torch.promote_types(k.dtype, torch.float32)).to(k.dtype))
         if self.feature_map == "hedgehog":
             return _linear_hedgehog(q, self.q_feature_map), _linear_hedgehog(k, self.k_feature_map)
+        if self.feature_map == "norm_aware":
+            return norm_aware_query(q), norm_aware_key(k)
         return q, k
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):

@@ -22,6 +22,16 @@ LAYOUTS = {
     "gla": ("gla", {}),
     "gla_full_hybrid": ("gla", dict(linear_to_full_ratio=1)),
     "gated_deltanet": ("gated_deltanet", {}),
+    "gla_norm_aware": ("gla", dict(linear_attn_feature_map="norm_aware", linear_attn_normalize=True)),
+    # Source-family backbone options: OLMo-2's post norms and whole-projection q/k norm; Gemma 3's zero-centred
+    # sandwich norms, embedding scale, score scale and RoPE per layer type.
+    "gated_attention_post_norms": ("gated_attention", dict(norm_placement="post", qk_norm=True,
+                                                           qk_norm_scope="projection")),
+    "gated_attention_gemma_like": ("gated_attention", dict(
+        norm_placement="sandwich", norm_weight_offset=1.0, qk_norm=True, embedding_multiplier=5.0,
+        query_pre_attn_scalar=12, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
     "gated_deltanet_lizard": ("gated_deltanet", dict(linear_attn_hybrid="lizard", sliding_window=3,
                                                      linear_attn_num_sinks=2, full_attention_layers=[1])),
     "moe": ("moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),

@@ -26,6 +26,8 @@ LAYOUTS = {
     "gated_deltanet_key_pooled": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled")),
     "gated_deltanet_key_pooled_hedgehog": (GatedDeltaNetConfig, dict(linear_attn_gate="key_pooled",
                                                                      linear_attn_feature_map="hedgehog")),
+    "gla_norm_aware_normalized": (GLAConfig, dict(linear_attn_feature_map="norm_aware", linear_attn_normalize=True)),
+    "gated_deltanet_norm_aware": (GatedDeltaNetConfig, dict(linear_attn_feature_map="norm_aware")),
 }
 
 
@@ -69,7 +71,7 @@ def test_hedgehog_identity_init_is_softmax_of_both_signs():
 
 
 @pytest.mark.parametrize("gate", ["none", "key_pooled"])
-@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog", "norm_aware"])
 @torch.no_grad()
 def test_normalized_branch_equals_direct_recurrence(gate, feature_map):
     """One head: S_t = decay_t·S_{t-1} + φ(k_t)ᵀv_t, z_t = decay_t·z_{t-1} + φ(k_t), o_t = φ(q_t)S_t / φ(q_t)·z_t."""
@@ -88,11 +90,16 @@ def test_normalized_branch_equals_direct_recurrence(gate, feature_map):
     q, k, v = layer.q_proj(x)[0], layer.k_proj(x)[0], layer.v_proj(x)[0]  # [T, D]
     if feature_map == "softmax":
         fq, fk = q.softmax(-1), k.softmax(-1)
+    elif feature_map == "norm_aware":  # NaLaFormer, written out
+        n = q.norm(dim=-1, keepdim=True)
+        p = 3 * (0.5 + torch.tanh(n))
+        fq = torch.cat([F.relu(q / n) ** p, F.relu(-q / n) ** p], -1)
+        fk = torch.cat([F.relu(k) ** 3, F.relu(-k) ** 3], -1)
     else:
         pq, pk = q @ layer.q_feature_map[0], k @ layer.k_feature_map[0]
         fq, fk = torch.cat([pq.softmax(-1), (-pq).softmax(-1)], -1), torch.cat([pk.softmax(-1), (-pk).softmax(-1)], -1)
     decay = F.logsigmoid(k).exp() ** (1 / 16) if gate == "key_pooled" else torch.ones_like(k)
-    if feature_map == "hedgehog":
+    if feature_map in ("hedgehog", "norm_aware"):
         decay = torch.cat([decay, decay], -1)
     S = torch.zeros(fk.shape[-1], 8, dtype=torch.float64)
     z = torch.zeros(fk.shape[-1], dtype=torch.float64)
@@ -303,3 +310,34 @@ def test_save_load_keeps_trained_feature_maps(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), name
     assert loaded.config.linear_attn_feature_map == "hedgehog" and loaded.config.linear_attn_normalize
+
+
+def test_norm_aware_map_is_sharper_for_longer_queries_and_pairs_same_signs_only():
+    from hf_arch.layers.linear_attention import norm_aware_key, norm_aware_query
+
+    torch.manual_seed(0)
+    direction = F.normalize(torch.randn(1, 1, 1, 16), dim=-1)
+    keys = torch.randn(1, 64, 1, 16)
+    fk = norm_aware_key(keys)[0, :, 0]  # [64, 32]
+    assert (fk >= 0).all() and (norm_aware_query(direction * 3) >= 0).all()
+
+    def entropy(scale):  # of the normalised linear-attention weights of one query over the 64 keys
+        w = fk @ norm_aware_query(direction * scale)[0, 0, 0]
+        w = w / w.sum()
+        return -(w * w.clamp(min=1e-30).log()).sum().item()
+
+    entropies = [entropy(s) for s in (0.1, 0.5, 1.0, 3.0)]
+    assert entropies == sorted(entropies, reverse=True) and entropies[0] - entropies[-1] > 0.1
+    # Only same-sign dimensions interact: φ(q)·φ(k) = Σ_d [q_d k_d > 0] |q̂_d|^p |k_d|³.
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    p = 3 * (0.5 + torch.tanh(q.norm()))
+    expected = ((q * k > 0) * (q.abs() / q.norm()) ** p * k.abs() ** 3).sum()
+    got = norm_aware_query(q.view(1, 1, 1, -1))[0, 0, 0] @ norm_aware_key(k.view(1, 1, 1, -1))[0, 0, 0]
+    torch.testing.assert_close(got, expected)
+
+
+def test_feature_maps_are_refused_on_kda_layers():
+    from hf_arch import KDAConfig
+
+    with pytest.raises(ValueError, match="applies to the GLA and Gated DeltaNet mixers; KDA"):
+        KDAConfig(**TINY, linear_attn_feature_map="norm_aware")
