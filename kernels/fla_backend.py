@@ -36,6 +36,9 @@ FLA_KERNELS = {
     "gla": ("fla.ops.gla", "chunk_gla", "fused_recurrent_gla"),
     "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"),
     "kda": ("fla.ops.kda", "chunk_kda", "fused_recurrent_kda"),
+    # Lightning attention: fla's simple_gla with a per-head constant log decay g_gamma (what fla.ops.lightning_attn
+    # computes from layer_idx / num_layers; ours takes the decays themselves).
+    "lightning": ("fla.ops.simple_gla", "chunk_simple_gla", "fused_recurrent_simple_gla"),
 }
 
 
@@ -129,7 +132,17 @@ def fla_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
                               cu_seqlens=cu_seqlens))
 
 
-_ADAPTERS = {"gla": fla_gla, "gated_delta_rule": fla_gated_delta_rule, "kda": fla_kda}
+def fla_lightning(q, k, v, log_decay, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                  recurrent_max_tokens=0):
+    """:func:`..ops.lightning_attention` on fla's simple_gla kernels (``g_gamma``: the heads' log decays, fp32)."""
+    q, k, v, initial_state = _contiguous(q, k, v, initial_state)
+    kernel = load_fla_kernel("lightning", q.shape[1] <= recurrent_max_tokens)
+    return _fp32_state(kernel(q=q, k=k, v=v, g_gamma=log_decay.float().contiguous(), scale=scale,
+                              initial_state=initial_state, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens))
+
+
+_ADAPTERS = {"gla": fla_gla, "gated_delta_rule": fla_gated_delta_rule, "kda": fla_kda, "lightning": fla_lightning}
 
 
 def fla_op(op: str, recurrent_max_tokens: int) -> dict[str, Callable]:

@@ -24,6 +24,8 @@ from .fla_backend import fla_op
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .krr.chunk import krr_attention_torch
+from .lightning.chunk import chunk_lightning_attention
+from .lightning.recurrent import fused_recurrent_lightning_attention
 from .moe.grouped import grouped_expert_mlp
 from .moe.traceable import traceable_weighted_expert_mlp
 from .moe.weighted import grouped_weighted_expert_mlp
@@ -31,7 +33,7 @@ from .sa_softmax.cached import sa_softmax_attention_over_cache
 from .sa_softmax.chunk import chunk_sa_softmax_attention
 from .sliding_window.chunk import chunk_sliding_window_attention
 
-__all__ = ["gla", "gated_delta_rule", "sliding_window_attention", "sliding_window_attention_with_mass",
+__all__ = ["gla", "gated_delta_rule", "lightning_attention", "sliding_window_attention", "sliding_window_attention_with_mass",
            "block_sparse_attention", "pooled_attention_scores",
            "sa_softmax_attention", "krr_attention",
            "expert_mlp", "weighted_expert_mlp", "RECURRENT_MAX_TOKENS"]
@@ -66,6 +68,12 @@ def _torch_gdr(q, k, v, g, beta, **kwargs):
     return fn(q, k, v, g, beta, **kwargs)
 
 
+def _torch_lightning(q, k, v, log_decay, **kwargs):
+    fn = fused_recurrent_lightning_attention if q.shape[1] <= RECURRENT_MAX_TOKENS else chunk_lightning_attention
+    return fn(q, k, v, log_decay, **kwargs)
+
+
+_LIGHTNING_IMPLS = {"torch": _torch_lightning, **fla_op("lightning", RECURRENT_MAX_TOKENS)}
 _GLA_IMPLS = {"torch": _torch_gla, **_triton_op(".gla.triton_gla", "triton_gla"), **fla_op("gla", RECURRENT_MAX_TOKENS)}
 _GDR_IMPLS = {
     "torch": _torch_gdr,
@@ -110,6 +118,25 @@ def gla(
     """
     impl = select_backend("gla", _GLA_IMPLS, q, backend)
     return impl(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens)
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Lightning attention (TransNormerLLM) ``S_t = λ_h S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t`` with a fixed
+    decay per head, ``log_decay [H]`` (<= 0). q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; initial_state
+    ``[N, H, K, V]``. Returns ``(o, final_state)``."""
+    impl = select_backend("lightning_attention", _LIGHTNING_IMPLS, q, backend)
+    return impl(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
 
 

@@ -23,6 +23,7 @@ from hf_arch.kernels.kda import kda
 fla_gla_naive = pytest.importorskip("fla.ops.gla.naive", reason="fla-core (the dev extra) is not installed")
 fla_gdn_naive = importlib.import_module("fla.ops.gated_delta_rule.naive")
 fla_kda_naive = importlib.import_module("fla.ops.kda.naive")
+fla_simple_gla_naive = importlib.import_module("fla.ops.simple_gla.naive")
 
 ATOL = 2e-5
 
@@ -57,6 +58,21 @@ def _gla_reference(bound):
 
     return _per_sequence(run, {"q": a["q"], "k": a["k"], "v": a["v"], "g": gate}, a.get("cu_seqlens"),
                          a.get("initial_state"))
+
+
+def _lightning_reference(bound):
+    a = bound.arguments
+    assert a.get("g") is None and a["g_gamma"].dtype == torch.float32  # the per-head decay goes as g_gamma only
+
+    def run(t, h0):  # fla's simple_gla reference takes the decay per token: g_gamma broadcast
+        B, T, H, _ = t["q"].shape
+        g = a["g_gamma"].expand(B, T, H).contiguous()
+        scale = a.get("scale") or t["q"].shape[-1] ** -0.5
+        return fla_simple_gla_naive.naive_recurrent_simple_gla(t["q"], t["k"], t["v"], g, scale=scale,
+                                                                initial_state=h0,
+                                                                output_final_state=a.get("output_final_state"))
+
+    return _per_sequence(run, {"q": a["q"], "k": a["k"], "v": a["v"]}, a.get("cu_seqlens"), a.get("initial_state"))
 
 
 def _delta_reference(bound, per_channel: bool):
@@ -100,6 +116,8 @@ def fla_kernels(monkeypatch):
             calls.append((op, real_fn.__name__))
             if op == "gla":
                 return _gla_reference(bound)
+            if op == "lightning":
+                return _lightning_reference(bound)
             return _delta_reference(bound, per_channel=op == "kda")
 
         return stand_in
@@ -161,6 +179,24 @@ def test_kda_matches_our_op(fla_kernels, T):
     got_o, got_h = _adapter("kda")(q, k, v, g, beta, **kwargs)
     torch.testing.assert_close(got_o, want_o, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(got_h, want_h, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T, packed", [(1, False), (37, False), (30, True)])
+def test_lightning_matches_our_op(fla_kernels, T, packed):
+    from hf_arch.kernels.lightning import lightning_log_decay
+
+    q, k, v, _, _, h0 = _inputs(1, T, 4, 16, 8)
+    cu = torch.tensor([0, 11, 30]) if packed else None
+    if packed:
+        h0 = torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(3)) * 0.1
+    kwargs = dict(scale=0.3, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    decay = lightning_log_decay(4, 1, 3)
+    want = ops.lightning_attention(q, k, v, decay, backend="torch", **kwargs)
+    got = _adapter("lightning")(q, k, v, decay, **kwargs)
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t, want_t, atol=ATOL, rtol=1e-4)
+    recurrent = T <= ops.RECURRENT_MAX_TOKENS
+    assert fla_kernels == [("lightning", "fused_recurrent_simple_gla" if recurrent else "chunk_simple_gla")]
 
 
 @pytest.mark.parametrize("op", ["gla", "gated_delta_rule", "kda"])
