@@ -17,6 +17,7 @@ from .api import (
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
 from .kda_linearize import KDA_CONVERSION  # registers --to kda
+from .lightning_linearize import LIGHTNING_CONVERSION  # registers --to lightning
 from .identity_insertion import (
     AffineInsertionOptions,
     ValueBankInsertionOptions,

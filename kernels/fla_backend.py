@@ -134,12 +134,14 @@ def fla_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_st
 
 def fla_lightning(q, k, v, log_decay, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                   recurrent_max_tokens=0):
-    """:func:`..ops.lightning_attention` on fla's simple_gla kernels (``g_gamma``: the heads' log decays, fp32)."""
+    """:func:`..ops.lightning_attention` on fla's simple_gla kernels (``g_gamma``: the heads' log decays, or ``g`` per
+    token where padding is masked out; fp32)."""
     q, k, v, initial_state = _contiguous(q, k, v, initial_state)
     kernel = load_fla_kernel("lightning", q.shape[1] <= recurrent_max_tokens)
-    return _fp32_state(kernel(q=q, k=k, v=v, g_gamma=log_decay.float().contiguous(), scale=scale,
-                              initial_state=initial_state, output_final_state=output_final_state,
-                              cu_seqlens=cu_seqlens))
+    decay = log_decay.float().contiguous()  # per head: g_gamma; per token (padding masked out): g
+    gate = {"g_gamma": decay} if decay.dim() == 1 else {"g": decay}
+    return _fp32_state(kernel(q=q, k=k, v=v, **gate, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens))
 
 
 _ADAPTERS = {"gla": fla_gla, "gated_delta_rule": fla_gated_delta_rule, "kda": fla_kda, "lightning": fla_lightning}

@@ -46,6 +46,7 @@ from .geonorm import (
 from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAModel
 from .hybrid import HybridConfig, HybridForCausalLM, HybridForSequenceClassification, HybridModel
 from .kda import KDAConfig, KDAForCausalLM, KDAForSequenceClassification, KDAModel
+from .lightning import LightningConfig, LightningForCausalLM, LightningForSequenceClassification, LightningModel
 from .moe import (
     MOE_PRESETS,
     MoEConfig,
@@ -104,6 +105,27 @@ GATED_DELTANET = register_variant(
         summary="gated delta rule (scalar decay + write strength, short conv, L2 q/k); layer and intra-layer hybrids",
         paper="Yang et al., Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv 2412.06464)",
         tags=("linear-attention", "gated-deltanet"),
+    )
+)
+
+LIGHTNING = register_variant(
+    Variant(
+        name="lightning",
+        config_class=LightningConfig,
+        model_class=LightningModel,
+        causal_lm_class=LightningForCausalLM,
+        sequence_classification_class=LightningForSequenceClassification,
+        summary="Lightning attention (TransNormerLLM): linear attention with a fixed decay per head, LRPE, "
+                "SRMSNorm-normalised gated output; alone or with softmax layers",
+        paper="Qin et al., Scaling TransNormer to 175 Billion Parameters (arXiv 2307.14995); Lightning Attention-2 "
+              "(arXiv 2401.04658)",
+        tags=("linear-attention", "lightning", "transnormer"),
+        examples={
+            "lightning": {},
+            # a softmax layer every other layer; the output gate as a sigmoid, no LRPE
+            "lightning_hybrid": dict(full_attention_layers=[1],
+                                     mixer_options={"lightning": dict(lrpe=False, output_gate="sigmoid")}),
+        },
     )
 )
 
@@ -336,6 +358,11 @@ __all__ = [
     "MoEForSequenceClassification",
     "MoEModel",
     "GATED_DELTANET",
+    "LIGHTNING",
+    "LightningConfig",
+    "LightningForCausalLM",
+    "LightningForSequenceClassification",
+    "LightningModel",
     "GLA",
     "GLAConfig",
     "GLAForCausalLM",

@@ -6,12 +6,13 @@ import torch
 
 from ..varlen import parse_cu_seqlens, run_packed, shape_of
 
-__all__ = ["check_lightning_inputs", "prepare", "run_sequences"]
+__all__ = ["check_lightning_inputs", "prepare_lightning_inputs", "run_lightning_sequences"]
 
 
 def check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens) -> list[int]:
     """Validate; return the sequence lengths. q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; log_decay ``[H]`` (<= 0, the
-    log of each head's decay per step); initial_state ``[N, H, K, V]``. Errors name the tensor and its shape."""
+    log of each head's decay per step) or ``[B, T, H]`` (per token: 0 where a token must not decay the state, e.g.
+    padding); initial_state ``[N, H, K, V]``. Errors name the tensor and its shape."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a 4-D floating tensor [B, T, H, D], got "
@@ -20,11 +21,13 @@ def check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens) -> lis
         raise ValueError(f"k {shape_of(k)} must equal q {shape_of(q)}, and v {shape_of(v)} match it in [B, T, H]")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    H = q.shape[2]
-    if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) != (H,):
-        raise ValueError(f"log_decay must be a tensor [H] = [{H}], got "
+    B, T, H = q.shape[:3]
+    if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) not in ((H,), (B, T, H)):
+        raise ValueError(f"log_decay must be a tensor [H] = [{H}] (per head) or [B, T, H] = [{B}, {T}, {H}] (per "
+                         f"token, e.g. 0 on padding), got "
                          f"{shape_of(log_decay) if isinstance(log_decay, torch.Tensor) else type(log_decay).__name__}")
-    if not torch.isfinite(log_decay).all() or (log_decay > 0).any():
+    # A value check reads the tensor: skipped while compiling (a traced graph cannot branch on data).
+    if not torch.compiler.is_compiling() and (not torch.isfinite(log_decay).all() or (log_decay > 0).any()):
         raise ValueError(f"log_decay must be finite and <= 0 (a decay in (0, 1] per step), got {log_decay.tolist()}")
     lengths = parse_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], shape_of(q))
     if initial_state is not None:
@@ -34,16 +37,17 @@ def check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens) -> lis
     return lengths
 
 
-def prepare(q, k, v, log_decay, initial_state, scale):
+def prepare_lightning_inputs(q, k, v, log_decay, initial_state, scale):
     """fp32 (float64 stays) copies with q scaled; the decay as a per-token log gate ``g [B, T, H]``."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    g = log_decay.to(dtype).expand(q.shape[0], q.shape[1], -1)
+    g = log_decay.to(dtype)
+    g = g.expand(q.shape[0], q.shape[1], -1) if g.dim() == 1 else g
     h0 = initial_state.to(dtype) if initial_state is not None else None
     return q.to(dtype) * scale, k.to(dtype), v.to(dtype), g, h0
 
 
-def run_sequences(core, q, k, v, g, h0, lengths, packed: bool):
+def run_lightning_sequences(core, q, k, v, g, h0, lengths, packed: bool):
     """``core(q, k, v, g, h0) -> (o, S)`` on the batch, or per packed sequence of ``cu_seqlens`` (``packed``)."""
     n = q.shape[0]
 

@@ -14,18 +14,20 @@ import torch
 import torch.nn.functional as F
 
 from ..chunk_groups import chunk_group_size, scan_chunk_groups
-from ._checks import check_lightning_inputs, prepare, run_sequences
+from ._checks import check_lightning_inputs, prepare_lightning_inputs, run_lightning_sequences
 
 __all__ = ["chunk_lightning_attention", "lightning_log_decay"]
 
 
-def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int, base: float = 8.0) -> torch.Tensor:
+def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int, base: float = 8.0,
+                        device=None) -> torch.Tensor:
     """TransNormerLLM's fixed decays: ``log λ_h = -(base·h/H)·(1 - l/L)`` for head h of layer l (fp32, ``[H]``):
     head 0 never forgets, deeper layers forget less."""
-    return -(base / num_heads) * (1 - layer_idx / num_layers) * torch.arange(num_heads, dtype=torch.float32)
+    rate = (base / num_heads) * (1 - layer_idx / num_layers)
+    return torch.tensor([-rate * h for h in range(num_heads)], dtype=torch.float32, device=device or "cpu")
 
 
-def _group(q, k, v, g, S, causal):
+def _lightning_chunk_group(q, k, v, g, S, causal):
     # q, k, v: [BH, G, C, *]; g: [BH, G, C] (the head's log decay on every token); S: [BH, K, V]
     b = g.cumsum(dim=-1)  # b_i = (i + 1) log λ
     rel = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()  # λ^(i-j), j <= i
@@ -41,7 +43,7 @@ def _group(q, k, v, g, S, causal):
     return intra + q_decayed @ torch.stack(states, dim=1), S
 
 
-def _core(q, k, v, g, h0, chunk_size):
+def _chunk_lightning_core(q, k, v, g, h0, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     BH, C = B * H, min(chunk_size, T)
@@ -57,7 +59,7 @@ def _core(q, k, v, g, h0, chunk_size):
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     S = q.new_zeros(BH, K, V) if h0 is None else h0.reshape(BH, K, V)
     group = chunk_group_size(NC, BH * C * max(C, K, V) * q.element_size(), q.device)
-    o, S = scan_chunk_groups(lambda q, k, v, g, S: _group(q, k, v, g, S, causal), (q, k, v, g), S, dim=1,
+    o, S = scan_chunk_groups(lambda q, k, v, g, S: _lightning_chunk_group(q, k, v, g, S, causal), (q, k, v, g), S, dim=1,
                              group=group)
     return o.reshape(B, H, NC * C, V)[:, :, :T].transpose(1, 2), S.reshape(B, H, K, V)
 
@@ -69,7 +71,7 @@ def chunk_lightning_attention(q, k, v, log_decay, scale=None, initial_state=None
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     lengths = check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     dtype = q.dtype
-    q, k, v, g, h0 = prepare(q, k, v, log_decay, initial_state, scale)
-    o, S = run_sequences(lambda q, k, v, g, h0: _core(q, k, v, g, h0, chunk_size), q, k, v, g, h0, lengths,
+    q, k, v, g, h0 = prepare_lightning_inputs(q, k, v, log_decay, initial_state, scale)
+    o, S = run_lightning_sequences(lambda q, k, v, g, h0: _chunk_lightning_core(q, k, v, g, h0, chunk_size), q, k, v, g, h0, lengths,
                          cu_seqlens is not None)
     return o.to(dtype), (S if output_final_state else None)

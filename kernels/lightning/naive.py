@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lightning_inputs, prepare, run_sequences
+from ._checks import check_lightning_inputs, prepare_lightning_inputs, run_lightning_sequences
 
 __all__ = ["naive_lightning_attention"]
 
 
-def _core(q, k, v, g, h0):
+def _naive_lightning_core(q, k, v, g, h0):
     B, T, H, K = q.shape
     S = q.new_zeros(B, H, K, v.shape[-1]) if h0 is None else h0
     outs = []
@@ -25,6 +25,6 @@ def naive_lightning_attention(q, k, v, log_decay, scale=None, initial_state=None
     [N, H, K, V] fp32 or None)``."""
     lengths = check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
     dtype = q.dtype
-    q, k, v, g, h0 = prepare(q, k, v, log_decay, initial_state, scale)
-    o, S = run_sequences(_core, q, k, v, g, h0, lengths, cu_seqlens is not None)
+    q, k, v, g, h0 = prepare_lightning_inputs(q, k, v, log_decay, initial_state, scale)
+    o, S = run_lightning_sequences(_naive_lightning_core, q, k, v, g, h0, lengths, cu_seqlens is not None)
     return o.to(dtype), (S if output_final_state else None)

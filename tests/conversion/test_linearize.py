@@ -178,7 +178,7 @@ def test_target_config_is_derived_from_source():
         (dict(keep_full_attention=[1], ratio=2), "only one of keep_full_attention and ratio"),
         (dict(window=0), "window must be a positive integer"),
         (dict(ratio=0), "ratio must be an integer >= 1"),
-        (dict(feature_map="relu"), r"feature_map must be one of \('identity', 'softmax', 'hedgehog'\), got 'relu'"),
+        (dict(feature_map="relu"), r"feature_map must be one of \('identity', 'softmax', 'hedgehog', 'norm_aware'\), got 'relu'"),
         (dict(mix_weights=[1.0]), r"mix_weights must be two numbers \[w_linear, w_window\], got \[1.0\]"),
     ],
 )
