@@ -311,6 +311,18 @@ def _mechanism_options():
     yield from _MECHANISM_OPTIONS
 
 
+ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_per_layer_type(rope_parameters) -> dict:
+    """``{layer type: parameters}`` when ``rope_parameters`` holds one dict per layer type (transformers' nested
+    form), else ``{}``. Flat keys beside them are ignored: transformers releases before 5.25 do not know the nested
+    form for our configs and add a flat ``rope_theta`` / ``rope_type`` next to it."""
+    if not rope_parameters:
+        return {}
+    return {key: value for key, value in rope_parameters.items() if key in ROPE_LAYER_TYPES and isinstance(value, dict)}
+
+
 class HfArchConfig(PreTrainedConfig):
     r"""Configuration of the hf-arch decoder backbone.
 
@@ -470,7 +482,7 @@ class HfArchConfig(PreTrainedConfig):
 
     # RoPE given per layer type is keyed by the attention types whatever this model's layers are (a linearized
     # model's linear layers keep their source layers' RoPE through rope_layer_types).
-    _rope_type_labels = ("full_attention", "sliding_attention")
+    _rope_type_labels = ROPE_LAYER_TYPES
 
     model_type = "hfa_base"
     # The token mixer a layer type gets when token_mixer_types is not given, where it is not the flat fields' choice
@@ -742,7 +754,8 @@ class HfArchConfig(PreTrainedConfig):
         if self.attn_score_function not in ATTENTION_SCORE_SPECS and "transformers_version" not in kwargs:
             raise ValueError(f"{type(self).__name__}.attn_score_function must be one of "
                              f"{tuple(ATTENTION_SCORE_SPECS)} (registered scores), got {self.attn_score_function!r}")
-        kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
+        if not rope_per_layer_type(rope_parameters):  # nested parameters carry their own theta per layer type
+            kwargs.setdefault("rope_theta", kwargs.pop("rope_theta", self.default_theta))
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -800,13 +813,24 @@ class HfArchConfig(PreTrainedConfig):
         self._validate_attention_only_switches()
         self._validate_mechanism_options()
 
+    def convert_rope_params_to_dict(self, **kwargs):
+        """RoPE given per layer type keeps its nested form: transformers releases before 5.25 would add a flat
+        ``rope_theta`` beside the per-type dicts (and then fail their own validation)."""
+        if not rope_per_layer_type(self.rope_parameters):
+            return super().convert_rope_params_to_dict(**kwargs)
+        kwargs.pop("rope_scaling", None)
+        kwargs.pop("rope_theta", None)
+        for parameters in rope_per_layer_type(self.rope_parameters).values():
+            parameters.setdefault("rope_type", "default")
+        return kwargs
+
     def softmax_scale(self, head_dim: int) -> float:
         """The score scale of softmax attention: ``query_pre_attn_scalar ** -0.5`` (Gemma) or ``head_dim ** -0.5``."""
         return (self.query_pre_attn_scalar or head_dim) ** -0.5
 
     def _validate_rope_per_layer_type(self) -> None:
-        rope = self.rope_parameters
-        if not rope or not all(isinstance(value, dict) for value in rope.values()):
+        rope = rope_per_layer_type(self.rope_parameters)
+        if not rope:
             return
         needed = {t if t in ("full_attention", "sliding_attention") else "full_attention"
                   for t in (self.rope_layer_types or self.layer_types)}

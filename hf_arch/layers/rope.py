@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
+from ..configuration import rope_per_layer_type
+
 
 class HfArchRotaryEmbedding(nn.Module):
     def __init__(self, config) -> None:
@@ -36,18 +38,13 @@ class HfArchRotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def rope_per_layer_type(rope_parameters) -> bool:
-    """Whether ``rope_parameters`` holds one dict per layer type (transformers' nested form)."""
-    return bool(rope_parameters) and all(isinstance(value, dict) for value in rope_parameters.values())
-
-
 class LayerTypeRotaryEmbeddings(nn.Module):
     """One :class:`HfArchRotaryEmbedding` per layer type; ``forward`` returns ``{layer type: (cos, sin)}``."""
 
     def __init__(self, config) -> None:
         super().__init__()
         embeddings = {}
-        for layer_type, parameters in config.rope_parameters.items():
+        for layer_type, parameters in rope_per_layer_type(config.rope_parameters).items():
             view = copy.copy(config)  # the type's parameters where the init functions read them
             view.rope_parameters = dict(parameters)
             embeddings[layer_type] = HfArchRotaryEmbedding(view)
