@@ -115,13 +115,14 @@ def _read_text(text_file) -> tuple[Path, str]:
 
 
 def _sliding_windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) per window; each token from 1 on is scored exactly once, by the first
-    window that contains it, so later windows score only their new tokens but still see up to
-    context_length - stride tokens of history."""
+    """(begin, end, first_scored) per window; each token is scored at most once, by the first window that
+    contains it with a prefix, so later windows score only their new tokens but still see up to
+    context_length - stride tokens of history. A window's first token has no prefix inside it: with
+    ``stride == context_length`` (no overlap) it is never scored, as in the usual -100-label loop."""
     windows, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context_length, n_tokens)
-        windows.append((begin, end, max(prev_end, 1)))  # token 0 has no prefix and is never scored
+        windows.append((begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == n_tokens:
             break

@@ -65,8 +65,11 @@ def test_perplexity_sliding_windows_match_reference_loop(model_and_tokenizer, tm
     path = tmp_path / "windows.txt"
     path.write_text(text, encoding="utf-8")
     ids = tok(text, return_tensors="pt")["input_ids"]
-    ctx, stride = 32, 12
+    for ctx, stride in ((32, 12), (32, 32)):  # overlapping windows; and none (each window's first token unscored)
+        _check_against_reference_loop(model, tok, path, ids, ctx, stride)
 
+
+def _check_against_reference_loop(model, tok, path, ids, ctx, stride):
     total, count, prev_end = 0.0, 0, 0
     for begin in range(0, ids.shape[1], stride):
         end = min(begin + ctx, ids.shape[1])
@@ -83,7 +86,9 @@ def test_perplexity_sliding_windows_match_reference_loop(model_and_tokenizer, tm
 
     for batch_size in (1, 3):
         result = ev.perplexity(model, tok, path, context_length=ctx, stride=stride, batch_size=batch_size, show_progress=False)
-        assert result["tokens"] == count == ids.shape[1] - 1
+        n_windows = -(-(ids.shape[1] - ctx) // stride) + 1 if ids.shape[1] > ctx else 1
+        unscored = n_windows if stride == ctx else 1  # no overlap: every window's first token has no prefix
+        assert result["tokens"] == count == ids.shape[1] - unscored
         assert result["nll"] == pytest.approx(total / count, rel=1e-5)
 
 
