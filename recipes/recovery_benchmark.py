@@ -28,7 +28,7 @@ Stages (``RECIPE_DEFAULTS``; a method spec ``name:key=value,...`` changes any fi
   source (partitions first fit their routers at conversion, on ``--calibration-file``, default the training text).
 
 Writes ``recovery.json`` after every method (atomically; a rerun without ``--overwrite`` resumes after the methods
-it holds, if its settings match) and ``recovery.png`` (perplexity ratio against training tokens and against
+it holds, if its settings match; a method interrupted mid-way resumes after its last finished stage) and ``recovery.png`` (perplexity ratio against training tokens and against
 training minutes); each stage's checkpoints live under ``DIR/<method>/``.
 """
 
@@ -420,7 +420,30 @@ def _copy_source(source: str, out: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
+PROGRESS_FILE = "progress.json"
+
+
+def _load_progress(work: Path, args) -> dict | None:
+    """What an interrupted run of this method finished (conversion, stages), if it ran with these settings."""
+    path = work / PROGRESS_FILE
+    if not path.exists():
+        return None
+    progress = json.loads(path.read_text(encoding="utf-8"))
+    if progress.get("settings") != _settings(args):
+        changed = sorted(k for k in set(progress.get("settings", {})) | set(_settings(args))
+                         if progress.get("settings", {}).get(k) != _settings(args).get(k))
+        print(f"{work.name}: earlier partial run had other settings ({', '.join(changed)}); starting it afresh")
+        return None
+    return progress
+
+
+def _save_progress(work: Path, args, state: dict) -> None:
+    atomic_write_text(work / PROGRESS_FILE, json.dumps({"settings": _settings(args), **state}, indent=1) + "\n")
+
+
 def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
+    """Convert, run the stages and evaluate after each. An interrupted method resumes after its last finished stage
+    (``DIR/<method>/progress.json``, written after the conversion and after every stage), if the settings match."""
     from transformers import AutoModelForCausalLM
 
     from ..conversion import convert
@@ -429,40 +452,53 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     method = resolve_method(name)
     to, options = method.target, method.conversion
     work = out / _work_name(name)
-    if work.exists():
-        shutil.rmtree(work)
+    progress = _load_progress(work, args)
     started = time.time()
-    converted = work / "converted"
-    extra = {}
-    if to == "moe" and options["method"] == "partition":
-        extra = {"calibration_file": args.calibration_file or args.train_file}
-    if to == SOURCE_TARGET:
-        _copy_source(source, converted)
-        record = {"max_abs_logit_diff": 0.0}
-    else:
-        record = convert(source, converted, to=to, **options, **extra).record
     kind = method.kind
-    row = {"method": name, "target": to, "options": options, "recipe": recipe_settings(kind, method.recipe),
-           **({"about": method.about} if method.about else {}),
-           "max_abs_logit_diff": record["max_abs_logit_diff"],
-           "conversion_seconds": round(time.time() - started),
-           "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
-                       **evaluate_model(converted, args, assets, tasks=args.task_points == "all")}]}
-    if "report" in record:
-        row["conversion_report"] = record["report"]
     linear = kind == "linear" and to != SOURCE_TARGET
-    if linear:
-        row["attention_mse_before"] = attention_mse(converted, args.eval_file)
-    current, tokens, seconds, cpu_seconds = converted, 0, 0.0, 0.0
-    if args.minutes is not None:
-        row["budget_clock"] = args.budget_clock
+    converted = work / "converted"
+    if progress is None:
+        if work.exists():
+            shutil.rmtree(work)
+        extra = {}
+        if to == "moe" and options["method"] == "partition":
+            extra = {"calibration_file": args.calibration_file or args.train_file}
+        if to == SOURCE_TARGET:
+            _copy_source(source, converted)
+            record = {"max_abs_logit_diff": 0.0}
+        else:
+            record = convert(source, converted, to=to, **options, **extra).record
+        row = {"method": name, "target": to, "options": options, "recipe": recipe_settings(kind, method.recipe),
+               **({"about": method.about} if method.about else {}),
+               "max_abs_logit_diff": record["max_abs_logit_diff"],
+               "conversion_seconds": round(time.time() - started),
+               "points": [{"stage": "converted", "tokens": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
+                           **evaluate_model(converted, args, assets, tasks=args.task_points == "all")}]}
+        if "report" in record:
+            row["conversion_report"] = record["report"]
+        if linear:
+            row["attention_mse_before"] = attention_mse(converted, args.eval_file)
+        if args.minutes is not None:
+            row["budget_clock"] = args.budget_clock
+        progress = {"row": row, "stages_done": 0, "current": str(converted), "tokens": 0, "seconds": 0.0,
+                    "cpu_seconds": 0.0, "carried": 0.0, "elapsed": time.time() - started}
+        _save_progress(work, args, progress)
+    else:
+        print(f"{name}: resuming after {progress['stages_done']} finished stage(s) in {work}")
+        progress["row"].setdefault("resumed_after_stages", progress["stages_done"])
+    row = progress["row"]
+    current, tokens = Path(progress["current"]), progress["tokens"]
+    seconds, cpu_seconds = progress["seconds"], progress["cpu_seconds"]
+    carried = progress["carried"]  # minutes of a skipped stage, given to the next one (every method: one budget)
+    elapsed_before = progress["elapsed"] - (time.time() - started)  # wall time of earlier runs of this method
     has_new = to != SOURCE_TARGET and bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
     routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
-    carried = 0.0  # minutes of a skipped stage, given to the next one (every method gets the same budget)
     stages = stage_recipes(kind, source, args, method)
     if stages[0][0] != "stage1":
         stages.insert(0, ("stage1", None))
     for index, (stage, sections) in enumerate(stages):
+        if index < progress["stages_done"]:
+            continue
         skip = None
         if sections is None:
             skip = "the recipe has no attention-transfer stage"
@@ -473,29 +509,34 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         if skip:
             row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": skip})
             carried = args.minutes or 0.0
-            continue
-        recipe = {"model": str(current), "output_dir": str(work / stage),
-                  "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
-        summary = _run_stage(recipe, work, stage, args, extra_minutes=carried)
-        carried = 0.0
-        current = work / stage / "final"
-        stage_tokens = summary["steps"] * args.batch_size * args.block_size
-        tokens += stage_tokens
-        seconds += summary["train_seconds"]
-        cpu_seconds += summary["train_cpu_seconds"]
-        point = {"stage": stage, "tokens": tokens, "steps": summary["steps"], "train_seconds": round(seconds, 1),
-                 "train_cpu_seconds": round(cpu_seconds, 1),
-                 "tokens_per_second": round(stage_tokens / max(summary["train_seconds"], 1e-9)),
-                 "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
-                 # the training curve between this point and the last: (tokens so far, logged loss)
-                 "loss_curve": [(tokens - stage_tokens + step * args.batch_size * args.block_size, round(loss, 5))
-                                for step, loss in summary.get("loss_curve", [])],
-                 **evaluate_model(current, args, assets,
-                                  tasks=args.task_points == "all" or index == len(stages) - 1)}
-        row["points"].append(point)
-        if linear and stage == "stage1":
-            row["attention_mse_after_stage1"] = attention_mse(current, args.eval_file)
-    row["seconds"] = round(time.time() - started)
+        else:
+            for leftover in (work / stage, work / f"{stage}_pilot"):  # an interrupted stage's partial output
+                shutil.rmtree(leftover, ignore_errors=True)
+            recipe = {"model": str(current), "output_dir": str(work / stage),
+                      "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
+            summary = _run_stage(recipe, work, stage, args, extra_minutes=carried)
+            carried = 0.0
+            current = work / stage / "final"
+            stage_tokens = summary["steps"] * args.batch_size * args.block_size
+            tokens += stage_tokens
+            seconds += summary["train_seconds"]
+            cpu_seconds += summary["train_cpu_seconds"]
+            point = {"stage": stage, "tokens": tokens, "steps": summary["steps"], "train_seconds": round(seconds, 1),
+                     "train_cpu_seconds": round(cpu_seconds, 1),
+                     "tokens_per_second": round(stage_tokens / max(summary["train_seconds"], 1e-9)),
+                     "loss_start": summary["loss_start"], "loss_end": summary["loss_end"],
+                     # the training curve between this point and the last: (tokens so far, logged loss)
+                     "loss_curve": [(tokens - stage_tokens + step * args.batch_size * args.block_size, round(loss, 5))
+                                    for step, loss in summary.get("loss_curve", [])],
+                     **evaluate_model(current, args, assets,
+                                      tasks=args.task_points == "all" or index == len(stages) - 1)}
+            row["points"].append(point)
+            if linear and stage == "stage1":
+                row["attention_mse_after_stage1"] = attention_mse(current, args.eval_file)
+        _save_progress(work, args, {"row": row, "stages_done": index + 1, "current": str(current), "tokens": tokens,
+                                    "seconds": seconds, "cpu_seconds": cpu_seconds, "carried": carried,
+                                    "elapsed": elapsed_before + time.time() - started})
+    row["seconds"] = round(elapsed_before + time.time() - started)
     return row
 
 
@@ -739,6 +780,7 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2) if args.json else format_table(result))
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    fresh = args.overwrite
     if args.overwrite:  # start afresh once; rows this run writes are then kept
         result_path.unlink(missing_ok=True)
         args.overwrite = False
@@ -763,8 +805,11 @@ def main(argv=None) -> int:
             if name in done:
                 print(f"{name}: already in {result_path} (resumed); --overwrite to run it again")
                 continue
+            if fresh:  # --overwrite: a method's partial run is not resumed either
+                (out / _work_name(name) / PROGRESS_FILE).unlink(missing_ok=True)
             row = run_method(name, args.source, out, args, assets)
             result = _merge_and_save(result_path, args, row=row)
+            (out / _work_name(name) / PROGRESS_FILE).unlink(missing_ok=True)  # the row holds it now
     result = _merge_and_save(result_path, args)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if all(math.isfinite(p["ppl"]) for r in result["methods"] for p in r["points"]) else 1

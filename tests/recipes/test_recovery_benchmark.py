@@ -109,6 +109,48 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
                                                              "--eval-limit", "0", "--methods", "lolcats"])
 
 
+class MachineShutDown(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_method_resumes_after_its_last_finished_stage(tmp_path, stories260k, stories_text, assets,
+                                                                  monkeypatch):
+    from hf_arch.recipes import recovery_benchmark as bench
+
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    out = tmp_path / "resumed"
+    args = _common(stories260k, out, stories_text) + ["--methods", "lolcats", "--stage1-steps", "1",
+                                                      "--stage2-steps", "1"]
+    real_run_stage, calls, interrupted_once = bench._run_stage, [], []
+
+    def interrupted(recipe, work, stage, args, extra_minutes=0.0):
+        calls.append(stage)
+        if stage == "stage2" and not interrupted_once:
+            interrupted_once.append(stage)
+            (work / stage).mkdir(parents=True)  # a stage that dies leaves partial output behind
+            raise MachineShutDown
+        return real_run_stage(recipe, work, stage, args, extra_minutes)
+
+    monkeypatch.setattr(bench, "_run_stage", interrupted)
+    with pytest.raises(MachineShutDown):
+        main(args)
+    progress = json.loads((out / "lolcats" / "progress.json").read_text())
+    assert progress["stages_done"] == 1 and [p["stage"] for p in progress["row"]["points"]] == ["converted", "stage1"]
+    assert main(args) == 0  # converts nothing and trains stage 1 no more: only stage 2 runs
+    assert calls == ["stage1", "stage2", "stage2"]
+    row = json.loads((out / "recovery.json").read_text())["methods"][0]
+    assert [p["stage"] for p in row["points"]] == ["converted", "stage1", "stage2"]
+    assert [p["tokens"] for p in row["points"]] == [0, 64, 128] and row["resumed_after_stages"] == 1
+    assert row["points"][1] == progress["row"]["points"][1]
+    assert not (out / "lolcats" / "progress.json").exists()  # the finished row lives in recovery.json alone
+    # Other settings do not resume a partial run: it starts afresh.
+    (out / "lolcats" / "progress.json").write_text(json.dumps({**progress, "settings": {"block_size": 64}}))
+    calls.clear()
+    assert main(args[:-4] + ["--methods", "source_ft", "--stage1-steps", "1", "--stage2-steps", "1"]) == 0
+    assert calls == ["stage2"]  # source_ft: stage 1 skipped, nothing resumed from lolcats' folder
+
+
 @pytest.mark.slow
 def test_minutes_budget_runs_the_steps_a_pilot_says_fit(tmp_path, stories260k, stories_text, assets, monkeypatch):
     monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
