@@ -24,6 +24,7 @@ from .fla_backend import fla_op
 from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .krr.chunk import krr_attention_torch
+from .lasp2 import active_plan, lasp2_affine, lasp2_diagonal, refuse_unsupported
 from .lightning.chunk import chunk_lightning_attention
 from .lightning.recurrent import fused_recurrent_lightning_attention
 from .moe.grouped import grouped_expert_mlp
@@ -117,6 +118,12 @@ def gla(
     q, k, g ``[B, T, H, K]``; v ``[B, T, H, V]``; initial_state ``[N, H, K, V]``. Returns ``(o, final_state)``.
     """
     impl = select_backend("gla", _GLA_IMPLS, q, backend)
+    plan = active_plan()
+    if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
+        refuse_unsupported("gla", cu_seqlens)
+        return lasp2_diagonal(lambda q_, k_, v_, **state: impl(q_, k_, v_, g, scale=scale, **state), q, k, v, g,
+                              scale=q.shape[-1] ** -0.5 if scale is None else scale, plan=plan,
+                              initial_state=initial_state, output_final_state=output_final_state)
     return impl(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
 
@@ -136,6 +143,15 @@ def lightning_attention(
     decay per head, ``log_decay [H]`` (<= 0). q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; initial_state
     ``[N, H, K, V]``. Returns ``(o, final_state)``."""
     impl = select_backend("lightning_attention", _LIGHTNING_IMPLS, q, backend)
+    plan = active_plan()
+    if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
+        refuse_unsupported("lightning_attention", cu_seqlens)
+        B, T, H, K = q.shape
+        per_token = log_decay.view(1, 1, H) if log_decay.dim() == 1 else log_decay
+        return lasp2_diagonal(lambda q_, k_, v_, **state: impl(q_, k_, v_, log_decay, scale=scale, **state),
+                              q, k, v, per_token[..., None].expand(B, T, H, K),
+                              scale=K ** -0.5 if scale is None else scale, plan=plan,
+                              initial_state=initial_state, output_final_state=output_final_state)
     return impl(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)
 
@@ -158,6 +174,12 @@ def gated_delta_rule(
     q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g, beta ``[B, T, HV]``; initial_state ``[N, HV, K, V]``.
     """
     impl = select_backend("gated_delta_rule", _GDR_IMPLS, q, backend)
+    plan = active_plan()
+    if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
+        refuse_unsupported("gated_delta_rule", cu_seqlens)
+        return lasp2_affine(lambda q_, k_, v_, **state: impl(q_, k_, v_, g, beta, scale=scale,
+                                                             use_qk_l2norm=use_qk_l2norm, **state),
+                            q, k, v, plan=plan, initial_state=initial_state, output_final_state=output_final_state)
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
 
