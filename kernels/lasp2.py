@@ -68,7 +68,7 @@ def chunk_bounds(total_length: int, world_size: int) -> list[tuple[int, int]]:
                          "(a world size larger than the number of chunks)")
     if total_length % world_size:
         raise ValueError(f"sequence parallelism: sequence length {total_length} is not divisible by the world size "
-                         f"{world_size}; pad it to a multiple of {world_size} (hf_arch.parallel.split_batch pads)")
+                         f"{world_size}; pad it to a multiple of {world_size} (the sequence-parallel split_batch pads)")
     size = total_length // world_size
     return [(r * size, (r + 1) * size) for r in range(world_size)]
 
@@ -161,11 +161,11 @@ class _FoldPrefix(torch.autograd.Function):
             start, final = _fold(Ps, Ms, initial, ctx.rank, ctx.diagonal)
             outputs, grads = [], []
             for out, g in ((start, grad_start), (final, grad_final)):
-                if g is not None:
+                if g is not None and out.requires_grad:  # rank 0's start is the initial state itself
                     outputs.append(out)
                     grads.append(g)
             inputs = (Ps, Ms) + ((initial,) if initial.requires_grad else ())
-            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if outputs else (None,) * len(inputs)
         gP, gM = (torch.zeros_like(x) if g is None else g for x, g in zip((Ps, Ms), found[:2]))
         both = torch.cat([gP.flatten(), gM.flatten()])
         dist.all_reduce(both, group=ctx.group)  # every rank's contribution to every pair's gradient

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.lasp2 import active_plan
 from ..configuration import (
     ATTENTION_LAYER_TYPES,
     TOKEN_MIXER_SPECS,
@@ -34,6 +35,7 @@ from .auxiliary import merge_auxiliary, mixer_result, split_mixer_result
 from .mixer_registry import register_token_mixer
 from .norm import build_qk_norms
 from .rope import apply_rotary_pos_emb
+from .sequence_parallel_attention import sequence_parallel_attention
 
 __all__ = ["HfArchAttention", "eager_attention_forward", "repeat_kv", "weighted_values"]
 
@@ -190,6 +192,11 @@ class HfArchAttention(nn.Module):
         else:
             query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
             value = value.transpose(1, 2)
+        plan = active_plan()
+        if plan is not None:  # LASP-2H: this rank's queries against the keys of every chunk up to its own
+            if past_key_values is not None:
+                raise ValueError(f"layer {self.layer_idx}: sequence parallelism runs without a cache (use_cache=False)")
+            return self.finish(hidden_states, sequence_parallel_attention(self, query, key, value, plan)), None
         attn_output, values_seen, attn_weights = self.attender.attend(
             self, hidden_states, query, key, value, attention_mask=attention_mask,
             position_embeddings=position_embeddings, past_key_values=past_key_values, padding_mask=padding_mask,

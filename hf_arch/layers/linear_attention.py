@@ -30,6 +30,7 @@ from torch import nn
 
 from ..configuration import LINEAR_LAYER_TYPES
 from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention, sliding_window_attention_with_mass
+from ..kernels.lasp2 import active_plan
 from ..kernels.sliding_window import sliding_window_attention_over_cache
 from .attention import repeat_kv
 from .attention_transfer import softmax_teacher, transfer_loss
@@ -279,6 +280,9 @@ class HfArchLinearAttention(nn.Module):
                 f"HfArchLinearAttention (layer {self.layer_idx}): attention_transfer mode runs without a cache; "
                 "call the model with use_cache=False (and no past_key_values)"
             )
+        if self.hybrid != "none" and active_plan() is not None:
+            raise NotImplementedError(f"layer {self.layer_idx}: sequence parallelism does not cover the {self.hybrid} "
+                                      "hybrid's window branch yet; use layer-level hybrids (softmax layers)")
         # The layer's cache entry, able to count the tokens it takes in (extended on first use).
         layer = token_count_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
 

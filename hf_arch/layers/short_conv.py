@@ -3,7 +3,8 @@
 One grouped ``conv1d`` call for plain batches; packed sequences are computed tap by tap (``kernel_size`` is 2-4)
 so that they are cut exactly: a tap that would reach before the start of its sequence reads zero, as it would with
 each sequence run on its own. With a cache, the
-inputs of the last ``kernel_size`` tokens live in transformers' ``LinearAttentionLayer`` conv state.
+inputs of the last ``kernel_size`` tokens live in transformers' ``LinearAttentionLayer`` conv state; under sequence
+parallelism (LASP-2, ``kernels.lasp2``) they come from the previous rank's chunk.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 
 import torch
 from torch import nn
+
+from ..kernels.lasp2 import active_plan, previous_rank_tail
 
 
 class ShortConvolution(nn.Module):
@@ -37,6 +40,11 @@ class ShortConvolution(nn.Module):
         position_in_sequence ``[B | 1, T]`` index of each token in its packed sequence (taps stop at its start)."""
         K = self.kernel_size
         T = x.shape[1]
+        plan = active_plan()
+        if plan is not None and past_inputs is None and K > 1:  # sequence parallel: the previous chunk's last inputs
+            if position_in_sequence is not None:
+                raise ValueError("ShortConvolution under sequence parallelism: packed sequences are not supported")
+            past_inputs = previous_rank_tail(x, K - 1, plan).transpose(1, 2)
         if position_in_sequence is None:  # one depthwise conv1d call, or for one token a multiply-add
             x_cf = x.transpose(1, 2)  # [B, C, T]
             if past_inputs is not None:
