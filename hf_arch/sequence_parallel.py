@@ -18,12 +18,16 @@ of transformers' Trainer and accelerate's process group (``accelerate launch`` /
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from transformers import Trainer
 
 from .kernels.lasp2 import active_plan, chunk_bounds, sequence_parallel
 
-__all__ = ["split_batch", "sequence_parallel_loss", "sequence_parallel", "all_reduce_gradients", "IGNORE_INDEX"]
+__all__ = ["split_batch", "sequence_parallel_loss", "sequence_parallel", "all_reduce_gradients", "IGNORE_INDEX",
+           "SequenceParallelMixin", "SequenceParallelTrainer"]
 
 IGNORE_INDEX = -100
 
@@ -76,3 +80,76 @@ def all_reduce_gradients(model, group=None) -> None:
     for parameter in model.parameters():
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad, group=group)
+
+
+def _sequence_parallel_size(trainer) -> int:
+    size = getattr(trainer, "_sequence_parallel_size", None)
+    return int(size if size is not None else getattr(trainer.args, "sequence_parallel_size", 1) or 1)
+
+
+def _gather_batches(inputs: dict, group, world_size: int) -> list[dict]:
+    """Every rank's batch (the tensors the LM loss needs), on every rank; equal shapes required."""
+    keys = [k for k in ("input_ids", "labels", "attention_mask") if inputs.get(k) is not None]
+    shape = torch.tensor(list(inputs["input_ids"].shape), device=inputs["input_ids"].device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError("sequence parallelism: every process's batch must have the same shape (got "
+                         f"{[tuple(s.tolist()) for s in shapes]}); pack the text into fixed-length blocks")
+    gathered = {}
+    for key in keys:
+        parts = [torch.empty_like(inputs[key]) for _ in range(world_size)]
+        dist.all_gather(parts, inputs[key].contiguous(), group=group)
+        gathered[key] = parts
+    return [{key: gathered[key][j] for key in keys} for j in range(world_size)]
+
+
+class SequenceParallelMixin:
+    """For a transformers ``Trainer`` subclass: with ``sequence_parallel_size`` equal to the number of processes,
+    each optimizer step trains every process's batch in turn, split along the sequence over all processes (LASP-2).
+    The parameter gradients are then exactly those of data-parallel training on the same batches (every process's
+    batch a mean over its tokens, DDP averaging the processes), at 1/world of each sequence's activations per
+    process. The objective is the next-token loss; attention-transfer or distillation objectives are refused."""
+
+    def _sequence_parallel_group(self):
+        if getattr(self, "_sp_group", None) is None:
+            self._sp_group = dist.new_group(list(range(dist.get_world_size())))  # apart from DDP's default group
+        return self._sp_group
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        size = _sequence_parallel_size(self)
+        if size <= 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if size != world:
+            raise ValueError(f"sequence_parallel_size {size} must equal the number of processes ({world}): "
+                             "sequence parallelism alongside data parallelism is not supported")
+        if getattr(self, "objective", "lm") != "lm" or getattr(self, "teacher", None) is not None:
+            raise ValueError("sequence parallelism trains the next-token objective only (no attention transfer, "
+                             "gate distillation or teacher distillation)")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        group = self._sequence_parallel_group()
+        rank = dist.get_rank(group)
+        pad = getattr(getattr(self, "processing_class", None), "pad_token_id", None) or 0
+        total = None
+        batches = _gather_batches(inputs, group, world)
+        for j, batch in enumerate(batches):
+            chunk = split_batch(batch, rank, world, pad_token_id=pad)
+            last = j == len(batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync, sequence_parallel(group, total_length=chunk["total_length"]):
+                loss = sequence_parallel_loss(model, chunk) / self.current_gradient_accumulation_steps
+                self.accelerator.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        self.sequence_parallel_batches = getattr(self, "sequence_parallel_batches", 0) + len(batches)
+        return total
+
+
+class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
+    """``Trainer`` with ``sequence_parallel_size`` (default: ``args.sequence_parallel_size`` if the arguments have
+    it, else 1). Launch with ``accelerate launch`` / ``torchrun`` on as many processes."""
+
+    def __init__(self, *args, sequence_parallel_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sequence_parallel_size = sequence_parallel_size

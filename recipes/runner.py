@@ -37,6 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..atomic_io import replace_dir
+from ..sequence_parallel import SequenceParallelMixin
 from .data import PadCollator, build_datasets
 from .moe_logging import RoutingStatsCallback, has_moe_layers
 from .objectives import (
@@ -150,9 +151,10 @@ def build_param_groups(model: torch.nn.Module, learning_rate: float, weight_deca
     return groups
 
 
-class RecipeTrainer(Trainer):
+class RecipeTrainer(SequenceParallelMixin, Trainer):
     """Trainer whose optimizer scales the output-gate learning rate, and whose loss follows the recipe's objective
-    (next-token, attention transfer, or next-token plus distillation; see :mod:`.objectives`)."""
+    (next-token, attention transfer, or next-token plus distillation; see :mod:`.objectives`); with
+    ``training.sequence_parallel_size`` > 1, every batch is split along the sequence over the processes (LASP-2)."""
 
     def __init__(self, *args, gate_lr_scale: float = 1.0, objective: str = "lm", teacher=None,
                  distill=None, multiplier_lr_scale: float = 1.0, **kwargs):

@@ -109,6 +109,10 @@ class RecipeTrainingArguments(TrainingArguments):
     # methods are compared side by side); with N threads a CPU-minute passes N times faster than a wall minute.
     budget_clock: Literal["wall", "cpu"] = field(
         default="wall", metadata={"help": "how max_train_minutes is counted: wall | cpu (this process's CPU time)"})
+    # LASP-2 (hf_arch.sequence_parallel): each batch split along the sequence over this many processes (all of
+    # them: `accelerate launch --num_processes N` / `torchrun --nproc-per-node N`); 1: off.
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "split every sequence over this many processes (LASP-2; = the process count)"})
     # Recipe defaults (TrainingArguments' own in brackets).
     learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate [5e-5]"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1 [3.0]"})
@@ -445,6 +449,14 @@ def _validate(recipe: Recipe) -> None:
             raise ValueError(f"{src}: distill.kl_weight and distill.lm_weight must be >= 0 and not both 0")
         if dist.temperature <= 0:
             raise ValueError(f"{src}: 'distill.temperature' must be > 0, got {dist.temperature}")
+    if t.sequence_parallel_size < 1:
+        raise ValueError(f"{src}: 'training.sequence_parallel_size' must be >= 1, got {t.sequence_parallel_size}")
+    if t.sequence_parallel_size > 1 and (t.objective != "lm" or dist.teacher is not None):
+        raise ValueError(f"{src}: training.sequence_parallel_size > 1 trains the next-token objective only (objective "
+                         f"{t.objective!r}, distill.teacher {dist.teacher!r})")
+    if t.sequence_parallel_size > 1 and t.sequence_parallel_size > d.block_size:
+        raise ValueError(f"{src}: data.block_size {d.block_size} cannot be split across training.sequence_parallel_size "
+                         f"{t.sequence_parallel_size} processes (a world size larger than the number of chunks)")
     if d.document_separator is not None and not d.document_separator.strip():
         raise ValueError(f"{src}: 'data.document_separator' must not be blank (leave it unset for paragraphs)")
 

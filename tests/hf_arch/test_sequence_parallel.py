@@ -56,3 +56,37 @@ def test_split_batch_refuses_padded_rows_and_bad_shapes():
         split_batch({"input_ids": ids.flatten()}, 0, 2)
     with pytest.raises(ValueError, match="4 tokens cannot be split across 8 ranks"):
         split_batch({"input_ids": ids}, 0, 8)
+
+
+TRAINER_WORKER = Path(__file__).with_name("sequence_parallel_trainer_worker.py")
+
+
+def _accelerate_launch(out: Path, mode: str) -> None:
+    import subprocess
+    import sys
+
+    port = _lasp2_tests.free_port()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(TRAINER_WORKER), str(out), mode]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"accelerate launch ({mode}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_a_trainer_step_under_accelerate_launch_equals_data_parallel_training(tmp_path):
+    """Two processes, the same batches: sequence-parallel training (each batch split along the sequence over both
+    processes) ends at the weights plain data-parallel training reaches."""
+    _accelerate_launch(tmp_path, "sp")
+    _accelerate_launch(tmp_path, "ddp")
+    sp, ddp = torch.load(tmp_path / "sp.pt"), torch.load(tmp_path / "ddp.pt")
+    assert sp["world"] == ddp["world"] == 2
+    assert sp["split_batches"] == 4 and ddp["split_batches"] == 0  # 2 steps x both processes' batches, split
+    moved = 0.0
+    for name, weight in ddp["state"].items():
+        assert torch.allclose(sp["state"][name], weight, atol=1e-6, rtol=0), \
+            f"{name}: {float((sp['state'][name] - weight).abs().max())}"
+        moved = max(moved, float((weight - ddp["initial"][name]).abs().max()))
+    assert moved > 1e-2  # the steps changed the weights
+    assert abs(sp["loss"] - ddp["loss"]) < 1e-5

@@ -175,6 +175,12 @@ def test_training_section_is_transformers_training_arguments(tmp_path, monkeypat
         ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\ntraining: {lerning_rate: 1}\n", [],
          "did you mean 'learning_rate'"),
         ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\ntraining: 3\n", [], "training must be a mapping"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.sequence_parallel_size=0"],
+         "'training.sequence_parallel_size' must be >= 1"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.sequence_parallel_size=2",
+                                                              "distill.teacher=t"], "next-token objective only"),
+        ("model: m\noutput_dir: o\ndata: {train_file: x.txt}\n", ["training.sequence_parallel_size=4",
+                                                              "data.block_size=2"], "cannot be split across"),
     ],
 )
 def test_schema_errors_name_key_and_file(tmp_path, body, overrides, match):
