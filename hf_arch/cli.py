@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "trained from scratch, see `hf-arch bench scratch --help`; `bench e2e SRC`: "
                                      "prefill, decode and memory of conversions vs the source, see "
                                      "`hf-arch bench e2e --help`; `bench hub-kernels`: transformers' own Qwen3-Next "
-                                     "with and without hf_arch.use_kernels(), training step and decode)")
+                                     "with and without hf_arch.use_kernels(), training step and decode; `bench sequence-parallel`: "
+                                     "LASP-2 training steps, 1 process vs N, tokens/s and memory per rank)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -566,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.e2e_benchmark import main as e2e_main
 
         return e2e_main(argv[2:])
+    if argv[:2] == ["bench", "sequence-parallel"]:  # its own options: LASP-2 steps, 1 process vs N
+        from hf_arch.recipes.sequence_parallel_benchmark import main as sequence_parallel_main
+
+        return sequence_parallel_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import hf_arch  # noqa: F401  (registers the variants)
