@@ -27,7 +27,7 @@ from transformers import Trainer
 from .kernels.lasp2 import active_plan, chunk_bounds, sequence_parallel
 
 __all__ = ["split_batch", "sequence_parallel_loss", "sequence_parallel", "all_reduce_gradients", "IGNORE_INDEX",
-           "SequenceParallelMixin", "SequenceParallelTrainer"]
+           "SequenceParallelMixin", "SequenceParallelTrainer", "check_sequence_parallel_support"]
 
 IGNORE_INDEX = -100
 
@@ -64,10 +64,28 @@ def split_batch(batch: dict, rank: int, world_size: int, pad_token_id: int = 0) 
             "num_items": int((shift != IGNORE_INDEX).sum()), "total_length": total}
 
 
+def check_sequence_parallel_support(model) -> None:
+    """Refuse, by name, a model whose token mixers do not declare ``supports_sequence_parallel`` (or that has none of
+    ours: transformers' own layers would silently attend within each chunk only)."""
+    from .layers.mixer_registry import TOKEN_MIXERS
+
+    mixer_classes = tuple(TOKEN_MIXERS.values())
+    mixers = [(name, module) for name, module in model.named_modules() if isinstance(module, mixer_classes)]
+    if not mixers:
+        raise ValueError(f"sequence parallelism needs an hf-arch model; {type(model).__name__} has none of our token "
+                         "mixers (its layers would attend within each chunk only)")
+    unsupported = sorted({f"{type(m).__name__} ({name})" for name, m in mixers
+                          if not getattr(m, "supports_sequence_parallel", False)})
+    if unsupported:
+        raise ValueError(f"sequence parallelism is not supported by: {', '.join(unsupported[:4])}"
+                         f"{' …' if len(unsupported) > 4 else ''}")
+
+
 def sequence_parallel_loss(model, chunk: dict) -> torch.Tensor:
     """This rank's share of the batch's mean next-token loss (inside :func:`sequence_parallel`)."""
     if active_plan() is None:
         raise RuntimeError("sequence_parallel_loss: call it inside hf_arch.sequence_parallel.sequence_parallel(...)")
+    check_sequence_parallel_support(model)
     logits = model(input_ids=chunk["input_ids"], position_ids=chunk["position_ids"], use_cache=False).logits
     wide = torch.promote_types(logits.dtype, torch.float32)
     nll = torch.nn.functional.cross_entropy(logits.to(wide).flatten(0, 1), chunk["shift_labels"].flatten(),

@@ -48,6 +48,7 @@ class HfArchAttention(nn.Module):
     layer_types = ATTENTION_LAYER_TYPES
     attention_features = "all"  # every registered score and feature (configuration.TokenMixerSpec)
     attention_backends = None  # any of transformers' (flash / flex refused per feature: attention_kernel_conflicts)
+    supports_sequence_parallel = True  # LASP-2H (plain softmax layers; features are refused at the forward)
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()

@@ -136,6 +136,7 @@ class KimiDeltaAttention(nn.Module):
     layer_types = ("linear_attention",)  # its cache entry: conv state + recurrent state
     attention_backends = ()  # calls no attention backend
     options_class = KDAOptions
+    supports_sequence_parallel = True  # LASP-2: its op exchanges states across ranks, its conv takes the halo
     # Read by peft_utils (names relative to this module). q/k/v/o come from the source checkpoint; the low-rank decay
     # and gate projections (rank head_dim) and b_proj (H outputs) are small and no LoRA targets.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")

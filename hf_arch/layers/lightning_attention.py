@@ -88,6 +88,7 @@ class LightningAttention(nn.Module):
     layer_types = ("linear_attention",)  # its cache entry: a recurrent state
     attention_backends = ()
     options_class = LightningOptions
+    supports_sequence_parallel = True  # LASP-2: its op exchanges states across ranks
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "u_proj")
     new_parameters = ("u_proj",)
 

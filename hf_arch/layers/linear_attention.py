@@ -104,6 +104,7 @@ class HfArchLinearAttention(nn.Module):
     # asks for). A hybrid's window branch sits in a hybrid_sliding layer.
     layer_types = LINEAR_LAYER_TYPES
     kind: str | None = None  # "gla" / "gated_deltanet", set by the subclasses
+    supports_sequence_parallel = True  # LASP-2 (window-branch hybrids are refused at the forward)
 
     def __new__(cls, config=None, *args, **kwargs):
         if cls is HfArchLinearAttention and config is not None:

@@ -48,6 +48,28 @@ def test_split_batch_shifts_before_splitting_and_pads_to_the_world_size():
     assert all(c["num_items"] == 9 for c in chunks)
 
 
+def test_models_without_support_are_refused_by_name(tiny_gated_model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_arch
+    from hf_arch.sequence_parallel import check_sequence_parallel_support
+
+    check_sequence_parallel_support(tiny_gated_model)  # softmax attention (gates are token-wise): supported
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match="needs an hf-arch model; LlamaForCausalLM"):
+        check_sequence_parallel_support(llama)
+    mla = hf_arch.HybridConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, token_mixer_types=["gated_deltanet", "mla"],
+                               linear_attn_type="gated_deltanet",
+                               mixer_options={"mla": dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                                          v_head_dim=8)})
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="not supported by: .*Latent"):
+        check_sequence_parallel_support(AutoModelForCausalLM.from_config(mla))
+
+
 def test_split_batch_refuses_padded_rows_and_bad_shapes():
     ids = torch.arange(8).view(2, 4)
     with pytest.raises(ValueError, match="attention_mask has zeros"):
