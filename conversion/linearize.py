@@ -56,7 +56,7 @@ class LinearizeOptions:
     num_sinks: int = 4  # lizard's learnable sink logits
     gate_normalizer: float = 16.0  # τ of the GLA-style log gate
     # Overrides of the method preset (recipe fields; None keeps the preset's): the linear branch's feature map
-    # (identity | softmax | hedgehog) and the hybrids' initial [w_linear, w_window] mixing weights (lizard adds
+    # (identity | softmax | hedgehog | norm_aware | np_map) and the hybrids' initial [w_linear, w_window] mixing weights (lizard adds
     # α·window to the linear branch, w_window is α's init and w_linear must be 1; lolcats: w_window is γ's init).
     feature_map: str | None = None
     mix_weights: list[float] | None = None

@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers (default 128)")
     conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
     conv.add_argument("--feature-map", choices=list(LINEAR_ATTN_FEATURE_MAPS),
-                      help="linearization: the linear branch's feature map (default: the method's; norm_aware: NaLaFormer)")
+                      help="linearization: the linear branch's feature map (default: the method's; norm_aware: NaLaFormer; "
+                           "np_map: STILL's norm-preserved map)")
     conv.add_argument("--mix-weights", type=float, nargs=2, metavar=("W_LINEAR", "W_WINDOW"),
                       help="linearization hybrids: initial weights of the linear and window branches "
                            "(lizard: W_LINEAR 1, W_WINDOW is the learnable α's init; lolcats: W_WINDOW is γ's init in (0, 1))")

@@ -196,7 +196,7 @@ RESIDUAL_UPDATES = ("additive", "geodesic")
 SPARSE_ATTN_METHODS = ("seer", "flux")
 SPARSE_ATTN_SELECTIONS = ("threshold", "topk", "budget")
 LINEAR_ATTN_GATES = ("low_rank", "scalar", "key_pooled", "none")
-LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog", "norm_aware")
+LINEAR_ATTN_FEATURE_MAPS = ("identity", "softmax", "hedgehog", "norm_aware", "np_map")
 LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
 QK_NORM_SCOPES = ("head", "projection")
@@ -402,7 +402,10 @@ class HfArchConfig(PreTrainedConfig):
             ``q_feature_map [H, D, D]`` and ``k_feature_map [H_kv, D, D]``; the feature dim becomes 2D);
             ``"norm_aware"`` (NaLaFormer, no parameters: the query's direction split by sign and raised to a power
             that grows with its norm, ``p = 3(½ + tanh‖q‖)``, so a longer query attends more sharply; the key cubed and
-            split by sign, so only same-sign dimensions interact; the feature dim becomes 2D; GLA / Gated DeltaNet).
+            split by sign, so only same-sign dimensions interact; the feature dim becomes 2D; GLA / Gated DeltaNet);
+            ``"np_map"`` (STILL's norm-preserved map: the direction of Hedgehog's learnable map, the magnitude of
+            the pretrained q / k, ``‖x‖ · h(x) / ‖h(x)‖``, so training the map cannot drift the feature norms the
+            source's attention depended on; same parameters and 2D features as ``hedgehog``).
         linear_attn_normalize: normalised linear branch ``φ(q)S_t / (φ(q)·z_t)`` with ``z_t = Σ decay·φ(k)``
             (LoLCATs / Hedgehog); GLA only, needs a positive feature map (``softmax`` / ``hedgehog``).
         linear_attn_gate_low_rank_dim: ``r`` above. linear_attn_gate_normalizer: the GLA paper's τ (16).
@@ -1153,7 +1156,7 @@ class HfArchConfig(PreTrainedConfig):
                              "mixer_options['kda'])")
         if self.linear_attn_normalize and self.linear_attn_feature_map == "identity":
             raise ValueError(f"{cls}.linear_attn_normalize needs a positive feature map (linear_attn_feature_map "
-                             "'softmax', 'hedgehog' or 'norm_aware'): with 'identity' the denominator φ(q)·z can be <= 0")
+                             "'softmax', 'hedgehog', 'norm_aware' or 'np_map'): with 'identity' the denominator φ(q)·z can be <= 0")
         if self.linear_attn_hybrid == "lolcats":
             if not self.linear_attn_normalize:
                 raise ValueError(f"{cls}: linear_attn_hybrid='lolcats' shares the linear branch's denominator φ(q)·z "

@@ -70,6 +70,16 @@ def _linear_hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).to(x.dtype)
 
 
+def norm_preserved_map(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """STILL's NP-Map: Hedgehog's direction, the input's own norm, ``‖x‖ · h(x) / ‖h(x)‖`` (``[B, T, H, D]`` →
+    ``[B, T, H, 2D]``, non-negative): the learnable map changes where features point, never how long they are."""
+    features = _linear_hedgehog(x, weight)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    norm = x.to(wide).norm(dim=-1, keepdim=True)
+    direction = features.to(wide) / features.to(wide).norm(dim=-1, keepdim=True).clamp(min=eps)
+    return (norm * direction).to(x.dtype)
+
+
 def norm_aware_query(q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """NaLaFormer's query map ``[relu(q̂)^p ⊕ relu(-q̂)^p]`` with ``q̂ = q/‖q‖`` and ``p = 3(½ + tanh‖q‖)`` per query
     (``[B, T, H, D]`` → ``[B, T, H, 2D]``, computed in fp32): the norm softmax would use as a temperature sets how
@@ -138,10 +148,10 @@ class HfArchLinearAttention(nn.Module):
         self.gate = config.linear_attn_gate
         self.feature_map = config.linear_attn_feature_map
         self.normalize = config.linear_attn_normalize
-        self.feature_dim = 2 * D if self.feature_map in ("hedgehog", "norm_aware") else D
+        self.feature_dim = 2 * D if self.feature_map in ("hedgehog", "norm_aware", "np_map") else D
         self.forget_proj, self.decay_proj, self.beta_proj = None, None, None
         self._build_gates(config)
-        if self.feature_map == "hedgehog":  # LoLCATs: one learnable D×D map per head, separate for q and k
+        if self.feature_map in ("hedgehog", "np_map"):  # one learnable D×D map per head, separate for q and k
             self.q_feature_map = nn.Parameter(torch.empty(H, D, D))
             self.k_feature_map = nn.Parameter(torch.empty(self.num_key_value_heads, D, D))
         else:
@@ -218,6 +228,8 @@ class HfArchLinearAttention(nn.Module):
             return _linear_hedgehog(q, self.q_feature_map), _linear_hedgehog(k, self.k_feature_map)
         if self.feature_map == "norm_aware":
             return norm_aware_query(q), norm_aware_key(k)
+        if self.feature_map == "np_map":
+            return norm_preserved_map(q, self.q_feature_map), norm_preserved_map(k, self.k_feature_map)
         return q, k
 
     def _linear_branch(self, q, k, v, g, beta, initial_state, use_cache, cu_seqlens):

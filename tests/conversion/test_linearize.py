@@ -178,7 +178,7 @@ def test_target_config_is_derived_from_source():
         (dict(keep_full_attention=[1], ratio=2), "only one of keep_full_attention and ratio"),
         (dict(window=0), "window must be a positive integer"),
         (dict(ratio=0), "ratio must be an integer >= 1"),
-        (dict(feature_map="relu"), r"feature_map must be one of \('identity', 'softmax', 'hedgehog', 'norm_aware'\), got 'relu'"),
+        (dict(feature_map="relu"), r"feature_map must be one of \('identity', 'softmax', 'hedgehog', 'norm_aware', 'np_map'\), got 'relu'"),
         (dict(mix_weights=[1.0]), r"mix_weights must be two numbers \[w_linear, w_window\], got \[1.0\]"),
     ],
 )
@@ -201,6 +201,11 @@ def test_feature_map_and_mixing_override_the_method_preset(stories):
     assert preset.linear_attn_feature_map == "hedgehog" and preset.linear_attn_mix_weights == [1.0, 0.5]
     with pytest.raises(ValueError, match="mix_weights: method 'mamba_init' has no window branch"):
         linearize(stories, LinearizeOptions(method="mamba_init", mix_weights=[1.0, 1.0]))
+    # STILL's NP-Map on LoLCATs' recipe: the same learnable maps (identity at init), the source's q / k norms
+    np_model = linearize(stories, LinearizeOptions(method="lolcats", feature_map="np_map"))
+    layer = np_model.model.layers[0].self_attn
+    assert np_model.config.linear_attn_feature_map == "np_map" and layer.feature_dim == 2 * layer.head_dim
+    torch.testing.assert_close(layer.q_feature_map, torch.eye(layer.head_dim).expand_as(layer.q_feature_map))
 
 
 def test_shape_mismatch_names_the_tensor(stories):

@@ -28,6 +28,7 @@ LAYOUTS = {
                                                                      linear_attn_feature_map="hedgehog")),
     "gla_norm_aware_normalized": (GLAConfig, dict(linear_attn_feature_map="norm_aware", linear_attn_normalize=True)),
     "gated_deltanet_norm_aware": (GatedDeltaNetConfig, dict(linear_attn_feature_map="norm_aware")),
+    "gated_deltanet_np_map": (GatedDeltaNetConfig, dict(linear_attn_feature_map="np_map")),
 }
 
 
@@ -71,7 +72,7 @@ def test_hedgehog_identity_init_is_softmax_of_both_signs():
 
 
 @pytest.mark.parametrize("gate", ["none", "key_pooled"])
-@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog", "norm_aware"])
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog", "norm_aware", "np_map"])
 @torch.no_grad()
 def test_normalized_branch_equals_direct_recurrence(gate, feature_map):
     """One head: S_t = decay_t·S_{t-1} + φ(k_t)ᵀv_t, z_t = decay_t·z_{t-1} + φ(k_t), o_t = φ(q_t)S_t / φ(q_t)·z_t."""
@@ -98,8 +99,11 @@ def test_normalized_branch_equals_direct_recurrence(gate, feature_map):
     else:
         pq, pk = q @ layer.q_feature_map[0], k @ layer.k_feature_map[0]
         fq, fk = torch.cat([pq.softmax(-1), (-pq).softmax(-1)], -1), torch.cat([pk.softmax(-1), (-pk).softmax(-1)], -1)
+        if feature_map == "np_map":  # STILL: the pretrained norms on Hedgehog's directions
+            fq = q.norm(dim=-1, keepdim=True) * fq / fq.norm(dim=-1, keepdim=True)
+            fk = k.norm(dim=-1, keepdim=True) * fk / fk.norm(dim=-1, keepdim=True)
     decay = F.logsigmoid(k).exp() ** (1 / 16) if gate == "key_pooled" else torch.ones_like(k)
-    if feature_map in ("hedgehog", "norm_aware"):
+    if feature_map in ("hedgehog", "norm_aware", "np_map"):
         decay = torch.cat([decay, decay], -1)
     S = torch.zeros(fk.shape[-1], 8, dtype=torch.float64)
     z = torch.zeros(fk.shape[-1], dtype=torch.float64)
@@ -341,3 +345,18 @@ def test_feature_maps_are_refused_on_kda_layers():
 
     with pytest.raises(ValueError, match="applies to the GLA and Gated DeltaNet mixers; KDA"):
         KDAConfig(**TINY, linear_attn_feature_map="norm_aware")
+
+
+def test_np_map_keeps_the_input_norm_and_the_learned_direction():
+    from hf_arch.layers.linear_attention import _linear_hedgehog, norm_preserved_map
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64) * torch.linspace(0.1, 10, 5, dtype=torch.float64)[None, :, None, None]
+    weight = torch.eye(8, dtype=torch.float64).expand(3, 8, 8) + 0.3 * torch.randn(3, 8, 8, dtype=torch.float64)
+    phi = norm_preserved_map(x, weight)
+    assert phi.shape == (2, 5, 3, 16) and (phi >= 0).all()
+    torch.testing.assert_close(phi.norm(dim=-1), x.norm(dim=-1))  # the pretrained magnitude, whatever the map
+    hedgehog = _linear_hedgehog(x, weight)
+    torch.testing.assert_close(F.normalize(phi, dim=-1), F.normalize(hedgehog, dim=-1))  # the map's direction
+    # Hedgehog alone loses the magnitude: its features sum to 2 for every input.
+    torch.testing.assert_close(hedgehog.sum(-1), torch.full((2, 5, 3), 2.0, dtype=torch.float64))
