@@ -174,9 +174,16 @@ def gated_delta_rule(
     q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g, beta ``[B, T, HV]``; initial_state ``[N, HV, K, V]``.
     """
     impl = select_backend("gated_delta_rule", _GDR_IMPLS, q, backend)
+    return run_delta_rule("gated_delta_rule", impl, q, k, v, g, beta, scale, initial_state, output_final_state,
+                          cu_seqlens, use_qk_l2norm)
+
+
+def run_delta_rule(name: str, impl: Callable, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                   use_qk_l2norm):
+    """Call a delta-rule implementation (gated delta rule, KDA), across ranks inside a LASP-2 plan."""
     plan = active_plan()
     if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
-        refuse_unsupported("gated_delta_rule", cu_seqlens)
+        refuse_unsupported(name, cu_seqlens)
         return lasp2_affine(lambda q_, k_, v_, **state: impl(q_, k_, v_, g, beta, scale=scale,
                                                              use_qk_l2norm=use_qk_l2norm, **state),
                             q, k, v, plan=plan, initial_state=initial_state, output_final_state=output_final_state)

@@ -14,8 +14,7 @@ import torch
 
 from ..dispatch import select_backend
 from ..fla_backend import fla_op
-from ..lasp2 import active_plan, lasp2_affine, refuse_unsupported
-from ..ops import RECURRENT_MAX_TOKENS, _triton_op
+from ..ops import RECURRENT_MAX_TOKENS, _triton_op, run_delta_rule
 from .chunk import chunk_kda
 from .naive import naive_recurrent_kda
 from .recurrent import fused_recurrent_kda
@@ -55,11 +54,5 @@ def kda(
     T <= ``RECURRENT_MAX_TOKENS`` runs the per-token path, longer inputs the chunked one.
     """
     impl = select_backend("kda", _KDA_IMPLS, q, backend)
-    plan = active_plan()
-    if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
-        refuse_unsupported("kda", cu_seqlens)
-        return lasp2_affine(lambda q_, k_, v_, **state: impl(q_, k_, v_, g, beta, scale=scale,
-                                                             use_qk_l2norm=use_qk_l2norm, **state),
-                            q, k, v, plan=plan, initial_state=initial_state, output_final_state=output_final_state)
-    return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    return run_delta_rule("kda", impl, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                          use_qk_l2norm)
