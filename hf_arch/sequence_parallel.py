@@ -86,6 +86,9 @@ def sequence_parallel_loss(model, chunk: dict) -> torch.Tensor:
     if active_plan() is None:
         raise RuntimeError("sequence_parallel_loss: call it inside hf_arch.sequence_parallel.sequence_parallel(...)")
     check_sequence_parallel_support(model)
+    if hasattr(model, "_orig_mod"):
+        raise ValueError("sequence parallelism runs eager models: a torch.compile'd forward would not exchange states "
+                         "across ranks (train without torch_compile)")
     logits = model(input_ids=chunk["input_ids"], position_ids=chunk["position_ids"], use_cache=False).logits
     wide = torch.promote_types(logits.dtype, torch.float32)
     nll = torch.nn.functional.cross_entropy(logits.to(wide).flatten(0, 1), chunk["shift_labels"].flatten(),
@@ -142,6 +145,9 @@ class SequenceParallelMixin:
         if size != world:
             raise ValueError(f"sequence_parallel_size {size} must equal the number of processes ({world}): "
                              "sequence parallelism alongside data parallelism is not supported")
+        if self.args.torch_compile:
+            raise ValueError("sequence_parallel_size > 1 trains eager models: torch_compile would not exchange states "
+                             "across processes")
         if getattr(self, "objective", "lm") != "lm" or getattr(self, "teacher", None) is not None:
             raise ValueError("sequence parallelism trains the next-token objective only (no attention transfer, "
                              "gate distillation or teacher distillation)")

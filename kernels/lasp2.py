@@ -55,7 +55,10 @@ _PLAN: contextvars.ContextVar[Optional[SequenceParallelPlan]] = contextvars.Cont
 
 
 def active_plan() -> Optional[SequenceParallelPlan]:
-    """The plan of the enclosing :func:`sequence_parallel` block, or None."""
+    """The plan of the enclosing :func:`sequence_parallel` block, or None (always None in a traced graph: dynamo
+    cannot read a ContextVar, and a compiled forward is not split across ranks)."""
+    if torch.compiler.is_compiling():
+        return None
     return _PLAN.get()
 
 

@@ -48,7 +48,7 @@ from .auxiliary import mixer_result
 from .mixer_registry import mixer_options, register_token_mixer
 from .norm import HfArchRMSNorm, build_qk_norms
 from .short_conv import ShortConvolution
-from .token_count_cache import token_count_layer
+from .recurrent_inputs import recurrent_inputs
 
 __all__ = ["KDAGatedRMSNorm", "KDAOptions", "KimiDeltaAttention", "kda_state_dict_from_kimi"]
 
@@ -226,16 +226,11 @@ class KimiDeltaAttention(nn.Module):
         causal by construction). position_embeddings are read only by the attention-transfer teacher (KDA has no
         RoPE). Returns ``(output, None)``; with ``attention_transfer``, ``(softmax teacher's output, None,
         {"transfer_loss": MSE(KDA output, teacher)})`` (``layers.attention_transfer``; no cache allowed)."""
-        if attention_transfer and past_key_values is not None:
-            raise ValueError(f"KimiDeltaAttention (layer {self.layer_idx}): attention_transfer mode runs without a "
-                             "cache; call the model with use_cache=False (and no past_key_values)")
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        token = key_mask[:, -T:].to(torch.bool) if key_mask is not None else None
-        # The layer's cache entry, able to count the tokens it takes in (extended on first use).
-        layer = token_count_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        inputs = recurrent_inputs(self, T, attention_mask, past_key_values, attention_transfer)
+        key_mask, token, layer = inputs.key_mask, inputs.token, inputs.cache_layer
 
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         if token is not None:

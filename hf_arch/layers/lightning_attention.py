@@ -38,7 +38,7 @@ from .attention_transfer import softmax_teacher, transfer_loss
 from .auxiliary import mixer_result
 from .mixer_registry import mixer_options, register_token_mixer
 from .rope import apply_rotary_pos_emb
-from .token_count_cache import token_count_layer
+from .recurrent_inputs import recurrent_inputs
 
 __all__ = ["LightningAttention", "LightningOptions"]
 
@@ -146,15 +146,11 @@ class LightningAttention(nn.Module):
     ) -> tuple:
         """Returns ``(output, None)``; with ``attention_transfer``, ``(softmax teacher's output, None,
         {"transfer_loss": MSE(Lightning output, teacher)})`` (no cache allowed)."""
-        if attention_transfer and past_key_values is not None:
-            raise ValueError(f"LightningAttention (layer {self.layer_idx}): attention_transfer mode runs without a "
-                             "cache; call the model with use_cache=False (and no past_key_values)")
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        token = key_mask[:, -T:].to(torch.bool) if key_mask is not None else None
-        layer = token_count_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
+        inputs = recurrent_inputs(self, T, attention_mask, past_key_values, attention_transfer)
+        key_mask, token, layer = inputs.key_mask, inputs.token, inputs.cache_layer
 
         q = self._act(self.q_proj(x)).view(B, T, H, D)
         k = self._act(self.k_proj(x)).view(B, T, H_kv, D)

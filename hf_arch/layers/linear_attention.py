@@ -39,7 +39,8 @@ from .mixer_registry import register_token_mixer
 from .norm import HfArchGatedRMSNorm, build_qk_norms
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
-from .token_count_cache import TokenCountLayerMixin, token_count_layer
+from .recurrent_inputs import recurrent_inputs
+from .token_count_cache import TokenCountLayerMixin
 from .window_delay import delay_by_window
 
 __all__ = ["GLAAttention", "GatedDeltaNetAttention", "HfArchLinearAttention", "LINEAR_MIXER_KINDS", "cached_token_count"]
@@ -286,19 +287,11 @@ class HfArchLinearAttention(nn.Module):
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        token = key_mask[:, -T:].to(torch.bool) if key_mask is not None else None
-        if attention_transfer and past_key_values is not None:
-            raise ValueError(
-                f"HfArchLinearAttention (layer {self.layer_idx}): attention_transfer mode runs without a cache; "
-                "call the model with use_cache=False (and no past_key_values)"
-            )
+        inputs = recurrent_inputs(self, T, attention_mask, past_key_values, attention_transfer)
+        key_mask, token, layer = inputs.key_mask, inputs.token, inputs.cache_layer
         if self.hybrid != "none" and active_plan() is not None:
             raise NotImplementedError(f"layer {self.layer_idx}: sequence parallelism does not cover the {self.hybrid} "
                                       "hybrid's window branch yet; use layer-level hybrids (softmax layers)")
-        # The layer's cache entry, able to count the tokens it takes in (extended on first use).
-        layer = token_count_layer(past_key_values, self.layer_idx) if past_key_values is not None else None
-
         k_raw = self.k_proj(x)
         qkv = torch.cat([self.q_proj(x), k_raw, self.v_proj(x)], dim=-1)
         if token is not None:

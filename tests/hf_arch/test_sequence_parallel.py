@@ -70,6 +70,25 @@ def test_models_without_support_are_refused_by_name(tiny_gated_model):
         check_sequence_parallel_support(AutoModelForCausalLM.from_config(mla))
 
 
+
+def test_compiled_models_are_refused_and_ops_ignore_plans_in_a_trace(tiny_gated_model, monkeypatch):
+    from hf_arch.kernels import lasp2
+    from hf_arch.sequence_parallel import sequence_parallel_loss
+
+    plan = lasp2.SequenceParallelPlan(group=None, rank=0, world_size=2)
+    token = lasp2._PLAN.set(plan)
+    try:
+        assert lasp2.active_plan() is plan
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert lasp2.active_plan() is None  # dynamo cannot read a ContextVar: no plan inside a traced graph
+        monkeypatch.undo()
+        chunk = split_batch({"input_ids": torch.arange(8).view(1, 8)}, 0, 2)
+        with pytest.raises(ValueError, match="torch.compile'd forward"):
+            sequence_parallel_loss(torch.compile(tiny_gated_model), chunk)
+    finally:
+        lasp2._PLAN.reset(token)
+
+
 def test_split_batch_refuses_padded_rows_and_bad_shapes():
     ids = torch.arange(8).view(2, 4)
     with pytest.raises(ValueError, match="attention_mask has zeros"):
