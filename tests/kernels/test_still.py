@@ -4,7 +4,6 @@ blocks, delayed, ties to the earlier token; bad settings refused by name."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
