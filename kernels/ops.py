@@ -74,7 +74,8 @@ def _torch_lightning(q, k, v, log_decay, **kwargs):
     return fn(q, k, v, log_decay, **kwargs)
 
 
-_LIGHTNING_IMPLS = {"torch": _torch_lightning, **fla_op("lightning", RECURRENT_MAX_TOKENS)}
+_LIGHTNING_IMPLS = {"torch": _torch_lightning, **_triton_op(".lightning.triton_lightning", "triton_lightning_attention"),
+                    **fla_op("lightning", RECURRENT_MAX_TOKENS)}
 _GLA_IMPLS = {"torch": _torch_gla, **_triton_op(".gla.triton_gla", "triton_gla"), **fla_op("gla", RECURRENT_MAX_TOKENS)}
 _GDR_IMPLS = {
     "torch": _torch_gdr,
