@@ -15,6 +15,12 @@ what is added on top (``LinearizeOptions.method``):
 * ``lizard`` (Van Nguyen et al., Lizard, arXiv 2507.09025) → ``hfa_gla``: a per-head scalar gate σ(W_γ x) (new
   parameters), GLA + α·(sliding window with ``num_sinks`` learnable sink logits, zero at init), α learnable and
   initialised to 1. Lizard also learns a feature map on q/k; we keep the identity map here.
+* ``still`` (STILL, "Selecting Tokens for Intra-Layer Hybrid Attention to Linearize LLMs") → ``hfa_gla``: LoLCATs'
+  hybrid and shared denominator, with STILL's NP-Map features (Hedgehog's learnable directions, identity at init,
+  the source's q / k norms) and token selection: beyond the window, the ``selection_topk`` most self-salient
+  tokens of every ``selection_block`` positions stay softmax keys (kept in the cache), the rest enter the linear
+  state. Exact softmax attention while the window holds every key. GLA only (the shared denominator needs the
+  normalised branch).
 * ``mamba_init`` (Wang et al., The Mamba in the Llama, arXiv 2408.15237) → ``hfa_gated_deltanet``: attention's
   q→C, k→B, v→x, o→out is exactly our q/k/v/o key mapping; the decay, β, short conv (width 4) and gated RMSNorm
   output are new with their standard initialisation, q/k are L2-normalised.
@@ -42,18 +48,22 @@ from .weights import build_from_source
 __all__ = ["LINEARIZE_METHODS", "LINEAR_TARGETS", "LinearTarget", "LinearizeOptions", "attention_mse_per_layer",
            "linearize", "linearize_to", "linearized_config_from", "register_linear_target"]
 
-LINEARIZE_METHODS = ("liger", "lolcats", "lizard", "mamba_init")
+LINEARIZE_METHODS = ("liger", "lolcats", "lizard", "still", "mamba_init")
 
 
 @dataclass
 class LinearizeOptions:
-    method: str = "liger"  # liger | lolcats | lizard | mamba_init
+    method: str = "liger"  # liger | lolcats | lizard | still | mamba_init
     keep_full_attention: list[int] | None = None  # source layers that keep their softmax attention
     ratio: int | None = None  # every (ratio + 1)-th layer keeps full attention
     # Sliding-window branch of the intra-layer hybrids (liger, lolcats, lizard): 128 recovered best on stories260K
     # (recipes/results/stories260k_recipe_ablation.md: 1.049x at 128, 1.069x at 64, 1.103x at 32 for LoLCATs).
     window: int = 128
     num_sinks: int = 4  # lizard's learnable sink logits
+    # still: blocks of positions (default min(64, window)) and the tokens of each kept as softmax keys beyond the
+    # window (default an eighth of the block, at least 1)
+    selection_block: int | None = None
+    selection_topk: int | None = None
     gate_normalizer: float = 16.0  # τ of the GLA-style log gate
     # Overrides of the method preset (recipe fields; None keeps the preset's): the linear branch's feature map
     # (identity | softmax | hedgehog | norm_aware | np_map) and the hybrids' initial [w_linear, w_window] mixing weights (lizard adds
@@ -76,6 +86,13 @@ class LinearizeOptions:
             raise ValueError(f"window must be a positive integer, got {self.window!r}")
         if not isinstance(self.num_sinks, int) or isinstance(self.num_sinks, bool) or self.num_sinks < 0:
             raise ValueError(f"num_sinks must be an integer >= 0, got {self.num_sinks!r}")
+        if self.method == "still":
+            block, topk = self.selection()
+            if not (isinstance(block, int) and 1 <= block <= self.window and isinstance(topk, int)
+                    and 0 <= topk <= block):
+                raise ValueError(f"still: selection_block must be in [1, window={self.window}] and selection_topk in "
+                                 f"[0, selection_block], got {block} / {topk}")
+
         if self.feature_map is not None and self.feature_map not in LINEAR_ATTN_FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {LINEAR_ATTN_FEATURE_MAPS}, got {self.feature_map!r}")
         if self.mix_weights is not None and (
@@ -89,6 +106,12 @@ class LinearizeOptions:
                     raise ValueError(f"keep_full_attention index {i!r} is out of range for a source with "
                                      f"{num_layers} layers (valid indices 0..{num_layers - 1})")
 
+    def selection(self) -> tuple[int, int]:
+        """STILL's (block, topk) with the defaults resolved."""
+        block = self.selection_block if self.selection_block is not None else min(64, self.window)
+        topk = self.selection_topk if self.selection_topk is not None else max(1, block // 8)
+        return block, topk
+
     def kept_layers(self, num_layers: int) -> set[int]:
         """Indices of the layers that keep softmax attention."""
         self.validate(num_layers)
@@ -100,7 +123,7 @@ class LinearizeOptions:
 
     def target(self, to: str | None = None) -> str:
         """The linear target this method converts to: ``to`` if given (it must offer the method), else the first
-        registered target that offers it (liger / lolcats / lizard → gla, mamba_init → gated_deltanet)."""
+        registered target that offers it (liger / lolcats / lizard / still → gla, mamba_init → gated_deltanet)."""
         self.validate()
         if to is not None:
             if to not in LINEAR_TARGETS or self.method not in LINEAR_TARGETS[to].methods:
@@ -146,6 +169,11 @@ register_linear_target("gla", GLAConfig, GLAForCausalLM, {
                               linear_attn_normalize=True, linear_attn_hybrid="lolcats",
                               linear_attn_mix_weights=[1.0, 0.5], linear_attn_output_norm="none",
                               linear_attn_conv_size=0, linear_attn_qk_norm="none"),
+    "still": lambda o: dict(_common(o), linear_attn_gate="none", linear_attn_feature_map="np_map",
+                            linear_attn_normalize=True, linear_attn_hybrid="still",
+                            linear_attn_selection_block=o.selection()[0], linear_attn_selection_topk=o.selection()[1],
+                            linear_attn_mix_weights=[1.0, 0.5], linear_attn_output_norm="none",
+                            linear_attn_conv_size=0, linear_attn_qk_norm="none"),
     # Lizard: Hedgehog feature maps (as LoLCATs; an identity map makes the unnormalised linear branch explode:
     # 87K perplexity before training on stories260K), a scalar gate σ(W_γ x), learnable sink logits.
     "lizard": lambda o: dict(_common(o), linear_attn_gate="scalar", linear_attn_feature_map="hedgehog",

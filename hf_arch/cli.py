@@ -380,13 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity: gate exactly 1 (2·σ(0)), logits unchanged; normal: random from-scratch init")
     conv.add_argument("--gate-lr-scale", type=float, help="LR multiplier recipes apply to the gates")
     conv.add_argument("--method",
-                      help="--to gla: liger | lolcats | lizard; --to gated_deltanet: mamba_init; --to moe: partition | "
+                      help="--to gla: liger | lolcats | lizard | still; --to gated_deltanet: mamba_init; --to moe: partition | "
                            "upcycle; --to sparse_attention: seer | flux")
     conv.add_argument("--keep-full-attention", type=int, nargs="+", metavar="LAYER",
                       help="linearization: layers that keep softmax attention")
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
     conv.add_argument("--window", type=int, help="linearization: sliding-window size of hybrid layers (default 128)")
     conv.add_argument("--num-sinks", type=int, help="linearization (lizard): learnable sink logits")
+    conv.add_argument("--selection-block", type=int,
+                      help="linearization (still): positions per selection block (<= --window; default 64)")
+    conv.add_argument("--selection-topk", type=int,
+                      help="linearization (still): tokens of each block kept as softmax keys beyond the window (default 8)")
     conv.add_argument("--feature-map", choices=list(LINEAR_ATTN_FEATURE_MAPS),
                       help="linearization: the linear branch's feature map (default: the method's; norm_aware: NaLaFormer; "
                            "np_map: STILL's norm-preserved map)")

@@ -20,9 +20,10 @@ except ImportError:  # pragma: no cover
 
 # Token-mixer layer types this backbone builds (transformers' own names, so DynamicCache(config=...) understands them).
 # "hybrid_sliding" is transformers' name for a layer holding a linear-attention state plus a sliding-window KV cache:
-# a linear layer with an intra-layer window branch (linear_attn_hybrid = liger | lizard).
+# a linear layer with an intra-layer window branch (linear_attn_hybrid = liger | lizard | lolcats); "hybrid" one
+# holding a linear-attention state plus every key and value (STILL: salient tokens of the whole past stay softmax).
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding")
+LINEAR_LAYER_TYPES = ("linear_attention", "hybrid_sliding", "hybrid")
 SUPPORTED_LAYER_TYPES = ATTENTION_LAYER_TYPES + LINEAR_LAYER_TYPES
 
 
@@ -201,7 +202,7 @@ LINEAR_ATTN_OUTPUT_NORMS = ("gated_rmsnorm", "rmsnorm", "none")
 LINEAR_ATTN_QK_NORMS = ("none", "l2")
 QK_NORM_SCOPES = ("head", "projection")
 NORM_PLACEMENTS = ("pre", "post", "sandwich")
-LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard", "lolcats")
+LINEAR_ATTN_HYBRIDS = ("none", "liger", "lizard", "lolcats", "still")
 
 
 # Options that only matter while their mechanism is on: (the mechanism, is it on?, the fields only it reads). A config
@@ -229,8 +230,11 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
      ("linear_attn_type", "linear_attn_gate", "linear_attn_gate_low_rank_dim", "linear_attn_gate_normalizer",
       "linear_attn_conv_size", "linear_attn_qk_norm", "linear_attn_output_norm", "linear_attn_use_rope",
       "linear_attn_hybrid", "linear_attn_mix_weights", "linear_attn_num_sinks",
-      "linear_attn_feature_map", "linear_attn_normalize")),
-    ("an intra-layer hybrid (linear_attn_hybrid 'liger', 'lizard' or 'lolcats')", lambda c: c.linear_attn_hybrid != "none",
+      "linear_attn_feature_map", "linear_attn_normalize", "linear_attn_selection_block",
+      "linear_attn_selection_topk")),
+    ("STILL's token selection (linear_attn_hybrid='still')", lambda c: c.linear_attn_hybrid == "still",
+     ("linear_attn_selection_block", "linear_attn_selection_topk")),
+    ("an intra-layer hybrid (linear_attn_hybrid 'liger', 'lizard', 'lolcats' or 'still')", lambda c: c.linear_attn_hybrid != "none",
      ("linear_attn_mix_weights",)),
     ("GLA's low-rank forget gate (linear_attn_type='gla' with linear_attn_gate='low_rank')",
      lambda c: c.linear_attn_type == "gla" and c.linear_attn_gate == "low_rank", ("linear_attn_gate_low_rank_dim",)),
@@ -421,7 +425,14 @@ class HfArchConfig(PreTrainedConfig):
             learnable); ``"lolcats"`` (LoLCATs: one softmax denominator shared by the window's ``exp(q·k/√d - max)``
             terms, weighted by a learnable per-head γ = sigmoid(·), and the linear branch's ``w_lin·φ(q)·φ(k)`` terms
             over the keys older than the window; needs ``linear_attn_normalize``; exact softmax attention while the
-            window holds every key). The window is ``sliding_window``; such layers are stored as ``hybrid_sliding``.
+            window holds every key); ``"still"`` (STILL: LoLCATs' shared denominator, and beyond the window the
+            ``linear_attn_selection_topk`` most self-salient tokens of every ``linear_attn_selection_block`` positions
+            stay softmax keys for good while the rest enter the linear state; self-saliency = a token's
+            log-probability of itself in its own window row, averaged over each key head's query heads; selection is
+            made once a block is complete, which is before its tokens leave the window). The window is
+            ``sliding_window``; such layers are stored as ``hybrid_sliding`` (``hybrid`` for STILL: every key kept).
+        linear_attn_selection_block / linear_attn_selection_topk: STILL's block of positions (<= sliding_window) and
+            tokens kept per block and key head (0 <= topk <= block).
         linear_attn_mix_weights: ``[w_lin, w_win]`` (``w_win`` is α's initial value for lizard, γ's for lolcats).
         linear_attn_num_sinks: learnable sink logits in the window branch's softmax denominator.
         full_attention_layers / linear_to_full_ratio: shorthands for ``layer_types`` of a linear variant: the listed
@@ -590,6 +601,8 @@ class HfArchConfig(PreTrainedConfig):
         linear_attn_hybrid: str = "none",
         linear_attn_mix_weights: list[float] | tuple[float, float] = (0.5, 0.5),
         linear_attn_num_sinks: int = 0,
+        linear_attn_selection_block: int = 16,
+        linear_attn_selection_topk: int = 2,
         linear_attn_feature_map: str = "identity",
         linear_attn_normalize: bool = False,
         full_attention_layers: list[int] | None = None,
@@ -733,6 +746,8 @@ class HfArchConfig(PreTrainedConfig):
         self.linear_attn_hybrid = linear_attn_hybrid
         self.linear_attn_mix_weights = [float(w) for w in linear_attn_mix_weights]
         self.linear_attn_num_sinks = linear_attn_num_sinks
+        self.linear_attn_selection_block = linear_attn_selection_block
+        self.linear_attn_selection_topk = linear_attn_selection_topk
         self.linear_attn_feature_map = linear_attn_feature_map
         self.linear_attn_normalize = linear_attn_normalize
         # Explicit per-layer mixers by registered name (None: chosen from the flat fields, see token_mixer_type), and
@@ -1131,7 +1146,8 @@ class HfArchConfig(PreTrainedConfig):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
         for field, minimum in (("linear_attn_gate_low_rank_dim", 1), ("linear_attn_conv_size", 0),
-                               ("linear_attn_num_sinks", 0)):
+                               ("linear_attn_num_sinks", 0), ("linear_attn_selection_block", 1),
+                               ("linear_attn_selection_topk", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
@@ -1143,8 +1159,22 @@ class HfArchConfig(PreTrainedConfig):
         if hybrid and (self.sliding_window is None or self.sliding_window <= 0):
             raise ValueError(f"{cls}: linear_attn_hybrid={self.linear_attn_hybrid!r} needs a positive sliding_window "
                              f"(the window branch's size), got {self.sliding_window!r}")
-        if "hybrid_sliding" in self.layer_types and not hybrid:
-            raise ValueError(f"{cls}.layer_types has 'hybrid_sliding' layers but linear_attn_hybrid is 'none'")
+        still = self.linear_attn_hybrid == "still"
+        if "hybrid_sliding" in self.layer_types and (not hybrid or still):
+            raise ValueError(f"{cls}.layer_types has 'hybrid_sliding' layers but linear_attn_hybrid is "
+                             f"{self.linear_attn_hybrid!r} (window hybrids: liger, lizard, lolcats)")
+        if "hybrid" in self.layer_types and not still:
+            raise ValueError(f"{cls}.layer_types has 'hybrid' layers (a linear state plus every key) but "
+                             f"linear_attn_hybrid is {self.linear_attn_hybrid!r} (only 'still' keeps every key)")
+        if still:
+            block, topk = self.linear_attn_selection_block, self.linear_attn_selection_topk
+            if topk > block:
+                raise ValueError(f"{cls}.linear_attn_selection_topk ({topk}) must not exceed linear_attn_selection_block "
+                                 f"({block})")
+            if block > self.sliding_window:
+                raise ValueError(f"{cls}.linear_attn_selection_block ({block}) must not exceed sliding_window "
+                                 f"({self.sliding_window}): a token may leave the window only once its block's "
+                                 "selection is made")
         if not isinstance(self.linear_attn_normalize, bool):
             raise ValueError(f"{cls}.linear_attn_normalize must be a bool, got {self.linear_attn_normalize!r}")
         if self.linear_attn_normalize and self.linear_attn_type != "gla":
@@ -1157,13 +1187,13 @@ class HfArchConfig(PreTrainedConfig):
         if self.linear_attn_normalize and self.linear_attn_feature_map == "identity":
             raise ValueError(f"{cls}.linear_attn_normalize needs a positive feature map (linear_attn_feature_map "
                              "'softmax', 'hedgehog', 'norm_aware' or 'np_map'): with 'identity' the denominator φ(q)·z can be <= 0")
-        if self.linear_attn_hybrid == "lolcats":
+        if self.linear_attn_hybrid in ("lolcats", "still"):
             if not self.linear_attn_normalize:
-                raise ValueError(f"{cls}: linear_attn_hybrid='lolcats' shares the linear branch's denominator φ(q)·z "
+                raise ValueError(f"{cls}: linear_attn_hybrid={self.linear_attn_hybrid!r} shares the linear branch's denominator φ(q)·z "
                                  "with the window's softmax mass, so it needs linear_attn_normalize=True")
             w_linear, gamma = self.linear_attn_mix_weights
             if not 0 < gamma < 1 or not w_linear > 0:
-                raise ValueError(f"{cls}.linear_attn_mix_weights for linear_attn_hybrid='lolcats' are [w_linear > 0, "
+                raise ValueError(f"{cls}.linear_attn_mix_weights for linear_attn_hybrid={self.linear_attn_hybrid!r} are [w_linear > 0, "
                                  f"γ₀ in (0, 1)] (γ = sigmoid of a learnable logit), got {self.linear_attn_mix_weights}")
         if self.linear_attn_num_sinks and self.linear_attn_hybrid != "lizard":
             raise ValueError(f"{cls}.linear_attn_num_sinks applies to linear_attn_hybrid='lizard' only, "
@@ -1254,8 +1284,10 @@ def _resolve_layer_layout(config, layer_types, full_attention_layers, linear_to_
     elif layer_types is None:
         layer_types = [default] * n
     layer_types = list(layer_types)
-    if getattr(config, "linear_attn_hybrid", "none") not in (None, "none"):
-        layer_types = ["hybrid_sliding" if t == "linear_attention" else t for t in layer_types]
+    hybrid = getattr(config, "linear_attn_hybrid", "none")
+    if hybrid not in (None, "none"):
+        kept = "hybrid" if hybrid == "still" else "hybrid_sliding"  # STILL keeps every key; the others a window
+        layer_types = [kept if t == "linear_attention" else t for t in layer_types]
     return layer_types
 
 

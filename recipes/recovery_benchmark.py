@@ -91,6 +91,8 @@ METHODS = {
     "lolcats": RecoveryMethod("gla", {"method": "lolcats"}),
     "lolcats_keep": RecoveryMethod("gla", {"method": "lolcats", "ratio": 3}),
     "lizard": RecoveryMethod("gla", {"method": "lizard"}),
+    "still": RecoveryMethod("gla", {"method": "still"}),
+    "still_keep": RecoveryMethod("gla", {"method": "still", "ratio": 3}),
     "mamba_init": RecoveryMethod("gated_deltanet", {"method": "mamba_init"}),
     "kda": RecoveryMethod("kda", {"method": "mamba_init"}),
     "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),

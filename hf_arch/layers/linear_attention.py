@@ -31,6 +31,7 @@ from torch import nn
 from ..configuration import LINEAR_LAYER_TYPES
 from ..kernels.ops import gated_delta_rule, gla, sliding_window_attention, sliding_window_attention_with_mass
 from ..kernels.lasp2 import active_plan
+from ..kernels.still import select_salient
 from ..kernels.sliding_window import sliding_window_attention_over_cache
 from .attention import repeat_kv
 from .attention_transfer import softmax_teacher, transfer_loss
@@ -40,6 +41,7 @@ from .norm import HfArchGatedRMSNorm, build_qk_norms
 from .rope import apply_rotary_pos_emb
 from .short_conv import ShortConvolution
 from .recurrent_inputs import recurrent_inputs
+from .saliency_cache import saliency_layer
 from .token_count_cache import TokenCountLayerMixin
 from .window_delay import delay_by_window
 
@@ -135,7 +137,7 @@ class HfArchLinearAttention(nn.Module):
         self.scaling = config.softmax_scale(self.head_dim)
         self.window = config.sliding_window if self.hybrid != "none" else None
         # The linear terms of LoLCATs' shared denominator are φ(q)·φ(k), unscaled; a normalised branch cancels it.
-        self.linear_scale = 1.0 if self.hybrid == "lolcats" else self.head_dim**-0.5
+        self.linear_scale = 1.0 if self.hybrid in ("lolcats", "still") else self.head_dim**-0.5
 
         hidden, bias, H, D = config.hidden_size, config.attention_bias, self.num_heads, self.head_dim
         self.q_proj = nn.Linear(hidden, H * D, bias=bias)
@@ -166,8 +168,11 @@ class HfArchLinearAttention(nn.Module):
         if self.hybrid == "lizard":
             self.window_weight = nn.Parameter(torch.empty(()))  # α, learnable
             self.sink_logits = nn.Parameter(torch.empty(H, config.linear_attn_num_sinks)) if config.linear_attn_num_sinks else None
-        elif self.hybrid == "lolcats":
+        elif self.hybrid in ("lolcats", "still"):
             self.window_factor = nn.Parameter(torch.empty(H))  # γ = sigmoid(window_factor) per head, learnable
+        # STILL: blocks of positions and the tokens each keeps as softmax keys once the window has passed them
+        self.selection = ((config.linear_attn_selection_block, config.linear_attn_selection_topk)
+                          if self.hybrid == "still" else None)
 
     @torch.no_grad()
     def init_parameters(self, init) -> None:
@@ -255,6 +260,80 @@ class HfArchLinearAttention(nn.Module):
         return sliding_window_attention(q, k, v, self.window, sink_logits=self.sink_logits, scale=self.scaling,
                                             cu_seqlens=cu_seqlens, attention_mask=mask)
 
+    def _salient_softmax_branch(self, q, k, v, cache, key_mask, layer):
+        """STILL's softmax keys for the new queries ``q [B, T, H, D]`` (keys / values ``[B, T, H_kv, D]``, rotated):
+        the window plus the selected older tokens. Stores the new tokens' self-saliency in the cache entry and
+        returns ``(output [B, T, H, D], mass [B, T, H], selected [B, past + T, H_kv])``, ``mass`` the softmax weights'
+        sum relative to the row's maximum (LoLCATs' shared denominator takes it)."""
+        B, T, H, D = q.shape
+        H_kv, groups, window, scale = k.shape[2], self.num_key_value_groups, self.window, self.scaling
+        past = layer.seen_tokens if layer is not None else 0
+        if cache is not None:
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k_all, v_all = k_all[:, :, : past + T].transpose(1, 2), v_all[:, :, : past + T].transpose(1, 2)
+        else:
+            k_all, v_all = k, v
+        L = past + T
+        real = key_mask[:, -L:].to(torch.bool) if key_mask is not None else torch.ones(B, L, dtype=torch.bool,
+                                                                                          device=q.device)
+        wide = torch.promote_types(q.dtype, torch.float32)
+        qw, kw, vw = q.to(wide), repeat_kv(k_all.to(wide).transpose(1, 2), groups), repeat_kv(
+            v_all.to(wide).transpose(1, 2), groups)  # keys / values [B, H, L, D]
+        masked = -1e30  # finite: a row with no key (a padded query) stays finite
+
+        # The window, query block by query block (each block's keys: its window back to its first query's).
+        peaks, masses, outputs, saliency = [], [], [], []
+        for start in range(0, T, window):
+            stop = min(start + window, T)
+            q_pos = past + torch.arange(start, stop, device=q.device)
+            lo = max(0, past + start - window + 1)
+            k_pos = torch.arange(lo, past + stop, device=q.device)
+            scores = torch.einsum("bqhd,bhkd->bhqk", qw[:, start:stop], kw[:, :, lo: past + stop]) * scale
+            visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+            visible = visible[None, None] & real[:, None, None, lo: past + stop]
+            scores = scores.masked_fill(~visible, masked)
+            peak = scores.amax(-1)
+            weights = torch.exp(scores - peak[..., None]) * visible
+            peaks.append(peak)
+            masses.append(weights.sum(-1))
+            outputs.append(weights @ vw[:, :, lo: past + stop])
+            own = scores.gather(-1, (q_pos - lo).view(1, 1, -1, 1).expand(B, H, -1, 1))[..., 0]
+            saliency.append(own - (peak + masses[-1].clamp(min=1e-30).log()))  # log p(self | own window)
+        peak, mass, out = torch.cat(peaks, 2), torch.cat(masses, 2), torch.cat(outputs, 2)  # [B, H, T(, D)]
+        new_saliency = torch.cat(saliency, 2).view(B, H_kv, groups, T).mean(2).transpose(1, 2)  # [B, T, H_kv]
+        new_saliency = new_saliency.masked_fill(~real[:, past:, None], float("-inf"))
+        if layer is not None:
+            if layer.saliency is not None:
+                new_saliency = torch.cat([layer.saliency, new_saliency], dim=1)
+            layer.saliency = new_saliency
+        all_saliency = new_saliency
+        row_start = (real.long().cumsum(-1) == 0).sum(-1)  # left padding before each row's first token
+        block, topk = self.selection
+        selected = select_salient(all_saliency, block, topk, row_start)  # [B, L, H_kv]
+
+        # The selected tokens the window has left: the same for every query of a key head, gathered once.
+        count = int(selected.sum(1).max()) if topk else 0
+        if count:
+            order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :count]  # [B, count, H_kv]
+            chosen = selected.gather(1, order)
+            positions = order.transpose(1, 2)  # [B, H_kv, count]
+            index = positions[..., None].expand(-1, -1, -1, D)
+            k_sel = repeat_kv(k_all.to(wide).transpose(1, 2).gather(2, index), groups)
+            v_sel = repeat_kv(v_all.to(wide).transpose(1, 2).gather(2, index), groups)
+            sel_pos = repeat_kv(positions[..., None], groups)[..., 0]  # [B, H, count]
+            ok = repeat_kv(chosen.transpose(1, 2)[..., None], groups)[..., 0]
+            q_pos = past + torch.arange(T, device=q.device)
+            old = sel_pos[:, :, None, :] <= q_pos[None, None, :, None] - window  # [B, H, T, count]
+            visible = old & ok[:, :, None, :]
+            scores = (torch.einsum("bqhd,bhkd->bhqk", qw, k_sel) * scale).masked_fill(~visible, masked)
+            top = torch.maximum(peak, scores.amax(-1))
+            weights = torch.exp(scores - top[..., None]) * visible
+            rescale = torch.exp(peak - top)
+            mass = mass * rescale + weights.sum(-1)
+            out = out * rescale[..., None] + weights @ v_sel
+        out = out / mass.clamp(min=1e-30)[..., None]
+        return out.transpose(1, 2).to(q.dtype), mass.transpose(1, 2), selected
+
     def _lolcats_mix(self, linear: torch.Tensor, window: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """LoLCATs' one denominator: ``(w·φ(q)S + γ·m·window) / (w·φ(q)z + γ·m)`` per head, with ``linear`` the
         unnormalised ``[φ(q)S, φ(q)z]`` over keys older than the window, ``m`` the window's softmax mass
@@ -287,8 +366,12 @@ class HfArchLinearAttention(nn.Module):
         x = hidden_states
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        inputs = recurrent_inputs(self, T, attention_mask, past_key_values, attention_transfer)
+        inputs = recurrent_inputs(self, T, attention_mask, past_key_values, attention_transfer,
+                                  **({"cache_entry": saliency_layer} if self.selection else {}))
         key_mask, token, layer = inputs.key_mask, inputs.token, inputs.cache_layer
+        if self.selection and cu_seqlens is not None:
+            raise NotImplementedError(f"layer {self.layer_idx}: STILL layers do not take packed sequences yet; pad the "
+                                      "rows instead")
         if self.hybrid != "none" and active_plan() is not None:
             raise NotImplementedError(f"layer {self.layer_idx}: sequence parallelism does not cover the {self.hybrid} "
                                       "hybrid's window branch yet; use layer-level hybrids (softmax layers)")
@@ -327,15 +410,23 @@ class HfArchLinearAttention(nn.Module):
             g = g * keep.to(g.dtype) if g.dim() == 4 else g * token[..., None].to(g.dtype)
             beta = beta * token[..., None].to(beta.dtype) if beta is not None else None
 
-        if self.hybrid == "lolcats":  # the linear terms cover only keys older than the window
+        if self.selection:  # STILL's softmax keys first: the selection decides what may enter the linear state
+            window, mass, selected = self._salient_softmax_branch(rotated[0], rotated[1], v, past_key_values, key_mask,
+                                                                  layer)
+        if self.hybrid in ("lolcats", "still"):  # the linear terms cover only keys older than the window
             in_sequence = position_in_sequence if cu_seqlens is not None else None
             lk_h, lv_h, g, beta = delay_by_window([lk_h, lv_h, g, beta], self.window, layer, in_sequence)
+        if self.selection:  # the token entering the state now arrived `window` positions ago: selected, it stays out
+            arrived = torch.arange(selected.shape[1] - T, selected.shape[1], device=x.device) - self.window
+            entering = selected[:, arrived.clamp(min=0)] & (arrived >= 0)[None, :, None]  # [B, T, H_kv]
+            stays_out = repeat_kv(entering.transpose(1, 2)[..., None], self.num_key_value_groups)[..., 0]
+            lk_h = lk_h * (~stays_out).transpose(1, 2)[..., None].to(lk_h.dtype)
 
         initial_state = None
         if layer is not None and layer.is_recurrent_states_initialized[0]:
             initial_state = layer.recurrent_states[0]
         o, final_state = self._linear_branch(lq, lk_h, lv_h, g, beta, initial_state, layer is not None, cu_seqlens)
-        if self.normalize and self.hybrid != "lolcats":  # o = φ(q)S / (φ(q)·z); the kernel's scale cancels
+        if self.normalize and self.hybrid not in ("lolcats", "still"):  # o = φ(q)S / (φ(q)·z); the scale cancels
             wide = torch.promote_types(o.dtype, torch.float32)
             o = (o[..., :D].to(wide) / o[..., D:].to(wide).clamp(min=LINEAR_NORMALIZE_EPS)).to(o.dtype)
         if layer is not None:
@@ -345,6 +436,8 @@ class HfArchLinearAttention(nn.Module):
         if self.hybrid == "lolcats":
             window, mass = self._window_branch(rotated[0], rotated[1], v, past_key_values, key_mask, cu_seqlens,
                                                return_mass=True)
+            o = self._lolcats_mix(o, window, mass)
+        elif self.selection:
             o = self._lolcats_mix(o, window, mass)
         elif self.hybrid != "none":
             window = self._window_branch(rotated[0], rotated[1], v, past_key_values, key_mask, cu_seqlens)

@@ -24,11 +24,14 @@ class RecurrentInputs:
     cache_layer: object | None  # the layer's token-counting cache entry, or None without a cache
 
 
-def recurrent_inputs(mixer, num_new: int, attention_mask, past_key_values, attention_transfer: bool = False):
+def recurrent_inputs(mixer, num_new: int, attention_mask, past_key_values, attention_transfer: bool = False,
+                     cache_entry=token_count_layer):
+    """``cache_entry(cache, layer_idx)``: how the layer's cache entry is extended (token counting by default; a
+    STILL layer keeps saliencies too, ``saliency_cache``)."""
     if attention_transfer and past_key_values is not None:
         raise ValueError(f"{type(mixer).__name__} (layer {mixer.layer_idx}): attention_transfer mode runs without a "
                          "cache; call the model with use_cache=False (and no past_key_values)")
     key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     token = key_mask[:, -num_new:].to(torch.bool) if key_mask is not None else None
-    layer = token_count_layer(past_key_values, mixer.layer_idx) if past_key_values is not None else None
+    layer = cache_entry(past_key_values, mixer.layer_idx) if past_key_values is not None else None
     return RecurrentInputs(key_mask, token, layer)

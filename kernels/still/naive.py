@@ -50,9 +50,16 @@ def self_saliency(q: torch.Tensor, k: torch.Tensor, window: int, scale: float) -
     return (own - row).view(B, H_kv, H // H_kv, T).mean(2).transpose(1, 2)
 
 
-def select_salient(saliency: torch.Tensor, block: int, topk: int) -> torch.Tensor:
+def select_salient(saliency: torch.Tensor, block: int, topk: int, row_start: torch.Tensor | None = None) -> torch.Tensor:
     """``saliency [B, T, H_kv]`` -> bool ``[B, T, H_kv]``: the ``topk`` most salient tokens of every complete block
-    of ``block`` positions (ties: the earlier token); nothing in an incomplete last block."""
+    of ``block`` positions (ties: the earlier token); nothing in an incomplete last block. ``row_start [B]``: each
+    row's first real position (left padding): its blocks start there, as they would for the row alone."""
+    if row_start is not None and bool((row_start > 0).any()):
+        selected = torch.zeros_like(saliency, dtype=torch.bool)
+        for start in torch.unique(row_start).tolist():
+            rows = torch.nonzero(row_start == start).flatten()
+            selected[rows, start:] = select_salient(saliency[rows, start:], block, topk)
+        return selected
     B, T, H_kv = saliency.shape
     selected = torch.zeros_like(saliency, dtype=torch.bool)
     complete = (T // block) * block

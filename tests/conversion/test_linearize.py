@@ -17,7 +17,8 @@ from hf_arch.peft_utils import new_parameter_names
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
-EXPECTED_TYPE = {"liger": "hfa_gla", "lolcats": "hfa_gla", "lizard": "hfa_gla", "mamba_init": "hfa_gated_deltanet"}
+EXPECTED_TYPE = {"liger": "hfa_gla", "lolcats": "hfa_gla", "lizard": "hfa_gla", "still": "hfa_gla",
+                 "mamba_init": "hfa_gated_deltanet"}
 
 
 def _random_source(config_class, **extra):
@@ -70,7 +71,7 @@ def _assert_source_copied(source, target):
 def test_every_method_converts_runs_and_generates(stories, method):
     target = linearize(stories, LinearizeOptions(method=method, window=8))
     assert target.config.model_type == EXPECTED_TYPE[method]
-    assert all(t in ("linear_attention", "hybrid_sliding") for t in target.config.layer_types)
+    assert all(t in ("linear_attention", "hybrid_sliding", "hybrid") for t in target.config.layer_types)
     assert not target.training and next(target.parameters()).dtype == next(stories.parameters()).dtype
     _assert_source_copied(stories, target)
     assert target.lm_head.weight is target.model.embed_tokens.weight  # tied like the source
@@ -190,7 +191,7 @@ def test_bad_options_raise_clear_errors(stories, kwargs, message):
 def test_options_as_dict():
     assert LinearizeOptions(method="lizard", ratio=3).as_dict() == dict(
         method="lizard", keep_full_attention=None, ratio=3, window=128, num_sinks=4, gate_normalizer=16.0,
-        feature_map=None, mix_weights=None)
+        feature_map=None, mix_weights=None, selection_block=None, selection_topk=None)
 
 
 def test_feature_map_and_mixing_override_the_method_preset(stories):
@@ -206,6 +207,28 @@ def test_feature_map_and_mixing_override_the_method_preset(stories):
     layer = np_model.model.layers[0].self_attn
     assert np_model.config.linear_attn_feature_map == "np_map" and layer.feature_dim == 2 * layer.head_dim
     torch.testing.assert_close(layer.q_feature_map, torch.eye(layer.head_dim).expand_as(layer.q_feature_map))
+
+
+def test_still_is_lolcats_plus_selection_and_np_map(stories):
+    """--method still: LoLCATs' hybrid with NP-Map features and salient tokens kept; with nothing selected it is
+    LoLCATs' hybrid on the same features, logit for logit; with selection it differs beyond the window."""
+    still = linearize(stories, LinearizeOptions(method="still", window=16, selection_block=8, selection_topk=2))
+    c = still.config
+    assert (c.linear_attn_hybrid, c.linear_attn_feature_map, c.linear_attn_selection_block,
+            c.linear_attn_selection_topk) == ("still", "np_map", 8, 2)
+    assert set(c.layer_types) == {"hybrid"}  # every key kept: salient ones stay softmax keys
+    none_kept = linearize(stories, LinearizeOptions(method="still", window=16, selection_block=8, selection_topk=0))
+    lolcats = linearize(stories, LinearizeOptions(method="lolcats", window=16, feature_map="np_map"))
+    ids = torch.randint(3, stories.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(none_kept(ids).logits, lolcats(ids).logits, rtol=1e-5, atol=1e-5)
+        kept = still(ids).logits
+        torch.testing.assert_close(kept[:, :16], lolcats(ids).logits[:, :16], rtol=1e-5, atol=1e-5)  # inside the window
+        assert (kept[:, 24:] - lolcats(ids).logits[:, 24:]).abs().max() > 1e-3  # selected old tokens change outputs
+    with pytest.raises(ValueError, match="selection_block must be in \[1, window=16\]"):
+        linearize(stories, LinearizeOptions(method="still", window=16, selection_block=32))
+    with pytest.raises(ValueError, match="offers methods .*'mamba_init'.*, not 'still'"):
+        linearize(stories, LinearizeOptions(method="still"), to="gated_deltanet")
 
 
 def test_shape_mismatch_names_the_tensor(stories):

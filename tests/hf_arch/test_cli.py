@@ -108,7 +108,7 @@ def test_convert_flags_go_to_the_registered_conversion(stories260k, tmp_path, ca
     assert main(["convert", str(stories260k), str(tmp_path / "x"), "--to", "moe", "--slots", "8"]) == 2
     assert "--slots does not apply to --to moe" in capsys.readouterr().err
     assert main(["convert", str(stories260k), str(tmp_path / "x"), "--to", "gla", "--method", "mamba_init"]) == 2
-    assert "--to gla takes --method liger | lolcats | lizard, not 'mamba_init'" in capsys.readouterr().err
+    assert "--to gla takes --method liger | lolcats | still | lizard, not 'mamba_init'" in capsys.readouterr().err
     seen = []
 
     def headwise_gates(source, options):

@@ -31,6 +31,11 @@ LAYOUTS = {
     "gla_hedgehog_lolcats": (GLAConfig, dict(linear_attn_gate="none", linear_attn_feature_map="hedgehog",
                                              linear_attn_normalize=True, linear_attn_hybrid="lolcats", sliding_window=3,
                                              linear_attn_mix_weights=[0.7, 0.3])),
+    # STILL: LoLCATs' denominator plus the salient old tokens kept as softmax keys (NP-Map features).
+    "gla_np_map_still": (GLAConfig, dict(linear_attn_gate="scalar", linear_attn_feature_map="np_map",
+                                         linear_attn_normalize=True, linear_attn_hybrid="still", sliding_window=4,
+                                         linear_attn_selection_block=3, linear_attn_selection_topk=1,
+                                         linear_attn_mix_weights=[0.7, 0.3])),
     "gla_hedgehog_key_pooled_normalized": (GLAConfig, dict(linear_attn_gate="key_pooled",
                                                            linear_attn_feature_map="hedgehog",
                                                            linear_attn_normalize=True, linear_attn_conv_size=3)),
@@ -74,7 +79,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(name):
 
 @pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gla_liger", "gated_deltanet_lizard", "gla_ratio_hybrid",
                                   "gla_hedgehog_normalized_lizard_sinks", "gated_deltanet_key_pooled",
-                                  "gla_hedgehog_lolcats"])
+                                  "gla_hedgehog_lolcats", "gla_np_map_still"])
 @torch.no_grad()
 def test_left_padding_equals_unpadded_rows(name):
     model = build(name)
@@ -99,7 +104,8 @@ def test_left_padding_equals_unpadded_rows(name):
     assert generated[1, 12:].tolist() == alone[0, 7:].tolist()
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gated_deltanet_lizard", "gla_hedgehog_lolcats"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "gated_deltanet_lizard", "gla_hedgehog_lolcats",
+                                  "gla_np_map_still"])
 @torch.no_grad()
 def test_cached_generation_equals_uncached_greedy_and_beam(name):
     model = build(name)
