@@ -131,7 +131,7 @@ def test_registries_refuse_what_they_cannot_build(example_module):
     with pytest.raises(ValueError, match=r"mixer_options has options for \['mla'\], which no layer uses"):
         cosine_config(mixer_options={"mla": {}})
     with pytest.raises(ValueError, match=r"layer 0 has token mixer 'gla', which sits at layer types "
-                                         r"\('linear_attention', 'hybrid_sliding'\), but layer_types\[0\] is 'full_attention'"):
+                                         r"\('linear_attention', 'hybrid_sliding', 'hybrid'\), but layer_types\[0\] is 'full_attention'"):
         hf_arch.HybridConfig(**TINY, token_mixer_types=["gla"] * 4, layer_types=["full_attention"] * 4)
     with pytest.raises(ValueError, match=r"(token_mixer|layer)_types has 3 entries but num_hidden_layers is 4"):
         hf_arch.HybridConfig(**TINY, token_mixer_types=["attention"] * 3)
