@@ -25,6 +25,7 @@ from .gla.chunk import chunk_gla
 from .gla.recurrent import fused_recurrent_gla
 from .krr.chunk import krr_attention_torch
 from .lasp2 import active_plan, lasp2_affine, lasp2_diagonal, refuse_unsupported
+from .lightning._checks import decay_as_gla_gate
 from .lightning.chunk import chunk_lightning_attention
 from .lightning.recurrent import fused_recurrent_lightning_attention
 from .moe.grouped import grouped_expert_mlp
@@ -147,11 +148,9 @@ def lightning_attention(
     plan = active_plan()
     if plan is not None:  # LASP-2: this rank holds one chunk of the sequence
         refuse_unsupported("lightning_attention", cu_seqlens)
-        B, T, H, K = q.shape
-        per_token = log_decay.view(1, 1, H) if log_decay.dim() == 1 else log_decay
         return lasp2_diagonal(lambda q_, k_, v_, **state: impl(q_, k_, v_, log_decay, scale=scale, **state),
-                              q, k, v, per_token[..., None].expand(B, T, H, K),
-                              scale=K ** -0.5 if scale is None else scale, plan=plan,
+                              q, k, v, decay_as_gla_gate(log_decay, q),
+                              scale=q.shape[-1] ** -0.5 if scale is None else scale, plan=plan,
                               initial_state=initial_state, output_final_state=output_final_state)
     return impl(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens)

@@ -37,6 +37,14 @@ def check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens) -> lis
     return lengths
 
 
+def decay_as_gla_gate(log_decay: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The per-head ``[H]`` or per-token ``[B, T, H]`` log decay as a GLA gate ``[B, T, H, K]`` (the same on every key
+    channel), a broadcast view in ``log_decay``'s dtype."""
+    B, T, H, K = q.shape
+    per_token = log_decay.view(1, 1, H) if log_decay.dim() == 1 else log_decay
+    return per_token[..., None].expand(B, T, H, K)
+
+
 def prepare_lightning_inputs(q, k, v, log_decay, initial_state, scale):
     """fp32 (float64 stays) copies with q scaled; the decay as a per-token log gate ``g [B, T, H]``."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..gla.triton_gla import triton_gla
-from ._checks import check_lightning_inputs
+from ._checks import check_lightning_inputs, decay_as_gla_gate
 
 __all__ = ["triton_lightning_attention"]
 
@@ -30,8 +30,6 @@ def triton_lightning_attention(
     cu_seqlens: Optional[torch.LongTensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     check_lightning_inputs(q, k, v, log_decay, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
-    per_token = log_decay.detach().view(1, 1, H) if log_decay.dim() == 1 else log_decay.detach()
-    g = per_token.to(torch.float32 if q.dtype != torch.float64 else q.dtype)[..., None].expand(B, T, H, K)
+    g = decay_as_gla_gate(log_decay.detach(), q).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
     return triton_gla(q, k, v, g.contiguous(), scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
