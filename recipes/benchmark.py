@@ -45,6 +45,20 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed round-robin (one call of each per round, after one warm-up round),
+    so a slow patch of a shared machine or the first-measured warm-up lands on every implementation alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def benchmark_model(
     model_path,
     *,

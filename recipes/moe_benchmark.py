@@ -18,7 +18,8 @@ forward+backward (gradients into the input and every parameter; the loss is ``(o
 Llama with the same active parameters per token (same width, depth, heads, vocabulary; FFN width ``top_k · I``) and
 against transformers' Qwen3-MoE of the same shape.
 
-Timings are medians after a warm-up (``recipes.benchmark._median_seconds`` for layers); nothing here asserts a
+Layer timings are medians of round-robin runs of every implementation after a warm-up round
+(``recipes.benchmark.interleaved_medians``); nothing here asserts a
 speed. Use ``hf-arch bench moe --json`` to record numbers.
 """
 
@@ -32,7 +33,7 @@ import time
 
 import torch
 
-from .benchmark import _median_seconds, sync_device
+from .benchmark import interleaved_medians, sync_device
 
 DEFAULT_EXPERTS = (8, 16, 64)
 
@@ -155,32 +156,32 @@ class _FirstOutput(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _time_layer(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor, device, repeats: int,
-                backend: str | None = None) -> dict:
+def _layer_timers(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor, device,
+                  backend: str | None = None):
+    """``(forward, forward_backward, check)`` closures for one implementation (``check`` raises when backward left
+    the input or a parameter without a gradient)."""
     module.train()
-    with _kernel_backend(backend):
-        with torch.no_grad():
-            def forward():
-                module(x)
-                sync_device(device)
+    leaf = x.detach().clone().requires_grad_(True)
+    params = [p for p in module.parameters() if p.requires_grad]
 
-            fwd = _median_seconds(forward, repeats)
+    def forward():
+        with _kernel_backend(backend), torch.no_grad():
+            module(x)
+        sync_device(device)
 
-        leaf = x.detach().clone().requires_grad_(True)
-        params = [p for p in module.parameters() if p.requires_grad]
-
-        def forward_backward():
-            leaf.grad = None
-            for p in params:
-                p.grad = None
+    def forward_backward():
+        leaf.grad = None
+        for p in params:
+            p.grad = None
+        with _kernel_backend(backend):
             (module(leaf) * upstream).sum().backward()
-            sync_device(device)
+        sync_device(device)
 
-        fwdbwd = _median_seconds(forward_backward, repeats)
-    if leaf.grad is None or not all(p.grad is not None for p in params if p.numel()):
-        raise RuntimeError("forward+backward left the input or a parameter without a gradient")
-    return {"fwd_ms": fwd * 1e3, "fwdbwd_ms": fwdbwd * 1e3, "fwd_tokens_per_s": x.shape[1] / fwd,
-            "fwdbwd_tokens_per_s": x.shape[1] / fwdbwd}
+    def check():
+        if leaf.grad is None or not all(p.grad is not None for p in params if p.numel()):
+            raise RuntimeError("forward+backward left the input or a parameter without a gradient")
+
+    return forward, forward_backward, check
 
 
 def benchmark_moe_layers(
@@ -211,16 +212,32 @@ def benchmark_moe_layers(
     for E in experts:
         ours, blocks, dense = _build_layers(hidden, E, top_k, I, device, dtype)
         modules = {OURS: _FirstOutput(ours), HF_EAGER: blocks[HF_EAGER], HF_GROUPED: blocks[HF_GROUPED], DENSE: dense}
+        rows_here, forwards, backwards, checks = {}, {}, {}, {}
         for layer, backend in impls:
-            bar.set_postfix_str(f"{layer}/{backend} E={E}")
             row = {"layer": layer, "backend": backend, "experts": E, "top_k": top_k, "tokens": tokens,
                    "hidden": hidden, "expert_intermediate": I, "dense_intermediate": top_k * I,
                    "device": device, "dtype": str(dtype)}
-            try:
-                row.update(_time_layer(modules[layer], x, upstream, device, repeats,
-                                       backend if layer == OURS else None))
-            except Exception as error:  # record, keep going (e.g. grouped_mm unsupported on this device)
+            rows_here[layer, backend] = row
+            forward, forward_backward, check = _layer_timers(modules[layer], x, upstream, device,
+                                                             backend if layer == OURS else None)
+            try:  # one call each first: record what fails and keep going (e.g. grouped_mm unsupported here)
+                forward()
+                forward_backward()
+                check()
+            except Exception as error:
                 row["skipped"] = f"{type(error).__name__}: {error}"[:200]
+                continue
+            forwards[layer, backend], backwards[layer, backend], checks[layer, backend] = (
+                forward, forward_backward, check)
+        bar.set_postfix_str(f"E={E} forward")
+        fwd = interleaved_medians(forwards, repeats)
+        bar.set_postfix_str(f"E={E} forward+backward")
+        fwdbwd = interleaved_medians(backwards, repeats)
+        for key, row in rows_here.items():
+            if key in fwd:
+                checks[key]()
+                row.update({"fwd_ms": fwd[key] * 1e3, "fwdbwd_ms": fwdbwd[key] * 1e3,
+                            "fwd_tokens_per_s": tokens / fwd[key], "fwdbwd_tokens_per_s": tokens / fwdbwd[key]})
             rows.append(row)
             bar.update(1)
     bar.close()
