@@ -162,6 +162,11 @@ class MoERouterSpec:
 
     options: tuple[str, ...] = ()
     fixed_top_k: bool = True
+    # False: the router has no learned assignment to balance (THOR's random experts), so a load-balance loss would be
+    # a constant and is refused by name.
+    balance_loss: bool = True
+    # True: num_experts_per_tok caps a per-token number of experts (DynaMoE) instead of being unused.
+    caps_top_k: bool = False
 
 
 # The built-in routers (a config must validate without the modeling code, e.g. as remote code); more register here.
@@ -171,7 +176,40 @@ MOE_ROUTER_SPECS: dict[str, MoERouterSpec] = {
     "relu_rmsnorm": MoERouterSpec(fixed_top_k=False),
     "norm_router": MoERouterSpec(("moe_norm_topk_prob", "moe_norm_router_scale")),
     "tempered_topk": MoERouterSpec(),
+    "sinkhorn": MoERouterSpec(("moe_norm_topk_prob", "moe_sinkhorn_iterations", "moe_sinkhorn_imbalance")),
+    "stochastic": MoERouterSpec(("moe_consistency_coef",), balance_loss=False),
+    "activation_dense_to_sparse": MoERouterSpec(
+        ("moe_router_activation", "moe_router_temperature", "moe_router_threshold"), fixed_top_k=False),
+    "sqrt_gate": MoERouterSpec(),
+    "dynamic_topk": MoERouterSpec(("moe_norm_topk_prob", "moe_dynamic_k", "moe_dynamic_threshold"),
+                                  fixed_top_k=False, caps_top_k=True),
 }
+MOE_ROUTER_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+MOE_DYNAMIC_K_RULES = ("threshold", "complexity")
+# DynaMoE's per-layer expert capacity across the sparse layers (from num_experts_per_tok down to moe_capacity_min).
+MOE_CAPACITY_SCHEDULES = ("uniform", "descending", "ascending", "pyramid", "wave")
+
+
+def moe_layer_capacity(config, sparse_index: int) -> int:
+    """Experts per token of the ``sparse_index``-th sparse layer (0-based, counting sparse layers only) under
+    ``config.moe_capacity_schedule``: between ``moe_capacity_min`` and ``num_experts_per_tok`` (the top-k of a fixed-k
+    router, the cap of a per-token one). ``pyramid`` peaks in the middle layers; ``wave`` runs two cosine periods,
+    low at both ends and in the middle."""
+    high = config.num_experts_per_tok
+    schedule = getattr(config, "moe_capacity_schedule", "uniform")
+    if schedule == "uniform":
+        return high
+    low = config.moe_capacity_min
+    count = sum(kind == "sparse" for kind in config.mlp_layer_types)
+    t = sparse_index / (count - 1) if count > 1 else 0.0
+    share = {"descending": 1.0 - t, "ascending": t, "pyramid": 1.0 - abs(2.0 * t - 1.0),
+             "wave": (1.0 - math.cos(4.0 * math.pi * t)) / 2.0}[schedule]
+    return int(min(high, max(low, math.floor(low + (high - low) * share + 0.5))))
+
+
+def moe_sparse_index(config, layer_idx: int) -> int:
+    """How many sparse layers come before layer ``layer_idx``."""
+    return sum(kind == "sparse" for kind in config.mlp_layer_types[:layer_idx])
 
 
 def register_moe_router_spec(name: str, spec: MoERouterSpec) -> None:
@@ -247,16 +285,18 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "moe_norm_router_scale", "moe_zero_experts", "moe_copy_experts", "moe_constant_experts", "moe_gating_residual",
       "moe_router_bias", "moe_expert_pool", "moe_pool_size", "moe_load_balance_coef", "moe_load_balance_scope",
       "moe_zc_balance_weight", "moe_z_loss_coef", "moe_tls_coef", "moe_cls_coef", "moe_cls_chunk_size",
-      "output_router_logits")),
+      "output_router_logits", "moe_sinkhorn_iterations", "moe_sinkhorn_imbalance", "moe_consistency_coef",
+      "moe_router_activation", "moe_router_temperature", "moe_router_threshold", "moe_dynamic_k",
+      "moe_dynamic_threshold", "moe_capacity_schedule", "moe_capacity_min")),
     ("a shared expert (num_shared_experts > 0)", lambda c: c.num_shared_experts > 0,
      ("shared_expert_intermediate_size", "shared_expert_gate")),
     ("a router that reads moe_norm_topk_prob (the top-k routers in MOE_ROUTER_SPECS)",
      _router_reads("moe_norm_topk_prob"), ("moe_norm_topk_prob",)),
-    ("a router that reads moe_norm_router_scale (moe_router='norm_router')", _router_reads("moe_norm_router_scale"),
-     ("moe_norm_router_scale",)),
     ("a global expert pool (moe_expert_pool='global')", lambda c: c.moe_expert_pool == "global", ("moe_pool_size",)),
     ("zero-computation experts (moe_zero_experts / moe_copy_experts / moe_constant_experts > 0)",
      lambda c: c.num_zero_computation_experts > 0, ("moe_zc_balance_weight",)),
+    ("a per-layer expert capacity schedule (moe_capacity_schedule other than 'uniform')",
+     lambda c: c.moe_capacity_schedule != "uniform", ("moe_capacity_min",)),
 )
 
 
@@ -313,6 +353,15 @@ def _mechanism_options():
         if spec.options:
             yield spec.description or f"{spec.switch} set", spec.is_on, spec.options
     yield from _MECHANISM_OPTIONS
+    yield from _router_options()
+
+
+def _router_options():
+    """Per option a registered MoE router reads (beyond the top-k routers' shared ``moe_norm_topk_prob``): (the
+    routers that read it, is one of them chosen?, the field)."""
+    for name in sorted({f for spec in MOE_ROUTER_SPECS.values() for f in spec.options} - {"moe_norm_topk_prob"}):
+        readers = sorted(router for router, spec in MOE_ROUTER_SPECS.items() if name in spec.options)
+        yield f"moe_router {' / '.join(map(repr, readers))}", _router_reads(name), (name,)
 
 
 ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -452,7 +501,24 @@ class HfArchConfig(PreTrainedConfig):
             cosine similarity of ``x`` and each expert's router row times a learnable scale, then softmax top-k;
             scale-stable in ``‖x‖``; initial scale ``moe_norm_router_scale``), ``tempered_topk`` (top-k logits choose,
             ``softmax(τ·logits)`` over the k weighs, learned ``τ``: 0 weighs the chosen equally, which keeps a
-            partitioned dense FFN exact with every expert active whatever the router rows).
+            partitioned dense FFN exact with every expert active whatever the router rows), ``sinkhorn`` (Selective
+            Sinkhorn Routing: top-k of ``logits + log v``, ``v`` the column scaling of a balanced transport plan, re-
+            solved with ``moe_sinkhorn_iterations`` Sinkhorn steps only on training batches whose expert loads exceed
+            ``moe_sinkhorn_imbalance`` × the mean, and carried to inference as a running average: decoding stays
+            per token), ``stochastic`` (THOR: k uniformly random experts per token in training, a fixed random
+            projection's top-k at inference; two passes per training step with the loss
+            ``(CE₁ + CE₂)/2 + moe_consistency_coef · symmetric KL``), ``activation_dense_to_sparse`` (DTS gate:
+            ``softmax(act(x W) / τ)``, ``act`` = ``moe_router_activation``, ``τ`` a buffer starting at
+            ``moe_router_temperature`` that training anneals (``DenseToSparseAnnealing``); every expert whose gate is
+            at least ``moe_router_threshold`` is active, the best one always), ``sqrt_gate`` (HyperP's SqrtGate:
+            softmax top-k weights ``√(p / Σ p)``, whose squares sum to 1, so the output RMS stays constant across
+            expert granularities), ``dynamic_topk`` (DynaMoE: a per-token number of experts up to the layer's
+            capacity, by ``moe_dynamic_k``: ``threshold`` takes the fewest experts whose probabilities reach
+            ``moe_dynamic_threshold``, ``complexity`` one plus the capacity's remainder scaled by the normalised
+            routing entropy).
+        moe_capacity_schedule: DynaMoE's per-layer capacity: the experts per token (a fixed-k router's top-k, or a
+            per-token router's cap) of each sparse layer, from ``num_experts_per_tok`` down to ``moe_capacity_min``:
+            ``uniform``, ``descending`` / ``ascending`` with depth, ``pyramid`` (largest mid-depth) or ``wave``.
         moe_routed_scale: multiplies the weighted sum of the routed experts (DeepSeek's routed scaling factor); a
             dense FFN partitioned into E experts with renormalised top-k weights uses E (``E/k`` per chosen expert).
         moe_zero_experts / moe_copy_experts / moe_constant_experts: MoE++ zero-computation experts routed
@@ -633,6 +699,16 @@ class HfArchConfig(PreTrainedConfig):
         moe_cls_coef: float = 0.0,
         moe_cls_chunk_size: int = 8,
         output_router_logits: bool = False,
+        moe_sinkhorn_iterations: int = 3,
+        moe_sinkhorn_imbalance: float = 1.25,
+        moe_consistency_coef: float = 1.0,
+        moe_router_activation: str = "gelu",
+        moe_router_temperature: float = 1.0,
+        moe_router_threshold: float = 0.05,
+        moe_dynamic_k: str = "threshold",
+        moe_dynamic_threshold: float = 0.5,
+        moe_capacity_schedule: str = "uniform",
+        moe_capacity_min: int = 1,
         **kwargs,
     ):
         for retired in RETIRED_FIELDS:  # in configs saved by earlier releases; they never changed a model
@@ -697,6 +773,16 @@ class HfArchConfig(PreTrainedConfig):
         self.moe_cls_coef = moe_cls_coef
         self.moe_cls_chunk_size = moe_cls_chunk_size
         self.output_router_logits = output_router_logits
+        self.moe_sinkhorn_iterations = moe_sinkhorn_iterations
+        self.moe_sinkhorn_imbalance = moe_sinkhorn_imbalance
+        self.moe_consistency_coef = moe_consistency_coef
+        self.moe_router_activation = moe_router_activation
+        self.moe_router_temperature = moe_router_temperature
+        self.moe_router_threshold = moe_router_threshold
+        self.moe_dynamic_k = moe_dynamic_k
+        self.moe_dynamic_threshold = moe_dynamic_threshold
+        self.moe_capacity_schedule = moe_capacity_schedule
+        self.moe_capacity_min = moe_capacity_min
         self.attn_output_gate = attn_output_gate
         self.attn_output_gate_bias = attn_output_gate_bias
         self.attn_output_gate_rank = attn_output_gate_rank
@@ -1225,7 +1311,8 @@ class HfArchConfig(PreTrainedConfig):
         if self.num_shared_experts and not self.shared_expert_intermediate_size:
             raise ValueError(f"{cls}: num_shared_experts = {self.num_shared_experts} needs a positive "
                              "shared_expert_intermediate_size")
-        if MOE_ROUTER_SPECS[self.moe_router].fixed_top_k:
+        spec = MOE_ROUTER_SPECS[self.moe_router]
+        if spec.fixed_top_k or spec.caps_top_k:
             if self.moe_expert_pool == "global" and self.moe_pool_size < self.num_experts_per_tok:
                 raise ValueError(f"{cls}.moe_pool_size ({self.moe_pool_size}) is smaller than num_experts_per_tok "
                                  f"({self.num_experts_per_tok}): the shared pool must hold at least top-k experts")
@@ -1238,10 +1325,49 @@ class HfArchConfig(PreTrainedConfig):
         if self.moe_load_balance_scope == "pool" and self.moe_expert_pool != "global":
             raise ValueError(f"{cls}.moe_load_balance_scope='pool' needs moe_expert_pool='global' "
                              f"(got {self.moe_expert_pool!r}); use 'layer'")
+        self._validate_moe_router_options()
         if (self.moe_tls_coef or self.moe_cls_coef) and MOE_ROUTER_SPECS[self.moe_router].fixed_top_k:
             raise ValueError(f"{cls}: moe_tls_coef / moe_cls_coef are BlockFFN's sparsity losses and need "
                              f"a router with a varying number of experts per token (e.g. moe_router='relu_rmsnorm'), "
                              f"got {self.moe_router!r}")
+
+    def _validate_moe_router_options(self) -> None:
+        """The routers' own fields and DynaMoE's capacity schedule (read only when their router is chosen)."""
+        cls = type(self).__name__
+        spec = MOE_ROUTER_SPECS[self.moe_router]
+        for field, allowed in (("moe_router_activation", MOE_ROUTER_ACTIVATIONS), ("moe_dynamic_k", MOE_DYNAMIC_K_RULES),
+                               ("moe_capacity_schedule", MOE_CAPACITY_SCHEDULES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field, minimum in (("moe_sinkhorn_iterations", 1), ("moe_capacity_min", 1)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for field, inside, text in (
+            ("moe_sinkhorn_imbalance", lambda v: v >= 1.0, ">= 1 (max expert load over the mean)"),
+            ("moe_consistency_coef", lambda v: v >= 0.0, ">= 0"),
+            ("moe_router_threshold", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("moe_dynamic_threshold", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+            ("moe_router_temperature", lambda v: v > 0.0, "> 0"),
+        ):
+            value = getattr(self, field)
+            if not (number(value) and inside(value)):
+                raise ValueError(f"{cls}.{field} must be a number {text}, got {value!r}")
+        if not spec.balance_loss and self.moe_load_balance_coef:
+            raise ValueError(f"{cls}: moe_router={self.moe_router!r} assigns experts at random, so there is no learned "
+                             f"routing to balance: set moe_load_balance_coef=0 (got {self.moe_load_balance_coef!r}; "
+                             f"moe_preset='thor' does)")
+        if self.moe_capacity_schedule != "uniform":
+            if not (spec.fixed_top_k or spec.caps_top_k):
+                raise ValueError(f"{cls}.moe_capacity_schedule={self.moe_capacity_schedule!r} sets each layer's "
+                                 f"experts per token, but moe_router={self.moe_router!r} chooses its own number")
+            if self.moe_capacity_min > self.num_experts_per_tok:
+                raise ValueError(f"{cls}.moe_capacity_min ({self.moe_capacity_min}) is larger than "
+                                 f"num_experts_per_tok ({self.num_experts_per_tok}), the schedule's largest capacity")
 
 
 def _resolve_mlp_layout(config, mlp_layer_types, sparse_step) -> list[str]:

@@ -17,7 +17,8 @@ from torch import nn
 from .mixer_registry import register_channel_mixer
 from .mlp import HfArchMLP
 from .moe_experts import HfArchExperts, ZeroComputationExperts
-from .moe_routers import MoERouter, selected_mask
+from ..configuration import moe_layer_capacity, moe_sparse_index
+from .moe_routers import MoERouter
 
 __all__ = ["HfArchMoE"]
 
@@ -33,12 +34,14 @@ class HfArchMoE(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.router_kind = config.moe_router
-        self.top_k = config.num_experts_per_tok
+        # DynaMoE's capacity schedule: this layer's experts per token (uniform: num_experts_per_tok).
+        self.top_k = moe_layer_capacity(config, moe_sparse_index(config, layer_idx))
         self.num_ffn = config.num_ffn_experts
         self.num_routed = config.num_routed_experts
         self.routed_scale = config.moe_routed_scale
         first_sparse = config.mlp_layer_types.index("sparse")
         self.router = MoERouter(config, self.num_routed, config.moe_gating_residual and layer_idx > first_sparse)
+        self.router.top_k = self.top_k
         # A global pool lives on the model and arrives through forward(experts=...).
         self.experts = HfArchExperts(config, config.num_experts) if config.moe_expert_pool == "per_layer" else None
         self.zero_computation = (
@@ -101,5 +104,5 @@ class HfArchMoE(nn.Module):
         logits = routing.logits.view(B, T, -1)
         if self.stats is not None:
             real = token_mask[:, -T:] if token_mask is not None else None
-            self.stats.add(self.layer_idx, selected_mask(logits.detach(), self.router_kind, self.top_k), real)
+            self.stats.add(self.layer_idx, routing.selected_mask().view(B, T, -1), real)
         return out.view(B, T, H), logits

@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..configuration import MOE_ROUTER_SPECS, moe_layer_capacity
 from .moe_routers import routing_probabilities, selected_mask
 
-__all__ = ["moe_auxiliary_losses", "load_balance_loss", "chunk_sparsity_loss"]
+__all__ = ["moe_auxiliary_losses", "load_balance_loss", "chunk_sparsity_loss", "consistency_loss",
+           "consistency_regularised"]
 
 
 def _token_weights(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -30,14 +32,17 @@ def _token_weights(logits: torch.Tensor, attention_mask: torch.Tensor | None) ->
     return logits.new_ones(B, T)
 
 
-def load_balance_loss(layer_logits: list[torch.Tensor], config, attention_mask=None) -> torch.Tensor:
-    """Switch-style balance over the given layers' tokens taken together."""
+def load_balance_loss(layer_logits: list[torch.Tensor], config, attention_mask=None,
+                      sparse_indices: list[int] | None = None) -> torch.Tensor:
+    """Switch-style balance over the given layers' tokens taken together (``sparse_indices``: which sparse layers they
+    are, for a per-layer capacity; default the first ones)."""
     probability_mass, selection_count, total_assignments = 0.0, 0.0, 0.0
     tokens = 0.0
-    for logits in layer_logits:
+    for n, logits in enumerate(layer_logits):
         w = _token_weights(logits, attention_mask)[..., None]
         probs = routing_probabilities(logits, config.moe_router)
-        chosen = selected_mask(logits, config.moe_router, config.num_experts_per_tok).float()
+        capacity = moe_layer_capacity(config, sparse_indices[n] if sparse_indices is not None else n)
+        chosen = selected_mask(logits, config.moe_router, capacity, config).float()
         probability_mass = probability_mass + (probs * w).sum(dim=(0, 1))
         selection_count = selection_count + (chosen * w).sum(dim=(0, 1))
         total_assignments = total_assignments + (chosen * w).sum()
@@ -75,7 +80,8 @@ def moe_auxiliary_losses(router_logits, config, attention_mask=None) -> tuple[to
         if config.moe_load_balance_scope == "pool":
             terms["load_balance"] = load_balance_loss(layers, config, attention_mask)
         else:
-            terms["load_balance"] = torch.stack([load_balance_loss([l], config, attention_mask) for l in layers]).mean()
+            terms["load_balance"] = torch.stack([load_balance_loss([l], config, attention_mask, [n])
+                                                 for n, l in enumerate(layers)]).mean()
     if config.moe_z_loss_coef:
         z = [(torch.logsumexp(l, dim=-1).pow(2) * _token_weights(l, attention_mask)).sum()
              / _token_weights(l, attention_mask).sum().clamp_min(1.0) for l in layers]
@@ -93,3 +99,19 @@ def moe_auxiliary_losses(router_logits, config, attention_mask=None) -> tuple[to
     if not terms:
         total = layers[0].new_zeros(())
     return total, terms
+
+
+def consistency_regularised(config) -> bool:
+    """THOR: does training pair two randomly routed passes (a router reading ``moe_consistency_coef``, non-zero)?"""
+    spec = MOE_ROUTER_SPECS.get(getattr(config, "moe_router", None))
+    return (spec is not None and "moe_consistency_coef" in spec.options and "sparse" in config.mlp_layer_types
+            and config.moe_consistency_coef > 0)
+
+
+def consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """THOR's consistency term: ``½ (KL(p_a ‖ p_b) + KL(p_b ‖ p_a))`` of the next-token distributions of two passes,
+    averaged over the positions that have a label (``labels`` unshifted, -100 ignored, as the LM loss reads them)."""
+    a, b = logits_a[:, :-1].float().log_softmax(-1), logits_b[:, :-1].float().log_softmax(-1)
+    real = (labels[:, 1:] != -100).to(a.device)
+    per_token = 0.5 * ((a.exp() * (a - b)).sum(-1) + (b.exp() * (b - a)).sum(-1))
+    return (per_token * real).sum() / real.sum().clamp_min(1)

@@ -44,7 +44,7 @@ from ..layers.mixer_registry import build_channel_mixer, build_token_mixer
 from ..layers.mlp import HfArchMLP
 from ..layers.moe import HfArchMoE
 from ..layers.moe_experts import HfArchExperts
-from ..layers.moe_losses import moe_auxiliary_losses
+from ..layers.moe_losses import consistency_loss, consistency_regularised, moe_auxiliary_losses
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
 from ..layers.rope import build_rotary_embedding
@@ -646,6 +646,16 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if self.training and past_key_values is None and consistency_regularised(self.config):
+                # THOR: a second pass routes every token to other random experts; both passes' losses plus their
+                # disagreement train the experts to be interchangeable.
+                second = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    inputs_embeds=inputs_embeds, use_cache=False, return_dict=True, **kwargs)
+                second_logits = self.lm_head(second.last_hidden_state[:, keep, :])
+                second_loss = self.loss_function(logits=second_logits, labels=labels,
+                                                 vocab_size=self.config.vocab_size, **kwargs)
+                loss = 0.5 * (loss + second_loss) + self.config.moe_consistency_coef * consistency_loss(
+                    logits, second_logits, labels)
             loss = self._add_sparse_attention_loss(loss, outputs.sparse_attention_loss)
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:

@@ -12,6 +12,8 @@ never depends on what a preset meant when it was written:
 - ``unipool``: UniPool: one global pool of FFN experts shared by every sparse layer (half the per-layer budget,
   ``num_experts × sparse layers / 2``, unless ``moe_pool_size`` is given), a NormRouter per layer and a pool-level
   balance loss.
+- ``sinkhorn``: Selective Sinkhorn Routing, which replaces the load-balance loss (coefficient 0).
+- ``thor``: THOR's stochastic experts with consistency regularisation (no balance loss: routing is random).
 - ``blockffn``: BlockFFN (Song et al., arXiv 2507.08771): ReLU + RMSNorm router (variable number of experts) with
   token- and chunk-level sparsity losses.
 """

@@ -16,6 +16,8 @@ MOE_PRESETS: dict[str, dict] = {
         "moe_gating_residual": True,
     },
     "unipool": {"moe_router": "norm_router", "moe_expert_pool": "global", "moe_load_balance_scope": "pool"},
+    "sinkhorn": {"moe_router": "sinkhorn", "moe_load_balance_coef": 0.0},
+    "thor": {"moe_router": "stochastic", "moe_load_balance_coef": 0.0},
     "blockffn": {"moe_router": "relu_rmsnorm", "moe_load_balance_coef": 0.0, "moe_tls_coef": 1e-3,
                  "moe_cls_coef": 1e-3},
 }

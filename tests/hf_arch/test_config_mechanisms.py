@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoConfig
 
 import hf_arch
-from hf_arch.configuration import _MECHANISM_OPTIONS, HfArchConfig
+from hf_arch.configuration import _MECHANISM_OPTIONS, HfArchConfig, _router_options
 from hf_arch.models import MOE_PRESETS
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -44,7 +44,12 @@ SWITCHES = {
     "Mixture-of-Experts layers": ({}, MOE),
     "a shared expert": (MOE, dict(MOE, num_shared_experts=1)),
     "a router that reads moe_norm_topk_prob": (dict(MOE, moe_router="relu_rmsnorm"), MOE),
-    "a router that reads moe_norm_router_scale": (MOE, dict(MOE, moe_router="norm_router")),
+    "moe_router 'norm_router'": (MOE, dict(MOE, moe_router="norm_router")),
+    "moe_router 'sinkhorn'": (MOE, dict(MOE, moe_router="sinkhorn")),
+    "moe_router 'stochastic'": (MOE, dict(MOE, moe_router="stochastic", moe_load_balance_coef=0.0)),
+    "moe_router 'activation_dense_to_sparse'": (MOE, dict(MOE, moe_router="activation_dense_to_sparse")),
+    "moe_router 'dynamic_topk'": (MOE, dict(MOE, moe_router="dynamic_topk")),
+    "a per-layer expert capacity schedule": (MOE, dict(MOE, moe_capacity_schedule="descending")),
     "a global expert pool": (MOE, dict(MOE, moe_expert_pool="global")),
     "zero-computation experts": (MOE, dict(MOE, moe_zero_experts=1)),
 }
@@ -88,6 +93,14 @@ OPTION_VALUES = {
     "moe_zc_balance_weight": (0.5, dict(moe_zero_experts=1)), "moe_z_loss_coef": (0.1, {}),
     "moe_tls_coef": (0.1, dict(moe_router="relu_rmsnorm")), "moe_cls_coef": (0.1, dict(moe_router="relu_rmsnorm")),
     "moe_cls_chunk_size": (4, {}), "output_router_logits": (True, {}),
+    "moe_sinkhorn_iterations": (5, dict(moe_router="sinkhorn")), "moe_sinkhorn_imbalance": (2.0, dict(moe_router="sinkhorn")),
+    "moe_consistency_coef": (0.5, dict(moe_router="stochastic", moe_load_balance_coef=0.0)),
+    "moe_router_activation": ("relu", dict(moe_router="activation_dense_to_sparse")),
+    "moe_router_temperature": (2.0, dict(moe_router="activation_dense_to_sparse")),
+    "moe_router_threshold": (0.2, dict(moe_router="activation_dense_to_sparse")),
+    "moe_dynamic_k": ("complexity", dict(moe_router="dynamic_topk")),
+    "moe_dynamic_threshold": (0.8, dict(moe_router="dynamic_topk")),
+    "moe_capacity_schedule": ("ascending", {}), "moe_capacity_min": (2, dict(moe_capacity_schedule="ascending")),
 }
 
 
@@ -95,11 +108,12 @@ def _switch(label: str):
     return next(SWITCHES[key] for key in SWITCHES if label.startswith(key))
 
 
-CASES = [(label, field) for label, _, fields in _MECHANISM_OPTIONS for field in fields]
+MECHANISMS = [*_MECHANISM_OPTIONS, *_router_options()]
+CASES = [(label, field) for label, _, fields in MECHANISMS for field in fields]
 
 
 def test_every_mechanism_and_option_is_covered():
-    for label, _, _ in _MECHANISM_OPTIONS:
+    for label, _, _ in MECHANISMS:
         _switch(label)  # StopIteration: a new mechanism without a row in SWITCHES
     assert {field for _, field in CASES} <= set(OPTION_VALUES)
 

@@ -24,6 +24,11 @@ LAYOUTS = {
     "step_with_gla_and_shared_expert": dict(moe_sparse_step=2, num_shared_experts=1, layer_types=[
         "linear_attention", "full_attention", "linear_attention"]),
     "sigmoid_topk_unnormalised": dict(moe_router="sigmoid_topk", moe_norm_topk_prob=False, num_experts_per_tok=3),
+    "dense_to_sparse": dict(moe_router="activation_dense_to_sparse", moe_router_temperature=0.5),
+    "sqrt_gate": dict(moe_router="sqrt_gate", num_experts_per_tok=3),
+    "dynamic_threshold_descending": dict(moe_router="dynamic_topk", num_experts_per_tok=4,
+                                         moe_capacity_schedule="descending", moe_capacity_min=2),
+    "dynamic_complexity": dict(moe_router="dynamic_topk", moe_dynamic_k="complexity", num_experts_per_tok=3),
 }
 
 
@@ -227,6 +232,20 @@ def test_accelerate_device_map_load_matches(tmp_path):
     (dict(mlp_layer_types=["sparse", "moe", "dense"]), "unsupported entries ['moe']"),
     (dict(moe_sparse_step=0), "moe_sparse_step must be an integer >= 1"),
     (dict(moe_load_balance_scope="pool"), "needs moe_expert_pool='global'"),
+    (dict(moe_router="stochastic"), "set moe_load_balance_coef=0"),
+    (dict(moe_router="sinkhorn", moe_sinkhorn_iterations=0), "moe_sinkhorn_iterations must be an integer >= 1"),
+    (dict(moe_router="sinkhorn", moe_sinkhorn_imbalance=0.5), "moe_sinkhorn_imbalance must be a number >= 1"),
+    (dict(moe_router="activation_dense_to_sparse", moe_router_temperature=0.0), "moe_router_temperature must be"),
+    (dict(moe_router="activation_dense_to_sparse", moe_router_threshold=1.0), "moe_router_threshold must be"),
+    (dict(moe_router="activation_dense_to_sparse", moe_router_activation="swish"), "moe_router_activation must be"),
+    (dict(moe_router="dynamic_topk", moe_dynamic_k="entropy"), "moe_dynamic_k must be one of"),
+    (dict(moe_router="dynamic_topk", moe_dynamic_threshold=0.0), "moe_dynamic_threshold must be a number in (0, 1]"),
+    (dict(moe_router="dynamic_topk", num_experts_per_tok=9), "num_experts_per_tok (9) is larger"),
+    (dict(moe_capacity_schedule="zigzag"), "moe_capacity_schedule must be one of"),
+    (dict(moe_capacity_schedule="pyramid", moe_capacity_min=3), "moe_capacity_min (3) is larger"),
+    (dict(moe_router="relu_rmsnorm", moe_capacity_schedule="wave"), "chooses its own number"),
+    (dict(moe_sinkhorn_iterations=5), "moe_sinkhorn_iterations"),  # sinkhorn's option on a softmax router
+    (dict(moe_capacity_min=2), "moe_capacity_min"),  # the schedule's option with a uniform capacity
 ])
 def test_bad_moe_configs_fail_at_config_time(overrides, message):
     with pytest.raises(ValueError) as err:

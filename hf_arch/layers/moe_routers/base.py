@@ -31,15 +31,22 @@ class Routing:
     expert_idx: torch.LongTensor
     weight: torch.Tensor
 
+    def selected_mask(self) -> torch.Tensor:
+        """``[N, E]`` bool: the experts each token was sent to (whatever rule chose them)."""
+        mask = torch.zeros(self.logits.shape, dtype=torch.bool, device=self.logits.device)
+        mask[self.token_idx, self.expert_idx] = True
+        return mask
+
 
 def register_moe_router(name: str):
     """Class decorator: make ``cls`` the router ``config.moe_router = name`` builds (and tell the config which
-    options it reads: ``cls.config_options``; ``cls.fixed_top_k``)."""
+    options it reads: ``cls.config_options``; ``cls.fixed_top_k``, ``cls.caps_top_k``, ``cls.balance_loss``)."""
 
     def add(cls):
         cls.name = name
         MOE_ROUTERS[name] = cls
-        register_moe_router_spec(name, MoERouterSpec(options=tuple(cls.config_options), fixed_top_k=cls.fixed_top_k))
+        register_moe_router_spec(name, MoERouterSpec(options=tuple(cls.config_options), fixed_top_k=cls.fixed_top_k,
+                                                     balance_loss=cls.balance_loss, caps_top_k=cls.caps_top_k))
         return cls
 
     return add
@@ -60,7 +67,9 @@ class MoERouter(nn.Module):
 
     new_parameters = ("*",)  # read by peft_utils
     config_options: tuple[str, ...] = ()  # config fields only this router reads
-    fixed_top_k = True  # False: the number of experts per token varies (num_experts_per_tok unused)
+    fixed_top_k = True  # False: the number of experts per token varies (num_experts_per_tok unused, unless capped)
+    caps_top_k = False  # True: num_experts_per_tok (the layer's capacity) caps the varying number
+    balance_loss = True  # False: no learned assignment to balance (random routing)
 
     def __new__(cls, config=None, *args, **kwargs):
         if cls is MoERouter and config is not None:
@@ -111,8 +120,9 @@ class MoERouter(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def selected(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-        """``[..., E]`` bool: which experts each token uses (ties broken as ``torch.topk`` breaks them)."""
+    def selected(logits: torch.Tensor, top_k: int, config=None) -> torch.Tensor:
+        """``[..., E]`` bool: which experts each token uses (ties broken as ``torch.topk`` breaks them); ``top_k`` is
+        the layer's capacity, ``config`` carries the rule's settings for routers that have some."""
         index = logits.topk(top_k, dim=-1).indices
         return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
 
@@ -131,7 +141,7 @@ class TopKRouter(MoERouter):
         raise NotImplementedError
 
     @classmethod
-    def selected(cls, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    def selected(cls, logits: torch.Tensor, top_k: int, config=None) -> torch.Tensor:
         """The experts ``route`` picks: the k largest activated scores (not logits: a saturating activation ties)."""
         index = cls.activate(logits).topk(top_k, dim=-1).indices
         return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)

@@ -43,5 +43,5 @@ class ReLURMSNormRouter(MoERouter):
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-9)
 
     @staticmethod
-    def selected(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    def selected(logits: torch.Tensor, top_k: int, config=None) -> torch.Tensor:
         return logits > 0

@@ -17,11 +17,15 @@ TINY = dict(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def test_builtin_routers_are_registered_with_the_specs_the_config_validates():
-    assert set(MOE_ROUTERS) == {"softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router", "tempered_topk"}
+    assert set(MOE_ROUTERS) == {"softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router", "tempered_topk",
+                                "sinkhorn", "stochastic", "activation_dense_to_sparse", "sqrt_gate", "dynamic_topk"}
     for name, cls in MOE_ROUTERS.items():
         assert MOE_ROUTER_SPECS[name].options == cls.config_options
         assert MOE_ROUTER_SPECS[name].fixed_top_k == cls.fixed_top_k
-        router = MoERouter(hf_arch.MoEConfig(**TINY, moe_router=name), 4, False)
+        assert MOE_ROUTER_SPECS[name].caps_top_k == cls.caps_top_k
+        assert MOE_ROUTER_SPECS[name].balance_loss == cls.balance_loss
+        balance = {} if cls.balance_loss else {"moe_load_balance_coef": 0.0}
+        router = MoERouter(hf_arch.MoEConfig(**TINY, moe_router=name, **balance), 4, False)
         assert type(router) is cls  # MoERouter(config, ...) builds the registered class
 
 

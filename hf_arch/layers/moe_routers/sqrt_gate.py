@@ -1,0 +1,35 @@
+"""``sqrt_gate``: HyperP's SqrtGate. Softmax top-k, weights ``√(p_i / Σ_k p)``.
+
+A renormalised top-k gate has ``Σ w = 1``; if the k experts' outputs are roughly independent with RMS ``r``, the
+layer's output RMS is ``r·√(Σ w²)``, which shrinks as ``1/√k`` when experts get finer and more of them are active.
+Square-root weights have ``Σ w² = 1``, so the output RMS stays ``r`` at any granularity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Routing, TopKRouter, register_moe_router
+
+
+@register_moe_router("sqrt_gate")
+class SqrtGateRouter(TopKRouter):
+    config_options = ()  # always renormalised over the k before the square root
+
+    def __init__(self, config, num_routed: int, gating_residual: bool) -> None:
+        super().__init__(config, num_routed, gating_residual)
+        self.norm_topk_prob = True
+
+    @staticmethod
+    def activate(logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=-1)
+
+    @staticmethod
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=-1)
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        routing = super().route(logits)
+        routing.weight = routing.weight.clamp_min(1e-12).sqrt()  # an underflowed weight must not give an infinite gradient
+        return routing
+
