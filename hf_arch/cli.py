@@ -501,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "prefill, decode and memory of conversions vs the source, see "
                                      "`hf-arch bench e2e --help`; `bench hub-kernels`: transformers' own Qwen3-Next "
                                      "with and without hf_arch.use_kernels(), training step and decode; `bench sequence-parallel`: "
-                                     "LASP-2 training steps, 1 process vs N, tokens/s and memory per rank)")
+                                     "LASP-2 training steps, 1 process vs N, tokens/s and memory per rank; `bench "
+                                     "modes MODEL`: MoDES expert skipping, skip rate vs perplexity, see "
+                                     "`hf-arch bench modes --help`)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -572,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.e2e_benchmark import main as e2e_main
 
         return e2e_main(argv[2:])
+    if argv[:2] == ["bench", "modes"]:  # its own options: MoDES expert skipping, skip rate vs perplexity
+        from hf_arch.recipes.modes_benchmark import main as modes_main
+
+        return modes_main(argv[2:])
     if argv[:2] == ["bench", "sequence-parallel"]:  # its own options: LASP-2 steps, 1 process vs N
         from hf_arch.recipes.sequence_parallel_benchmark import main as sequence_parallel_main
 
