@@ -1,6 +1,6 @@
 """MoE refactorization: a Llama-family model's dense SwiGLU FFNs → ``hfa_moe`` experts.
 
-Two methods, both copying every non-FFN weight unchanged:
+The methods, each copying every non-FFN weight unchanged:
 
 - ``partition`` (LLaMA-MoE, MoEfication, Read-ME): the FFN's ``I`` neurons are split into ``E`` experts of ``I/E``
   neurons each (a SwiGLU is a sum over its neurons, so the experts together compute the dense FFN exactly). Splits:
@@ -12,6 +12,9 @@ Two methods, both copying every non-FFN weight unchanged:
   ``tempered_topk``, weighs the chosen experts by ``softmax(τ·logits)`` with ``τ = 0`` at first: equal weights,
   scaled by ``routed_scale`` (default ``k``: the chosen experts' plain sum, i.e. the dense sum with the other
   experts' terms dropped; LLaMA-MoE uses ``E/k``), so every expert active is the dense FFN whatever the router rows.
+- ``read_me`` (Read-ME): the same partition, routed by one pre-gate decoupled from the layers (``moe_router=
+  'pre_gated'``, ``model.pre_gate`` on the token embeddings), fitted on the calibration text to every layer's
+  targets at once (``read_me.distill_pre_gate``); exact with every expert active, as a partition.
 - ``upcycle`` (sparse upcycling): every expert is a copy of the dense FFN and a router is added; with renormalised
   weights the output equals the dense FFN exactly until training makes the experts differ.
 - ``native``: the source is already an MoE (Qwen3-MoE, Mixtral, Qwen2-MoE); imported as it is (``moe_import.py``).
@@ -37,10 +40,11 @@ import torch.nn.functional as F
 from ..models.moe import MoEConfig, MoEForCausalLM
 from .moe_import import NATIVE_MOE_TYPES, moe_from_native
 from .moe_router_distill import distill_routers, layer_ffn_inputs
+from .read_me import distill_pre_gate
 from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
-METHODS = ("partition", "upcycle", "native")  # native: an MoE source imported as it is (moe_import.py)
+METHODS = ("partition", "upcycle", "native", "read_me")  # native: an MoE source imported as it is (moe_import.py)
 # The dense FFN's tensors, which the conversion maps itself (into experts and the shared expert).
 DENSE_FFN = r"\.mlp\.(shared_expert\.)?(gate_proj|up_proj|down_proj)\."
 SPLITS = ("random", "cluster", "activation")
@@ -61,6 +65,8 @@ class MoERefactorOptions:
     shared_neurons: int | None = None
     router: str | None = None  # None: tempered_topk for a partition (exact with every expert active), softmax_topk
     router_distill_steps: int = 200  # partition: fit the routers to calibration targets (0: keep the init)
+    pre_gate_hidden: int = 256  # read_me: width of the pre-gate MLP
+    pre_gate_steps: int = 300  # read_me: steps fitting the pre-gate to the layers' calibration targets
     zero_experts: int = 0
     copy_experts: int = 0
     router_init: str = "centroid"  # centroid: each expert's mean gate row (for copies: all equal) | zero: uniform
@@ -73,11 +79,12 @@ class MoERefactorOptions:
 
     def resolve(self, intermediate_size: int) -> "MoERefactorOptions":
         """The options with their automatic defaults filled in for a source FFN of ``intermediate_size``."""
-        partition = self.method == "partition"
+        partition = self.partitions
         shared = self.shared_neurons
         if shared is None:
             shared = auto_shared_neurons(intermediate_size, self.experts) if partition else 0
-        router = self.router or ("tempered_topk" if partition else "softmax_topk")
+        router = self.router or ("pre_gated" if self.method == "read_me" else
+                                 "tempered_topk" if partition else "softmax_topk")
         return replace(self, shared_neurons=shared, router=router)
 
     def validate(self, intermediate_size: int) -> None:
@@ -89,10 +96,14 @@ class MoERefactorOptions:
             raise ValueError(f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.router not in ROUTERS:
+        if self.method == "read_me":
+            if self.router != "pre_gated":
+                raise ValueError(f"method='read_me' routes with the pre-gate (router 'pre_gated'), not {self.router!r}")
+        elif self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         for name, minimum in (("experts", 1), ("top_k", 1), ("shared_neurons", 0), ("zero_experts", 0),
-                              ("copy_experts", 0), ("calibration_tokens", 1), ("router_distill_steps", 0)):
+                              ("copy_experts", 0), ("calibration_tokens", 1), ("router_distill_steps", 0),
+                              ("pre_gate_hidden", 1), ("pre_gate_steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -103,7 +114,9 @@ class MoERefactorOptions:
         routed = self.experts + self.zero_experts + self.copy_experts
         if self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is larger than the routed experts ({routed})")
-        if self.method == "partition":
+        if self.method == "read_me" and self.pool:
+            raise ValueError("method='read_me' plans each layer's own experts; pool (UniPool) does not apply")
+        if self.partitions:
             neurons = intermediate_size - self.shared_neurons
             if self.shared_neurons >= intermediate_size:
                 raise ValueError(f"shared_neurons ({self.shared_neurons}) must be smaller than the source FFN's "
@@ -115,10 +128,17 @@ class MoERefactorOptions:
                 raise ValueError(f"the {neurons} FFN neurons to split (intermediate_size {intermediate_size} - shared "
                                  f"{self.shared_neurons}) do not divide into {self.experts} equal experts")
         elif self.shared_neurons:
-            raise ValueError("shared_neurons applies to method='partition' only")
+            raise ValueError("shared_neurons applies to method='partition' or 'read_me' only")
+
+    @property
+    def partitions(self) -> bool:
+        """The dense FFN's neurons are split into the experts (partition, read_me)."""
+        return self.method in ("partition", "read_me")
 
     @property
     def needs_calibration(self) -> bool:
+        if self.method == "read_me":
+            return True  # the pre-gate's targets come from the calibration text
         return self.method == "partition" and (self.split == "activation" or self.shared_neurons != 0
                                                or self.router_distill_steps > 0)
 
@@ -142,7 +162,7 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
     I = source_config.intermediate_size
     options = options.resolve(I)
     options.validate(I)
-    partition = options.method == "partition"
+    partition = options.partitions
     expert_width = (I - options.shared_neurons) // options.experts if partition else I
     default_scale = float(options.top_k) if partition else 1.0
     pool = {}
@@ -162,6 +182,7 @@ def moe_config_from(source_config, options: MoERefactorOptions) -> MoEConfig:
         moe_routed_scale=default_scale if options.routed_scale is None else float(options.routed_scale),
         moe_zero_experts=options.zero_experts,
         moe_copy_experts=options.copy_experts,
+        **({"moe_pre_gate_hidden": options.pre_gate_hidden} if options.method == "read_me" else {}),
         **pool,
     )
 
@@ -278,7 +299,10 @@ def refactor_moe(source_model, options: MoERefactorOptions | None = None, calibr
                                lambda target: _fill_experts(source_model, target, options, activations),
                                replaced=DENSE_FFN)
     report = {"resolved_options": options.as_dict()}
-    if options.method == "partition" and options.router_distill_steps:
+    if options.method == "read_me":
+        report["pre_gate_distillation"] = distill_pre_gate(source_model, target, calibration_ids, calibration_mask,
+                                                           steps=options.pre_gate_steps, inputs=inputs)
+    elif options.method == "partition" and options.router_distill_steps:
         first = (lambda index: index * options.experts) if options.pool else None
         report["router_distillation"] = distill_routers(source_model, target, calibration_ids, calibration_mask,
                                                         steps=options.router_distill_steps, first_expert=first,
@@ -337,6 +361,9 @@ def _fill_experts(source_model, target, options: MoERefactorOptions, activations
             experts.gate_up_proj[first + e, :I].copy_(gate[ids])
             experts.gate_up_proj[first + e, I:].copy_(up[ids])
             experts.down_proj[first + e].copy_(down[:, ids])
+        if options.method == "read_me":  # no per-layer rows: the pre-gate plans every layer (distilled later)
+            moe.router.temperature.zero_()
+            continue
         router = moe.router.weight
         router.zero_()
         centroids = torch.stack([gate[ids].float().mean(0) for ids in groups])

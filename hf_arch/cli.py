@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--gate-lr-scale", type=float, help="LR multiplier recipes apply to the gates")
     conv.add_argument("--method",
                       help="--to gla: liger | lolcats | lizard | still; --to gated_deltanet: mamba_init; --to moe: partition | "
-                           "upcycle; --to sparse_attention: seer | flux")
+                           "upcycle | read_me (Read-ME: a partition routed by one pre-gate on the embeddings, "
+                           "distilled on --calibration-file); --to sparse_attention: seer | flux")
     conv.add_argument("--keep-full-attention", type=int, nargs="+", metavar="LAYER",
                       help="linearization: layers that keep softmax attention")
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
@@ -410,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--router-distill-steps", type=int,
                       help="moe partition: fit each router to the experts that carry the dense output on the "
                            "calibration text (default 200; 0: keep the centroid rows)")
+    conv.add_argument("--pre-gate-hidden", type=int, help="moe read_me: the pre-gate MLP's width (default 256)")
+    conv.add_argument("--pre-gate-steps", type=int,
+                      help="moe read_me: steps fitting the pre-gate to every layer's calibration targets "
+                           "(default 300)")
     conv.add_argument("--zero-experts", type=int, help="moe: MoE++ zero experts")
     conv.add_argument("--copy-experts", type=int, help="moe: MoE++ copy experts")
     conv.add_argument("--routed-scale", type=float,

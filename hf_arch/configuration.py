@@ -183,6 +183,7 @@ MOE_ROUTER_SPECS: dict[str, MoERouterSpec] = {
     "sqrt_gate": MoERouterSpec(),
     "dynamic_topk": MoERouterSpec(("moe_norm_topk_prob", "moe_dynamic_k", "moe_dynamic_threshold"),
                                   fixed_top_k=False, caps_top_k=True),
+    "pre_gated": MoERouterSpec(("moe_pre_gate_hidden",)),
 }
 MOE_ROUTER_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 MOE_DYNAMIC_K_RULES = ("threshold", "complexity")
@@ -287,7 +288,7 @@ _MECHANISM_OPTIONS: tuple[tuple[str, object, tuple[str, ...]], ...] = (
       "moe_zc_balance_weight", "moe_z_loss_coef", "moe_tls_coef", "moe_cls_coef", "moe_cls_chunk_size",
       "output_router_logits", "moe_sinkhorn_iterations", "moe_sinkhorn_imbalance", "moe_consistency_coef",
       "moe_router_activation", "moe_router_temperature", "moe_router_threshold", "moe_dynamic_k",
-      "moe_dynamic_threshold", "moe_capacity_schedule", "moe_capacity_min")),
+      "moe_dynamic_threshold", "moe_capacity_schedule", "moe_capacity_min", "moe_pre_gate_hidden")),
     ("a shared expert (num_shared_experts > 0)", lambda c: c.num_shared_experts > 0,
      ("shared_expert_intermediate_size", "shared_expert_gate")),
     ("a router that reads moe_norm_topk_prob (the top-k routers in MOE_ROUTER_SPECS)",
@@ -515,7 +516,10 @@ class HfArchConfig(PreTrainedConfig):
             expert granularities), ``dynamic_topk`` (DynaMoE: a per-token number of experts up to the layer's
             capacity, by ``moe_dynamic_k``: ``threshold`` takes the fewest experts whose probabilities reach
             ``moe_dynamic_threshold``, ``complexity`` one plus the capacity's remainder scaled by the normalised
-            routing entropy).
+            routing entropy), ``pre_gated`` (Read-ME: one router decoupled from the layers, ``model.pre_gate``, an MLP of
+            width ``moe_pre_gate_hidden`` on the token embeddings, gives every sparse layer's logits before the layers
+            run, so ``model.plan_experts(input_ids)`` knows each token's experts ahead of time; the chosen are weighted
+            ``softmax(τ · logits)`` as ``tempered_topk``).
         moe_capacity_schedule: DynaMoE's per-layer capacity: the experts per token (a fixed-k router's top-k, or a
             per-token router's cap) of each sparse layer, from ``num_experts_per_tok`` down to ``moe_capacity_min``:
             ``uniform``, ``descending`` / ``ascending`` with depth, ``pyramid`` (largest mid-depth) or ``wave``.
@@ -709,6 +713,7 @@ class HfArchConfig(PreTrainedConfig):
         moe_dynamic_threshold: float = 0.5,
         moe_capacity_schedule: str = "uniform",
         moe_capacity_min: int = 1,
+        moe_pre_gate_hidden: int = 256,
         **kwargs,
     ):
         for retired in RETIRED_FIELDS:  # in configs saved by earlier releases; they never changed a model
@@ -783,6 +788,7 @@ class HfArchConfig(PreTrainedConfig):
         self.moe_dynamic_threshold = moe_dynamic_threshold
         self.moe_capacity_schedule = moe_capacity_schedule
         self.moe_capacity_min = moe_capacity_min
+        self.moe_pre_gate_hidden = moe_pre_gate_hidden
         self.attn_output_gate = attn_output_gate
         self.attn_output_gate_bias = attn_output_gate_bias
         self.attn_output_gate_rank = attn_output_gate_rank
@@ -1339,7 +1345,7 @@ class HfArchConfig(PreTrainedConfig):
                                ("moe_capacity_schedule", MOE_CAPACITY_SCHEDULES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{cls}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        for field, minimum in (("moe_sinkhorn_iterations", 1), ("moe_capacity_min", 1)):
+        for field, minimum in (("moe_sinkhorn_iterations", 1), ("moe_capacity_min", 1), ("moe_pre_gate_hidden", 1)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{cls}.{field} must be an integer >= {minimum}, got {value!r}")
@@ -1357,6 +1363,9 @@ class HfArchConfig(PreTrainedConfig):
             value = getattr(self, field)
             if not (number(value) and inside(value)):
                 raise ValueError(f"{cls}.{field} must be a number {text}, got {value!r}")
+        if self.moe_router == "pre_gated" and self.moe_gating_residual:
+            raise ValueError(f"{cls}: moe_router='pre_gated' plans every layer's experts before the layers run, so "
+                             "there are no previous-layer logits for moe_gating_residual to add")
         if not spec.balance_loss and self.moe_load_balance_coef:
             raise ValueError(f"{cls}: moe_router={self.moe_router!r} assigns experts at random, so there is no learned "
                              f"routing to balance: set moe_load_balance_coef=0 (got {self.moe_load_balance_coef!r}; "

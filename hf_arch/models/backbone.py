@@ -47,6 +47,7 @@ from ..layers.moe_experts import HfArchExperts
 from ..layers.moe_losses import consistency_loss, consistency_regularised, moe_auxiliary_losses
 from ..layers.norm import HfArchRMSNorm
 from ..layers.output_gate import AttentionOutputGate
+from ..layers.pre_gate import ReadMePreGate
 from ..layers.rope import build_rotary_embedding
 from ..layers.sparse_attention import HfArchSparseAttention, sparse_attention_auxiliary_loss
 from ..layers.value_bank import ValueBank
@@ -374,6 +375,9 @@ class HfArchModel(HfArchPreTrainedModel):
             HfArchExperts(config, config.moe_pool_size)
             if "sparse" in config.mlp_layer_types and config.moe_expert_pool == "global" else None
         )
+        # Read-ME: one router, decoupled from the layers, plans every sparse layer's experts from the embeddings.
+        self.pre_gate = (ReadMePreGate(config)
+                         if "sparse" in config.mlp_layer_types and config.moe_router == "pre_gated" else None)
         # MoVE: one bank of value embeddings that every attention layer mixes into its values.
         self.value_bank = ValueBank(config) if config.move_num_slots else None
         # Flux: the Lagrange multipliers of the sparsity target (trained by gradient ascent; unused at inference).
@@ -386,6 +390,27 @@ class HfArchModel(HfArchPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        embeddings = self.embed_tokens(input_ids)
+        multiplier = getattr(self.config, "embedding_multiplier", None)
+        if multiplier is not None:  # Gemma: √hidden, as a tensor of the weights' dtype
+            embeddings = embeddings * torch.tensor(multiplier, dtype=embeddings.dtype)
+        return embeddings
+
+    @torch.no_grad()
+    def plan_experts(self, input_ids: torch.LongTensor | None = None,
+                     inputs_embeds: torch.Tensor | None = None) -> dict[int, torch.LongTensor]:
+        """Read-ME (``moe_router='pre_gated'``): ``{layer index: [B, T, k] expert ids, best first}`` for every
+        sparse layer, from the tokens alone, without running the layers (what the forward will use)."""
+        if self.pre_gate is None:
+            raise ValueError(f"plan_experts needs moe_router='pre_gated' (Read-ME's decoupled router); this model's "
+                             f"router is {getattr(self.config, 'moe_router', None)!r}, which routes inside each layer")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        logits = self.pre_gate(self._embed(input_ids) if inputs_embeds is None else inputs_embeds)
+        return {layer: logits[:, :, s].topk(self.layers[layer].mlp.top_k, dim=-1).indices
+                for s, layer in enumerate(self.pre_gate.sparse_layers)}
 
     def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
         """One mask per attention layer type, built by transformers for the active attention backend."""
@@ -468,10 +493,7 @@ class HfArchModel(HfArchPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-            multiplier = getattr(self.config, "embedding_multiplier", None)
-            if multiplier is not None:  # Gemma: √hidden, as a tensor of the weights' dtype
-                inputs_embeds = inputs_embeds * torch.tensor(multiplier, dtype=inputs_embeds.dtype)
+            inputs_embeds = self._embed(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = new_cache(self.config)
         past_seen = cached_token_count(past_key_values)
@@ -497,12 +519,16 @@ class HfArchModel(HfArchPreTrainedModel):
         all_hidden_states, all_attentions, all_router_logits = [], [], []
         reported = {key: [] for key in AUXILIARY_FIELDS}  # the mixers' auxiliary outputs, per key in layer order
         router_logits = None
-        for layer in self.layers:
+        # Read-ME: every sparse layer's logits, planned from the embeddings, reach each layer in place of the
+        # previous layer's (pre-gated routers have no gating residual).
+        planned = self.pre_gate(inputs_embeds) if self.pre_gate is not None else None
+        planned_slot = {layer: s for s, layer in enumerate(self.pre_gate.sparse_layers)} if planned is not None else {}
+        for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             hidden_states, attn_weights, layer_router_logits, auxiliary_keys, *auxiliary_values = layer(
                 hidden_states,
-                router_logits,
+                planned[:, :, planned_slot[index]] if index in planned_slot else router_logits,
                 attention_mask=masks.get(layer.layer_type),
                 expert_pool=self.expert_pool,
                 token_mask=attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
@@ -597,6 +623,11 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def plan_experts(self, input_ids=None, inputs_embeds=None) -> dict[int, torch.LongTensor]:
+        """Read-ME: every sparse layer's experts for each token, known before the layers run (see
+        ``HfArchModel.plan_experts``)."""
+        return self.model.plan_experts(input_ids=input_ids, inputs_embeds=inputs_embeds)
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value

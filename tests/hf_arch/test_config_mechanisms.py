@@ -49,6 +49,7 @@ SWITCHES = {
     "moe_router 'stochastic'": (MOE, dict(MOE, moe_router="stochastic", moe_load_balance_coef=0.0)),
     "moe_router 'activation_dense_to_sparse'": (MOE, dict(MOE, moe_router="activation_dense_to_sparse")),
     "moe_router 'dynamic_topk'": (MOE, dict(MOE, moe_router="dynamic_topk")),
+    "moe_router 'pre_gated'": (MOE, dict(MOE, moe_router="pre_gated")),
     "a per-layer expert capacity schedule": (MOE, dict(MOE, moe_capacity_schedule="descending")),
     "a global expert pool": (MOE, dict(MOE, moe_expert_pool="global")),
     "zero-computation experts": (MOE, dict(MOE, moe_zero_experts=1)),
@@ -100,6 +101,7 @@ OPTION_VALUES = {
     "moe_router_threshold": (0.2, dict(moe_router="activation_dense_to_sparse")),
     "moe_dynamic_k": ("complexity", dict(moe_router="dynamic_topk")),
     "moe_dynamic_threshold": (0.8, dict(moe_router="dynamic_topk")),
+    "moe_pre_gate_hidden": (64, dict(moe_router="pre_gated")),
     "moe_capacity_schedule": ("ascending", {}), "moe_capacity_min": (2, dict(moe_capacity_schedule="ascending")),
 }
 

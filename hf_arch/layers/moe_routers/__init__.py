@@ -10,6 +10,7 @@ from .base import MOE_ROUTERS, MoERouter, Routing, TopKRouter, register_moe_rout
 from .dense_to_sparse import DenseToSparseRouter
 from .dynamic_topk import DynamicTopKRouter
 from .norm_router import NormRouter
+from .pre_gated import PreGatedRouter
 from .relu_rmsnorm import ReLURMSNormRouter
 from .sigmoid_topk import SigmoidTopKRouter
 from .sinkhorn import SinkhornRouter
@@ -18,7 +19,8 @@ from .sqrt_gate import SqrtGateRouter
 from .stochastic import StochasticRouter
 from .tempered_topk import TemperedTopKRouter
 
-__all__ = ["MOE_ROUTERS", "DenseToSparseRouter", "DynamicTopKRouter", "MoERouter", "NormRouter", "ReLURMSNormRouter",
+__all__ = ["MOE_ROUTERS", "DenseToSparseRouter", "DynamicTopKRouter", "MoERouter", "NormRouter", "PreGatedRouter",
+           "ReLURMSNormRouter",
            "Routing", "SigmoidTopKRouter", "SinkhornRouter", "SoftmaxTopKRouter", "SqrtGateRouter", "StochasticRouter",
            "TemperedTopKRouter", "TopKRouter", "register_moe_router", "router_class", "routing_probabilities",
            "selected_mask"]

@@ -30,7 +30,8 @@ class StochasticRouter(MoERouter):
             raise ValueError("moe_router='stochastic' has no learned gate: moe_gating_residual and moe_router_bias "
                              "do not apply")
         del self.weight
-        self.register_buffer("projection", torch.empty(num_routed, config.hidden_size), persistent=True)
+        # Drawn here (the model's init only visits modules with parameters of their own, and this one has none).
+        self.register_buffer("projection", torch.randn(num_routed, config.hidden_size), persistent=True)
 
     def init_parameters(self, init) -> None:
         init.normal_(self.projection, mean=0.0, std=1.0)

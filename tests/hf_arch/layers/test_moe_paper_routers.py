@@ -102,6 +102,18 @@ def test_stochastic_router_draws_uniform_experts_in_training_and_is_fixed_at_inf
                        (x[:10] @ r.projection.t()).topk(2, -1).indices.sort(-1).values)
 
 
+def test_thor_projection_is_drawn_when_the_model_is_built_and_saved_with_it(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_arch.MoEConfig(**TINY, **ROUTERS["thor"]))
+    projections = [layer.mlp.router.projection for layer in model.model.layers]
+    assert all(torch.isfinite(p).all() and 0.7 < float(p.std()) < 1.3 for p in projections)
+    assert not torch.equal(projections[0], projections[1])
+    model.save_pretrained(tmp_path, remote_code=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(a.mlp.router.projection, b.mlp.router.projection)
+               for a, b in zip(model.model.layers, reloaded.model.layers))
+
+
 def test_thor_training_loss_is_both_passes_plus_their_consistency():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_arch.MoEConfig(**TINY, **ROUTERS["thor"],

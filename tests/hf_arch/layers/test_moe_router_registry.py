@@ -18,7 +18,8 @@ TINY = dict(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 def test_builtin_routers_are_registered_with_the_specs_the_config_validates():
     assert set(MOE_ROUTERS) == {"softmax_topk", "sigmoid_topk", "relu_rmsnorm", "norm_router", "tempered_topk",
-                                "sinkhorn", "stochastic", "activation_dense_to_sparse", "sqrt_gate", "dynamic_topk"}
+                                "sinkhorn", "stochastic", "activation_dense_to_sparse", "sqrt_gate", "dynamic_topk",
+                                "pre_gated"}
     for name, cls in MOE_ROUTERS.items():
         assert MOE_ROUTER_SPECS[name].options == cls.config_options
         assert MOE_ROUTER_SPECS[name].fixed_top_k == cls.fixed_top_k
