@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .acm import ACMConversionOptions, acmize
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
@@ -65,6 +66,7 @@ def register_conversion(to: str, options_class: type, convert: Callable, *, meth
 
 register_conversion("gated_attention", GateInsertionOptions, insert_gates)
 register_conversion("moe", MoERefactorOptions, refactor_moe)
+register_conversion("acm", ACMConversionOptions, acmize)
 
 
 def register_linearization(to: str, default_method: str, examples: dict | None = None) -> ConversionKind:

@@ -411,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--router-distill-steps", type=int,
                       help="moe partition: fit each router to the experts that carry the dense output on the "
                            "calibration text (default 200; 0: keep the centroid rows)")
+    conv.add_argument("--learners", type=int, help="acm: learners per FFN (must divide its width; default 4)")
+    conv.add_argument("--learner-steps", type=int,
+                      help="acm: steps distilling each layer's learners so every prefix approximates the FFN "
+                           "(default 200)")
+    conv.add_argument("--gate-steps", type=int,
+                      help="acm: steps fitting each layer's gate to the fewest learners within --tolerance "
+                           "(default 300)")
+    conv.add_argument("--tolerance", type=float,
+                      help="acm: relative squared error of a prefix that counts as close enough (default 0.1)")
     conv.add_argument("--pre-gate-hidden", type=int, help="moe read_me: the pre-gate MLP's width (default 256)")
     conv.add_argument("--pre-gate-steps", type=int,
                       help="moe read_me: steps fitting the pre-gate to every layer's calibration targets "

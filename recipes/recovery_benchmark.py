@@ -97,6 +97,7 @@ METHODS = {
     "kda": RecoveryMethod("kda", {"method": "mamba_init"}),
     "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),
     "moe_quarter": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 2}),
+    "read_me_half": RecoveryMethod("moe", {"method": "read_me", "experts": 8, "top_k": 4}),
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
     # The bar for every row: the source itself, trained by the linearizations' stage-2 recipe for the same budget. A
     # row that beats the source may only have adapted to the training text; beating this one is recovery.
@@ -330,9 +331,12 @@ def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = 
         distill = {"teacher": source, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
         stage2_moe = ({"mode": "full"} if settings["stage2_mode"] == "full" else
                       {"mode": "patterns",
-                       "trainable_patterns": [r"\.router\.", r"\.experts\.", r"\.shared_expert\."]})
+                       "trainable_patterns": [r"\.router\.", r"\.pre_gate\.", r"\.experts\.",
+                                              r"\.shared_expert\."]})
         return [
-            ("stage1", {"training": {**base, "mode": "patterns", "trainable_patterns": [r"\.router\."],
+            # the routers (Read-ME: the pre-gate, which plans every layer's routing) first
+            ("stage1", {"training": {**base, "mode": "patterns",
+                                     "trainable_patterns": [r"\.router\.", r"\.pre_gate\."],
                                      "max_steps": args.stage1_steps, "learning_rate": settings["stage1_lr"]},
                         "distill": distill}),
             ("stage2", {"training": {**base, **stage2_moe, "max_steps": args.stage2_steps,

@@ -2,11 +2,12 @@
 
 ``token_mixer_types`` names each layer's token mixer (``attention``, ``gla``, ``gated_deltanet``, ``mla``, ``kda``, …,
 or one another package registered with ``register_token_mixer``), ``mlp_layer_types`` each layer's channel
-mixer (``dense``, ``sparse``, …), and ``mixer_options`` the options of mixers that keep theirs grouped; the layer types
+mixer (``dense``, ``sparse``, ``acm``, …), and ``mixer_options`` the options of mixers that keep theirs grouped; the layer types
 (cache and mask kinds) follow from the mixers. The other variants are this backbone with one mechanism's defaults.
 """
 
 from ..configuration import HfArchConfig
+from ..layers.acm import AdaptiveComputationModule  # noqa: F401  (registers the "acm" channel mixer)
 from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
 
 

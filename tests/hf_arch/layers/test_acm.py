@@ -1,0 +1,98 @@
+"""The ``acm`` channel mixer (issue 21 item 5, ACM): a token runs the first ``argmax gate + 1`` learners and gets
+their sum, in inference and (straight-through) in training; decoding equals the full forward; options are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_arch
+
+SHAPE = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def model(seed=0, learners=4, **options):
+    torch.manual_seed(seed)
+    config = hf_arch.HybridConfig(**SHAPE, channel_mixer_types=["acm", "acm"],
+                                  mixer_options={"acm": {"learners": learners, **options}})
+    m = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # a gate that really varies the count
+        for layer in m.model.layers:
+            layer.mlp.gate_weight.normal_(0, 1.0)
+    return m
+
+
+@torch.no_grad()
+def test_each_token_sums_its_first_learners():
+    acm = model().model.layers[0].mlp
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    counts = acm.learner_counts(x)[0]
+    assert len(set(counts.tolist())) > 1  # the test sees several counts
+    expected = torch.stack([sum(acm.learners[j](x[0, t]) for j in range(int(counts[t]))) for t in range(40)])
+    torch.testing.assert_close(acm(x)[0], expected, rtol=1e-5, atol=1e-6)
+    assert acm.last_learners == pytest.approx(float(counts.float().mean()))
+
+
+def test_training_forward_is_the_hard_count_and_the_gate_gets_gradients():
+    acm = model().model.layers[0].mlp.train()
+    x = torch.randn(1, 30, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        acm.gate_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))  # Gumbel noise cannot move the choice: 3 learners
+    out = acm(x)
+    with torch.no_grad():
+        expected = sum(acm.learners[j](x) for j in range(3))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.pow(2).sum().backward()
+    assert acm.gate_weight.grad is not None and acm.gate_weight.grad.abs().sum() > 0  # straight-through
+    assert all(p.grad is not None for p in acm.learners[2].parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in acm.learners[3].parameters())
+
+
+def test_decodes_like_the_full_forward_trains_and_round_trips(tmp_path):
+    m = model().train()
+    rows = torch.randint(3, 61, (8, 16), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = m(rows, labels=rows).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.3
+    m.eval()
+    with torch.no_grad():
+        x = rows[:2, :12]
+        full = m(x).logits
+        out = m(x[:, :5], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for t in range(5, 12):
+            pieces.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+        assert torch.equal(m.generate(x[:, :4], max_new_tokens=6, do_sample=False),
+                           m.generate(x[:, :4], max_new_tokens=6, do_sample=False, use_cache=False))
+        m.save_pretrained(tmp_path, remote_code=False)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits, full)
+
+
+def test_from_scratch_every_learner_runs():
+    torch.manual_seed(0)
+    config = hf_arch.HybridConfig(**SHAPE, channel_mixer_types=["acm", "dense"], mixer_options={"acm": {"learners": 3}})
+    m = AutoModelForCausalLM.from_config(config).eval()
+    x = torch.randn(1, 10, 32)
+    assert torch.equal(m.model.layers[0].mlp.learner_counts(x), torch.full((1, 10), 3))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"learners": 0}, "learners must be an integer >= 1"),
+    ({"learners": 5}, "must divide intermediate_size"),
+    ({"gate_tau": 0.0}, "gate_tau must be > 0"),
+    ({"depth": 2}, "unknown options ['depth']"),
+])
+def test_bad_options_are_refused_by_name(options, message):
+    config = hf_arch.HybridConfig(**SHAPE, channel_mixer_types=["acm", "acm"], mixer_options={"acm": options})
+    with pytest.raises(ValueError) as err:
+        AutoModelForCausalLM.from_config(config)
+    assert message in str(err.value)
