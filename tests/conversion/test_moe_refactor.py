@@ -178,7 +178,7 @@ def test_shared_neurons_are_the_most_active(stories260k):
     (dict(split="kmeans"), "split must be one of"),
     (dict(method="moefy"), "method must be one of"),
     (dict(shared_neurons=172), "shared_neurons (172) must be smaller"),
-    (dict(method="upcycle", shared_neurons=4), "shared_neurons applies to method='partition' only"),
+    (dict(method="upcycle", shared_neurons=4), "shared_neurons applies to method='partition' or 'read_me' only"),
     (dict(experts=4, split="activation"), "need calibration tokens"),
     (dict(experts=4, split="cluster", shared_neurons=0), "router_distill_steps=200 need calibration tokens"),
     (dict(router="sigmoid_topk"), "router must be one of"),
