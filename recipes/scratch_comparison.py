@@ -220,6 +220,25 @@ def load_token_data(assets: Path, tokenizer, block_size: int, val_fraction: floa
                      len(train_docs), len(val_docs))
 
 
+def mix_recall_blocks(stream: torch.Tensor, tokenizer, fraction: float, seed: int) -> torch.Tensor:
+    """``stream`` with a seeded ``fraction`` of its blocks replaced by MQAR sequences of the same length (from the
+    tokenizer's word tokens, as the recall probe builds them, from a generator of their own)."""
+    import random
+
+    from .recall_probe import mqar_sequence, word_tokens
+
+    if not 0.0 < fraction < 1.0:
+        raise ScratchComparisonError(f"--recall-train-fraction must be in (0, 1), got {fraction!r}")
+    stream = stream.clone()
+    generator = torch.Generator().manual_seed(seed + 7919)
+    rows = torch.randperm(len(stream), generator=generator)[: round(fraction * len(stream))]
+    rng = random.Random(seed + 7919)
+    candidates = word_tokens(tokenizer)
+    for row in rows.tolist():
+        stream[row] = torch.tensor(mqar_sequence(candidates, stream.shape[1], rng)[0], dtype=stream.dtype)
+    return stream
+
+
 def _blocks(packed) -> torch.Tensor:
     return torch.tensor(packed["input_ids"], dtype=torch.long)
 
@@ -494,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recall", action="store_true",
                         help="after training, the recall probes (MQAR and passkey, recipes/recall_probe.py) beside the "
                              "loss: the hybrid-ratio question")
+    parser.add_argument("--recall-train-fraction", type=float, default=0.0,
+                        help="share of training blocks replaced by synthetic MQAR sequences (seeded, the same for "
+                             "every model; Zoology's setting): TinyStories alone teaches no recall at this scale")
     parser.add_argument("--recall-lengths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--recall-samples", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
@@ -527,6 +549,8 @@ def run(args) -> int:
     tokenizer.model_max_length = 10**9  # stories are tokenised whole, then packed: no length warning
     data = load_token_data(assets, tokenizer, args.block_size, args.val_fraction)
     stream = data.train_blocks[training_order(len(data.train_blocks), args.steps * args.batch_size, args.seed)]
+    if args.recall_train_fraction:
+        stream = mix_recall_blocks(stream, tokenizer, args.recall_train_fraction, args.seed)
     val_blocks = data.val_blocks[: args.val_blocks] if args.val_blocks > 0 else data.val_blocks
 
     shared = shared_dims(args, len(tokenizer))

@@ -118,3 +118,24 @@ def test_hybrid_ratios_with_recall(tmp_path, assets, stories260k, monkeypatch):
         for probe in ("mqar", "passkey"):
             assert 0.0 <= row["recall"][probe]["32"]["accuracy"] <= 1.0
     assert "| mqar 32 | passkey 32 |" in (out / "scratch_comparison.md").read_text()
+
+
+def test_recall_blocks_replace_a_seeded_share_of_the_stream(stories260k):
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_arch.recipes.recall_probe import word_tokens
+    from hf_arch.recipes.scratch_comparison import ScratchComparisonError, mix_recall_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    stream = torch.zeros(40, 64, dtype=torch.long)
+    mixed = mix_recall_blocks(stream, tokenizer, 0.25, seed=0)
+    changed = (mixed != 0).any(-1)
+    assert int(changed.sum()) == 10 and torch.equal(stream, torch.zeros(40, 64, dtype=torch.long))  # a copy
+    words = set(word_tokens(tokenizer))
+    assert all(set(row.tolist()) <= words for row in mixed[changed])
+    row = mixed[changed][0].tolist()
+    assert row[-2] in row[:32] and row[row.index(row[-2]) + 1] == row[-1]  # a query repeats a key, then its value
+    assert torch.equal(mix_recall_blocks(stream, tokenizer, 0.25, seed=0), mixed)  # the same for every model
+    with pytest.raises(ScratchComparisonError, match="--recall-train-fraction must be in"):
+        mix_recall_blocks(stream, tokenizer, 1.0, seed=0)
