@@ -2,12 +2,13 @@
 
 ``token_mixer_types`` names each layer's token mixer (``attention``, ``gla``, ``gated_deltanet``, ``mla``, ``kda``, …,
 or one another package registered with ``register_token_mixer``), ``mlp_layer_types`` each layer's channel
-mixer (``dense``, ``sparse``, ``acm``, …), and ``mixer_options`` the options of mixers that keep theirs grouped; the layer types
+mixer (``dense``, ``sparse``, ``acm``, ``versatile``, …), and ``mixer_options`` the options of mixers that keep theirs grouped; the layer types
 (cache and mask kinds) follow from the mixers. The other variants are this backbone with one mechanism's defaults.
 """
 
 from ..configuration import HfArchConfig
 from ..layers.acm import AdaptiveComputationModule  # noqa: F401  (registers the "acm" channel mixer)
+from ..layers.versatile_ffn import VersatileFFN  # noqa: F401  (registers the "versatile" channel mixer)
 from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
 
 
