@@ -65,11 +65,13 @@ class RecoveryMethod:
 
     @property
     def kind(self) -> str:
-        """``moe`` for refactorized methods, ``linear`` for linearizations and the unconverted source (the key of
-        ``RECIPE_DEFAULTS``)."""
-        return "moe" if self.target == "moe" else "linear"
+        """``moe`` for refactorized methods (MoE and ACM: gates first, then the FFN pieces), ``linear`` for
+        linearizations and the unconverted source (the key of ``RECIPE_DEFAULTS``)."""
+        return "moe" if self.target in ("moe", "acm") else "linear"
 
 
+# What routes first in a refactorized model's stage 1: per-layer routers, Read-ME's pre-gate, ACM's learner gates.
+ROUTING_PATTERNS = (r"\.router\.", r"\.pre_gate\.", r"\.mlp\.gate_(weight|bias)$")
 SOURCE_TARGET = "source"  # a method's target that keeps the source unconverted (the fine-tuned-source bar)
 
 
@@ -98,6 +100,7 @@ METHODS = {
     "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),
     "moe_quarter": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 2}),
     "read_me_half": RecoveryMethod("moe", {"method": "read_me", "experts": 8, "top_k": 4}),
+    "acm": RecoveryMethod("acm", {"learners": 4}),
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
     # The bar for every row: the source itself, trained by the linearizations' stage-2 recipe for the same budget. A
     # row that beats the source may only have adapted to the training text; beating this one is recovery.
@@ -331,12 +334,10 @@ def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = 
         distill = {"teacher": source, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
         stage2_moe = ({"mode": "full"} if settings["stage2_mode"] == "full" else
                       {"mode": "patterns",
-                       "trainable_patterns": [r"\.router\.", r"\.pre_gate\.", r"\.experts\.",
-                                              r"\.shared_expert\."]})
+                       "trainable_patterns": [*ROUTING_PATTERNS, r"\.experts\.", r"\.shared_expert\.",
+                                              r"\.learners\."]})
         return [
-            # the routers (Read-ME: the pre-gate, which plans every layer's routing) first
-            ("stage1", {"training": {**base, "mode": "patterns",
-                                     "trainable_patterns": [r"\.router\.", r"\.pre_gate\."],
+            ("stage1", {"training": {**base, "mode": "patterns", "trainable_patterns": list(ROUTING_PATTERNS),
                                      "max_steps": args.stage1_steps, "learning_rate": settings["stage1_lr"]},
                         "distill": distill}),
             ("stage2", {"training": {**base, **stage2_moe, "max_steps": args.stage2_steps,
@@ -467,7 +468,7 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
         if work.exists():
             shutil.rmtree(work)
         extra = {}
-        if to == "moe" and options["method"] == "partition":
+        if (to == "moe" and options["method"] in ("partition", "read_me")) or to == "acm":
             extra = {"calibration_file": args.calibration_file or args.train_file}
         if to == SOURCE_TARGET:
             _copy_source(source, converted)
