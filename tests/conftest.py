@@ -74,6 +74,59 @@ def tiny_gated_model(tiny_gated_config):
     return AutoModelForCausalLM.from_config(tiny_gated_config).eval()
 
 
+class ModelChecks:
+    """What every new mixer or router must show on a tiny model: it trains, cached decoding and generation equal the
+    full forward, and it survives save / load."""
+
+    @staticmethod
+    def trains(model, rows, steps: int = 12, lr: float = 1e-2, drop: float = 0.3) -> list[float]:
+        import torch
+
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = model(rows, labels=rows).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        assert all(v == v and abs(v) != float("inf") for v in losses) and losses[-1] < losses[0] - drop, losses
+        model.eval()
+        return losses
+
+    @staticmethod
+    def decodes_like_the_full_forward(model, x, prefix: int) -> None:
+        """Prefill ``x[:, :prefix]``, then one token at a time: the logits equal one full forward's; greedy
+        generation with the cache equals it without."""
+        import torch
+
+        with torch.no_grad():
+            full = model(x).logits
+            out = model(x[:, :prefix], use_cache=True)
+            pieces, cache = [out.logits], out.past_key_values
+            for t in range(prefix, x.shape[1]):
+                pieces.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+            prompt = x[:, :max(1, prefix - 1)]
+            assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
+                               model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
+
+    @staticmethod
+    def round_trips(model, x, path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.no_grad():
+            model.save_pretrained(path, remote_code=False)
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(path).eval()(x).logits, model(x).logits)
+
+
+@pytest.fixture
+def model_checks() -> type[ModelChecks]:
+    return ModelChecks
+
+
 # The subset CI also runs on the floor of the supported transformers range (`pytest -m floor` in .ci/run): every
 # model type's generate / cache / padding / packing / remote code, and transformers' own model tests.
 FLOOR_SUBSET = (

@@ -81,33 +81,17 @@ def test_the_plan_is_known_before_the_layers_run_and_is_what_the_forward_uses():
     assert [model.model.layers[i].mlp.top_k for i in (1, 2, 3)] == [1, 2, 3]
 
 
-def test_trains_decodes_like_the_full_forward_and_round_trips(tmp_path):
-    model = _tiny().train()
+def test_trains_decodes_like_the_full_forward_and_round_trips(tmp_path, model_checks):
+    model = _tiny()
     rows = _ids(67, rows=8, length=16, seed=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        loss = model(rows, labels=rows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        assert model.model.pre_gate.out.weight.grad.abs().sum() > 0  # the pre-gate learns through the routing
-        optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.3
-    model.eval()
-    with torch.no_grad():
-        x = rows[:2, :12]
-        full = model(x).logits
-        out = model(x[:, :5], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(5, 12):
-            pieces.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
-        assert torch.equal(model.generate(x[:, :4], max_new_tokens=6, do_sample=False),
-                           model.generate(x[:, :4], max_new_tokens=6, do_sample=False, use_cache=False))
-        model.save_pretrained(tmp_path, remote_code=False)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-        torch.testing.assert_close(reloaded(x).logits, full)
+    model.train()
+    loss = model(rows, labels=rows).loss
+    loss.backward()
+    assert model.model.pre_gate.out.weight.grad.abs().sum() > 0  # the pre-gate learns through the routing
+    model.zero_grad()
+    model_checks.trains(model, rows)
+    model_checks.decodes_like_the_full_forward(model, rows[:2, :12], prefix=5)
+    model_checks.round_trips(model, rows[:2, :12], tmp_path)
 
 
 def test_bad_input_is_refused_by_name(stories260k, assets, tmp_path, capsys):

@@ -7,28 +7,23 @@ partitioned dense FFN with every expert active stays exact whatever the pre-gate
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import MoERouter, Routing, register_moe_router
+from .base import Routing, register_moe_router
+from .tempered_topk import TemperedTopKRouter
 
 
 @register_moe_router("pre_gated")
-class PreGatedRouter(MoERouter):
+class PreGatedRouter(TemperedTopKRouter):
     config_options = ("moe_pre_gate_hidden",)
 
     def __init__(self, config, num_routed: int, gating_residual: bool) -> None:
         super().__init__(config, num_routed, gating_residual)
         del self.weight  # the logits come from the model's pre-gate
-        self.temperature = nn.Parameter(torch.empty(()))
 
     def init_parameters(self, init) -> None:
         init.ones_(self.temperature)
         if self.bias is not None:
             init.zeros_(self.bias)
-
-    @staticmethod
-    def probabilities(logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, planned_logits: torch.Tensor | None = None) -> Routing:
         if planned_logits is None:
@@ -38,10 +33,3 @@ class PreGatedRouter(MoERouter):
         if self.bias is not None:
             logits = logits + self.bias.to(logits.dtype)
         return self.route(logits)
-
-    def route(self, logits: torch.Tensor) -> Routing:
-        N = logits.shape[0]
-        top_logits, top_experts = logits.topk(self.top_k, dim=-1)
-        weights = (self.temperature.to(logits.dtype) * top_logits).softmax(dim=-1)
-        token_idx = torch.arange(N, device=logits.device).repeat_interleave(self.top_k)
-        return Routing(logits, token_idx, top_experts.reshape(-1), weights.reshape(-1))

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import Routing, TopKRouter, register_moe_router
+from .base import Routing, register_moe_router
+from .softmax_topk import SoftmaxTopKRouter
 
 
 @register_moe_router("sqrt_gate")
-class SqrtGateRouter(TopKRouter):
+class SqrtGateRouter(SoftmaxTopKRouter):
     config_options = ()  # always renormalised over the k before the square root
 
     def __init__(self, config, num_routed: int, gating_residual: bool) -> None:
         super().__init__(config, num_routed, gating_residual)
         self.norm_topk_prob = True
-
-    @staticmethod
-    def activate(logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(dim=-1)
-
-    @staticmethod
-    def probabilities(logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(dim=-1)
 
     def route(self, logits: torch.Tensor) -> Routing:
         routing = super().route(logits)

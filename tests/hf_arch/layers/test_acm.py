@@ -50,31 +50,12 @@ def test_training_forward_is_the_hard_count_and_the_gate_gets_gradients():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in acm.learners[3].parameters())
 
 
-def test_decodes_like_the_full_forward_trains_and_round_trips(tmp_path):
-    m = model().train()
+def test_decodes_like_the_full_forward_trains_and_round_trips(tmp_path, model_checks):
+    m = model()
     rows = torch.randint(3, 61, (8, 16), generator=torch.Generator().manual_seed(3))
-    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        loss = m(rows, labels=rows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.3
-    m.eval()
-    with torch.no_grad():
-        x = rows[:2, :12]
-        full = m(x).logits
-        out = m(x[:, :5], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(5, 12):
-            pieces.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
-        assert torch.equal(m.generate(x[:, :4], max_new_tokens=6, do_sample=False),
-                           m.generate(x[:, :4], max_new_tokens=6, do_sample=False, use_cache=False))
-        m.save_pretrained(tmp_path, remote_code=False)
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits, full)
+    model_checks.trains(m, rows)
+    model_checks.decodes_like_the_full_forward(m, rows[:2, :12], prefix=5)
+    model_checks.round_trips(m, rows[:2, :12], tmp_path)
 
 
 def test_from_scratch_every_learner_runs():

@@ -267,32 +267,10 @@ def test_balance_loss_counts_each_layer_at_its_own_capacity():
 # --- every router in a model ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_router_trains_decodes_like_the_full_forward_and_round_trips(name, tmp_path):
+def test_router_trains_decodes_like_the_full_forward_and_round_trips(name, tmp_path, model_checks):
     torch.manual_seed(0)
-    config = hf_arch.MoEConfig(**{**TINY, **ROUTERS[name]})
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(hf_arch.MoEConfig(**{**TINY, **ROUTERS[name]}))
     rows = torch.randint(3, 61, (8, 16), generator=torch.Generator().manual_seed(7))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(rows, labels=rows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.3, losses
-    model.eval()
-    with torch.no_grad():
-        x = rows[:2, :12]
-        full = model(x).logits
-        out = model(x[:, :5], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(5, 12):
-            pieces.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
-        cached = model.generate(x[:, :4], max_new_tokens=6, do_sample=False)
-        assert torch.equal(cached, model.generate(x[:, :4], max_new_tokens=6, do_sample=False, use_cache=False))
-        model.save_pretrained(tmp_path, remote_code=False)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-        torch.testing.assert_close(reloaded(x).logits, full)
+    model_checks.trains(model, rows, steps=15)
+    model_checks.decodes_like_the_full_forward(model, rows[:2, :12], prefix=5)
+    model_checks.round_trips(model, rows[:2, :12], tmp_path)

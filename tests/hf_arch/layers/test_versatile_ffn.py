@@ -88,34 +88,16 @@ def test_a_dense_checkpoint_loads_key_for_key_and_starts_as_the_dense_model(tmp_
     assert versatile.model.layers[0].mlp.last_depth_share == 0.0  # gate bias -4: the width path
 
 
-def test_trains_decodes_like_the_full_forward_and_round_trips(tmp_path):
+def test_trains_decodes_like_the_full_forward_and_round_trips(tmp_path, model_checks):
     m = model()
-    with torch.no_grad():
+    with torch.no_grad():  # a gate that sends tokens down both paths
         for layer in m.model.layers:
             layer.mlp.gate_bias.zero_()
             layer.mlp.gate_weight.normal_(0, 1.0)
-    m.train()
     rows = torch.randint(3, 61, (8, 16), generator=torch.Generator().manual_seed(5))
-    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        loss = m(rows, labels=rows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.3
-    m.eval()
-    with torch.no_grad():
-        x = rows[:2, :12]
-        full = m(x).logits
-        out = m(x[:, :5], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
-        for t in range(5, 12):
-            pieces.append(m(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
-        m.save_pretrained(tmp_path, remote_code=False)
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits, full)
+    model_checks.trains(m, rows)
+    model_checks.decodes_like_the_full_forward(m, rows[:2, :12], prefix=5)
+    model_checks.round_trips(m, rows[:2, :12], tmp_path)
 
 
 @pytest.mark.parametrize("options, message", [
