@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_stacked
+
 __all__ = ["SequenceParallelPlan", "sequence_parallel", "active_plan", "all_gather_with_grad", "lasp2_diagonal",
            "lasp2_affine", "previous_rank_tail", "chunk_bounds"]
 
@@ -102,28 +104,10 @@ def refuse_unsupported(op: str, cu_seqlens=None, attention_mask=None) -> None:
                          "length with real tokens or split them without padding")
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """``x`` on every rank -> ``[world, *x.shape]``; backward sums every rank's gradient of this rank's slot."""
-
-    @staticmethod
-    def forward(ctx, x, group, rank):
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.rank = group, rank
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None, None
-
-
 def all_gather_with_grad(x: torch.Tensor, plan: SequenceParallelPlan) -> torch.Tensor:
     """Differentiable all-gather along a new leading axis. Every rank must use the result in its loss (or gather
     nothing): the backward is a collective."""
-    return _AllGatherWithGrad.apply(x, plan.group, plan.rank)
+    return all_gather_stacked(x, plan.group, plan.rank)
 
 
 def previous_rank_tail(x: torch.Tensor, width: int, plan: SequenceParallelPlan) -> torch.Tensor:
