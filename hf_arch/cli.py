@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with and without hf_arch.use_kernels(), training step and decode; `bench sequence-parallel`: "
                                      "LASP-2 training steps, 1 process vs N, tokens/s and memory per rank; `bench "
                                      "modes MODEL`: MoDES expert skipping, skip rate vs perplexity, see "
-                                     "`hf-arch bench modes --help`)")
+                                     "`hf-arch bench modes --help`; `bench expert-parallel`: MoE training steps, "
+                                     "experts in one process vs sharded over N)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -588,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.e2e_benchmark import main as e2e_main
 
         return e2e_main(argv[2:])
+    if argv[:2] == ["bench", "expert-parallel"]:  # its own options: MoE steps, all experts in one process vs sharded
+        from hf_arch.recipes.expert_parallel_benchmark import main as expert_parallel_main
+
+        return expert_parallel_main(argv[2:])
     if argv[:2] == ["bench", "modes"]:  # its own options: MoDES expert skipping, skip rate vs perplexity
         from hf_arch.recipes.modes_benchmark import main as modes_main
 

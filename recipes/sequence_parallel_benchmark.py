@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .distributed_launch import run_ranks
 
 __all__ = ["benchmark_sequence_parallel", "format_sequence_parallel_table", "main"]
 
@@ -91,31 +89,11 @@ def _worker(args) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_configuration(model: str, seq_len: int, world: int, hidden: int, layers: int, repeats: int,
                        threads: int) -> dict:
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as out:
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
-            command = [sys.executable, "-m", "hf_arch.recipes.sequence_parallel_benchmark", "--worker-out", out,
-                       "--model", model, "--seq-len", str(seq_len), "--hidden", str(hidden), "--layers", str(layers),
-                       "--repeats", str(repeats)]
-            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True))
-        logs = [p.communicate()[0] for p in procs]
-        for rank, (proc, log) in enumerate(zip(procs, logs)):
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench sequence-parallel: rank {rank} of {world} at T={seq_len} failed:\n"
-                                   f"{log[-3000:]}")
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = run_ranks("hf_arch.recipes.sequence_parallel_benchmark", world,
+                      ["--model", model, "--seq-len", str(seq_len), "--hidden", str(hidden), "--layers", str(layers),
+                       "--repeats", str(repeats)], threads, f"bench sequence-parallel at T={seq_len}")
     step = max(r["step_s"] for r in ranks)
     return {"model": model, "T": seq_len, "world_size": world, "threads_per_rank": threads,
             "step_ms": step * 1e3, "tokens_per_s": seq_len / step,
