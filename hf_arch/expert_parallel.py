@@ -26,6 +26,7 @@ scheme gloo supports; an all-to-all dispatch is the NCCL-scale refinement.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,7 @@ def shard_experts(model, group=None, data_parallel_wrapper: bool = False) -> Exp
             experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[first:first + count].clone())
             experts.down_proj = torch.nn.Parameter(experts.down_proj[first:first + count].clone())
         experts.shard = ExpertShard(group, rank, world, first, count, total)
+        experts.parallel_dispatch = functools.partial(expert_parallel_mlp, shard=experts.shard)
         prefix = f"{name}." if name else ""
         plan.expert_parameters += [prefix + "gate_up_proj", prefix + "down_proj"]
     if data_parallel_wrapper:
@@ -130,7 +132,7 @@ def gather_experts(model) -> None:
             parts = [torch.empty_like(local) for _ in range(shard.world)]
             dist.all_gather(parts, local, group=shard.group)
             setattr(experts, attr, torch.nn.Parameter(torch.cat(parts)))
-        experts.shard = None
+        experts.shard = experts.parallel_dispatch = None
 
 
 def _padded_gather(t: torch.Tensor, length: int, shard: ExpertShard) -> torch.Tensor:

@@ -30,7 +30,10 @@ class HfArchExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(num_experts, H, I))
         self._std = config.initializer_range
-        self.shard = None  # an expert_parallel.ExpertShard once shard_experts() spread the table over processes
+        # Expert parallelism (expert_parallel.shard_experts sets both): this process's slice of the table and the
+        # dispatch that runs the experts across processes (modeling code imports nothing of it).
+        self.shard = None
+        self.parallel_dispatch = None
 
     def init_parameters(self, init) -> None:
         init.normal_(self.gate_up_proj, mean=0.0, std=self._std)
@@ -40,10 +43,8 @@ class HfArchExperts(nn.Module):
                 weight: torch.Tensor) -> torch.Tensor:
         """``[N, H]``: ``Σ_a weight[a] · expert_{expert_idx[a]}(x[token_idx[a]])`` per token (grouped matmuls in
         expert-sorted order; one Triton launch per GEMM on CUDA)."""
-        if self.shard is not None:
-            from ..expert_parallel import expert_parallel_mlp
-
-            return expert_parallel_mlp(x, token_idx, expert_idx, weight, self.gate_up_proj, self.down_proj, self.shard)
+        if self.parallel_dispatch is not None:
+            return self.parallel_dispatch(x, token_idx, expert_idx, weight, self.gate_up_proj, self.down_proj)
         return weighted_expert_mlp(x, token_idx, expert_idx, weight, self.gate_up_proj, self.down_proj)
 
 

@@ -67,6 +67,17 @@ CONFIGS = {
                                         shared_expert_gate=True, moe_intermediate_size=32),
     "moe_unipool_dense_first": dict(TINY, variant="moe", moe_preset="unipool", mlp_layer_types=["dense", "sparse"],
                                     moe_pool_size=3, moe_intermediate_size=32),
+    # The papers' routers: Read-ME's model-level pre-gate, Sinkhorn's potentials, THOR's projection (buffers), DynaMoE.
+    "moe_read_me_pre_gate": dict(TINY, variant="moe", moe_router="pre_gated", moe_pre_gate_hidden=16,
+                                 moe_intermediate_size=32),
+    "moe_sinkhorn": dict(TINY, variant="moe", moe_preset="sinkhorn", moe_intermediate_size=32),
+    "moe_thor": dict(TINY, variant="moe", moe_preset="thor", moe_intermediate_size=32),
+    "moe_dynamic_pyramid": dict(TINY, variant="moe", moe_router="dynamic_topk", moe_dynamic_k="complexity",
+                                moe_capacity_schedule="pyramid", moe_intermediate_size=32),
+    # The ACM and VersatileFFN channel mixers of the hybrid variant.
+    "hybrid_acm_versatile": dict(TINY, variant="hybrid", channel_mixer_types=["acm", "versatile"],
+                                 mixer_options={"acm": {"learners": 2}, "versatile": {"virtual_experts": 2,
+                                                                                       "top_k": 1}}),
     # Learned sparse attention (block-sparse prefill through the flattened PyTorch kernel) and the score variants.
     "seer_topk": dict(TINY, variant="sparse_attention", sparse_attn_method="seer", sparse_attn_block_size=4,
                       sparse_attn_selection="topk", sparse_attn_topk=1),
