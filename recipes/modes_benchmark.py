@@ -123,9 +123,14 @@ def plot_modes(result: dict, path: Path, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-arch bench modes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("--calibration-file", required=True)
-    parser.add_argument("--eval-file", required=True)
+    parser.add_argument("model", help="an MoE checkpoint dir; with --train-tiny-qwen3-moe, where to write one")
+    parser.add_argument("--train-tiny-qwen3-moe", action="store_true",
+                        help="first train a small transformers Qwen3-MoE on TinyStories into MODEL "
+                             "(recipes/tiny_moe_subject.py); its train / held-out text become the calibration / "
+                             "evaluation files unless given")
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--calibration-file")
+    parser.add_argument("--eval-file")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=32768)
@@ -149,6 +154,16 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out / "modes.json").exists() and not args.overwrite:
         raise SystemExit(f"hf-arch bench modes: {out / 'modes.json'} exists; pass --overwrite to replace it")
+    if args.train_tiny_qwen3_moe:
+        from .tiny_moe_subject import train_tiny_qwen3_moe
+
+        if Path(args.model, "config.json").exists() and not args.overwrite:
+            raise SystemExit(f"hf-arch bench modes: {args.model} already holds a model; pass --overwrite")
+        subject = train_tiny_qwen3_moe(Path(args.model), steps=args.train_steps)
+        args.calibration_file = args.calibration_file or str(subject / "train.txt")
+        args.eval_file = args.eval_file or str(subject / "heldout.txt")
+    if not (args.calibration_file and args.eval_file):
+        raise SystemExit("hf-arch bench modes: give --calibration-file and --eval-file (or --train-tiny-qwen3-moe)")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     result = modes_curve(model, tokenizer, calibration_file=args.calibration_file, eval_file=args.eval_file,
