@@ -19,6 +19,10 @@ sum over ranks' losses and ``reduce_gradients`` divides it by ``W``; every repli
 averaged over the ranks (what DDP does), which together equal the unsharded model trained on the mean of the ranks'
 losses. Checkpoints: ``gather_experts`` puts the full tables back (every rank) before ``save_pretrained``.
 
+Models transformers can run natively (``hf-arch export --native``: Mixtral, Qwen2-MoE, Qwen3-MoE) also shard with
+transformers' own plan, ``from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto",
+enable_expert_parallel=True))``; this module is for the rest (our routers, pools, zero-computation experts).
+
 A number of experts that ``W`` does not divide, a model without expert tables and a process group that is not
 initialised are refused by name. (The collectives move ``W ×`` the tokens' hidden states per layer, the simple
 scheme gloo supports; an all-to-all dispatch is the NCCL-scale refinement.)

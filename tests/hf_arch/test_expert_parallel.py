@@ -89,3 +89,41 @@ def test_a_trainer_step_under_accelerate_launch_equals_data_parallel_training(tm
         moved = max(moved, float((weight - ddp["initial"][name]).abs().max()))
     assert moved > 1e-2
     assert abs(ep["loss"] - ddp["loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_transformers_expert_parallelism_runs_a_native_export_of_our_moe(tmp_path):
+    """The existing engine: an hf-arch MoE exported as transformers' own Mixtral loads with transformers' expert
+    parallelism (2 gloo processes, experts sharded by its plan) and gives our model's logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    import hf_arch
+    from hf_arch.cli import main
+
+    torch.manual_seed(0)
+    config = hf_arch.MoEConfig(vocab_size=71, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=16, num_experts=4,
+                               num_experts_per_tok=2)
+    ours = AutoModelForCausalLM.from_config(config).eval()
+    ours.save_pretrained(tmp_path / "ours", remote_code=False)
+    assert main(["export", "--native", str(tmp_path / "ours"), str(tmp_path / "native")]) == 0
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] in ("mixtral", "qwen3_moe")
+    ids = torch.randint(0, 71, (2, 9), generator=torch.Generator().manual_seed(3))
+    port = _lasp2_tests.free_port()
+    worker = Path(__file__).with_name("transformers_expert_parallel_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(worker), str(tmp_path / "native"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EP_INPUT_IDS": json.dumps(ids.tolist())}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    with torch.no_grad():
+        expected = ours(ids).logits
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["distributed"] and result["local_experts"] == 2  # transformers' plan sharded the 4 experts
+        torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-4, atol=1e-4)
