@@ -84,8 +84,10 @@ RECIPE_DEFAULTS = {
     "linear": {"stage1": True, "stage1_lr": 1e-2, "stage2_mode": "full", "stage2_lr": 1e-3, "lora_r": 8,
                "lora_alpha": 16, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"), "train_new": False,
                "distill": True},
-    # stage2_mode experts: routers + experts (+ shared expert) train; full: every weight
-    "moe": {"stage1_lr": 1e-3, "stage2_lr": None, "stage2_mode": "experts"},  # stage2_lr None: MOE_STAGE2_LR
+    # stage2_mode experts: routers + experts (+ shared expert) train; full: every weight. frozen_routing: routing
+    # (routers, pre-gate, ACM gates) never trains, stage 1 is skipped and its minutes go to stage 2.
+    "moe": {"stage1_lr": 1e-3, "stage2_lr": None, "stage2_mode": "experts",  # stage2_lr None: MOE_STAGE2_LR
+            "frozen_routing": False},
 }
 METHODS = {
     "liger": RecoveryMethod("gla", {"method": "liger"}),
@@ -100,7 +102,10 @@ METHODS = {
     "moe_half": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 4}),
     "moe_quarter": RecoveryMethod("moe", {"method": "partition", "experts": 8, "top_k": 2}),
     "read_me_half": RecoveryMethod("moe", {"method": "read_me", "experts": 8, "top_k": 4}),
-    "acm": RecoveryMethod("acm", {"learners": 4}),
+    # Distillation alone would open every ACM gate (nothing in the loss prices compute): the gates keep the
+    # conversion's distilled counts and the learners recover.
+    "acm": RecoveryMethod("acm", {"learners": 4}, {"frozen_routing": True},
+                          "ACM: gates frozen at the conversion's distilled learner counts; learners trained"),
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
     # The bar for every row: the source itself, trained by the linearizations' stage-2 recipe for the same budget. A
     # row that beats the source may only have adapted to the training text; beating this one is recovery.
@@ -334,16 +339,18 @@ def stage_recipes(kind: str, source: str, args, method: RecoveryMethod | None = 
         distill = {"teacher": source, "kl_weight": 1.0, "lm_weight": 1.0, "temperature": 2.0}
         stage2_moe = ({"mode": "full"} if settings["stage2_mode"] == "full" else
                       {"mode": "patterns",
-                       "trainable_patterns": [*ROUTING_PATTERNS, r"\.experts\.", r"\.shared_expert\.",
-                                              r"\.learners\."]})
-        return [
-            ("stage1", {"training": {**base, "mode": "patterns", "trainable_patterns": list(ROUTING_PATTERNS),
-                                     "max_steps": args.stage1_steps, "learning_rate": settings["stage1_lr"]},
-                        "distill": distill}),
-            ("stage2", {"training": {**base, **stage2_moe, "max_steps": args.stage2_steps,
-                                     "learning_rate": settings["stage2_lr"] or MOE_STAGE2_LR},
-                        "distill": distill}),
-        ]
+                       "trainable_patterns": [*([] if settings["frozen_routing"] else ROUTING_PATTERNS),
+                                              r"\.experts\.", r"\.shared_expert\.", r"\.learners\."]})
+        stages = [("stage2", {"training": {**base, **stage2_moe, "max_steps": args.stage2_steps,
+                                           "learning_rate": settings["stage2_lr"] or MOE_STAGE2_LR},
+                              "distill": distill})]
+        if not settings["frozen_routing"]:
+            stages.insert(0, ("stage1", {"training": {**base, "mode": "patterns",
+                                                      "trainable_patterns": list(ROUTING_PATTERNS),
+                                                      "max_steps": args.stage1_steps,
+                                                      "learning_rate": settings["stage1_lr"]},
+                                         "distill": distill}))
+        return stages
     training = {**base, "mode": settings["stage2_mode"], "max_steps": args.stage2_steps,
                 "learning_rate": settings["stage2_lr"]}
     stage2 = {"training": training}
@@ -499,7 +506,8 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     carried = progress["carried"]  # minutes of a skipped stage, given to the next one (every method: one budget)
     elapsed_before = progress["elapsed"] - (time.time() - started)  # wall time of earlier runs of this method
     has_new = to != SOURCE_TARGET and bool(new_parameter_names(AutoModelForCausalLM.from_pretrained(converted)))
-    routers_fitted = bool(row.get("conversion_report", {}).get("router_distillation"))
+    report = row.get("conversion_report", {})
+    routers_fitted = bool(report.get("router_distillation") or report.get("pre_gate_distillation"))
     stages = stage_recipes(kind, source, args, method)
     if stages[0][0] != "stage1":
         stages.insert(0, ("stage1", None))
@@ -508,11 +516,12 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
             continue
         skip = None
         if sections is None:
-            skip = "the recipe has no attention-transfer stage"
+            skip = ("routing frozen (frozen_routing)" if kind == "moe" else
+                    "the recipe has no attention-transfer stage")
         elif stage == "stage1" and linear and not has_new:
             skip = "no new parameters"
         elif stage == "stage1" and routers_fitted:
-            skip = "routers fitted at conversion (router distillation)"
+            skip = "routers fitted at conversion (router / pre-gate distillation)"
         if skip:
             row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": skip})
             carried = args.minutes or 0.0

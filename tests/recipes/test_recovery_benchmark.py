@@ -60,7 +60,7 @@ def test_recovery_pipeline_in_domain_on_stories260k(tmp_path, stories260k, stori
     assert all(math.isfinite(loss) for _, loss in lolcats["points"][2]["loss_curve"])
     # The partition's routers were fitted at conversion, so its router-only stage is skipped.
     assert [p["tokens"] for p in moe["points"]] == [0, 0, 64]
-    assert moe["points"][1]["skipped"] == "routers fitted at conversion (router distillation)"
+    assert moe["points"][1]["skipped"] == "routers fitted at conversion (router / pre-gate distillation)"
     assert len(lolcats["attention_mse_before"]) == 5 and len(lolcats["attention_mse_after_stage1"]) == 5
     # The partition fitted its routers on the training text at conversion, and says so.
     assert moe["conversion_report"]["resolved_options"]["shared_neurons"] == 20
@@ -250,3 +250,22 @@ def test_processes_sharing_an_out_dir_merge_their_rows(tmp_path):
                                                                             "ppl": 5.0}]})
     assert [(r["method"], r["points"][0]["ppl"]) for r in result["methods"]] == [("b", 4.0), ("a", 5.0)]
     assert json.loads(path.read_text()) == result and (tmp_path / "recovery.png").stat().st_size > 0
+
+
+def test_acm_keeps_its_distilled_gates_and_trains_the_learners():
+    """Distillation alone would open every ACM gate (no term prices compute): the acm row trains learners only."""
+    import re
+    from types import SimpleNamespace
+
+    from hf_arch.recipes.recovery_benchmark import METHODS, stage_recipes
+
+    args = SimpleNamespace(batch_size=2, compile=False, stage1_steps=3, stage2_steps=5, stage1_lr=None, stage2_lr=None)
+    stages = stage_recipes("moe", "SRC", args, METHODS["acm"])
+    assert [name for name, _ in stages] == ["stage2"]
+    patterns = [re.compile(p) for p in stages[0][1]["training"]["trainable_patterns"]]
+    trains = lambda name: any(p.search(name) for p in patterns)  # noqa: E731
+    assert trains("model.layers.0.mlp.learners.2.up_proj.weight")
+    assert not trains("model.layers.0.mlp.gate_weight") and not trains("model.layers.0.mlp.gate_bias")
+    routed = stage_recipes("moe", "SRC", args, METHODS["read_me_half"])
+    assert [name for name, _ in routed] == ["stage1", "stage2"]
+    assert any(re.search(p, "model.pre_gate.up.weight") for p in routed[0][1]["training"]["trainable_patterns"])
