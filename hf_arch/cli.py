@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "LASP-2 training steps, 1 process vs N, tokens/s and memory per rank; `bench "
                                      "modes MODEL`: MoDES expert skipping, skip rate vs perplexity, see "
                                      "`hf-arch bench modes --help`; `bench expert-parallel`: MoE training steps, "
-                                     "experts in one process vs sharded over N)")
+                                     "experts in one process vs sharded over N; `bench routers --out DIR`: every MoE "
+                                     "router trained from scratch on the same tokens)")
     p.add_argument("model", help="model dir / Hub id, `kernels` for the kernel + decode benchmark, "
                                  "`moe` for the MoE layer + training benchmark, or `recovery`")
     p.add_argument("--batch-size", type=int, default=1)
@@ -589,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         from hf_arch.recipes.e2e_benchmark import main as e2e_main
 
         return e2e_main(argv[2:])
+    if argv[:2] == ["bench", "routers"]:  # its own options: every MoE router trained from scratch side by side
+        from hf_arch.recipes.router_comparison import main as routers_main
+
+        return routers_main(argv[2:])
     if argv[:2] == ["bench", "expert-parallel"]:  # its own options: MoE steps, all experts in one process vs sharded
         from hf_arch.recipes.expert_parallel_benchmark import main as expert_parallel_main
 
