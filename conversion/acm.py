@@ -58,7 +58,9 @@ class ACMConversionOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return True
+        """Ranking neurons and both distillations read calibration text; with both step counts 0 the learners are
+        the neurons in their stored order and every gate opens them all (the dense model, for training from)."""
+        return self.learner_steps > 0 or self.gate_steps > 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,19 +88,22 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
     options = options or ACMConversionOptions()
     config = source_model.config
     options.validate(config.intermediate_size)
-    if calibration_ids is None:
+    if calibration_ids is None and options.needs_calibration:
         raise ValueError("--to acm needs calibration tokens (calibration_ids; `hf-arch convert` reads them from "
-                         "--calibration-file): the neuron ranking and both distillations read the FFN's inputs")
-    given = int(calibration_mask.sum()) if calibration_mask is not None else calibration_ids.numel()
-    if given < MIN_CALIBRATION_TOKENS:
-        raise ValueError(f"the calibration text gives {given} tokens; --to acm needs at least {MIN_CALIBRATION_TOKENS}")
+                         "--calibration-file): the neuron ranking and both distillations read the FFN's inputs "
+                         "(or set learner_steps=0 and gate_steps=0 for the exact, undistilled split)")
+    if calibration_ids is not None:
+        given = int(calibration_mask.sum()) if calibration_mask is not None else calibration_ids.numel()
+        if given < MIN_CALIBRATION_TOKENS:
+            raise ValueError(f"the calibration text gives {given} tokens; --to acm needs at least "
+                             f"{MIN_CALIBRATION_TOKENS}")
     kwargs = adapter_for(config).backbone_kwargs(config)
     if kwargs.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={kwargs['hidden_act']!r}: ACM learners are SwiGLU (silu) MLPs, so a "
                          f"{config.model_type} FFN cannot become learners exactly")
     target_config = HybridConfig(**kwargs, channel_mixer_types=["acm"] * config.num_hidden_layers,
                                  mixer_options={"acm": {"learners": options.learners}})
-    inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask)
+    inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask) if calibration_ids is not None else None
     width = config.intermediate_size // options.learners
 
     def fill(target) -> None:
@@ -106,9 +111,12 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
             mlp, acm = src.mlp, dst.mlp
             if getattr(mlp.gate_proj, "bias", None) is not None:
                 raise ValueError(f"layer {index}: FFN projections with bias (mlp_bias=True) cannot become learners")
-            contribution = (_swiglu_neurons(mlp, inputs[index]).abs().mean(0)
-                            * mlp.down_proj.weight.float().norm(dim=0))
-            order = contribution.argsort(descending=True)
+            if inputs is None:  # no calibration: the stored order
+                order = torch.arange(mlp.gate_proj.weight.shape[0])
+            else:
+                contribution = (_swiglu_neurons(mlp, inputs[index]).abs().mean(0)
+                                * mlp.down_proj.weight.float().norm(dim=0))
+                order = contribution.argsort(descending=True)
             for j, learner in enumerate(acm.learners):
                 ids = order[j * width:(j + 1) * width]
                 learner.gate_proj.weight.copy_(mlp.gate_proj.weight[ids])
@@ -121,6 +129,8 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
     target = build_from_source(source_model, target_config, HybridForCausalLM, fill, replaced=FFN_AND_LEARNERS)
     report = []
     for index, (src, dst) in enumerate(zip(source_model.model.layers, target.model.layers)):
+        if inputs is None:
+            continue
         report.append(_distill_layer(src.mlp, dst.mlp, inputs[index], options))
         report[-1]["layer"] = index
     target.conversion_report = {"resolved_options": options.as_dict(), "acm_distillation": report}

@@ -66,7 +66,8 @@ def register_conversion(to: str, options_class: type, convert: Callable, *, meth
 
 register_conversion("gated_attention", GateInsertionOptions, insert_gates)
 register_conversion("moe", MoERefactorOptions, refactor_moe)
-register_conversion("acm", ACMConversionOptions, acmize)
+register_conversion("acm", ACMConversionOptions, acmize,
+                    examples={"exact": dict(learners=2, learner_steps=0, gate_steps=0)})
 
 
 def register_linearization(to: str, default_method: str, examples: dict | None = None) -> ConversionKind:

@@ -44,8 +44,9 @@ class ACMOptions:
 
 @register_channel_mixer("acm")
 class AdaptiveComputationModule(nn.Module):
-    # read by peft_utils: the learners' projections come from the dense FFN, the gate is new
-    new_parameters = ("gate_weight", "gate_bias")
+    # read by peft_utils: nothing here has a Llama name (the learners hold the dense FFN's neurons under new names;
+    # `--to acm` fills them), so all of it is new
+    new_parameters = ("gate_weight", "gate_bias", "learners")
     routes_tokens = False  # called as mixer(x), returns the output
 
     def __init__(self, config, layer_idx: int) -> None:

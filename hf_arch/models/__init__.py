@@ -136,11 +136,20 @@ MOE = register_variant(
         model_class=MoEModel,
         causal_lm_class=MoEForCausalLM,
         sequence_classification_class=MoEForSequenceClassification,
-        summary="Mixture of Experts: softmax/sigmoid/ReLU/Norm routers, MoE++ zero-computation experts, "
-                "UniPool global expert pool, BlockFFN sparsity losses (presets: " + ", ".join(MOE_PRESETS) + ")",
+        summary="Mixture of Experts: softmax/sigmoid/ReLU/Norm, Selective Sinkhorn, THOR stochastic, dense-to-sparse, "
+                "SqrtGate, DynaMoE and Read-ME pre-gated routers, MoE++ zero-computation experts, UniPool global "
+                "expert pool, BlockFFN sparsity losses (presets: " + ", ".join(MOE_PRESETS) + ")",
         paper="Jin et al., MoE++ (arXiv 2410.07348); UniPool (arXiv 2605.06665); Song et al., BlockFFN "
-              "(arXiv 2507.08771)",
+              "(arXiv 2507.08771); Selective Sinkhorn Routing; THOR; DynaMoE; HyperP (SqrtGate); Read-ME",
         tags=("moe", "mixture-of-experts"),
+        examples={
+            "read_me_pre_gate": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                     moe_router="pre_gated", moe_pre_gate_hidden=16),
+            "sinkhorn": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, moe_preset="sinkhorn"),
+            "dynamic_pyramid": dict(num_hidden_layers=3, num_experts=4, num_experts_per_tok=3,
+                                    moe_intermediate_size=16, moe_router="dynamic_topk", moe_dynamic_k="complexity",
+                                    moe_capacity_schedule="pyramid"),
+        },
     )
 )
 
@@ -272,6 +281,10 @@ HYBRID = register_variant(
                                                            v_head_dim=8)},
                                 mlp_layer_types=["dense", "sparse"], num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=16),
+            # ACM and VersatileFFN channel mixers (issue 21).
+            "acm_versatile": dict(num_hidden_layers=2, channel_mixer_types=["acm", "versatile"],
+                                  mixer_options={"acm": {"learners": 2}, "versatile": {"virtual_experts": 2,
+                                                                                        "top_k": 1}}),
         },
     )
 )
