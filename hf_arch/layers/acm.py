@@ -92,6 +92,9 @@ class AdaptiveComputationModule(nn.Module):
             self.last_learners = float(hard.argmax(-1).float().mean()) + 1.0
             return out
         counts = logits.argmax(dim=-1) + 1
+        if torch.compiler.is_compiling():  # a traced graph holds no data-dependent row counts: every learner, masked
+            runs = (counts[..., None] > torch.arange(self.num_learners, device=counts.device)).to(hidden_states.dtype)
+            return sum(runs[..., j:j + 1] * learner(hidden_states) for j, learner in enumerate(self.learners))
         self.last_learners = float(counts.float().mean()) if counts.numel() else None
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         flat_counts = counts.reshape(-1)

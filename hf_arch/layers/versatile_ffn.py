@@ -106,6 +106,8 @@ class VersatileFFN(nn.Module):
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         p = self.difficulty(flat)
         deep = p > 0.5
+        if torch.compiler.is_compiling() and not self.training:  # no data-dependent row counts in a traced graph
+            return torch.where(deep[:, None], self.depth_path(flat), self.width_path(flat)).view_as(hidden_states)
         self.last_depth_share = float(deep.float().mean()) if deep.numel() else None
         if self.training:  # both paths on every token; the hard choice forward, the gate's gradient straight through
             choice = (deep.to(p.dtype) + p - p.detach()).to(flat.dtype)[:, None]

@@ -103,16 +103,7 @@ TRAINER_WORKER = Path(__file__).with_name("sequence_parallel_trainer_worker.py")
 
 
 def _accelerate_launch(out: Path, mode: str) -> None:
-    import subprocess
-    import sys
-
-    port = _lasp2_tests.free_port()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), str(TRAINER_WORKER), str(out), mode]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"accelerate launch ({mode}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    _lasp2_tests.accelerate_launch(TRAINER_WORKER, str(out), mode)
 
 
 @pytest.mark.slow

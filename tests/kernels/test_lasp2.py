@@ -48,6 +48,16 @@ def launch_ranks(script: Path, world: int, out: Path, timeout: float = 300) -> l
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def accelerate_launch(script: Path, *args: str, timeout: float = 600) -> None:
+    """``accelerate launch`` of ``script *args`` on 2 CPU processes (gloo); fails with the processes' output."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), str(script), *args]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"accelerate launch {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_equal_the_single_process_run(tmp_path, world):
