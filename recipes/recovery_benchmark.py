@@ -455,6 +455,20 @@ def _save_progress(work: Path, args, state: dict) -> None:
     atomic_write_text(work / PROGRESS_FILE, json.dumps({"settings": _settings(args), **state}, indent=1) + "\n")
 
 
+def _finished_training(stage_dir: Path, started_from: Path) -> dict | None:
+    """The summary of a stage whose training completed (``final/`` is renamed into place only when whole) from
+    ``started_from``, or None: an interruption during the (long) evaluation then costs no retraining."""
+    from .runner import FINAL_DIR, TRAINING_JSON
+
+    record_path = stage_dir / FINAL_DIR / TRAINING_JSON
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    if record.get("recipe", {}).get("model") != str(started_from):
+        return None
+    return {**record["summary"], "loss_curve": [(p["step"], p["loss"]) for p in record.get("loss_curve", [])]}
+
+
 def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
     """Convert, run the stages and evaluate after each. An interrupted method resumes after its last finished stage
     (``DIR/<method>/progress.json``, written after the conversion and after every stage), if the settings match."""
@@ -526,11 +540,15 @@ def run_method(name: str, source: str, out: Path, args, assets: Path) -> dict:
             row["points"].append({**row["points"][-1], "stage": "stage1", "skipped": skip})
             carried = args.minutes or 0.0
         else:
-            for leftover in (work / stage, work / f"{stage}_pilot"):  # an interrupted stage's partial output
-                shutil.rmtree(leftover, ignore_errors=True)
-            recipe = {"model": str(current), "output_dir": str(work / stage),
-                      "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
-            summary = _run_stage(recipe, work, stage, args, extra_minutes=carried)
+            summary = _finished_training(work / stage, current)
+            if summary is not None:  # trained before an interruption that came during its evaluation
+                print(f"{name}: {stage} finished training before the interruption; evaluating it")
+            else:
+                for leftover in (work / stage, work / f"{stage}_pilot"):  # an interrupted stage's partial output
+                    shutil.rmtree(leftover, ignore_errors=True)
+                recipe = {"model": str(current), "output_dir": str(work / stage),
+                          "data": {"train_file": str(args.train_file), "block_size": args.block_size}, **sections}
+                summary = _run_stage(recipe, work, stage, args, extra_minutes=carried)
             carried = 0.0
             current = work / stage / "final"
             stage_tokens = summary["steps"] * args.batch_size * args.block_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -149,6 +150,40 @@ def test_interrupted_method_resumes_after_its_last_finished_stage(tmp_path, stor
     calls.clear()
     assert main(args[:-4] + ["--methods", "source_ft", "--stage1-steps", "1", "--stage2-steps", "1"]) == 0
     assert calls == ["stage2"]  # source_ft: stage 1 skipped, nothing resumed from lolcats' folder
+
+
+@pytest.mark.slow
+def test_interruption_during_evaluation_costs_no_retraining(tmp_path, stories260k, stories_text, assets, monkeypatch):
+    from hf_arch.recipes import recovery_benchmark as bench
+
+    monkeypatch.setenv("HF_ARCH_ASSETS", str(assets))
+    out = tmp_path / "eval_interrupted"
+    args = _common(stories260k, out, stories_text) + ["--methods", "lolcats", "--stage1-steps", "1",
+                                                      "--stage2-steps", "1"]
+    real_run_stage, real_evaluate, calls, evaluated = bench._run_stage, bench.evaluate_model, [], []
+
+    def counted(recipe, work, stage, args, extra_minutes=0.0):
+        calls.append(stage)
+        return real_run_stage(recipe, work, stage, args, extra_minutes)
+
+    def dies_on_stage2(path, *a, **k):
+        evaluated.append(Path(path).parent.name)
+        if Path(path).parent.name == "stage2" and evaluated.count("stage2") == 1:
+            raise MachineShutDown
+        return real_evaluate(path, *a, **k)
+
+    monkeypatch.setattr(bench, "_run_stage", counted)
+    monkeypatch.setattr(bench, "evaluate_model", dies_on_stage2)
+    with pytest.raises(MachineShutDown):
+        main(args)
+    assert calls == ["stage1", "stage2"]
+    assert main(args) == 0
+    assert calls == ["stage1", "stage2"]  # stage 2's finished training was evaluated, not rerun
+    row = json.loads((out / "recovery.json").read_text())["methods"][0]
+    assert [p["stage"] for p in row["points"]] == ["converted", "stage1", "stage2"]
+    assert [p["tokens"] for p in row["points"]] == [0, 64, 128] and row["points"][2]["steps"] == 1
+    # A stage folder trained from another starting point is not taken for this one.
+    assert bench._finished_training(out / "lolcats" / "stage2", out / "elsewhere") is None
 
 
 @pytest.mark.slow
