@@ -171,7 +171,7 @@ def _cmd_eval(args) -> int:
         from hf_arch.recipes.recall_probe import RecallSettings
 
         recall_settings = RecallSettings(lengths=tuple(args.recall_lengths), samples=args.recall_samples,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, pairs=args.recall_pairs)
     model, tokenizer = evaluation.load_model_and_tokenizer(args.model, dtype=args.dtype)
     results = {}
     if args.ppl_file or args.tasks:
@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-lengths", type=int, nargs="+", default=[256, 512, 1024],
                    help="--recall: tokens per sequence / prompt")
     p.add_argument("--recall-samples", type=int, default=16, help="--recall: sequences and prompts per length")
+    p.add_argument("--recall-pairs", type=int, default=None,
+                   help="--recall: MQAR key-value pairs per sequence (default: length // 4, the hardest)")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report attention-sink share and gate-score statistics (Gated Attention paper)")
     p.add_argument("--diagnostics-tokens", type=int, default=256)

@@ -36,6 +36,7 @@ PASSKEY_DEPTHS = (0.1, 0.5, 0.9)  # where in the filler the key is stated (fract
 class RecallSettings:
     lengths: tuple[int, ...] = (256, 512, 1024)  # tokens per MQAR sequence / passkey prompt
     samples: int = 16  # MQAR sequences and passkey prompts per length
+    pairs: int | None = None  # MQAR key-value pairs per sequence (None: length // 4, the hardest)
     batch_size: int = 4
     seed: int = 0
     mqar: bool = True
@@ -48,6 +49,9 @@ class RecallSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"recall {name} must be a positive integer, got {value!r}")
+        if self.pairs is not None and not (isinstance(self.pairs, int) and 1 <= self.pairs <= min(self.lengths) // 4):
+            raise ValueError(f"recall pairs must be an integer in [1, shortest length // 4 = "
+                             f"{min(self.lengths) // 4}], got {self.pairs!r}")
         if not (self.mqar or self.passkey):
             raise ValueError("recall: nothing to run (mqar and passkey both off)")
 
@@ -67,9 +71,13 @@ def word_tokens(tokenizer, minimum_whole_words: int = 64) -> list[int]:
     return whole if len(whole) >= minimum_whole_words else whole + pieces
 
 
-def mqar_sequence(candidates: list[int], length: int, rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
-    """One MQAR sequence of exactly ``length`` tokens and its queries ``(position of the repeated key, value)``."""
-    pairs = min(length // 4, len(candidates) // 2)
+def mqar_sequence(candidates: list[int], length: int, rng: random.Random,
+                  pairs: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """One MQAR sequence of exactly ``length`` tokens and its queries ``(position of the repeated key, value)``:
+    ``pairs`` key-value pairs (default ``length // 4``, the most that fit), distractors filling the rest."""
+    if pairs is not None and not 1 <= pairs <= length // 4:
+        raise ValueError(f"MQAR pairs must be in [1, length // 4 = {length // 4}] for length {length}, got {pairs!r}")
+    pairs = min(pairs or length // 4, len(candidates) // 2)
     if pairs < 1:
         raise ValueError(f"MQAR needs at least 2 word tokens in the vocabulary, found {len(candidates)}")
     chosen = rng.sample(candidates, 2 * pairs)
@@ -112,7 +120,7 @@ def _mqar(model, candidates: list[int], settings: RecallSettings, progress) -> d
     results = {}
     for length in settings.lengths:
         rng = random.Random(f"{settings.seed}-mqar-{length}")
-        sequences = [mqar_sequence(candidates, length, rng) for _ in range(settings.samples)]
+        sequences = [mqar_sequence(candidates, length, rng, settings.pairs) for _ in range(settings.samples)]
         correct = total = 0
         for start in range(0, len(sequences), settings.batch_size):
             batch = sequences[start:start + settings.batch_size]

@@ -220,23 +220,37 @@ def load_token_data(assets: Path, tokenizer, block_size: int, val_fraction: floa
                      len(train_docs), len(val_docs))
 
 
-def mix_recall_blocks(stream: torch.Tensor, tokenizer, fraction: float, seed: int) -> torch.Tensor:
+def mix_recall_blocks(stream: torch.Tensor, tokenizer, fraction: float, seed: int, pairs: int | None = None,
+                      answers_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``stream`` with a seeded ``fraction`` of its blocks replaced by MQAR sequences of the same length (from the
-    tokenizer's word tokens, as the recall probe builds them, from a generator of their own)."""
+    tokenizer's word tokens, as the recall probe builds them, from a generator of their own), and the labels: the
+    stories' own tokens; in an MQAR block only the queried values with ``answers_only`` (Zoology's loss: the random
+    keys, values and distractors are noise the model cannot predict, and their loss drowns the answers' — with it,
+    nothing learns recall at this scale), else every token."""
     import random
 
     from .recall_probe import mqar_sequence, word_tokens
 
     if not 0.0 < fraction < 1.0:
         raise ScratchComparisonError(f"--recall-train-fraction must be in (0, 1), got {fraction!r}")
-    stream = stream.clone()
+    if pairs is not None and not 1 <= pairs <= stream.shape[1] // 4:
+        raise ScratchComparisonError(f"--recall-pairs must be in [1, block size // 4 = {stream.shape[1] // 4}], "
+                                     f"got {pairs!r}")
+    stream, labels = stream.clone(), stream.clone()
     generator = torch.Generator().manual_seed(seed + 7919)
     rows = torch.randperm(len(stream), generator=generator)[: round(fraction * len(stream))]
     rng = random.Random(seed + 7919)
     candidates = word_tokens(tokenizer)
     for row in rows.tolist():
-        stream[row] = torch.tensor(mqar_sequence(candidates, stream.shape[1], rng)[0], dtype=stream.dtype)
-    return stream
+        sequence, queries = mqar_sequence(candidates, stream.shape[1], rng, pairs)
+        stream[row] = torch.tensor(sequence, dtype=stream.dtype)
+        if answers_only:
+            labels[row] = -100
+            for position, value in queries:  # the value follows its repeated key
+                labels[row, position + 1] = value
+        else:
+            labels[row] = stream[row]
+    return stream, labels
 
 
 def _blocks(packed) -> torch.Tensor:
@@ -253,15 +267,15 @@ def training_order(num_blocks: int, samples: int, seed: int) -> torch.Tensor:
 class BlockStream(torch.utils.data.Dataset):
     """The fixed training stream; read in order (the Trainer's sampler is sequential), so batches never differ."""
 
-    def __init__(self, blocks: torch.Tensor):
+    def __init__(self, blocks: torch.Tensor, labels: torch.Tensor | None = None):
         self.blocks = blocks
+        self.labels = blocks if labels is None else labels
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict:
-        ids = self.blocks[index]
-        return {"input_ids": ids, "labels": ids}
+        return {"input_ids": self.blocks[index], "labels": self.labels[index]}
 
 
 def fingerprint(blocks: torch.Tensor) -> str:
@@ -363,7 +377,7 @@ def training_arguments(args, output_dir: str, warmup_steps: int):
 
 
 def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks: torch.Tensor,
-                tokenizer=None) -> dict:
+                tokenizer=None, labels: torch.Tensor | None = None) -> dict:
     """Train one model from scratch on the fixed stream; its steps, throughput and loss curves."""
     from transformers import ProgressCallback, Trainer, default_data_collator, set_seed
 
@@ -376,7 +390,7 @@ def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks:
     warmup_steps = round(args.steps * args.warmup_fraction)
     with tempfile.TemporaryDirectory(prefix="hfa-scratch-") as output_dir:  # the Trainer wants one; nothing kept
         trainer = Trainer(model=model, args=training_arguments(args, output_dir, warmup_steps),
-                          train_dataset=BlockStream(stream), data_collator=default_data_collator,
+                          train_dataset=BlockStream(stream, labels), data_collator=default_data_collator,
                           callbacks=[recorder])
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(quiet_progress())
@@ -392,7 +406,7 @@ def train_model(spec: ModelSpec, config, args, stream: torch.Tensor, val_blocks:
         model.eval()
         recall = {"recall": recall_probe(model, tokenizer, RecallSettings(
             lengths=tuple(args.recall_lengths), samples=args.recall_samples, batch_size=args.batch_size,
-            seed=args.seed), progress=False)}
+            seed=args.seed, pairs=getattr(args, "recall_pairs", None)), progress=False)}
     return {**recall, "architecture": type(model).__name__, "attn_implementation": model.config._attn_implementation,
             "device": str(next(model.parameters()).device), "warmup_steps": warmup_steps, "steps_planned": args.steps,
             "steps_done": steps, "cut": recorder.cut, "train_tokens": steps * tokens_per_step,
@@ -516,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recall-train-fraction", type=float, default=0.0,
                         help="share of training blocks replaced by synthetic MQAR sequences (seeded, the same for "
                              "every model; Zoology's setting): TinyStories alone teaches no recall at this scale")
+    parser.add_argument("--recall-pairs", type=int, default=None,
+                        help="MQAR key-value pairs per sequence, in training and in the probe (default: length // 4, "
+                             "the hardest; small models learn recall on CPU with a few, e.g. 4)")
+    parser.add_argument("--recall-loss", choices=("answers", "all"), default="answers",
+                        help="loss on the MQAR training blocks: the queried values only (Zoology's; default) or "
+                             "every token")
     parser.add_argument("--recall-lengths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--recall-samples", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
@@ -549,15 +569,17 @@ def run(args) -> int:
     tokenizer.model_max_length = 10**9  # stories are tokenised whole, then packed: no length warning
     data = load_token_data(assets, tokenizer, args.block_size, args.val_fraction)
     stream = data.train_blocks[training_order(len(data.train_blocks), args.steps * args.batch_size, args.seed)]
+    labels = None
     if args.recall_train_fraction:
-        stream = mix_recall_blocks(stream, tokenizer, args.recall_train_fraction, args.seed)
+        stream, labels = mix_recall_blocks(stream, tokenizer, args.recall_train_fraction, args.seed,
+                                           args.recall_pairs, answers_only=args.recall_loss == "answers")
     val_blocks = data.val_blocks[: args.val_blocks] if args.val_blocks > 0 else data.val_blocks
 
     shared = shared_dims(args, len(tokenizer))
     _, baseline_params = matched_config(model_spec(BASELINE), shared, 0, args.intermediate_size)
     configs = {spec.name: matched_config(spec, shared, baseline_params, args.intermediate_size) for spec in specs}
 
-    result = new_result(args, shared, baseline_params, data, stream, val_blocks)
+    result = new_result(args, shared, baseline_params, data, stream, val_blocks, labels)
     if args.resume:
         result["models"] = resumable_models(out, result)
     out.mkdir(parents=True, exist_ok=True)
@@ -574,7 +596,7 @@ def run(args) -> int:
                "intermediate_size": config.intermediate_size, "params": params, "baseline_params": baseline_params,
                "params_rel_diff": round(relative_difference(params, baseline_params), 6),
                "rope_parameters": getattr(config, "rope_parameters", None),
-               **train_model(spec, config, args, stream, val_blocks, tokenizer)}
+               **train_model(spec, config, args, stream, val_blocks, tokenizer, labels)}
         result["models"].append(row)
         write_outputs(result, out)  # after every model, atomically: a run that stops keeps what it finished
     write_outputs(result, out)
@@ -583,7 +605,7 @@ def run(args) -> int:
 
 
 def new_result(args, shared: dict, baseline_params: int, data: TokenData, stream: torch.Tensor,
-               val_blocks: torch.Tensor) -> dict:
+               val_blocks: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -595,7 +617,8 @@ def new_result(args, shared: dict, baseline_params: int, data: TokenData, stream
                  "val_stories": data.val_stories, "train_blocks": len(data.train_blocks),
                  "val_blocks": len(data.val_blocks), "val_blocks_used": len(val_blocks),
                  "tokens_per_step": args.batch_size * args.block_size,
-                 "train_stream_sha256": fingerprint(stream), "val_sha256": fingerprint(val_blocks)},
+                 "train_stream_sha256": fingerprint(stream), "val_sha256": fingerprint(val_blocks),
+                 **({"train_labels_sha256": fingerprint(labels)} if labels is not None else {})},
         "environment": {"device": device, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
         "models": [],

@@ -54,6 +54,23 @@ def test_mqar_sequences_hold_what_they_promise(tokenizer):
             assert sequence[position + 1] == value and sequence[sequence.index(key) + 1] == value
 
 
+def test_fewer_pairs_leave_distractors_between_the_pairs_and_their_queries(tokenizer):
+    candidates = word_tokens(tokenizer)
+    sequence, queries = mqar_sequence(candidates, 128, random.Random(0), pairs=4)
+    assert len(sequence) == 128 and len(queries) == 4
+    assert [p for p, _ in queries] == [120, 122, 124, 126]  # asked at the end, 112+ tokens after the pairs
+    keys = sequence[:8:2]
+    assert sorted(sequence[p] for p, _ in queries) == sorted(keys) and all(k not in sequence[8:120] for k in keys)
+    settings = RecallSettings(lengths=(64, 128), samples=3, pairs=4, passkey=False)
+    scores = recall_probe(_InductionOracle(len(tokenizer)), tokenizer, settings, progress=False)["mqar"]
+    assert [scores[n]["pairs_per_sequence"] for n in ("64", "128")] == [4, 4]
+    assert all(scores[n]["accuracy"] == 1.0 for n in ("64", "128"))
+    with pytest.raises(ValueError, match=r"MQAR pairs must be in \[1, length // 4 = 16\]"):
+        mqar_sequence(candidates, 64, random.Random(0), pairs=17)
+    with pytest.raises(ValueError, match="recall pairs must be an integer"):
+        RecallSettings(lengths=(32, 64), pairs=9)
+
+
 def test_scores_separate_a_model_that_recalls_from_one_that_cannot(tokenizer):
     settings = RecallSettings(lengths=(64, 200), samples=3, passkey=False)
     perfect = recall_probe(_InductionOracle(len(tokenizer)), tokenizer, settings, progress=False)

@@ -129,13 +129,25 @@ def test_recall_blocks_replace_a_seeded_share_of_the_stream(stories260k):
 
     tokenizer = AutoTokenizer.from_pretrained(stories260k)
     stream = torch.zeros(40, 64, dtype=torch.long)
-    mixed = mix_recall_blocks(stream, tokenizer, 0.25, seed=0)
+    mixed, labels = mix_recall_blocks(stream, tokenizer, 0.25, seed=0)
     changed = (mixed != 0).any(-1)
     assert int(changed.sum()) == 10 and torch.equal(stream, torch.zeros(40, 64, dtype=torch.long))  # a copy
     words = set(word_tokens(tokenizer))
     assert all(set(row.tolist()) <= words for row in mixed[changed])
     row = mixed[changed][0].tolist()
     assert row[-2] in row[:32] and row[row.index(row[-2]) + 1] == row[-1]  # a query repeats a key, then its value
-    assert torch.equal(mix_recall_blocks(stream, tokenizer, 0.25, seed=0), mixed)  # the same for every model
+    # Stories keep their own labels; an MQAR block is scored on its answers alone: the value after each repeated key.
+    assert torch.equal(labels[~changed], mixed[~changed])
+    answers = labels[changed][0]
+    scored = (answers != -100).nonzero().flatten().tolist()
+    assert len(scored) == 16 and all(answers[i] == mixed[changed][0][i] for i in scored)
+    assert all(row[i - 1] in row[:32:2] for i in scored)  # each scored token follows a key's repetition
+    again, _ = mix_recall_blocks(stream, tokenizer, 0.25, seed=0)
+    assert torch.equal(again, mixed)  # the same for every model
+    fewer, fewer_labels = mix_recall_blocks(stream, tokenizer, 0.25, seed=0, pairs=4, answers_only=False)
+    assert int((fewer_labels[changed][0] != -100).sum()) == 64 and torch.equal(fewer_labels, fewer)
+    assert len(set(fewer[changed][0].tolist()[-8::2])) == 4  # four keys queried
+    with pytest.raises(ScratchComparisonError, match="--recall-pairs must be in"):
+        mix_recall_blocks(stream, tokenizer, 0.25, seed=0, pairs=17)
     with pytest.raises(ScratchComparisonError, match="--recall-train-fraction must be in"):
         mix_recall_blocks(stream, tokenizer, 1.0, seed=0)
