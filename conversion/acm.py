@@ -2,8 +2,9 @@
 ACM paper's "ACMization" by distillation, layer by layer.
 
 1. **Learners from neurons.** A SwiGLU is a sum over its neurons; ranked by their mean contribution on calibration
-   text (``|silu(g·x)·(u·x)|·‖d‖``), the neurons are cut into ``learners`` equal groups, most important first. Every
-   learner running is the dense FFN exactly, and each prefix is the FFN's most important part.
+   text (``|silu(g·x)·(u·x)|·‖d‖``), the neurons are cut into ``learners`` groups, most important first (equal, or
+   the first ``I % learners`` one neuron wider). Every learner running is the dense FFN exactly, and each prefix is
+   the FFN's most important part.
 2. **Prefix distillation** (``learner_steps``): on the source's FFN inputs, the learners are trained so that every
    prefix sum approximates the FFN output (mean over prefixes of the relative squared error, Adam, full batch). The
    full chain stays close to the FFN, the short ones get better.
@@ -17,11 +18,13 @@ tokens and the relative error of the gated output before fine-tuning.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..layers.mlp import neuron_groups
 from ..models.hybrid import HybridConfig, HybridForCausalLM
 from .moe_router_distill import layer_ffn_inputs
 from .sources import adapter_for
@@ -48,9 +51,7 @@ class ACMConversionOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if intermediate_size % self.learners:
-            raise ValueError(f"learners ({self.learners}) must divide the source FFN's intermediate_size "
-                             f"({intermediate_size}): each learner takes an equal share of its neurons")
+        neuron_groups(intermediate_size, self.learners, "learners")  # refuses a learner with no neuron
         if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < 1):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
@@ -104,7 +105,7 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
     target_config = HybridConfig(**kwargs, channel_mixer_types=["acm"] * config.num_hidden_layers,
                                  mixer_options={"acm": {"learners": options.learners}})
     inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask) if calibration_ids is not None else None
-    width = config.intermediate_size // options.learners
+    bounds = [0, *itertools.accumulate(neuron_groups(config.intermediate_size, options.learners, "learners"))]
 
     def fill(target) -> None:
         for index, (src, dst) in enumerate(zip(source_model.model.layers, target.model.layers)):
@@ -118,7 +119,7 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
                                 * mlp.down_proj.weight.float().norm(dim=0))
                 order = contribution.argsort(descending=True)
             for j, learner in enumerate(acm.learners):
-                ids = order[j * width:(j + 1) * width]
+                ids = order[bounds[j]:bounds[j + 1]]
                 learner.gate_proj.weight.copy_(mlp.gate_proj.weight[ids])
                 learner.up_proj.weight.copy_(mlp.up_proj.weight[ids])
                 learner.down_proj.weight.copy_(mlp.down_proj.weight[:, ids])

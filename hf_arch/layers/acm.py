@@ -12,7 +12,8 @@ important first, become the learners (all ``N`` running is the dense FFN exactly
 distilled so every prefix approximates the FFN and the gate learns the fewest learners that reach a tolerance
 (``conversion/acm.py``; layer by layer, independent, so in parallel if wanted).
 
-Options in ``config.mixer_options["acm"]``: ``learners`` (N; must divide ``intermediate_size``), ``gate_tau``.
+Options in ``config.mixer_options["acm"]``: ``learners`` (N; at most ``intermediate_size``: the FFN's width split as
+evenly as it goes, the first ``intermediate_size % N`` learners one neuron wider), ``gate_tau``.
 ``last_learners`` holds the mean learners per token of the last forward (for reports).
 """
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mixer_registry import mixer_options, register_channel_mixer
-from .mlp import HfArchMLP
+from .mlp import HfArchMLP, neuron_groups
 
 __all__ = ["ACMOptions", "AdaptiveComputationModule"]
 
@@ -52,14 +53,11 @@ class AdaptiveComputationModule(nn.Module):
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
         options = mixer_options(config, "acm", ACMOptions)
-        if config.intermediate_size % options.learners:
-            raise ValueError(f"mixer_options['acm'].learners ({options.learners}) must divide intermediate_size "
-                             f"({config.intermediate_size}): each learner takes an equal share of the FFN's width")
+        widths = neuron_groups(config.intermediate_size, options.learners, "mixer_options['acm'].learners")
         self.layer_idx = layer_idx
         self.num_learners = options.learners
         self.gate_tau = options.gate_tau
-        width = config.intermediate_size // options.learners
-        self.learners = nn.ModuleList(HfArchMLP(config, intermediate_size=width) for _ in range(options.learners))
+        self.learners = nn.ModuleList(HfArchMLP(config, intermediate_size=width) for width in widths)
         # The gate's own parameters (not an nn.Linear) so the model's init reaches init_parameters below.
         self.gate_weight = nn.Parameter(torch.empty(options.learners, config.hidden_size))
         self.gate_bias = nn.Parameter(torch.empty(options.learners))

@@ -1,7 +1,8 @@
 """The ``versatile`` channel mixer: VersatileFFN ("Achieving Parameter Efficiency in LLMs via Adaptive Wide-and-Deep
 Reuse"). One SwiGLU FFN serves two paths; all extra capacity comes from compute, none from new FFN weights.
 
-- **width path**: the FFN's ``I`` neurons are ``virtual_experts`` groups (virtual sub-experts, no copies); a router
+- **width path**: the FFN's ``I`` neurons are ``virtual_experts`` consecutive groups (virtual sub-experts, no copies;
+  as equal as ``I`` allows, the first ``I % virtual_experts`` one neuron wider); a router
   picks ``top_k`` groups per token, weighted ``k · softmax(τ · chosen logits)`` (``τ`` learned, 0 at first: every
   chosen group weighs 1, so ``top_k = virtual_experts`` is the dense FFN exactly);
 - **depth path**: the same whole FFN applied again to its own refinement, ``h₁ = f(x)``, ``h_{d+1} = f(x + h_d)``,
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mixer_registry import mixer_options, register_channel_mixer
+from .mlp import neuron_group_index, neuron_groups
 
 __all__ = ["VersatileFFN", "VersatileOptions"]
 
@@ -56,12 +58,9 @@ class VersatileFFN(nn.Module):
         super().__init__()
         options = mixer_options(config, "versatile", VersatileOptions)
         I, H = config.intermediate_size, config.hidden_size
-        if I % options.virtual_experts:
-            raise ValueError(f"mixer_options['versatile'].virtual_experts ({options.virtual_experts}) must divide "
-                             f"intermediate_size ({I}): each virtual expert is an equal group of the FFN's neurons")
+        neuron_groups(I, options.virtual_experts, "mixer_options['versatile'].virtual_experts")  # refuses empty groups
         self.layer_idx = layer_idx
         self.options = options
-        self.group = I // options.virtual_experts
         self.gate_proj = nn.Linear(H, I, bias=False)
         self.up_proj = nn.Linear(H, I, bias=False)
         self.down_proj = nn.Linear(I, H, bias=False)
@@ -89,13 +88,14 @@ class VersatileFFN(nn.Module):
 
     def width_path(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, H]``: the chosen neuron groups' sum, each weighted ``k · softmax(τ · chosen logits)``."""
-        G, k, width = self.options.virtual_experts, self.options.top_k, self.group
+        G, k = self.options.virtual_experts, self.options.top_k
         logits = F.linear(x.float(), self.router_weight.float())
         top_logits, chosen = logits.topk(k, dim=-1)
         weights = (k * (self.router_temperature.float() * top_logits).softmax(dim=-1)).to(x.dtype)  # [N, k]
         activation = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, I]
         mask = torch.zeros(x.shape[0], G, dtype=x.dtype, device=x.device).scatter(-1, chosen, weights)
-        scaled = activation * mask.repeat_interleave(width, dim=-1)  # neurons of unchosen groups weigh 0
+        group = neuron_group_index(activation.shape[-1], G, device=x.device)
+        scaled = activation * mask.index_select(-1, group)  # neurons of unchosen groups weigh 0
         return self.down_proj(scaled)
 
     def difficulty(self, x: torch.Tensor) -> torch.Tensor:

@@ -281,6 +281,10 @@ HYBRID = register_variant(
                                                            v_head_dim=8)},
                                 mlp_layer_types=["dense", "sparse"], num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=16),
+            # ACM and VersatileFFN channel mixers (issue 21); any intermediate_size splits into their groups.
+            "acm_versatile": dict(num_hidden_layers=2, channel_mixer_types=["acm", "versatile"],
+                                  mixer_options={"acm": {"learners": 2}, "versatile": {"virtual_experts": 2,
+                                                                                        "top_k": 1}}),
         },
     )
 )

@@ -34,6 +34,12 @@ def test_every_learner_running_is_the_dense_model(stories):
     # the learners hold the FFN's neurons, most important first: the first prefix is the closest one-learner cut
     report = target.conversion_report["acm_distillation"]
     assert all(r["mean_learners"] == 4.0 and r["full_chain_relative_error"] < 1e-8 for r in report)
+    # a learner count that does not divide the FFN's width (stories260K: 172 neurons, 5 learners: 35, 35, 34, 34, 34)
+    uneven = acmize(source, ACMConversionOptions(learners=5, learner_steps=0, gate_steps=0),
+                    calibration_ids=calibration)
+    widths = [learner.gate_proj.out_features for learner in uneven.model.layers[0].mlp.learners]
+    assert sum(widths) == source.config.intermediate_size and max(widths) - min(widths) == 1
+    assert max_abs_logit_diff(source, uneven, ids) < 1e-4
 
 
 def test_distillation_trades_learners_for_error_and_the_gate_learns_the_targets(stories):
@@ -50,8 +56,8 @@ def test_distillation_trades_learners_for_error_and_the_gate_learns_the_targets(
 
 def test_bad_input_is_refused_by_name(stories, stories260k, assets, tmp_path, capsys):
     source, calibration, _ = stories
-    with pytest.raises(ValueError, match="learners \\(5\\) must divide"):
-        acmize(source, ACMConversionOptions(learners=5), calibration_ids=calibration)
+    with pytest.raises(ValueError, match="learners \\(1000\\) is larger than intermediate_size"):
+        acmize(source, ACMConversionOptions(learners=1000), calibration_ids=calibration)
     with pytest.raises(ValueError, match="tolerance must be in \\(0, 1\\)"):
         acmize(source, ACMConversionOptions(tolerance=1.5), calibration_ids=calibration)
     with pytest.raises(ValueError, match="needs calibration tokens"):

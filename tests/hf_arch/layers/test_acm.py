@@ -58,6 +58,16 @@ def test_decodes_like_the_full_forward_trains_and_round_trips(tmp_path, model_ch
     model_checks.round_trips(m, rows[:2, :12], tmp_path)
 
 
+@torch.no_grad()
+def test_learners_split_any_width():
+    acm = model(learners=5).model.layers[0].mlp  # 48 neurons: 10, 10, 10, 9, 9
+    assert [learner.gate_proj.out_features for learner in acm.learners] == [10, 10, 10, 9, 9]
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    counts = acm.learner_counts(x)[0]
+    expected = torch.stack([sum(acm.learners[j](x[0, t]) for j in range(int(counts[t]))) for t in range(40)])
+    torch.testing.assert_close(acm(x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_from_scratch_every_learner_runs():
     torch.manual_seed(0)
     config = hf_arch.HybridConfig(**SHAPE, channel_mixer_types=["acm", "dense"], mixer_options={"acm": {"learners": 3}})
@@ -68,7 +78,7 @@ def test_from_scratch_every_learner_runs():
 
 @pytest.mark.parametrize("options, message", [
     ({"learners": 0}, "learners must be an integer >= 1"),
-    ({"learners": 5}, "must divide intermediate_size"),
+    ({"learners": 49}, "learners (49) is larger than intermediate_size (48)"),
     ({"gate_tau": 0.0}, "gate_tau must be > 0"),
     ({"depth": 2}, "unknown options ['depth']"),
 ])

@@ -47,6 +47,21 @@ def test_width_path_sums_the_chosen_neuron_groups():
 
 
 @torch.no_grad()
+def test_groups_split_any_width():
+    layer = model(virtual_experts=5, top_k=1).model.layers[0].mlp  # 48 neurons: 10, 10, 10, 9, 9
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(1))
+    chosen = (x @ layer.router_weight.T).argmax(-1)
+    bounds = [0, 10, 20, 30, 39, 48]
+    act = F.silu(layer.gate_proj(x)) * layer.up_proj(x)
+    mask = torch.zeros_like(act)
+    for n, g in enumerate(chosen.tolist()):
+        mask[n, bounds[g]:bounds[g + 1]] = 1.0
+    torch.testing.assert_close(layer.width_path(x), layer.down_proj(act * mask), rtol=1e-5, atol=1e-6)
+    every = model(virtual_experts=5, top_k=5).model.layers[0].mlp  # every group: the dense FFN
+    torch.testing.assert_close(every.width_path(x), dense_ffn(every, x), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 def test_depth_path_reapplies_the_same_ffn():
     layer = model(max_depth=3).model.layers[0].mlp
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
@@ -101,7 +116,7 @@ def test_trains_decodes_like_the_full_forward_and_round_trips(tmp_path, model_ch
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"virtual_experts": 5}, "must divide intermediate_size"),
+    ({"virtual_experts": 49, "top_k": 2}, "virtual_experts (49) is larger than intermediate_size (48)"),
     ({"top_k": 5}, "top_k (5) is larger than virtual_experts (4)"),
     ({"max_depth": 1}, "max_depth must be an integer >= 2"),
     ({"width": 2}, "unknown options ['width']"),
