@@ -45,6 +45,9 @@ class ACMConversionOptions:
     tolerance: float = 0.1
     learning_rate: float = 1e-3
     calibration_tokens: int = 4096
+    # β of the converted model's compute price (mixer_options['acm'].compute_loss_weight): fine-tuning then trades
+    # learners for loss instead of opening every gate
+    compute_loss_weight: float = 0.0
 
     def validate(self, intermediate_size: int) -> None:
         for name, minimum in (("learners", 1), ("learner_steps", 0), ("gate_steps", 0), ("calibration_tokens", 1)):
@@ -54,6 +57,8 @@ class ACMConversionOptions:
         neuron_groups(intermediate_size, self.learners, "learners")  # refuses a learner with no neuron
         if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < 1):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        if not (isinstance(self.compute_loss_weight, (int, float)) and self.compute_loss_weight >= 0):
+            raise ValueError(f"compute_loss_weight must be >= 0, got {self.compute_loss_weight!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
 
@@ -103,7 +108,9 @@ def acmize(source_model, options: ACMConversionOptions | None = None, calibratio
         raise ValueError(f"hidden_act={kwargs['hidden_act']!r}: ACM learners are SwiGLU (silu) MLPs, so a "
                          f"{config.model_type} FFN cannot become learners exactly")
     target_config = HybridConfig(**kwargs, channel_mixer_types=["acm"] * config.num_hidden_layers,
-                                 mixer_options={"acm": {"learners": options.learners}})
+                                 mixer_options={"acm": {"learners": options.learners,
+                                                        **({"compute_loss_weight": options.compute_loss_weight}
+                                                           if options.compute_loss_weight else {})}})
     inputs = layer_ffn_inputs(source_model, calibration_ids, calibration_mask) if calibration_ids is not None else None
     bounds = [0, *itertools.accumulate(neuron_groups(config.intermediate_size, options.learners, "learners"))]
 

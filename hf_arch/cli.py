@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--router-distill-steps", type=int,
                       help="moe partition: fit each router to the experts that carry the dense output on the "
                            "calibration text (default 200; 0: keep the centroid rows)")
-    conv.add_argument("--learners", type=int, help="acm: learners per FFN (must divide its width; default 4)")
+    conv.add_argument("--learners", type=int,
+                      help="acm: learners per FFN (default 4; an uneven width makes the first ones a neuron wider)")
     conv.add_argument("--learner-steps", type=int,
                       help="acm: steps distilling each layer's learners so every prefix approximates the FFN "
                            "(default 200)")
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 300)")
     conv.add_argument("--tolerance", type=float,
                       help="acm: relative squared error of a prefix that counts as close enough (default 0.1)")
+    conv.add_argument("--compute-loss-weight", type=float,
+                      help="acm: β of the converted model's compute price (its loss adds β × the expected share of "
+                           "learners run, in training; default 0: none)")
     conv.add_argument("--pre-gate-hidden", type=int, help="moe read_me: the pre-gate MLP's width (default 256)")
     conv.add_argument("--pre-gate-steps", type=int,
                       help="moe read_me: steps fitting the pre-gate to every layer's calibration targets "

@@ -13,7 +13,11 @@ distilled so every prefix approximates the FFN and the gate learns the fewest le
 (``conversion/acm.py``; layer by layer, independent, so in parallel if wanted).
 
 Options in ``config.mixer_options["acm"]``: ``learners`` (N; at most ``intermediate_size``: the FFN's width split as
-evenly as it goes, the first ``intermediate_size % N`` learners one neuron wider), ``gate_tau``.
+evenly as it goes, the first ``intermediate_size % N`` learners one neuron wider), ``gate_tau``, and
+``compute_loss_weight`` (β ≥ 0): in training the layer reports ``β · E[m] / N`` (the expected share of learners run,
+under the gate's softmax) as ``compute_loss``, which the model adds to its loss — the price of compute the ACM paper
+trains its gates with; without it (β = 0, the default) nothing in a distillation or next-token loss stops the gates
+from opening every learner.
 ``last_learners`` holds the mean learners per token of the last forward (for reports).
 """
 
@@ -35,12 +39,15 @@ __all__ = ["ACMOptions", "AdaptiveComputationModule"]
 class ACMOptions:
     learners: int = 4
     gate_tau: float = 1.0
+    compute_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.learners, int) or isinstance(self.learners, bool) or self.learners < 1:
             raise ValueError(f"mixer_options['acm'].learners must be an integer >= 1, got {self.learners!r}")
         if not (isinstance(self.gate_tau, (int, float)) and self.gate_tau > 0):
             raise ValueError(f"mixer_options['acm'].gate_tau must be > 0, got {self.gate_tau!r}")
+        if not (isinstance(self.compute_loss_weight, (int, float)) and self.compute_loss_weight >= 0):
+            raise ValueError(f"mixer_options['acm'].compute_loss_weight must be >= 0, got {self.compute_loss_weight!r}")
 
 
 @register_channel_mixer("acm")
@@ -57,6 +64,7 @@ class AdaptiveComputationModule(nn.Module):
         self.layer_idx = layer_idx
         self.num_learners = options.learners
         self.gate_tau = options.gate_tau
+        self.compute_loss_weight = float(options.compute_loss_weight)
         self.learners = nn.ModuleList(HfArchMLP(config, intermediate_size=width) for width in widths)
         # The gate's own parameters (not an nn.Linear) so the model's init reaches init_parameters below.
         self.gate_weight = nn.Parameter(torch.empty(options.learners, config.hidden_size))
@@ -78,6 +86,10 @@ class AdaptiveComputationModule(nn.Module):
         return self.gate_logits(x).argmax(dim=-1) + 1
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_report(hidden_states)[0]
+
+    def forward_with_report(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(output, auxiliary)``: ``{"compute_loss": β · E[m] / N}`` in training with a compute price, else ``{}``."""
         logits = self.gate_logits(hidden_states)
         if self.training:
             noise = -torch.empty_like(logits).exponential_().log()  # Gumbel
@@ -88,11 +100,16 @@ class AdaptiveComputationModule(nn.Module):
             runs = choice.flip(-1).cumsum(-1).flip(-1).to(hidden_states.dtype)
             out = sum(runs[..., j:j + 1] * learner(hidden_states) for j, learner in enumerate(self.learners))
             self.last_learners = float(hard.argmax(-1).float().mean()) + 1.0
-            return out
+            report = {}
+            if self.compute_loss_weight:
+                counts = torch.arange(1, self.num_learners + 1, device=soft.device, dtype=soft.dtype)
+                expected_share = (soft * counts).sum(-1).mean() / self.num_learners
+                report["compute_loss"] = self.compute_loss_weight * expected_share
+            return out, report
         counts = logits.argmax(dim=-1) + 1
         if torch.compiler.is_compiling():  # a traced graph holds no data-dependent row counts: every learner, masked
             runs = (counts[..., None] > torch.arange(self.num_learners, device=counts.device)).to(hidden_states.dtype)
-            return sum(runs[..., j:j + 1] * learner(hidden_states) for j, learner in enumerate(self.learners))
+            return sum(runs[..., j:j + 1] * learner(hidden_states) for j, learner in enumerate(self.learners)), {}
         self.last_learners = float(counts.float().mean()) if counts.numel() else None
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         flat_counts = counts.reshape(-1)
@@ -103,4 +120,4 @@ class AdaptiveComputationModule(nn.Module):
                 out = out + learner(flat)
             elif rows.numel():
                 out.index_add_(0, rows, learner(flat.index_select(0, rows)))
-        return out.view_as(hidden_states)
+        return out.view_as(hidden_states), {}

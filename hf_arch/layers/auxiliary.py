@@ -28,6 +28,7 @@ AUXILIARY_FIELDS = {
     "sparse_probability": "sparse_probabilities",  # flux: [B] P(sparse) per input, grad (routers)
     "sparse_choice": "sparse_choices",  # flux: [B] bool, the branch each input took (True = sparse)
     "block_counts": "sparse_block_counts",  # seer, sparse prefill: [2] long, (computed, causal) blocks
+    "compute_loss": "compute_losses",  # acm channel mixer, training: fp32 scalar, weight × expected share run, grad
 }
 SPARSE_ATTENTION_MODES = ("dense", "gate_distillation")
 
@@ -61,7 +62,7 @@ def merge_auxiliary(parts: list[dict]) -> dict:
         values = [part[key] for part in parts if key in part]
         if not values:
             continue
-        if key in ("transfer_loss", "gate_loss"):
+        if key in ("transfer_loss", "gate_loss", "compute_loss"):
             merged[key] = torch.stack(values).mean()
         elif key == "block_counts":
             merged[key] = torch.stack(values).sum(0)

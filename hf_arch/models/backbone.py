@@ -64,7 +64,9 @@ class MixerReports:
     - ``sparse_probabilities`` / ``sparse_choices``: per flux layer, ``[B]`` P(sparse) and the branch taken;
     - ``sparse_block_counts``: per seer layer that prefilled sparsely, ``[2]`` (computed, causal) blocks;
     - ``sparse_attention_loss``: what a loss adds for sparse attention (mean gate KL, and in training the flux
-      Lagrangian), already included in a causal LM's ``loss`` when labels are given.
+      Lagrangian), already included in a causal LM's ``loss`` when labels are given;
+    - ``compute_losses``: per channel mixer that prices its compute (ACM with ``compute_loss_weight``, in training),
+      the weighted expected share of its units that run; ``compute_loss`` their mean, included in ``loss`` likewise.
     """
 
     transfer_losses: tuple[torch.Tensor, ...] | None = None
@@ -73,6 +75,8 @@ class MixerReports:
     sparse_choices: tuple[torch.Tensor, ...] | None = None
     sparse_block_counts: tuple[torch.Tensor, ...] | None = None
     sparse_attention_loss: torch.Tensor | None = None
+    compute_losses: tuple[torch.Tensor, ...] | None = None
+    compute_loss: torch.Tensor | None = None
 
 
 # The token mixers' reports after the base output's own fields (a mixin listed first: dataclasses order fields from
@@ -98,7 +102,7 @@ class HfArchMoeCausalLMOutputWithPast(MixerReports, MoeCausalLMOutputWithPast):
 
 
 # The output fields above that the backbone fills and the heads pass on.
-AUXILIARY_OUTPUT_FIELDS = (*AUXILIARY_FIELDS.values(), "sparse_attention_loss")
+AUXILIARY_OUTPUT_FIELDS = (*AUXILIARY_FIELDS.values(), "sparse_attention_loss", "compute_loss")
 
 
 def auxiliary_outputs(outputs) -> dict:
@@ -233,6 +237,9 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         router_logits = None
         if self.mlp.routes_tokens:
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
+        elif hasattr(self.mlp, "forward_with_report"):  # a channel mixer with training terms (ACM's compute price)
+            mixed, report = self.mlp.forward_with_report(normed)
+            auxiliary = {**auxiliary, **split_mixer_result((mixed, None, report))[2]}  # unknown keys refused by name
         else:
             mixed = self.mlp(normed)
         if self.post_feedforward_layernorm is not None:
@@ -298,11 +305,15 @@ class HfArchPreTrainedModel(PreTrainedModel):
         return self.config.return_dict if return_dict is None else return_dict
 
     @staticmethod
-    def _add_sparse_attention_loss(loss: torch.Tensor, sparse_attention_loss: torch.Tensor | None) -> torch.Tensor:
-        """A task loss plus the sparse-attention layers' own terms of the same forward (the backbone output's
-        ``sparse_attention_loss``: seer gate self-distillation, in training the flux Lagrangian), so their parameters
-        learn from the loss the model returns (as the MoE router's aux loss)."""
-        return loss if sparse_attention_loss is None else loss + sparse_attention_loss.to(loss.device)
+    def _add_mixer_losses(loss: torch.Tensor, backbone_output) -> torch.Tensor:
+        """A task loss plus the mixers' own terms of the same forward (the backbone output's ``sparse_attention_loss``:
+        seer gate self-distillation, in training the flux Lagrangian; ``compute_loss``: ACM's compute price), so their
+        parameters learn from the loss the model returns (as the MoE router's aux loss)."""
+        for name in ("sparse_attention_loss", "compute_loss"):
+            term = getattr(backbone_output, name, None)
+            if term is not None:
+                loss = loss + term.to(loss.device)
+        return loss
 
     def save_pretrained(self, save_directory, *args, remote_code: bool = True, **kwargs):
         """``PreTrainedModel.save_pretrained``, then the flat remote-code files and the ``auto_map`` in the same directory
@@ -555,6 +566,8 @@ class HfArchModel(HfArchPreTrainedModel):
         auxiliary["sparse_attention_loss"] = sparse_attention_auxiliary_loss(
             reported["gate_loss"], reported["sparse_probability"] if self.training else [], self.sparsity_multipliers,
             self.config.sparse_attn_target_sparsity)
+        if reported["compute_loss"]:
+            auxiliary["compute_loss"] = torch.stack(reported["compute_loss"]).mean()
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -653,7 +666,8 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
     ) -> HfArchCausalLMOutputWithPast | HfArchMoeCausalLMOutputWithPast:
         """The cache comes as ``cache`` (transformers >= 5.25) or ``past_key_values``. ``attention_transfer`` /
         ``sparse_attention_mode``: see ``HfArchModel.forward``; the output carries the mixers' reports
-        (``HfArchModelOutputWithPast``), and ``loss`` (with labels) includes ``sparse_attention_loss`` and, for MoE,
+        (``HfArchModelOutputWithPast``), and ``loss`` (with labels) includes ``sparse_attention_loss``,
+        ``compute_loss`` and, for MoE,
         ``aux_loss``."""
         past_key_values = resolve_cache(cache, past_key_values, public=True)
         outputs = self.model(
@@ -687,7 +701,7 @@ class HfArchForCausalLM(HfArchPreTrainedModel, GenerationMixin):
                                                  vocab_size=self.config.vocab_size, **kwargs)
                 loss = 0.5 * (loss + second_loss) + self.config.moe_consistency_coef * consistency_loss(
                     logits, second_logits, labels)
-            loss = self._add_sparse_attention_loss(loss, outputs.sparse_attention_loss)
+            loss = self._add_mixer_losses(loss, outputs)
         router_logits = getattr(outputs, "router_logits", None)
         if router_logits is not None:
             want_router_logits = (
@@ -726,8 +740,8 @@ class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPr
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, past_key_values=None, **kwargs):
         """transformers' generic head, taking the cache under either name; a loss also carries the sparse-attention
-        terms of the same forward (the backbone output's ``sparse_attention_loss``, see
-        ``_add_sparse_attention_loss``)."""
+        terms of the same forward (the backbone output's ``sparse_attention_loss`` and ``compute_loss``, see
+        ``_add_mixer_losses``)."""
         backbone_outputs = []  # the backbone's return value, kept from this call only
         hook = self.model.register_forward_hook(lambda module, args, output: backbone_outputs.append(output))
         try:
@@ -738,8 +752,7 @@ class HfArchForSequenceClassification(GenericForSequenceClassification, HfArchPr
             hook.remove()
         if labels is None:
             return output
-        sparse_attention_loss = getattr(backbone_outputs[-1], "sparse_attention_loss", None)
         if isinstance(output, tuple):
-            return (self._add_sparse_attention_loss(output[0], sparse_attention_loss), *output[1:])
-        output.loss = self._add_sparse_attention_loss(output.loss, sparse_attention_loss)
+            return (self._add_mixer_losses(output[0], backbone_outputs[-1]), *output[1:])
+        output.loss = self._add_mixer_losses(output.loss, backbone_outputs[-1])
         return output

@@ -71,8 +71,11 @@ def test_bad_input_is_refused_by_name(stories, stories260k, assets, tmp_path, ca
 def test_cli_writes_a_loadable_acm_checkpoint(stories260k, assets, tmp_path):
     out = tmp_path / "acm"
     assert main(["convert", str(stories260k), str(out), "--to", "acm", "--learners", "4", "--learner-steps", "20",
-                 "--gate-steps", "20", "--calibration-file", str(assets / "data" / "tinystories_2mib.txt")]) == 0
+                 "--gate-steps", "20", "--compute-loss-weight", "0.05",
+                 "--calibration-file", str(assets / "data" / "tinystories_2mib.txt")]) == 0
     record = json.loads((out / "hf_arch_conversion.json").read_text())
     assert len(record["report"]["acm_distillation"]) == 5
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model.model.layers[0].mlp).__name__ == "AdaptiveComputationModule"
+    assert model.config.mixer_options["acm"] == {"learners": 4, "compute_loss_weight": 0.05}
+    assert model.model.layers[0].mlp.compute_loss_weight == 0.05

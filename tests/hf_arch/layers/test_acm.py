@@ -68,6 +68,32 @@ def test_learners_split_any_width():
     torch.testing.assert_close(acm(x)[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_compute_price_joins_the_loss_and_closes_gates():
+    m = model(compute_loss_weight=0.5).train()
+    plain = model(compute_loss_weight=0.0).train()  # the same weights (same seed), no price
+    rows = torch.randint(3, 61, (4, 16), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(7)  # the same Gumbel noise for both
+    out = m(rows, labels=rows)
+    assert len(out.compute_losses) == 2 and all(0 < float(c) <= 0.5 for c in out.compute_losses)
+    torch.manual_seed(7)
+    base = plain(rows, labels=rows)
+    assert base.compute_losses is None and base.compute_loss is None  # no price: nothing reported or added
+    torch.testing.assert_close(out.loss, base.loss + torch.stack(out.compute_losses).mean())
+    # The price alone moves the gates toward fewer learners (its gradient reaches them through the softmax).
+    with torch.no_grad():
+        before = float(m.model.layers[0].mlp.learner_counts(m.model.embed_tokens(rows)).float().mean())
+    gates = [p for n, p in m.named_parameters() if "gate_" in n and "learners" not in n]
+    optimizer = torch.optim.SGD(gates, lr=5.0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        m(rows).compute_loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(m.model.layers[0].mlp.learner_counts(m.model.embed_tokens(rows)).float().mean())
+    assert after < before, (before, after)
+    assert m.eval()(rows).compute_losses is None  # inference: the hard count, no price
+
+
 def test_from_scratch_every_learner_runs():
     torch.manual_seed(0)
     config = hf_arch.HybridConfig(**SHAPE, channel_mixer_types=["acm", "dense"], mixer_options={"acm": {"learners": 3}})
@@ -80,6 +106,7 @@ def test_from_scratch_every_learner_runs():
     ({"learners": 0}, "learners must be an integer >= 1"),
     ({"learners": 49}, "learners (49) is larger than intermediate_size (48)"),
     ({"gate_tau": 0.0}, "gate_tau must be > 0"),
+    ({"compute_loss_weight": -1.0}, "compute_loss_weight must be >= 0"),
     ({"depth": 2}, "unknown options ['depth']"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
