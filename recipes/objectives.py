@@ -98,11 +98,11 @@ class DistillationTeacher:
 
 
 def training_regularizer(outputs):
-    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss (``aux_loss``) and the
-    sparse-attention terms (``sparse_attention_loss``: seer gate self-distillation, flux Lagrangian); 0 when none
-    applies."""
+    """The part of ``outputs.loss`` that is not next-token loss: the MoE auxiliary loss (``aux_loss``), the
+    sparse-attention terms (``sparse_attention_loss``: seer gate self-distillation, flux Lagrangian) and ACM's compute
+    price (``compute_loss``); 0 when none applies."""
     total = 0.0
-    for name in ("aux_loss", "sparse_attention_loss"):
+    for name in ("aux_loss", "sparse_attention_loss", "compute_loss"):
         term = getattr(outputs, name, None)
         if term is not None:
             total = total + term

@@ -106,6 +106,10 @@ METHODS = {
     # conversion's distilled counts and the learners recover.
     "acm": RecoveryMethod("acm", {"learners": 4}, {"frozen_routing": True},
                           "ACM: gates frozen at the conversion's distilled learner counts; learners trained"),
+    # ACM's own recipe: the gates keep training, and a compute price (β × the expected share of learners run) in the
+    # loss stops them from opening every learner; β trades perplexity for learners.
+    "acm_priced": RecoveryMethod("acm", {"learners": 4, "compute_loss_weight": 0.1}, {},
+                                 "ACM: gates and learners trained with KL to the source plus a compute price β = 0.1"),
     "moe_upcycle": RecoveryMethod("moe", {"method": "upcycle", "experts": 4, "top_k": 2, "router_std": 0.02}),
     # The bar for every row: the source itself, trained by the linearizations' stage-2 recipe for the same budget. A
     # row that beats the source may only have adapted to the training text; beating this one is recovery.
