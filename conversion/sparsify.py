@@ -1,4 +1,5 @@
-"""Learned sparse attention on a frozen checkpoint: a Llama-family model → ``hfa_sparse_attention``.
+"""Sparse attention on a frozen checkpoint: a Llama-family model → ``hfa_sparse_attention`` (learned: seer, flux) or
+``hfa_hybrid`` with DELTA layers (``method="delta"``, training-free: ``conversion/delta.py``).
 
 Every source weight is copied unchanged; what is added is SeerAttention's block gates (``method="seer"``) or Flux's
 layer routers (``method="flux"``). Flux starts biased to full attention, so the converted model equals the source;
@@ -24,7 +25,7 @@ from .checkpoint_io import atomic_output_dir
 from .sources import adapter_for, takes_source_families
 from .weights import build_from_source
 
-METHODS = ("seer", "flux")
+METHODS = ("seer", "flux", "delta")
 GATES_WEIGHTS = "gates.safetensors"
 GATES_CONFIG = "gates_config.json"
 
@@ -37,7 +38,7 @@ class SparsifyOptions:
     selection: str = "threshold"  # seer: threshold | topk | budget
     threshold: float = 5e-3
     topk: int = 8
-    token_budget: int = 512
+    token_budget: int = 512  # seer budget selection: tokens per query block; delta: salient keys per query
     router_hidden: int = 64  # flux
     router_bias: float = 4.5  # flux: logit advantage of full attention at init
     sink_blocks: int = 1  # flux sparse branch
@@ -46,11 +47,20 @@ class SparsifyOptions:
     target_sparsity: float = 0.5
     lagrangian_lr_scale: float = 10.0  # flux: recipes train the Lagrange multipliers at this × the learning rate
     seed: int = 0  # the gates' / routers' random init
+    # delta: the first dense_layers keep full attention; selection layers (None: the first after them and the middle
+    # one) choose token_budget keys per query, plus sink_tokens and the last window_tokens
+    dense_layers: int = 2
+    selection_layers: list[int] | None = None
+    sink_tokens: int = 4
+    window_tokens: int = 64
+
+    DELTA_FIELDS = ("dense_layers", "selection_layers", "sink_tokens", "window_tokens")
 
     def config_overrides(self) -> dict:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} for --to sparse_attention, got {self.method!r}")
-        return {f"sparse_attn_{name}": value for name, value in asdict(self).items() if name != "seed"}
+        return {f"sparse_attn_{name}": value for name, value in asdict(self).items()
+                if name != "seed" and name not in self.DELTA_FIELDS}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +76,10 @@ def sparse_attention_config_from(source_config, options: SparsifyOptions) -> Spa
 def sparsify(source_model, options: SparsifyOptions | None = None) -> SparseAttentionForCausalLM:
     """Build the sparse-attention model from an in-memory source (same dtype), copying and checking every weight."""
     options = options or SparsifyOptions()
+    if options.method == "delta":
+        from .delta import delta_from_source
+
+        return delta_from_source(source_model, options)
 
     def init_new(target) -> None:
         with torch.random.fork_rng(devices=[]):  # seeded gates, the caller's RNG untouched

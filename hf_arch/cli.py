@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--method",
                       help="--to gla: liger | lolcats | lizard | still; --to gated_deltanet: mamba_init; --to moe: partition | "
                            "upcycle | read_me (Read-ME: a partition routed by one pre-gate on the embeddings, "
-                           "distilled on --calibration-file); --to sparse_attention: seer | flux")
+                           "distilled on --calibration-file); --to sparse_attention: seer | flux | delta (training-free)")
     conv.add_argument("--keep-full-attention", type=int, nargs="+", metavar="LAYER",
                       help="linearization: layers that keep softmax attention")
     conv.add_argument("--ratio", type=int, help="linearization: R linear layers per full-attention layer")
@@ -449,7 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sparse_attention seer: how gate probabilities pick blocks at inference")
     conv.add_argument("--threshold", type=float, help="sparse_attention seer: keep blocks with p > this")
     conv.add_argument("--topk", type=int, help="sparse_attention seer: key blocks per query block (topk)")
-    conv.add_argument("--token-budget", type=int, help="sparse_attention seer: tokens per query (budget)")
+    conv.add_argument("--token-budget", type=int,
+                      help="sparse_attention seer: tokens per query block (budget); delta: salient keys per query "
+                           "(default 512)")
+    conv.add_argument("--dense-layers", type=int,
+                      help="sparse_attention delta: the first layers keep full attention (default 2)")
+    conv.add_argument("--selection-layers", type=int, nargs="+", metavar="LAYER",
+                      help="sparse_attention delta: layers that select the keys the next layers attend (default: the "
+                           "first after the dense ones and the middle one)")
+    conv.add_argument("--sink-tokens", type=int, help="sparse_attention delta: first keys always kept (default 4)")
+    conv.add_argument("--window-tokens", type=int,
+                      help="sparse_attention delta: each query's most recent keys, always kept (default 64)")
     conv.add_argument("--router-hidden", type=int, help="sparse_attention flux: router MLP width")
     conv.add_argument("--router-bias", type=float,
                       help="sparse_attention flux: initial logit advantage of full attention")

@@ -1,6 +1,7 @@
 """Learned sparse attention on a frozen checkpoint: perplexity vs attention density, and attention time sparse/dense.
 
-    hf-arch bench sparse SRC --out outputs/sparse [--context 2048 --gate-steps 60 --flux-steps 30 | --minutes M] [--json]
+    hf-arch bench sparse SRC --out outputs/sparse [--context 2048 --gate-steps 60 --flux-steps 30 | --minutes M]
+        [--methods seer flux delta] [--json]
 
 1. **SeerAttention**: convert (``--to sparse_attention --method seer``), train the block gates by self-distillation
    (the shipped recipe's settings, ``--gate-steps`` steps of ``--context`` tokens of WikiText-2 validation), then
@@ -9,7 +10,10 @@
 2. **Flux**: convert with each ``--flux-targets`` sparsity target, train the routers (self-distillation + the
    Lagrangian), and score perplexity with the share of layers that went sparse; plus the all-sparse branch
    (every layer sink + window) as the floor.
-3. **Attention time**: the attention op alone at ``--context`` with the source's head shapes, dense causal SDPA vs
+3. **DELTA** (training-free): convert with each ``--delta-budgets`` token budget (``--to sparse_attention --method
+   delta``, ``--delta-dense-layers`` full layers, default selection layers) and score perplexity with the share of
+   causal (query, key) pairs attended, over the selection + sparse layers and over every layer.
+4. **Attention time**: the attention op alone at ``--context`` with the source's head shapes, dense causal SDPA vs
    ``block_sparse_attention`` at the measured Seer masks' densities (torch path on CPU, Triton on CUDA).
 
 ``--minutes M`` trains the gates and each Flux target for M minutes of this process's CPU time (``--budget-clock``)
@@ -45,23 +49,28 @@ def eval_windows(tokenizer, eval_file: Path, context: int, windows: int) -> torc
 @torch.no_grad()
 def score(model, windows: torch.Tensor) -> dict:
     """Mean next-token NLL over the windows (each its own prefill), with the attention density the model reports."""
+    from ..layers.delta_attention import delta_attended_share
     from ..layers.sparse_attention import attention_density, flux_sparse_share
 
-    nll, densities, shares = [], [], []
+    nll, densities, shares, attended = [], [], [], []
     for row in windows:
         out = model(input_ids=row[None], labels=row[None], use_cache=False)
         nll.append(out.loss.item())
-        density, share = attention_density(out), flux_sparse_share(out)
+        density, share, pairs = attention_density(out), flux_sparse_share(out), delta_attended_share(out)
         if density is not None:
             densities.append(density)
         if share is not None:
             shares.append(share)
+        if pairs is not None:
+            attended.append(pairs)
     mean = sum(nll) / len(nll)
     result = {"ppl": round(math.exp(mean), 3), "nll": round(mean, 5)}
     if densities:
         result["density"] = round(sum(densities) / len(densities), 4)
     if shares:
         result["sparse_share"] = round(sum(shares) / len(shares), 4)
+    if attended:
+        result["attended_share"] = round(sum(attended) / len(attended), 4)
     return result
 
 
@@ -115,6 +124,37 @@ def run_seer(args, assets: Path, windows: torch.Tensor, train_file: Path, earlie
             points.append({"selection": selection, selection: value, **score(model, windows)})
             print(f"seer {points[-1]}", flush=True)
     return {**record, "points": points}
+
+
+def run_delta(args, windows: torch.Tensor, earlier: dict | None = None) -> dict:
+    """DELTA at each token budget: converted (no training) and scored; budgets already in ``earlier`` are kept."""
+    from transformers import AutoModelForCausalLM
+
+    from ..conversion.sparsify import SparsifyOptions, sparsify
+
+    points = list((earlier or {}).get("points", []))
+    done = {p["token_budget"] for p in points}
+    source = None
+    for budget in args.delta_budgets:
+        if budget in done:
+            continue
+        if source is None:
+            source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
+        model = sparsify(source, SparsifyOptions(method="delta", token_budget=budget,
+                                                 dense_layers=args.delta_dense_layers,
+                                                 sink_tokens=args.delta_sink_tokens,
+                                                 window_tokens=args.delta_window_tokens))
+        roles = [layer.self_attn.role for layer in model.model.layers]
+        point = {"token_budget": budget, **score(model, windows)}
+        # dense layers attend every causal pair: the share over all layers counts them as 1
+        point["attended_share_all_layers"] = round(
+            (roles.count("dense") + (len(roles) - roles.count("dense")) * point["attended_share"]) / len(roles), 4)
+        point["selection_layers"] = [i for i, role in enumerate(roles) if role == "selection"]
+        points.append(point)
+        print(f"delta {point}", flush=True)
+        del model
+    return {"dense_layers": args.delta_dense_layers, "sink_tokens": args.delta_sink_tokens,
+            "window_tokens": args.delta_window_tokens, "points": sorted(points, key=lambda p: p["token_budget"])}
 
 
 def _training_record(summary: dict, args) -> dict:
@@ -224,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(result["dense"]["ppl"], color="black", linestyle="--", label="dense (source)")
-    seer = result["seer"]["points"]
+    seer = (result.get("seer") or {}).get("points", [])
     for selection, marker in (("threshold", "o"), ("topk", "s")):
         pts = sorted((p["density"], p["ppl"]) for p in seer if p["selection"] == selection and "density" in p)
         if pts:
@@ -235,7 +275,13 @@ def plot(result: dict, path: Path) -> None:
         ax.scatter(*zip(*pts), marker="^", color="tab:red", label="Flux router (targets)", zorder=3)
         ax.scatter([result["flux_branch_density"]], [flux["all_sparse"]["ppl"]], marker="x", color="tab:red",
                    label="all layers sink + window", zorder=3)
-    ax.set_xlabel("attention blocks computed (share of causal blocks)")
+    delta = (result.get("delta") or {}).get("points", [])
+    if delta:
+        pts = [(p["attended_share_all_layers"], p["ppl"]) for p in delta]
+        ax.plot(*zip(*pts), marker="D", color="tab:green", label="DELTA (token budgets; no training)")
+        for p in delta:
+            ax.annotate(str(p["token_budget"]), (p["attended_share_all_layers"], p["ppl"]), fontsize=7)
+    ax.set_xlabel("attention computed (share of causal blocks; DELTA: of causal query-key pairs, every layer)")
     ax.set_ylabel(f"{Path(result.get('eval_file', 'wikitext2_test.txt')).name} perplexity @ "
                   f"{result['settings']['context']} tokens")
     ax.set_yscale("log")
@@ -271,6 +317,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sink-blocks", type=int, default=1)
     parser.add_argument("--window-blocks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", choices=["seer", "flux", "delta"], default=["seer", "flux", "delta"],
+                        help="which methods to run (flux also needs --flux-targets)")
+    parser.add_argument("--delta-budgets", type=int, nargs="*", default=[128, 256, 512],
+                        help="DELTA: salient keys kept per query by the selection layers")
+    parser.add_argument("--delta-dense-layers", type=int, default=2)
+    parser.add_argument("--delta-sink-tokens", type=int, default=4)
+    parser.add_argument("--delta-window-tokens", type=int, default=64)
     parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
     parser.add_argument("--eval-file", default=None, help="default: WikiText-2 test split from the assets")
     parser.add_argument("--text-file", default=None,
@@ -317,9 +370,13 @@ def main(argv=None) -> int:
     def save() -> None:
         atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
 
-    result["seer"] = run_seer(args, assets, windows, train_file, earlier=result.get("seer"))
-    save()
-    if args.flux_targets:
+    if "seer" in args.methods:
+        result["seer"] = run_seer(args, assets, windows, train_file, earlier=result.get("seer"))
+        save()
+    if "delta" in args.methods and args.delta_budgets:
+        result["delta"] = run_delta(args, windows, earlier=result.get("delta"))
+        save()
+    if "flux" in args.methods and args.flux_targets:
         def save_flux(flux: dict) -> None:
             result["flux"] = flux
             save()
@@ -335,7 +392,8 @@ def main(argv=None) -> int:
 
 # Settings a rerun must share with the results it continues (the selection sweeps and Flux targets may grow).
 RESUME_KEYS = ("source", "context", "block_size", "gate_steps", "gate_lr", "flux_steps", "flux_lr", "flux_router_bias",
-               "sink_blocks", "window_blocks", "eval_windows", "train_file", "eval_file", "minutes", "budget_clock")
+               "sink_blocks", "window_blocks", "eval_windows", "train_file", "eval_file", "minutes", "budget_clock",
+               "delta_dense_layers", "delta_sink_tokens", "delta_window_tokens")
 
 
 def _settings(args) -> dict:
@@ -345,12 +403,14 @@ def _settings(args) -> dict:
 def _resumable(path: Path, args) -> dict:
     """The results in ``path`` if this run may continue them (same settings), else a SystemExit naming the keys."""
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    refuse_other_settings(path, earlier.get("settings", {}), _settings(args), RESUME_KEYS)
+    refuse_other_settings(path, earlier.get("settings", {}), _settings(args), RESUME_KEYS,
+                          {"delta_dense_layers": 2, "delta_sink_tokens": 4, "delta_window_tokens": 64})
     return earlier
 
 
 def _densities(result: dict) -> list[float]:
-    return sorted({p["density"] for p in result["seer"]["points"] if "density" in p} | {0.1, 0.25, 0.5})
+    return sorted({p["density"] for p in (result.get("seer") or {}).get("points", []) if "density" in p}
+                  | {0.1, 0.25, 0.5})
 
 
 def _retime(args) -> int:
@@ -370,7 +430,7 @@ def format_table(result: dict) -> str:
     dense = result["dense"]["ppl"]
     lines = ["| method | setting | density | ppl | ppl / dense |", "|---|---|---|---|---|",
              f"| dense | - | 1.0 | {dense} | 1.00 |"]
-    for p in result["seer"]["points"]:
+    for p in (result.get("seer") or {}).get("points", []):
         setting = f"threshold {p['threshold']}" if p["selection"] == "threshold" else f"top-{p['topk']} blocks"
         lines.append(f"| seer | {setting} | {p.get('density')} | {p['ppl']} | {p['ppl'] / dense:.3f} |")
     branch = result["flux_branch_density"]
@@ -381,6 +441,11 @@ def format_table(result: dict) -> str:
     if result.get("flux"):
         floor = result["flux"]["all_sparse"]["ppl"]
         lines.append(f"| sink + window | every layer | {branch} | {floor} | {floor / dense:.3f} |")
+    delta = result.get("delta") or {}
+    for p in delta.get("points", []):
+        lines.append(f"| delta | {p['token_budget']} keys/query ({delta['dense_layers']} dense layers, selection at "
+                     f"{p['selection_layers']}; attended share of selection + sparse layers {p['attended_share']}) | "
+                     f"{p['attended_share_all_layers']} | {p['ppl']} | {p['ppl'] / dense:.3f} |")
     timing = result.get("attention_time")
     if timing:
         lines += ["", f"attention op at {timing['context']} tokens on {timing['device']} ({timing['dtype']}): dense "

@@ -28,6 +28,8 @@ AUXILIARY_FIELDS = {
     "sparse_probability": "sparse_probabilities",  # flux: [B] P(sparse) per input, grad (routers)
     "sparse_choice": "sparse_choices",  # flux: [B] bool, the branch each input took (True = sparse)
     "block_counts": "sparse_block_counts",  # seer, sparse prefill: [2] long, (computed, causal) blocks
+    "token_selection": "token_selections",  # delta selection layer: [B, T, S] bool, the keys each query keeps
+    "attended_counts": "attended_counts",  # delta selection / sparse layer: [2] long, (keys attended, causal keys)
     "compute_loss": "compute_losses",  # acm channel mixer, training: fp32 scalar, weight × expected share run, grad
 }
 SPARSE_ATTENTION_MODES = ("dense", "gate_distillation")
@@ -64,7 +66,7 @@ def merge_auxiliary(parts: list[dict]) -> dict:
             continue
         if key in ("transfer_loss", "gate_loss", "compute_loss"):
             merged[key] = torch.stack(values).mean()
-        elif key == "block_counts":
+        elif key in ("block_counts", "attended_counts"):
             merged[key] = torch.stack(values).sum(0)
         else:
             merged[key] = torch.cat(values)

@@ -66,7 +66,9 @@ class MixerReports:
     - ``sparse_attention_loss``: what a loss adds for sparse attention (mean gate KL, and in training the flux
       Lagrangian), already included in a causal LM's ``loss`` when labels are given;
     - ``compute_losses``: per channel mixer that prices its compute (ACM with ``compute_loss_weight``, in training),
-      the weighted expected share of its units that run; ``compute_loss`` their mean, included in ``loss`` likewise.
+      the weighted expected share of its units that run; ``compute_loss`` their mean, included in ``loss`` likewise;
+    - ``token_selections`` / ``attended_counts``: per DELTA selection layer, ``[B, T, S]`` the keys each query keeps;
+      per DELTA selection / sparse layer, ``[2]`` (keys attended, keys in the causal context).
     """
 
     transfer_losses: tuple[torch.Tensor, ...] | None = None
@@ -77,6 +79,8 @@ class MixerReports:
     sparse_attention_loss: torch.Tensor | None = None
     compute_losses: tuple[torch.Tensor, ...] | None = None
     compute_loss: torch.Tensor | None = None
+    token_selections: tuple[torch.Tensor, ...] | None = None
+    attended_counts: tuple[torch.Tensor, ...] | None = None
 
 
 # The token mixers' reports after the base output's own fields (a mixin listed first: dataclasses order fields from
@@ -534,6 +538,7 @@ class HfArchModel(HfArchPreTrainedModel):
         # previous layer's (pre-gated routers have no gating residual).
         planned = self.pre_gate(inputs_embeds) if self.pre_gate is not None else None
         planned_slot = {layer: s for s, layer in enumerate(self.pre_gate.sparse_layers)} if planned is not None else {}
+        selection = {}  # DELTA: the latest selection layer's choice, for the layers after it that read one
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
@@ -552,6 +557,7 @@ class HfArchModel(HfArchPreTrainedModel):
                 cu_seqlens=cu_seqlens,
                 position_in_sequence=position_ids if cu_seqlens is not None else None,
                 output_attentions=output_attentions,
+                **(selection if getattr(layer.self_attn, "reads_token_selection", False) else {}),
                 **kwargs,
             )
             # One map per attention layer; linear layers have none (transformers' convention for hybrids).
@@ -562,6 +568,8 @@ class HfArchModel(HfArchPreTrainedModel):
                 all_router_logits.append(layer_router_logits)
             for key, value in zip(auxiliary_keys, auxiliary_values):
                 reported[key].append(value)
+                if key == "token_selection":
+                    selection = {"token_selection": value}
         auxiliary = {AUXILIARY_FIELDS[key]: tuple(values) for key, values in reported.items() if values}
         auxiliary["sparse_attention_loss"] = sparse_attention_auxiliary_loss(
             reported["gate_loss"], reported["sparse_probability"] if self.training else [], self.sparsity_multipliers,

@@ -8,6 +8,7 @@ mixer (``dense``, ``sparse``, ``acm``, ``versatile``, …), and ``mixer_options`
 
 from ..configuration import HfArchConfig
 from ..layers.acm import AdaptiveComputationModule  # noqa: F401  (registers the "acm" channel mixer)
+from ..layers.delta_attention import DeltaAttention  # noqa: F401  (registers the "delta" token mixer)
 from ..layers.versatile_ffn import VersatileFFN  # noqa: F401  (registers the "versatile" channel mixer)
 from .backbone import HfArchForCausalLM, HfArchForSequenceClassification, HfArchModel, HfArchPreTrainedModel
 
