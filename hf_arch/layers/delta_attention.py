@@ -16,8 +16,9 @@ window attends to all of it (exact at short lengths). Layers report ``attended_c
 the causal context) so the share of attended tokens can be measured; selection layers hand their choice to the next
 layers as the ``token_selection`` auxiliary output.
 
-The keys are taken by cache slot: sinks are the first slots (left padding shifts them onto pads, which the mask
-removes). Packed sequences (``cu_seqlens``) are refused: pad them.
+Sinks and windows are counted among the keys a query may attend (its own sequence's first and last keys, whatever
+the left padding or packing). Packing through ``cu_seqlens`` is refused (the backbone passes it only to layouts
+with linear layers; softmax layers read packing from the mask).
 """
 
 from __future__ import annotations
@@ -88,47 +89,42 @@ def _allowed_keys(attention_mask, B: int, T: int, S: int, device) -> torch.Tenso
     return (torch.arange(S, device=device)[None, :] <= query_position).expand(B, 1, T, S)
 
 
-def _forced_keys(T: int, S: int, sink: int, window: int, device) -> torch.Tensor:
-    """``[T, S]`` bool: the sinks and each query's recent window (by slot; intersected with the allowed keys)."""
-    key = torch.arange(S, device=device)[None, :]
-    query_position = torch.arange(T, device=device)[:, None] + (S - T)
-    return (key < sink) | ((query_position - key) < window)
+def _forced_keys(allowed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """``allowed [..., S]`` → the first ``sink`` and the last ``window`` keys each query may attend, counted among
+    its allowed keys (so left padding and packed sequences keep their own sinks and windows)."""
+    rank = allowed.cumsum(-1)  # 1 for the first allowed key
+    from_end = allowed.sum(-1, keepdim=True) - rank  # 0 for the last allowed key
+    return allowed & ((rank <= sink) | (from_end < window))
 
 
-class _Attended:
-    """Masked softmax attention over query chunks, fp32, returning what each role needs."""
-
-    @staticmethod
-    def run(query, key, value, keep, scaling, select: DeltaOptions | None, want_weights: bool):
-        """``query [B, H, T, D]``, ``key`` / ``value [B, H, S, D]``, ``keep [B, 1, T, S]`` → (``[B, T, H, D]`` output,
-        weights ``[B, H, T, S]`` or None, selection ``[B, T, S]`` bool or None)."""
-        B, H, T, _ = query.shape
-        S = key.shape[2]
-        outputs, weights, selections = [], [], []
-        for start in range(0, T, QUERY_CHUNK):
-            q = query[:, :, start:start + QUERY_CHUNK].float()
-            allowed = keep[:, :, start:start + QUERY_CHUNK]
-            scores = (q @ key.float().transpose(-1, -2)) * scaling
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key (padding) attends nothing
-            outputs.append((probs @ value.float()).to(value.dtype))
-            if want_weights:
-                weights.append(probs.to(query.dtype))
-            if select is not None:
-                selections.append(_select(probs, allowed[:, 0], start, T, S, select))
-        output = torch.cat(outputs, dim=2).transpose(1, 2)
-        return (output, torch.cat(weights, dim=2) if want_weights else None,
-                torch.cat(selections, dim=1) if select is not None else None)
+def _masked_attention(query, key, value, keep, scaling, select: DeltaOptions | None, want_weights: bool):
+    """Softmax attention over the ``keep`` keys (scores in fp32, query chunk by chunk): ``query [B, H, T, D]``,
+    ``key`` / ``value [B, H, S, D]``, ``keep [B, 1, T, S]`` → (``[B, T, H, D]`` output, weights ``[B, H, T, S]`` or
+    None, with ``select`` the selection ``[B, T, S]`` bool, else None)."""
+    T = query.shape[2]
+    outputs, selections = [], []
+    chunk = T if want_weights else QUERY_CHUNK  # maps asked for: one chunk, so they are what the output used
+    for start in range(0, T, chunk):
+        q = query[:, :, start:start + chunk].float()
+        allowed = keep[:, :, start:start + chunk]
+        scores = (q @ key.float().transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key (padding) attends nothing
+        weights = probs.to(value.dtype)
+        outputs.append(weights @ value)
+        if select is not None:
+            selections.append(_select(probs, allowed[:, 0], select))
+    output = torch.cat(outputs, dim=2).transpose(1, 2)
+    return (output, weights if want_weights else None,
+            torch.cat(selections, dim=1) if select is not None else None)
 
 
-def _select(probs: torch.Tensor, allowed: torch.Tensor, start: int, T: int, S: int, options: DeltaOptions):
+def _select(probs: torch.Tensor, allowed: torch.Tensor, options: DeltaOptions):
     """``[B, C, S]`` bool: per query of the chunk, its sinks and window plus the ``token_budget`` keys with the largest
     attention summed over heads (among the allowed ones)."""
-    C = probs.shape[2]
-    forced = _forced_keys(T, S, options.sink_tokens, options.window_tokens, probs.device)[start:start + C]
-    chosen = forced[None] & allowed
+    chosen = _forced_keys(allowed, options.sink_tokens, options.window_tokens)
     salience = probs.sum(dim=1).masked_fill(~allowed | chosen, float("-inf"))  # [B, C, S]
-    budget = min(options.token_budget, S)
+    budget = min(options.token_budget, probs.shape[-1])
     top = salience.topk(budget, dim=-1)
     picked = torch.zeros_like(chosen).scatter(-1, top.indices, torch.isfinite(top.values))
     return chosen | picked
@@ -175,7 +171,8 @@ class DeltaAttention(HfArchAttention):
                 raise ValueError(f"layer {self.layer_idx}: a sparse delta layer needs the selection of an earlier "
                                  f"selection layer of shape {(B, T, S)}, got {got}")
             keep, select = allowed & token_selection[:, None], None
-        output, weights, selection = _Attended.run(query, key, value, keep, self.scaling, select, output_attentions)
+        output, weights, selection = _masked_attention(query, key, value, keep, self.scaling, select,
+                                                       output_attentions)
         counts = torch.stack([keep.sum(), allowed.sum()])  # keys attended, keys in the causal context
         report = {"attended_counts": counts}
         if selection is not None:

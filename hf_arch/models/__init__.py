@@ -281,6 +281,11 @@ HYBRID = register_variant(
                                                            v_head_dim=8)},
                                 mlp_layer_types=["dense", "sparse"], num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=16),
+            # DELTA (issue 22): layer 0 selects (4 salient keys per query, 1 sink, a 4-key window), layer 1 attends
+            # only to its choice.
+            "delta": dict(num_hidden_layers=2, token_mixer_types=["delta", "delta"],
+                          mixer_options={"delta": {"dense_layers": 0, "token_budget": 4, "sink_tokens": 1,
+                                                   "window_tokens": 4}}),
             # ACM and VersatileFFN channel mixers (issue 21); any intermediate_size splits into their groups.
             "acm_versatile": dict(num_hidden_layers=2, channel_mixer_types=["acm", "versatile"],
                                   mixer_options={"acm": {"learners": 2}, "versatile": {"virtual_experts": 2,

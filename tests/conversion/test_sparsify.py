@@ -45,7 +45,7 @@ def test_seer_conversion_prefills_sparsely_once_the_context_holds_blocks(stories
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(method="quest"), "method must be one of ('seer', 'flux')"),
+    (dict(method="quest"), "method must be one of ('seer', 'flux', 'delta')"),
     (dict(method="seer", block_size=0), "sparse_attn_block_size must be an integer >= 1"),
     (dict(method="seer", selection="random"), "sparse_attn_selection must be one of"),
     (dict(method="flux", target_sparsity=1.5), "sparse_attn_target_sparsity must be in [0, 1]"),

@@ -27,7 +27,8 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     (tmp_path / "stories.txt").write_text("<|endoftext|>".join(stories), encoding="utf-8")
     args = ["bench", "sparse", str(stories260k), "--out", str(out), "--context", "128", "--block-size", "16",
             "--gate-steps", "2", "--flux-steps", "2", "--eval-windows", "1", "--thresholds", "0.05", "--topk", "2",
-            "--flux-targets", "0.5", "--repeats", "1", "--text-file", str(tmp_path / "stories.txt"),
+            "--flux-targets", "0.5", "--repeats", "1", "--delta-budgets", "8", "128", "--delta-dense-layers", "1",
+            "--delta-window-tokens", "8", "--text-file", str(tmp_path / "stories.txt"),
             "--document-separator", "<|endoftext|>", "--json"]
     assert main(args) == 0
     result = json.loads((out / "sparse.json").read_text())
@@ -45,6 +46,11 @@ def test_sparse_pipeline_on_stories260k(tmp_path, stories260k, assets, monkeypat
     assert result["flux"]["all_sparse"]["sparse_share"] == 1.0
     assert math.isfinite(result["dense"]["ppl"]) and result["attention_time"]["block_sparse"]
     assert "| seer | top-2 blocks |" in format_table(result)
+    # DELTA, no training: a budget that covers the context is the source exactly; 8 keys per query attend less.
+    small, whole = result["delta"]["points"]
+    assert whole["token_budget"] == 128 and whole["attended_share"] == 1.0 and whole["ppl"] == result["dense"]["ppl"]
+    assert small["attended_share"] < 1.0 and small["attended_share_all_layers"] > small["attended_share"]
+    assert small["selection_layers"] == [1, 3] and "| delta | 8 keys/query" in format_table(result)
     # A rerun continues the results: the trained gates and routers are reused, only new settings are scored.
     assert main(args[:-1] + ["--thresholds", "0.05", "0.2"]) == 0
     resumed = json.loads((out / "sparse.json").read_text())
