@@ -231,8 +231,8 @@ def mix_recall_blocks(stream: torch.Tensor, tokenizer, fraction: float, seed: in
 
     from .recall_probe import mqar_sequence, word_tokens
 
-    if not 0.0 < fraction < 1.0:
-        raise ScratchComparisonError(f"--recall-train-fraction must be in (0, 1), got {fraction!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ScratchComparisonError(f"--recall-train-fraction must be in (0, 1], got {fraction!r}")
     if pairs is not None and not 1 <= pairs <= stream.shape[1] // 4:
         raise ScratchComparisonError(f"--recall-pairs must be in [1, block size // 4 = {stream.shape[1] // 4}], "
                                      f"got {pairs!r}")
@@ -529,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "loss: the hybrid-ratio question")
     parser.add_argument("--recall-train-fraction", type=float, default=0.0,
                         help="share of training blocks replaced by synthetic MQAR sequences (seeded, the same for "
-                             "every model; Zoology's setting): TinyStories alone teaches no recall at this scale")
+                             "every model); 1: MQAR alone, Zoology's setting (the validation loss is then off-task). "
+                             "TinyStories alone teaches no recall at this scale, and mixed in, the few answer tokens "
+                             "weigh little in the token-averaged loss")
     parser.add_argument("--recall-pairs", type=int, default=None,
                         help="MQAR key-value pairs per sequence, in training and in the probe (default: length // 4, "
                              "the hardest; small models learn recall on CPU with a few, e.g. 4)")

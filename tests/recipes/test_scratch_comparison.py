@@ -150,4 +150,6 @@ def test_recall_blocks_replace_a_seeded_share_of_the_stream(stories260k):
     with pytest.raises(ScratchComparisonError, match="--recall-pairs must be in"):
         mix_recall_blocks(stream, tokenizer, 0.25, seed=0, pairs=17)
     with pytest.raises(ScratchComparisonError, match="--recall-train-fraction must be in"):
-        mix_recall_blocks(stream, tokenizer, 1.0, seed=0)
+        mix_recall_blocks(stream, tokenizer, 1.5, seed=0)
+    every, _ = mix_recall_blocks(stream, tokenizer, 1.0, seed=0)
+    assert bool((every != 0).any(-1).all())  # 1: MQAR alone (Zoology's setting)
