@@ -15,6 +15,7 @@ from .acm import ACMConversionOptions, acmize
 from .checkpoint_io import atomic_output_dir, check_local_checkpoint
 from .gate_insertion import GateInsertionOptions, insert_gates
 from .head_growth import SignalHeadGrowthOptions, grow_signal_heads
+from .tokenformer_growth import TokenFormerGrowthOptions, grow_tokenformer
 from .identity_insertion import (
     AffineInsertionOptions,
     ValueBankInsertionOptions,
@@ -82,6 +83,8 @@ register_conversion("sparse_attention", SparsifyOptions, sparsify)
 register_conversion("affine_attention", AffineInsertionOptions, insert_affine_scale)
 register_conversion("move", ValueBankInsertionOptions, insert_value_bank)
 register_conversion("diff_attention", SignalHeadGrowthOptions, grow_signal_heads)
+register_conversion("tokenformer", TokenFormerGrowthOptions, grow_tokenformer,
+                    examples={"grow": dict(grow=4, grow_ffn=6)})
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

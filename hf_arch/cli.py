@@ -441,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--affine-init", "--insert-init", dest="init", choices=["identity", "normal"],
                       help="affine_attention / move: identity (logits equal the source) or normal")
     conv.add_argument("--slots", type=int, help="move: value embeddings in the shared bank")
+    conv.add_argument("--grow", type=int,
+                      help="tokenformer: key / value parameter tokens added to every attention projection (and, "
+                           "unless --grow-ffn says otherwise, to every feed-forward Pattention); the function is "
+                           "unchanged")
+    conv.add_argument("--grow-ffn", type=int, help="tokenformer: parameter tokens added to each feed-forward Pattention")
     conv.add_argument("--grow-signal-heads", type=int,
                       help="diff_attention (from a trained hfa_diff_attention model): copies per signal head (exact)")
     conv.add_argument("--block-size", type=int, help="sparse_attention: tokens per block")

@@ -47,6 +47,12 @@ from .gla import GLAConfig, GLAForCausalLM, GLAForSequenceClassification, GLAMod
 from .hybrid import HybridConfig, HybridForCausalLM, HybridForSequenceClassification, HybridModel
 from .kda import KDAConfig, KDAForCausalLM, KDAForSequenceClassification, KDAModel
 from .lightning import LightningConfig, LightningForCausalLM, LightningForSequenceClassification, LightningModel
+from .tokenformer import (
+    TokenFormerConfig,
+    TokenFormerForCausalLM,
+    TokenFormerForSequenceClassification,
+    TokenFormerModel,
+)
 from .moe import (
     MOE_PRESETS,
     MoEConfig,
@@ -125,6 +131,28 @@ LIGHTNING = register_variant(
             # a softmax layer every other layer; the output gate as a sigmoid, no LRPE
             "lightning_hybrid": dict(full_attention_layers=[1],
                                      mixer_options={"lightning": dict(lrpe=False, output_gate="sigmoid")}),
+        },
+    )
+)
+
+TOKENFORMER = register_variant(
+    Variant(
+        name="tokenformer",
+        config_class=TokenFormerConfig,
+        model_class=TokenFormerModel,
+        causal_lm_class=TokenFormerForCausalLM,
+        sequence_classification_class=TokenFormerForSequenceClassification,
+        summary="TokenFormer: every projection (q, k, v, o, FFN) is attention to learnable key / value parameter "
+                "tokens; grows by adding parameter tokens with the function unchanged",
+        paper="Wang et al., TokenFormer: Rethinking Transformer Scaling with Tokenized Model Parameters "
+              "(arXiv 2410.23168)",
+        tags=("tokenformer", "pattention", "growth"),
+        examples={
+            "tokenformer": {},
+            # grown once: 8 more tokens per projection, Θ's scale kept at the counts it was created with
+            "tokenformer_grown": dict(mixer_options={"pattention": dict(attention_param_tokens=40,
+                                                                        attention_scale_tokens=32,
+                                                                        ffn_param_tokens=45, ffn_scale_tokens=37)}),
         },
     )
 )
@@ -377,6 +405,11 @@ __all__ = [
     "MoEModel",
     "GATED_DELTANET",
     "LIGHTNING",
+    "TOKENFORMER",
+    "TokenFormerConfig",
+    "TokenFormerForCausalLM",
+    "TokenFormerForSequenceClassification",
+    "TokenFormerModel",
     "LightningConfig",
     "LightningForCausalLM",
     "LightningForSequenceClassification",
