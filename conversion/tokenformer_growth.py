@@ -1,10 +1,13 @@
 """``--to tokenformer --grow N``: a trained TokenFormer with ``N`` more key / value parameter tokens in every
 Pattention layer, computing exactly what it computed before (``layers/pattention.py``).
 
-The new key and value tokens are zero: a zero key scores 0 for every input, GeLU(0) = 0, so the new tokens weigh
-nothing and leave the L2 norm over the tokens as it was; Θ's √n₀ scale stays at the counts the layers were created
-with (recorded in ``mixer_options["pattention"]``). Training then moves the new keys (GeLU'(0) = ½, so they receive
-gradients at once) and, through them, the new values — TokenFormer's progressive scaling without restarting.
+The new key tokens are zero: a zero key scores 0 for every input, GeLU(0) = 0, so the new tokens weigh nothing and
+leave the L2 norm over the tokens as it was; Θ's √n₀ scale stays at the counts the layers were created with (recorded
+in ``mixer_options["pattention"]``). The new value tokens start as fresh tokens (normal, the config's
+``initializer_range``, seeded): they weigh nothing yet, and they must not be zero too — a new key's gradient is
+GeLU'(0) = ½ times its value's product with the upstream gradient, and a new value's gradient is its weight, so
+with both zero neither would ever move. Training then moves the new keys at once — TokenFormer's progressive
+scaling without restarting.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = ["TokenFormerGrowthOptions", "grow_tokenformer"]
 class TokenFormerGrowthOptions:
     grow: int = 0  # key / value tokens added to each attention projection
     grow_ffn: int | None = None  # to each feed-forward Pattention (None: as many as ``grow``)
+    seed: int = 0  # the new value tokens' init
     source_model_types = ("hfa_tokenformer",)  # class attribute (not a field): what the CLI accepts as SRC
 
     def validate(self) -> tuple[int, int]:
@@ -58,11 +62,15 @@ def grow_tokenformer(source_model, opts: TokenFormerGrowthOptions) -> TokenForme
     mixer_options = {**(config.mixer_options or {}), "pattention": grown_options(config, grow, grow_ffn)}
     grown_config = TokenFormerConfig.from_dict({**config.to_dict(), "mixer_options": mixer_options})
     grown_config._attn_implementation = config._attn_implementation
+    generator = torch.Generator().manual_seed(opts.seed)
     state = {}
     for name, tensor in source_model.state_dict().items():
         if name.endswith(("key_param_tokens", "value_param_tokens")):
             added = grow_ffn if ".mlp." in name else grow
-            tensor = torch.cat([tensor, tensor.new_zeros(added, tensor.shape[1])])
+            new = torch.zeros(added, tensor.shape[1])  # keys: zero, so the function is unchanged
+            if name.endswith("value_param_tokens"):
+                new.normal_(0.0, config.initializer_range, generator=generator)
+            tensor = torch.cat([tensor, new.to(tensor)])
         state[name] = tensor
     target = TokenFormerForCausalLM(grown_config).to(next(source_model.parameters()).dtype)
     missing, unexpected = target.load_state_dict(state, strict=False)

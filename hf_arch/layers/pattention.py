@@ -6,14 +6,18 @@ Model Parameters"): every linear projection becomes attention from the input tok
 ``K_P [n, d_in]`` and ``V_P [n, d_out]`` are ``n`` key / value parameter tokens. Θ is the paper's modified softmax in
 the form its code runs (GeLU, then an L2 normalisation over the parameter tokens, times √n). We keep ``n₀`` — the
 count at which a layer was created — fixed through growth (``scale_tokens``): a grown layer's new keys start at
-zero, their scores at 0 and GeLU(0) = 0, so neither the weights nor their norm change, and with the scale fixed the
-function is exactly the one before growth (with √n the scale would jump by √(n/n₀)).
+zero, their scores at 0 and GeLU(0) = 0, so neither the weights nor their norm change whatever the new values are,
+and with the scale fixed the function is exactly the one before growth (with √n the scale would jump by √(n/n₀)).
 
 Two registered mixers (options in ``config.mixer_options["pattention"]``):
 
 - token mixer ``pattention``: softmax attention among the input tokens whose q, k, v and output projections are
   Pattention layers;
 - channel mixer ``pattention``: the feed-forward block as one Pattention layer (hidden → hidden).
+
+Every parameter here is new (no standard checkpoint has parameter tokens). LoRA reaches the token matrices through
+peft's ``target_parameters`` (``lora_target_parameters``); TokenFormer's own way to add capacity cheaply is growth
+(``--to tokenformer --grow N``), after which the old tokens can be frozen and only the new ones trained.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Pattention(nn.Module):
     """``[..., d_in] → [..., d_out]`` through ``param_tokens`` key / value parameter tokens."""
 
     new_parameters = ("key_param_tokens", "value_param_tokens")  # read by peft_utils: no Llama checkpoint has them
+    lora_target_parameters = ("key_param_tokens", "value_param_tokens")  # LoRA on the token matrices (peft)
 
     def __init__(self, in_features: int, out_features: int, param_tokens: int, scale_tokens: int,
                  std: float = 0.02) -> None:
@@ -91,12 +96,13 @@ class Pattention(nn.Module):
 
 @register_token_mixer("pattention")
 class PattentionAttention(HfArchAttention):
-    """Softmax attention whose four projections are Pattention layers (``q_proj`` … ``o_proj``, each with its own
-    parameter tokens)."""
+    """Softmax attention whose four projections are Pattention layers (``query_tokens``, ``key_tokens``,
+    ``value_tokens``, ``output_tokens``, each with its own parameter tokens; no Llama names: nothing loads from a
+    standard checkpoint)."""
 
     attention_features = ()  # TokenFormer's attention is plain softmax attention
     options_class = TokenFormerOptions
-    lora_targets = ()  # no nn.Linear to adapt: Pattention grows instead
+    lora_targets = ()  # no nn.Linear to adapt (LoRA reaches the token matrices: Pattention.lora_target_parameters)
     supports_sequence_parallel = False
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -104,13 +110,27 @@ class PattentionAttention(HfArchAttention):
         if config.attention_bias or config.attention_output_bias:
             raise ValueError("pattention: TokenFormer's projections are parameter tokens, with no bias "
                              "(attention_bias / attention_output_bias must be False)")
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj  # the linear projections this mixer replaces
         tokens, scale = mixer_options(config, "pattention", TokenFormerOptions).counts(config)["attention"]
         hidden, std = config.hidden_size, config.initializer_range
         q_out, kv_out = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        self.q_proj = Pattention(hidden, q_out, tokens, scale, std)
-        self.k_proj = Pattention(hidden, kv_out, tokens, scale, std)
-        self.v_proj = Pattention(hidden, kv_out, tokens, scale, std)
-        self.o_proj = Pattention(q_out, hidden, tokens, scale, std)
+        self.query_tokens = Pattention(hidden, q_out, tokens, scale, std)
+        self.key_tokens = Pattention(hidden, kv_out, tokens, scale, std)
+        self.value_tokens = Pattention(hidden, kv_out, tokens, scale, std)
+        self.output_tokens = Pattention(q_out, hidden, tokens, scale, std)
+
+    def project(self, hidden_states: torch.Tensor, value_bank=None):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.query_tokens(hidden_states).view(shape)
+        key = self.key_tokens(hidden_states).view(shape)
+        value = self.value_tokens(hidden_states).view(shape)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        return query, key, value
+
+    def finish(self, hidden_states: torch.Tensor, attn_output: torch.Tensor, values_seen=None,
+               padding_mask=None) -> torch.Tensor:
+        return self.output_tokens(attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous())
 
 
 @register_channel_mixer("pattention")

@@ -54,8 +54,12 @@ def test_lora_trains_only_adapters(key):
     from peft import LoraConfig, get_peft_model
 
     model = build(key).train()
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4,
-                                                  target_modules=hf_arch.lora_target_modules(model, include_new=False)))
+    modules = hf_arch.lora_target_modules(model, include_new=False)
+    # A variant with no Llama linear (TokenFormer: every projection is parameter tokens) adapts its parameters.
+    parameters = [] if modules else hf_arch.lora_target_parameters(model)
+    assert modules or parameters, "a variant must offer LoRA something to adapt"
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=modules,
+                                                  target_parameters=parameters or None))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     x = ids(2, 12)
