@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "cubit": ("hfa_cubit", {}),
     "sas": ("hfa_sas", {}),
     "geonorm": ("hfa_geonorm", {}),
+    # every projection parameter tokens; the FFN's token count is the matched intermediate_size
+    "tokenformer": ("hfa_tokenformer", {}),
 }
 # The hybrid study's question (recall with the linear : full ratio; opt in with --variants): Gated DeltaNet layers with
 # one softmax attention layer after every `ratio` linear ones (use enough layers for 6 : 1), and none at all.
@@ -555,6 +557,14 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if min(args.steps, args.batch_size, args.block_size, args.eval_every, args.log_every) < 1:
         raise ScratchComparisonError("--steps, --batch-size, --block-size, --eval-every and --log-every must be >= 1")
+    if args.recall and max(args.recall_lengths) > args.block_size:
+        raise ScratchComparisonError(f"--recall-lengths {max(args.recall_lengths)} exceeds --block-size "
+                                     f"{args.block_size}, the models' max_position_embeddings: probe at most the "
+                                     "trained length")
+    if args.recall_pairs is not None and args.recall and args.recall_pairs > min(args.recall_lengths) // 4:
+        raise ScratchComparisonError(f"--recall-pairs {args.recall_pairs} does not fit the shortest recall length "
+                                     f"{min(args.recall_lengths)} (at most length // 4 = "
+                                     f"{min(args.recall_lengths) // 4})")
     specs = [model_spec(name) for name in dict.fromkeys(args.variants)]  # before any work: unregistered types
     out = Path(args.out)
     existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
@@ -633,6 +643,10 @@ def resumable_models(out: Path, result: dict) -> list[dict]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
+    # Settings added since the earlier run read as their defaults (what that run did without them).
+    defaults = {k: v for k, v in vars(build_parser().parse_args(["--out", "-"])).items() if k not in NOT_COMPARED}
+    earlier["settings"] = {**{k: v for k, v in defaults.items() if k not in earlier.get("settings", {})},
+                           **earlier.get("settings", {})}
     for key in ("settings", "shared_config", "data"):
         if earlier.get(key) != result[key]:
             old, new = earlier.get(key) or {}, result[key]

@@ -61,6 +61,15 @@ def test_unregistered_model_type_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="not registered with transformers.*--variants"):
         main(["bench", "scratch", "--out", str(tmp_path / "x"), "--variants", "llama", "not_yet"])
     assert not (tmp_path / "x").exists()
+    # Recall probes longer than the trained length (the models' max_position_embeddings) or with more pairs than
+    # fit: refused before training, not after it.
+    with pytest.raises(SystemExit, match="--recall-lengths 128 exceeds --block-size 64"):
+        main(["bench", "scratch", "--out", str(tmp_path / "y"), "--block-size", "64", "--recall",
+              "--recall-lengths", "64", "128"])
+    with pytest.raises(SystemExit, match="--recall-pairs 20 does not fit the shortest recall length 64"):
+        main(["bench", "scratch", "--out", str(tmp_path / "y"), "--block-size", "64", "--recall",
+              "--recall-lengths", "64", "--recall-pairs", "20"])
+    assert not (tmp_path / "y").exists()
 
 
 def test_scratch_comparison_end_to_end(tmp_path, assets, stories260k, monkeypatch):
