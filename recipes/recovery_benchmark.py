@@ -188,6 +188,39 @@ def check_eval_text(source: str, eval_file: Path, eval_tokens: int) -> int:
     return n
 
 
+class _ACMLearners:
+    """Forward hooks on a model's ACM layers summing the learners each token ran (their ``last_learners`` × tokens);
+    ``report()`` gives the mean per layer and over layers and their share of the FFN, or nothing without ACM."""
+
+    def __init__(self, model) -> None:
+        from ..layers.acm import AdaptiveComputationModule
+
+        self.layers = [m for m in model.modules() if isinstance(m, AdaptiveComputationModule)]
+        self.sums, self.tokens, self.handles = [0.0] * len(self.layers), [0] * len(self.layers), []
+
+    def __enter__(self):
+        for index, layer in enumerate(self.layers):
+            def count(module, inputs, output, index=index):
+                tokens = inputs[0].shape[:-1].numel()
+                if module.last_learners is not None and tokens:
+                    self.sums[index] += module.last_learners * tokens
+                    self.tokens[index] += tokens
+            self.handles.append(layer.register_forward_hook(count))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def report(self) -> dict:
+        if not self.layers or not all(self.tokens):
+            return {}
+        per_layer = [round(total / n, 3) for total, n in zip(self.sums, self.tokens)]
+        mean = sum(per_layer) / len(per_layer)
+        return {"acm_learners_per_token": round(mean, 3), "acm_learners_per_layer": per_layer,
+                "acm_ffn_share": round(mean / self.layers[0].num_learners, 4)}
+
+
 def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8, tasks: bool = True) -> dict:
     """Perplexity on the evaluation text, the zero-shot tasks (unless ``--eval-limit 0`` or not ``tasks``) and the
     generation agreement with the source."""
@@ -198,9 +231,10 @@ def evaluate_model(model_dir: Path, args, assets: Path, batch_size: int = 8, tas
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     started = time.time()
-    ppl = perplexity(model, tokenizer, args.eval_file, context_length=_context_length(model),
-                     max_tokens=args.eval_tokens, batch_size=batch_size, show_progress=False)
-    point = {"ppl": round(ppl["ppl"], 4), "eval_tokens_scored": ppl["tokens"]}
+    with _ACMLearners(model) as learners:  # ACM models: how many learners the perplexity tokens ran
+        ppl = perplexity(model, tokenizer, args.eval_file, context_length=_context_length(model),
+                         max_tokens=args.eval_tokens, batch_size=batch_size, show_progress=False)
+    point = {"ppl": round(ppl["ppl"], 4), "eval_tokens_scored": ppl["tokens"], **learners.report()}
     if args.eval_limit != 0 and tasks:
         scores = {}
         for name in TASK_FILES:

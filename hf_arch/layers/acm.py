@@ -55,7 +55,8 @@ class AdaptiveComputationModule(nn.Module):
     # read by peft_utils: nothing here has a Llama name (the learners hold the dense FFN's neurons under new names;
     # `--to acm` fills them), so all of it is new
     new_parameters = ("gate_weight", "gate_bias", "learners")
-    routes_tokens = False  # called as mixer(x), returns the output
+    routes_tokens = False
+    reports_auxiliary = True  # mixer(x) returns (output, auxiliary dict): its compute price in training
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -85,10 +86,7 @@ class AdaptiveComputationModule(nn.Module):
         """``[...]`` long: how many learners each token runs (``argmax gate + 1``)."""
         return self.gate_logits(x).argmax(dim=-1) + 1
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_report(hidden_states)[0]
-
-    def forward_with_report(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``(output, auxiliary)``: ``{"compute_loss": β · E[m] / N}`` in training with a compute price, else ``{}``."""
         logits = self.gate_logits(hidden_states)
         if self.training:

@@ -21,9 +21,9 @@ measurements (``layers/auxiliary.py``: transfer / gate losses, routing probabili
 A channel mixer registers with ``@register_channel_mixer(name)`` and is picked by ``config.channel_mixer_types`` (or,
 for the built-in ones, ``config.mlp_layer_types``); with
 ``routes_tokens = True`` it is called as ``mixer(x, previous_router_logits, expert_pool, token_mask)`` and returns
-``(output, router logits)``, else ``mixer(x)`` returns the output; one that has training terms to report (ACM's
-compute price) also defines ``forward_with_report(x) -> (output, auxiliary dict)`` (``layers/auxiliary.py``), which
-the decoder layer calls instead.
+``(output, router logits)``, else ``mixer(x)`` returns the output — or, with ``reports_auxiliary = True`` (ACM's
+compute price), ``(output, auxiliary dict)`` (``layers/auxiliary.py``). Always through ``__call__``, so forward
+hooks (accelerate's, PEFT's, measurements) see every call.
 """
 
 from __future__ import annotations

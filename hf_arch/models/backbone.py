@@ -241,8 +241,8 @@ class HfArchDecoderLayer(GradientCheckpointingLayer):
         router_logits = None
         if self.mlp.routes_tokens:
             mixed, router_logits = self.mlp(normed, previous_router_logits, expert_pool, token_mask)
-        elif hasattr(self.mlp, "forward_with_report"):  # a channel mixer with training terms (ACM's compute price)
-            mixed, report = self.mlp.forward_with_report(normed)
+        elif getattr(self.mlp, "reports_auxiliary", False):  # a channel mixer with training terms (ACM's price)
+            mixed, report = self.mlp(normed)
             auxiliary = {**auxiliary, **split_mixer_result((mixed, None, report))[2]}  # unknown keys refused by name
         else:
             mixed = self.mlp(normed)

@@ -31,7 +31,9 @@ def test_each_token_sums_its_first_learners():
     counts = acm.learner_counts(x)[0]
     assert len(set(counts.tolist())) > 1  # the test sees several counts
     expected = torch.stack([sum(acm.learners[j](x[0, t]) for j in range(int(counts[t]))) for t in range(40)])
-    torch.testing.assert_close(acm(x)[0], expected, rtol=1e-5, atol=1e-6)
+    out, report = acm(x)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-6)
+    assert report == {}  # inference: nothing to report
     assert acm.last_learners == pytest.approx(float(counts.float().mean()))
 
 
@@ -40,7 +42,8 @@ def test_training_forward_is_the_hard_count_and_the_gate_gets_gradients():
     x = torch.randn(1, 30, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         acm.gate_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))  # Gumbel noise cannot move the choice: 3 learners
-    out = acm(x)
+    out, report = acm(x)
+    assert report == {}  # no compute price configured
     with torch.no_grad():
         expected = sum(acm.learners[j](x) for j in range(3))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -65,7 +68,7 @@ def test_learners_split_any_width():
     x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
     counts = acm.learner_counts(x)[0]
     expected = torch.stack([sum(acm.learners[j](x[0, t]) for j in range(int(counts[t]))) for t in range(40)])
-    torch.testing.assert_close(acm(x)[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acm(x)[0][0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compute_price_joins_the_loss_and_closes_gates():
