@@ -142,6 +142,7 @@ def run_delta(args, windows: torch.Tensor, earlier: dict | None = None) -> dict:
             source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32).eval()
         model = sparsify(source, SparsifyOptions(method="delta", token_budget=budget,
                                                  dense_layers=args.delta_dense_layers,
+                                                 selection_layers=args.delta_selection_layers,
                                                  sink_tokens=args.delta_sink_tokens,
                                                  window_tokens=args.delta_window_tokens))
         roles = [layer.self_attn.role for layer in model.model.layers]
@@ -322,6 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--delta-budgets", type=int, nargs="*", default=[128, 256, 512],
                         help="DELTA: salient keys kept per query by the selection layers")
     parser.add_argument("--delta-dense-layers", type=int, default=2)
+    parser.add_argument("--delta-selection-layers", type=int, nargs="+", default=None,
+                        help="DELTA: the selection layers (default: the first after the dense ones and the middle one)")
     parser.add_argument("--delta-sink-tokens", type=int, default=4)
     parser.add_argument("--delta-window-tokens", type=int, default=64)
     parser.add_argument("--train-file", default=None, help="default: WikiText-2 validation split from the assets")
@@ -393,7 +396,7 @@ def main(argv=None) -> int:
 # Settings a rerun must share with the results it continues (the selection sweeps and Flux targets may grow).
 RESUME_KEYS = ("source", "context", "block_size", "gate_steps", "gate_lr", "flux_steps", "flux_lr", "flux_router_bias",
                "sink_blocks", "window_blocks", "eval_windows", "train_file", "eval_file", "minutes", "budget_clock",
-               "delta_dense_layers", "delta_sink_tokens", "delta_window_tokens")
+               "delta_dense_layers", "delta_selection_layers", "delta_sink_tokens", "delta_window_tokens")
 
 
 def _settings(args) -> dict:
@@ -404,7 +407,8 @@ def _resumable(path: Path, args) -> dict:
     """The results in ``path`` if this run may continue them (same settings), else a SystemExit naming the keys."""
     earlier = json.loads(path.read_text(encoding="utf-8"))
     refuse_other_settings(path, earlier.get("settings", {}), _settings(args), RESUME_KEYS,
-                          {"delta_dense_layers": 2, "delta_sink_tokens": 4, "delta_window_tokens": 64})
+                          {"delta_dense_layers": 2, "delta_selection_layers": None, "delta_sink_tokens": 4,
+                           "delta_window_tokens": 64})
     return earlier
 
 
