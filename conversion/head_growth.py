@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..models.diff_attention import DiffAttentionConfig, DiffAttentionForCausalLM
+from .weights import build_grown
 
 __all__ = ["SignalHeadGrowthOptions", "grow_signal_heads"]
 
@@ -70,12 +71,4 @@ def grow_signal_heads(source_model, opts: SignalHeadGrowthOptions) -> DiffAttent
         elif _OUTPUT_COLUMNS.search(name):
             tensor = _repeat_heads(tensor, heads, factor, dim=1) / factor
         state[name] = tensor
-    target = DiffAttentionForCausalLM(grown_config).to(next(source_model.parameters()).dtype)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [n for n in missing if not (grown_config.tie_word_embeddings and n == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"grown model and source do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if grown_config.tie_word_embeddings:
-        target.tie_weights()
-    target.generation_config = source_model.generation_config
-    return target.eval()
+    return build_grown(source_model, grown_config, DiffAttentionForCausalLM, state)

@@ -18,6 +18,7 @@ import torch
 
 from ..layers.pattention import TokenFormerOptions
 from ..models.tokenformer import TokenFormerConfig, TokenFormerForCausalLM
+from .weights import build_grown
 
 __all__ = ["TokenFormerGrowthOptions", "grow_tokenformer"]
 
@@ -72,12 +73,4 @@ def grow_tokenformer(source_model, opts: TokenFormerGrowthOptions) -> TokenForme
                 new.normal_(0.0, config.initializer_range, generator=generator)
             tensor = torch.cat([tensor, new.to(tensor)])
         state[name] = tensor
-    target = TokenFormerForCausalLM(grown_config).to(next(source_model.parameters()).dtype)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [n for n in missing if not (grown_config.tie_word_embeddings and n == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"grown model and source do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if grown_config.tie_word_embeddings:
-        target.tie_weights()
-    target.generation_config = source_model.generation_config
-    return target.eval()
+    return build_grown(source_model, grown_config, TokenFormerForCausalLM, state)

@@ -70,3 +70,17 @@ def build_from_source(source_model, config, model_class, init_new_parameters, re
     check_copied(source_state, target.state_dict(), replaced=replaced)
     target.generation_config = copy.deepcopy(source_model.generation_config)
     return target.eval()
+
+
+def build_grown(source_model, config, model_class, state: dict):
+    """A grown model (more heads, more parameter tokens) from the source's state rewritten to the grown shapes:
+    every tensor must line up (the tied LM head aside); embeddings re-tied, generation config carried over."""
+    target = model_class(config).to(next(source_model.parameters()).dtype)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [n for n in missing if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"grown model and source do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    target.generation_config = source_model.generation_config
+    return target.eval()
