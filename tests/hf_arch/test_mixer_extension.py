@@ -119,7 +119,7 @@ def test_registries_refuse_what_they_cannot_build(example_module):
         hf_arch.HybridForCausalLM(cosine_config(token_mixer_types=typo, layer_types=["full_attention"] * 4,
                                                 mixer_options=None))
     with pytest.raises(ValueError, match=r"channel mixer 'moe' \(layer 0\) is not registered; registered: "
-                                         r"\[.*'dense', 'sparse'"):
+                                         r"\[.*'dense'.*'sparse'"):
         hf_arch.HybridForCausalLM(hf_arch.HybridConfig(**TINY, channel_mixer_types=["moe"] + ["dense"] * 3))
     with pytest.raises(ValueError, match=r"mlp_layer_types has unsupported entries \['moe'\]"):
         hf_arch.HybridConfig(**TINY, mlp_layer_types=["moe"] + ["dense"] * 3)
