@@ -15,13 +15,14 @@ from .sources import adapter_for
 from .weights import build_from_source
 
 
-def delta_options(options) -> dict:
-    """``mixer_options["delta"]`` from ``SparsifyOptions`` (checked: a bad layout is refused by name)."""
+def delta_options(options, num_layers: int) -> dict:
+    """``mixer_options["delta"]`` from ``SparsifyOptions``, checked once against the layer count (a bad value or
+    layout is refused by name)."""
     fields = {"dense_layers": options.dense_layers, "token_budget": options.token_budget,
               "sink_tokens": options.sink_tokens, "window_tokens": options.window_tokens}
     if options.selection_layers is not None:
         fields["selection_layers"] = list(options.selection_layers)
-    DeltaOptions(**{**fields, "selection_layers": options.selection_layers})  # validates the values
+    DeltaOptions(**fields).roles(num_layers)
     return fields
 
 
@@ -33,8 +34,7 @@ def delta_from_source(source_model, options) -> HybridForCausalLM:
         raise ValueError(f"--method delta: source layers {sliding} are not full attention (sliding window); DELTA "
                          "selects among every key of full-attention layers")
     kwargs.pop("layer_types", None)
-    fields = delta_options(options)
-    DeltaOptions(**{**fields, "selection_layers": options.selection_layers}).roles(config.num_hidden_layers)
+    fields = delta_options(options, config.num_hidden_layers)
     target_config = HybridConfig(**kwargs, token_mixer_types=["delta"] * config.num_hidden_layers,
                                  mixer_options={"delta": fields})
     return build_from_source(source_model, target_config, HybridForCausalLM, lambda target: None)
